@@ -1,0 +1,149 @@
+//! The `archy-agent` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::manifest::{self, LoadOptions, Naming};
+
+/// Default location of the engine's API socket (rootful podman).
+pub const DEFAULT_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
+/// Default location of the installed app manifests.
+pub const DEFAULT_APPS_DIR: &str = "/opt/archipelago/apps";
+
+#[derive(Debug, Parser)]
+#[command(name = "archy-agent", version, about = "Archipelago node agent")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options accepted before or after the subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Folder of app folders, each with a manifest.yml.
+    #[arg(long, global = true, env = "ARCHY_APPS", default_value = DEFAULT_APPS_DIR)]
+    pub apps: PathBuf,
+    /// Data root: app data, secrets and agent state.
+    #[arg(long, global = true, env = "ARCHY_DATA", default_value = manifest::DEFAULT_DATA_ROOT)]
+    pub data: PathBuf,
+    /// Engine API socket (Podman's Docker-compatible API).
+    #[arg(long, global = true, env = "ARCHY_ENGINE", default_value = DEFAULT_ENGINE_SOCKET)]
+    pub engine: PathBuf,
+    /// Dev mode: container names end in -dev and host ports are offset.
+    #[arg(long, global = true)]
+    pub dev: bool,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check every manifest in the apps folder and print what loaded and every error.
+    Validate,
+}
+
+/// Runs the command line and maps the outcome to an exit status. Errors
+/// print their whole chain of causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate => validate(&cli.global),
+    }
+}
+
+fn naming(global: &GlobalOpts) -> Naming {
+    if global.dev {
+        Naming::dev()
+    } else {
+        Naming::Prod
+    }
+}
+
+fn validate(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let opts = LoadOptions {
+        data_root: global.data.clone(),
+    };
+    let report = manifest::load_dir(&global.apps, &opts);
+    let naming = naming(global);
+    let mut out = std::io::stdout().lock();
+    if global.json {
+        serde_json::to_writer_pretty(&mut out, &report).context("cannot write the report as JSON")?;
+        writeln!(out)?;
+    } else {
+        let rows: Vec<[String; 4]> = report
+            .apps
+            .iter()
+            .map(|m| {
+                let image = match &m.image {
+                    manifest::ImageSource::Pinned(p) => p.to_string(),
+                    manifest::ImageSource::Build { context, .. } => format!("build: {}", context.display()),
+                };
+                [m.id.to_string(), naming.container_name(m), image, m.kind.to_string()]
+            })
+            .collect();
+        write_table(&mut out, ["ID", "CONTAINER", "IMAGE", "KIND"], &rows)?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{} app(s) valid, {} error(s) in {}",
+            report.apps.len(),
+            report.errors.len(),
+            global.apps.display()
+        )?;
+        for e in &report.errors {
+            writeln!(out, "error: {e}")?;
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Writes left-aligned columns separated by two spaces.
+pub fn write_table<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: Vec<&str>| -> std::io::Result<()> {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        writeln!(out, "{}", s.trim_end())
+    };
+    line(out, header.to_vec())?;
+    for row in rows {
+        line(out, row.iter().map(String::as_str).collect())?;
+    }
+    Ok(())
+}

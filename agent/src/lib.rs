@@ -1,0 +1,6 @@
+//! The Archipelago node agent as a library: manifests, the engine seam,
+//! and the command line. `main.rs` is a thin wrapper; the xtask reuses the
+//! manifest module.
+
+pub mod cli;
+pub mod manifest;

@@ -1,0 +1,258 @@
+//! App manifests: parsing and validation, with no effects beyond reading
+//! files.
+//!
+//! `manifests/<id>/manifest.yml` is read by both the image builder and the
+//! node agent. [`load_dir`] returns every valid app and every error, so one
+//! bad manifest never hides another; the format is documented in
+//! `docs/manifest.md`.
+
+mod error;
+mod image_ref;
+mod load;
+mod naming;
+mod raw;
+mod set;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use error::ManifestError;
+pub use image_ref::{Digest, ImageRefError, PinnedImage, DEFAULT_REGISTRY};
+pub use load::{load_dir, load_file, LoadOptions, LoadReport, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+pub use naming::{Naming, NamingError, DEFAULT_DEV_PORT_OFFSET};
+pub use set::start_order;
+
+/// Where app data, secrets and state live on a node.
+pub const DEFAULT_DATA_ROOT: &str = "/var/lib/archipelago";
+/// The network every app joins unless it names another.
+pub const DEFAULT_NETWORK: &str = "archy-net";
+
+/// A validated app identifier: lowercase letters, digits and '-', starting
+/// with a letter, at most 63 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub struct AppId(String);
+
+impl AppId {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn parse(s: &str) -> Option<AppId> {
+        let ok = (1..=Self::MAX_LEN).contains(&s.len())
+            && s.as_bytes()[0].is_ascii_lowercase()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        ok.then(|| AppId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<AppId> for String {
+    fn from(id: AppId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for AppId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for AppId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    Service,
+    Ui,
+}
+
+impl std::fmt::Display for AppKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AppKind::Service => "service",
+            AppKind::Ui => "ui",
+        })
+    }
+}
+
+/// Where an app's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageSource {
+    /// Pulled (or imported) by digest.
+    Pinned(PinnedImage),
+    /// Built from a context inside the app's folder.
+    Build {
+        /// Absolute path of the build context.
+        context: PathBuf,
+        /// Containerfile, relative to the context.
+        containerfile: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortMapping {
+    pub host: u16,
+    pub container: u16,
+    pub protocol: Protocol,
+}
+
+/// Where a volume's host side lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeSource {
+    /// A relative path under `<data root>/<id>/`.
+    AppData(PathBuf),
+    /// An absolute path, already checked to lie inside the data root.
+    Absolute(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeMount {
+    pub source: VolumeSource,
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretKind {
+    /// 16 random bytes, hex encoded.
+    Hex16,
+    /// 32 random bytes, hex encoded.
+    Hex32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretSpec {
+    pub name: String,
+    pub kind: SecretKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretEnv {
+    pub key: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Security {
+    /// Capabilities kept; every other one is dropped. Upper case, no `CAP_`.
+    pub capabilities_add: Vec<String>,
+    pub read_only_root: bool,
+    pub no_new_privileges: bool,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            capabilities_add: Vec::new(),
+            read_only_root: true,
+            no_new_privileges: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// `target` is a path (`/health`) or a full `http://` URL, kept as written.
+    Http {
+        port: u16,
+        target: String,
+    },
+    Tcp {
+        port: u16,
+    },
+    Exec {
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub probe: Probe,
+    #[serde(with = "humantime_serde_secs")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub timeout: Duration,
+    pub retries: u32,
+    #[serde(with = "humantime_serde_secs")]
+    pub start_period: Duration,
+}
+
+/// A validated app manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest {
+    pub id: AppId,
+    pub name: String,
+    pub version: String,
+    pub kind: AppKind,
+    pub container_name: Option<String>,
+    pub depends_on: Vec<AppId>,
+    pub image: ImageSource,
+    pub entrypoint: Option<Vec<String>>,
+    pub command: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub network: String,
+    pub ports: Vec<PortMapping>,
+    pub volumes: Vec<VolumeMount>,
+    pub env: BTreeMap<String, String>,
+    pub secret_env: Vec<SecretEnv>,
+    pub secrets: Vec<SecretSpec>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    pub security: Security,
+    pub health: Option<Health>,
+    #[serde(with = "humantime_serde_secs")]
+    pub stop_grace_period: Duration,
+    /// The manifest file this came from.
+    pub path: PathBuf,
+}
+
+impl Manifest {
+    /// The pinned image, when the app does not build its own.
+    pub fn pinned_image(&self) -> Option<&PinnedImage> {
+        match &self.image {
+            ImageSource::Pinned(p) => Some(p),
+            ImageSource::Build { .. } => None,
+        }
+    }
+}
+
+/// Durations serialize as whole seconds with an `s`, like the manifest says them.
+mod humantime_serde_secs {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}

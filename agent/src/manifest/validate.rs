@@ -1,0 +1,603 @@
+//! Turns a [`RawManifest`] into a [`Manifest`], checking every rule that a
+//! single manifest can check on its own. Every problem is collected.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use super::error::Problems;
+use super::raw::{RawHealth, RawManifest};
+use super::{
+    AppId, AppKind, Health, ImageSource, Manifest, PinnedImage, PortMapping, Probe, Protocol, SecretEnv, SecretKind,
+    SecretSpec, Security, VolumeMount, VolumeSource, DEFAULT_NETWORK,
+};
+
+const ID_RULE: &str = "lowercase letters, digits and '-', starting with a letter, at most 63 characters";
+const NAME_RULE: &str = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters";
+const PORT_RULE: &str = "a port number from 1 to 65535";
+/// Below this podman refuses to start a container at all.
+const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+
+/// Linux capabilities a manifest may keep (see capabilities(7)).
+const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+];
+
+pub(crate) struct Context<'a> {
+    pub file: &'a Path,
+    /// The app's folder (the manifest's parent).
+    pub app_dir: &'a Path,
+    pub data_root: &'a Path,
+}
+
+pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, Vec<super::ManifestError>> {
+    let mut p = Problems::new(cx.file.to_path_buf());
+
+    let id = AppId::parse(&raw.id);
+    if id.is_none() {
+        p.bad("id", &raw.id, format!("allowed: {ID_RULE}"));
+    }
+    let folder = cx.app_dir.file_name().map(|f| f.to_string_lossy().into_owned());
+    if id.is_some() && folder.as_deref() != Some(raw.id.as_str()) {
+        p.bad(
+            "id",
+            &raw.id,
+            format!("must equal the app's folder name {:?}", folder.unwrap_or_default()),
+        );
+    }
+    if raw.name.trim().is_empty() {
+        p.bad("name", &raw.name, "must not be empty");
+    }
+    if raw.version.trim().is_empty() {
+        p.bad("version", &raw.version, "must not be empty");
+    }
+
+    let kind = match raw.kind.as_deref() {
+        None if raw.id.ends_with("-ui") => AppKind::Ui,
+        None | Some("service") => AppKind::Service,
+        Some("ui") => AppKind::Ui,
+        Some(other) => {
+            p.bad("kind", other, "allowed: service, ui");
+            AppKind::Service
+        }
+    };
+
+    if let Some(name) = &raw.container_name {
+        if !valid_container_name(name) {
+            p.bad("container_name", name, format!("allowed: {NAME_RULE}"));
+        }
+    }
+
+    let mut depends_on = Vec::new();
+    for (i, dep) in raw.depends_on.iter().enumerate() {
+        match AppId::parse(dep) {
+            Some(d) if depends_on.contains(&d) => p.bad(format!("depends_on[{i}]"), dep, "is listed twice"),
+            Some(d) => depends_on.push(d),
+            None => p.bad(
+                format!("depends_on[{i}]"),
+                dep,
+                format!("allowed: an app id ({ID_RULE})"),
+            ),
+        }
+    }
+
+    let image = match (&raw.image, &raw.build) {
+        (Some(_), Some(_)) => {
+            p.missing(
+                "image",
+                "`image` and `build` are both set; allowed: exactly one of them",
+            );
+            None
+        }
+        (None, None) => {
+            p.missing(
+                "image",
+                "neither `image` nor `build` is set; allowed: exactly one of them",
+            );
+            None
+        }
+        (Some(image), None) => match image.parse::<PinnedImage>() {
+            Ok(pinned) => Some(ImageSource::Pinned(pinned)),
+            Err(e) => {
+                p.bad("image", image, e.to_string());
+                None
+            }
+        },
+        (None, Some(build)) => {
+            let context = inside(cx.app_dir, &build.context);
+            let containerfile = build.containerfile.as_deref().unwrap_or("Containerfile");
+            if context.is_none() {
+                p.bad(
+                    "build.context",
+                    &build.context,
+                    "must be a relative path that stays inside the app's folder",
+                );
+            }
+            let file_ok = relative_without_dotdot(containerfile);
+            if !file_ok {
+                p.bad(
+                    "build.containerfile",
+                    containerfile,
+                    "must be a relative path inside the build context",
+                );
+            }
+            match context {
+                Some(context) if file_ok => Some(ImageSource::Build {
+                    context,
+                    containerfile: PathBuf::from(containerfile),
+                }),
+                _ => None,
+            }
+        }
+    };
+
+    for (field, list) in [("entrypoint", &raw.entrypoint), ("command", &raw.command)] {
+        if let Some(list) = list {
+            if field == "entrypoint" && list.is_empty() {
+                p.missing(
+                    field,
+                    "must not be empty; leave it out to keep the image's own entrypoint",
+                );
+            }
+        }
+    }
+
+    if let Some(user) = &raw.user {
+        if !valid_user(user) {
+            p.bad(
+                "user",
+                user,
+                "allowed: a numeric UID or UID:GID, such as \"1000:1000\" (data ownership follows it)",
+            );
+        }
+    }
+
+    let network = raw.network.clone().unwrap_or_else(|| DEFAULT_NETWORK.to_owned());
+    if !valid_container_name(&network) {
+        p.bad("network", &network, format!("allowed: {NAME_RULE}"));
+    }
+
+    let mut ports = Vec::new();
+    let mut seen_ports = BTreeSet::new();
+    for (i, port) in raw.ports.iter().enumerate() {
+        let host = check_port(&mut p, &format!("ports[{i}].host"), port.host);
+        let container = check_port(&mut p, &format!("ports[{i}].container"), port.container);
+        let protocol = match port.protocol.as_deref() {
+            None | Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some(other) => {
+                p.bad(format!("ports[{i}].protocol"), other, "allowed: tcp, udp");
+                Protocol::Tcp
+            }
+        };
+        if let (Some(host), Some(container)) = (host, container) {
+            if !seen_ports.insert((host, protocol)) {
+                p.bad(format!("ports[{i}].host"), host, "is published twice by this app");
+            }
+            ports.push(PortMapping {
+                host,
+                container,
+                protocol,
+            });
+        }
+    }
+
+    let mut volumes = Vec::new();
+    let mut targets = BTreeSet::new();
+    for (i, v) in raw.volumes.iter().enumerate() {
+        let source = if v.source.starts_with('/') {
+            let path = Path::new(&v.source);
+            if !has_no_dotdot(path) || !path.starts_with(cx.data_root) || path == cx.data_root {
+                p.bad(
+                    format!("volumes[{i}].source"),
+                    &v.source,
+                    format!(
+                        "absolute sources must lie inside the data root {} and may not contain '..'",
+                        cx.data_root.display()
+                    ),
+                );
+                None
+            } else {
+                Some(VolumeSource::Absolute(path.to_path_buf()))
+            }
+        } else if v.source.is_empty() || !relative_without_dotdot(&v.source) {
+            p.bad(
+                format!("volumes[{i}].source"),
+                &v.source,
+                "allowed: a name (kept under <data root>/<id>/) or an absolute path inside the data root; '..' is not allowed",
+            );
+            None
+        } else {
+            Some(VolumeSource::AppData(PathBuf::from(&v.source)))
+        };
+        let target_ok = v.target.starts_with('/') && has_no_dotdot(Path::new(&v.target));
+        if !target_ok {
+            p.bad(
+                format!("volumes[{i}].target"),
+                &v.target,
+                "allowed: an absolute path in the container without '..'",
+            );
+        } else if !targets.insert(v.target.trim_end_matches('/').to_owned()) {
+            p.bad(format!("volumes[{i}].target"), &v.target, "is mounted twice");
+        }
+        if let (Some(source), true) = (source, target_ok) {
+            volumes.push(VolumeMount {
+                source,
+                target: v.target.clone(),
+                read_only: v.read_only,
+            });
+        }
+    }
+
+    for key in raw.env.keys() {
+        if !valid_env_key(key) {
+            p.bad(
+                format!("env.{key}"),
+                key,
+                "allowed: a variable name of letters, digits and '_', not starting with a digit",
+            );
+        }
+    }
+
+    let mut secrets = Vec::new();
+    for (i, s) in raw.secrets.iter().enumerate() {
+        let kind = match s.kind.as_str() {
+            "hex16" => Some(SecretKind::Hex16),
+            "hex32" => Some(SecretKind::Hex32),
+            other => {
+                p.bad(format!("secrets[{i}].kind"), other, "allowed: hex16, hex32");
+                None
+            }
+        };
+        if AppId::parse(&s.name).is_none() {
+            p.bad(format!("secrets[{i}].name"), &s.name, format!("allowed: {ID_RULE}"));
+        } else if secrets.iter().any(|x: &SecretSpec| x.name == s.name) {
+            p.bad(format!("secrets[{i}].name"), &s.name, "is declared twice");
+        } else if let Some(kind) = kind {
+            secrets.push(SecretSpec {
+                name: s.name.clone(),
+                kind,
+            });
+        }
+    }
+
+    let mut secret_env = Vec::new();
+    for (i, e) in raw.secret_env.iter().enumerate() {
+        if !valid_env_key(&e.key) {
+            p.bad(
+                format!("secret_env[{i}].key"),
+                &e.key,
+                "allowed: a variable name of letters, digits and '_', not starting with a digit",
+            );
+        } else if raw.env.contains_key(&e.key) {
+            p.bad(
+                format!("secret_env[{i}].key"),
+                &e.key,
+                "is also set in `env`; a variable has one source",
+            );
+        }
+        if !raw.secrets.iter().any(|s| s.name == e.secret) {
+            let declared: Vec<&str> = raw.secrets.iter().map(|s| s.name.as_str()).collect();
+            p.bad(
+                format!("secret_env[{i}].secret"),
+                &e.secret,
+                format!("is not declared in `secrets`; declared: [{}]", declared.join(", ")),
+            );
+        }
+        secret_env.push(SecretEnv {
+            key: e.key.clone(),
+            secret: e.secret.clone(),
+        });
+    }
+
+    let memory = raw
+        .resources
+        .as_ref()
+        .and_then(|r| r.memory.as_ref())
+        .and_then(|m| match parse_memory(m) {
+            Some(bytes) if bytes >= MIN_MEMORY => Some(bytes),
+            _ => {
+                p.bad(
+                    "resources.memory",
+                    m,
+                    "allowed: a size of at least 6Mi, such as 512Mi or 2Gi (suffixes Ki, Mi, Gi, K, M, G)",
+                );
+                None
+            }
+        });
+
+    let mut security = Security::default();
+    if let Some(s) = &raw.security {
+        for (i, cap) in s.capabilities_add.iter().enumerate() {
+            let upper = cap.to_ascii_uppercase();
+            let name = upper.strip_prefix("CAP_").unwrap_or(&upper);
+            if CAPABILITIES.contains(&name) {
+                if !security.capabilities_add.iter().any(|c| c == name) {
+                    security.capabilities_add.push(name.to_owned());
+                }
+            } else {
+                p.bad(
+                    format!("security.capabilities_add[{i}]"),
+                    cap,
+                    "allowed: a Linux capability name such as NET_BIND_SERVICE or DAC_OVERRIDE",
+                );
+            }
+        }
+        security.read_only_root = s.read_only_root.unwrap_or(true);
+        security.no_new_privileges = s.no_new_privileges.unwrap_or(true);
+    }
+
+    let health = raw.health.as_ref().and_then(|h| validate_health(&mut p, h));
+
+    let stop_grace_period = raw
+        .stop_grace_period
+        .as_ref()
+        .map_or(Some(Duration::from_secs(30)), |s| {
+            duration(&mut p, "stop_grace_period", s)
+        });
+
+    match (id, image, stop_grace_period) {
+        (Some(id), Some(image), Some(stop_grace_period)) if p.errors.is_empty() => Ok(Manifest {
+            id,
+            name: raw.name,
+            version: raw.version,
+            kind,
+            container_name: raw.container_name,
+            depends_on,
+            image,
+            entrypoint: raw.entrypoint,
+            command: raw.command,
+            user: raw.user,
+            network,
+            ports,
+            volumes,
+            env: raw.env,
+            secret_env,
+            secrets,
+            memory,
+            security,
+            health,
+            stop_grace_period,
+            path: cx.file.to_path_buf(),
+        }),
+        _ => Err(p.errors),
+    }
+}
+
+fn validate_health(p: &mut Problems, h: &RawHealth) -> Option<Health> {
+    let set = [h.http.is_some(), h.tcp.is_some(), h.exec.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set != 1 {
+        p.missing(
+            "health",
+            format!("sets {set} probes; allowed: exactly one of http, tcp, exec"),
+        );
+        return None;
+    }
+    let probe = if let Some(http) = &h.http {
+        let port = check_port(p, "health.http.port", http.port)?;
+        let target = http.path.clone().unwrap_or_else(|| "/".to_owned());
+        // A full URL is taken as written; a path gets the scheme added later.
+        // Prepending twice once restarted an app fourteen times.
+        if !(target.starts_with('/') || target.starts_with("http://") || target.starts_with("https://")) {
+            p.bad(
+                "health.http.path",
+                &target,
+                "allowed: a path starting with '/' or a full http:// or https:// URL",
+            );
+            return None;
+        }
+        Probe::Http { port, target }
+    } else if let Some(tcp) = &h.tcp {
+        Probe::Tcp {
+            port: check_port(p, "health.tcp.port", tcp.port)?,
+        }
+    } else {
+        let command = h.exec.clone().unwrap_or_default();
+        if command.is_empty() {
+            p.missing("health.exec", "must name a command to run");
+            return None;
+        }
+        Probe::Exec { command }
+    };
+    let interval = opt_duration(p, "health.interval", &h.interval, 30);
+    let timeout = opt_duration(p, "health.timeout", &h.timeout, 5);
+    let start_period = opt_duration(p, "health.start_period", &h.start_period, 0);
+    let retries = match h.retries {
+        None => Some(3),
+        Some(r @ 1..=100) => u32::try_from(r).ok(),
+        Some(r) => {
+            p.bad("health.retries", r, "allowed: a whole number from 1 to 100");
+            None
+        }
+    };
+    if let (Some(interval), Some(timeout)) = (interval, timeout) {
+        if interval.is_zero() {
+            p.bad(
+                "health.interval",
+                humantime::format_duration(interval),
+                "must be longer than 0s",
+            );
+            return None;
+        }
+        if timeout.is_zero() || timeout > interval {
+            p.bad(
+                "health.timeout",
+                humantime::format_duration(timeout),
+                "allowed: longer than 0s and at most the interval",
+            );
+            return None;
+        }
+    }
+    Some(Health {
+        probe,
+        interval: interval?,
+        timeout: timeout?,
+        retries: retries?,
+        start_period: start_period?,
+    })
+}
+
+fn opt_duration(p: &mut Problems, field: &str, value: &Option<String>, default_secs: u64) -> Option<Duration> {
+    match value {
+        None => Some(Duration::from_secs(default_secs)),
+        Some(s) => duration(p, field, s),
+    }
+}
+
+fn duration(p: &mut Problems, field: &str, s: &str) -> Option<Duration> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d <= Duration::from_secs(24 * 3600) => Some(d),
+        _ => {
+            p.bad(field, s, "allowed: a duration up to 24h such as 30s, 5m or 1m30s");
+            None
+        }
+    }
+}
+
+fn check_port(p: &mut Problems, field: &str, value: i64) -> Option<u16> {
+    match u16::try_from(value) {
+        Ok(port) if port > 0 => Some(port),
+        _ => {
+            p.bad(field, value, format!("allowed: {PORT_RULE}"));
+            None
+        }
+    }
+}
+
+pub(crate) fn valid_container_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn valid_user(s: &str) -> bool {
+    let numeric = |x: &str| !x.is_empty() && x.len() <= 10 && x.bytes().all(|b| b.is_ascii_digit());
+    match s.split_once(':') {
+        Some((u, g)) => numeric(u) && numeric(g),
+        None => numeric(s),
+    }
+}
+
+fn valid_env_key(s: &str) -> bool {
+    !s.is_empty() && !s.as_bytes()[0].is_ascii_digit() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn has_no_dotdot(path: &Path) -> bool {
+    !path.components().any(|c| c == Component::ParentDir)
+}
+
+fn relative_without_dotdot(s: &str) -> bool {
+    let path = Path::new(s);
+    path.is_relative()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// Resolves `rel` against `dir` when it stays inside `dir`, symlinks included.
+fn inside(dir: &Path, rel: &str) -> Option<PathBuf> {
+    if !relative_without_dotdot(rel) {
+        return None;
+    }
+    let joined = dir.join(rel);
+    // A symlink could still point outside; when the context exists, check
+    // where it really is.
+    match (joined.canonicalize(), dir.canonicalize()) {
+        (Ok(real), Ok(base)) if !real.starts_with(&base) => None,
+        _ => Some(joined),
+    }
+}
+
+/// `2Gi`, `512Mi`, `64Ki`, `1G`, `500M`, `100K` or a plain byte count.
+pub(crate) fn parse_memory(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_with_binary_and_decimal_suffixes() {
+        assert_eq!(parse_memory("2Gi"), Some(2 << 30));
+        assert_eq!(parse_memory("512Mi"), Some(512 << 20));
+        assert_eq!(parse_memory("1G"), Some(1_000_000_000));
+        assert_eq!(parse_memory("4096"), Some(4096));
+        assert_eq!(parse_memory("2GB"), None);
+        assert_eq!(parse_memory("Gi"), None);
+        assert_eq!(parse_memory("99999999999999Gi"), None);
+    }
+
+    #[test]
+    fn users_are_numeric() {
+        assert!(valid_user("1000"));
+        assert!(valid_user("1000:1000"));
+        assert!(!valid_user("bitcoin"));
+        assert!(!valid_user("1000:"));
+    }
+
+    #[test]
+    fn relative_paths_may_not_climb() {
+        assert!(relative_without_dotdot("ui"));
+        assert!(relative_without_dotdot("./ui/sub"));
+        assert!(!relative_without_dotdot("../other"));
+        assert!(!relative_without_dotdot("ui/../../x"));
+        assert!(!relative_without_dotdot("/abs"));
+    }
+}
