@@ -85,3 +85,42 @@ impl Problems {
         self.errors.push(ManifestError::new(self.file.clone(), field, problem));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn display_names_file_location_field_value_and_problem() {
+        let e = ManifestError::new(
+            "apps/electrs/manifest.yml",
+            "ports[1].host",
+            "allowed: a port number from 1 to 65535",
+        )
+        .with_value(70000)
+        .at(Some((12, 9)));
+        assert_eq!(
+            e.to_string(),
+            "apps/electrs/manifest.yml:12:9: ports[1].host = \"70000\": allowed: a port number from 1 to 65535"
+        );
+    }
+
+    #[test]
+    fn display_leaves_out_what_is_unknown() {
+        let e = ManifestError::new("m.yml", "image", "neither `image` nor `build` is set");
+        assert_eq!(e.to_string(), "m.yml: image: neither `image` nor `build` is set");
+    }
+
+    #[test]
+    fn problems_collects_every_error_with_the_file() {
+        let mut p = Problems::new(PathBuf::from("a/manifest.yml"));
+        p.bad("kind", "daemon", "allowed: service, ui");
+        p.missing("image", "missing");
+        assert_eq!(p.errors.len(), 2);
+        assert_eq!(p.errors[0].value.as_deref(), Some("daemon"));
+        assert_eq!(p.errors[1].value, None);
+        assert!(p.errors.iter().all(|e| e.file == Path::new("a/manifest.yml")));
+    }
+}

@@ -324,4 +324,37 @@ mod tests {
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
+
+    #[test]
+    fn tag_and_digest_are_both_kept() {
+        let r: PinnedImage = format!("ghcr.io/org/app:2.1@sha256:{HEX}").parse().expect("valid");
+        assert_eq!(r.registry(), "ghcr.io");
+        assert_eq!(r.repository(), "org/app");
+        assert_eq!(r.tag(), Some("2.1"));
+        assert_eq!(r.by_digest(), format!("ghcr.io/org/app@sha256:{HEX}"));
+    }
+
+    #[test]
+    fn digest_without_algorithm_or_name_is_refused() {
+        assert_eq!(
+            format!("nginx@{HEX}").parse::<PinnedImage>(),
+            Err(ImageRefError::BadDigest)
+        );
+        assert_eq!(
+            format!("nginx:1@{HEX}").parse::<Digest>(),
+            Err(ImageRefError::BadDigest)
+        );
+        assert_eq!(
+            format!("sha256:{HEX}").parse::<Digest>().map(|d| d.hex().to_owned()),
+            Ok(HEX.to_owned())
+        );
+    }
+
+    #[test]
+    fn pinned_image_deserializes_only_from_a_pinned_string() {
+        let ok: PinnedImage = serde_json::from_str(&format!("\"busybox@sha256:{HEX}\"")).expect("pinned");
+        assert_eq!(ok.repository(), "library/busybox");
+        let err = serde_json::from_str::<PinnedImage>("\"busybox:latest\"").expect_err("tag only");
+        assert!(err.to_string().contains("not pinned by digest"), "{err}");
+    }
 }

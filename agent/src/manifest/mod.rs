@@ -256,3 +256,67 @@ mod humantime_serde_secs {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_id_accepts_lowercase_digits_and_dashes_starting_with_a_letter() {
+        for ok in ["a", "bitcoin-core", "app2", "a-1-b", &"x".repeat(63)] {
+            assert_eq!(AppId::parse(ok).map(String::from).as_deref(), Some(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn app_id_refuses_everything_else() {
+        for bad in [
+            "",
+            "1app",
+            "-app",
+            "App",
+            "my_app",
+            "my.app",
+            "my app",
+            "é",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(AppId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn security_defaults_to_read_only_root_and_no_new_privileges_without_capabilities() {
+        let s = Security::default();
+        assert!(s.read_only_root);
+        assert!(s.no_new_privileges);
+        assert!(s.capabilities_add.is_empty());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        assert_eq!(DEFAULT_DATA_ROOT, "/var/lib/archipelago");
+        assert_eq!(DEFAULT_NETWORK, "archy-net");
+    }
+
+    #[test]
+    fn ids_and_kinds_serialize_as_plain_strings_and_durations_with_units() {
+        let id = AppId::parse("electrs").expect("valid");
+        assert_eq!(serde_json::to_string(&id).expect("json"), "\"electrs\"");
+        assert_eq!(serde_json::to_string(&AppKind::Ui).expect("json"), "\"ui\"");
+        assert_eq!(AppKind::Service.to_string(), "service");
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        let health = Health {
+            probe: Probe::Tcp { port: 1 },
+            interval: Duration::from_secs(90),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            start_period: Duration::ZERO,
+        };
+        let v = serde_json::to_value(&health).expect("json");
+        assert_eq!(v["interval"], "1m 30s");
+        assert_eq!(v["timeout"], "5s");
+        assert_eq!(v["start_period"], "0s");
+    }
+}

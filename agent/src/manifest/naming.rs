@@ -72,3 +72,142 @@ impl Naming {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::super::{AppId, ImageSource, Protocol, Security};
+    use super::*;
+
+    fn app(id: &str, kind: AppKind, container_name: Option<&str>, host_ports: &[u16]) -> Manifest {
+        Manifest {
+            id: AppId::parse(id).expect("valid id"),
+            name: id.to_owned(),
+            version: "1".to_owned(),
+            kind,
+            container_name: container_name.map(str::to_owned),
+            depends_on: Vec::new(),
+            image: ImageSource::Build {
+                context: PathBuf::from("/apps/x"),
+                containerfile: PathBuf::from("Containerfile"),
+            },
+            entrypoint: None,
+            command: None,
+            user: None,
+            network: "archy-net".to_owned(),
+            ports: host_ports
+                .iter()
+                .map(|&host| PortMapping {
+                    host,
+                    container: 80,
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+            volumes: Vec::new(),
+            env: BTreeMap::new(),
+            secret_env: Vec::new(),
+            secrets: Vec::new(),
+            memory: None,
+            security: Security::default(),
+            health: None,
+            stop_grace_period: Duration::from_secs(30),
+            path: PathBuf::from("/apps/x/manifest.yml"),
+        }
+    }
+
+    fn hosts(ports: &[PortMapping]) -> Vec<u16> {
+        ports.iter().map(|p| p.host).collect()
+    }
+
+    #[test]
+    fn service_container_is_named_after_its_id() {
+        assert_eq!(
+            Naming::Prod.container_name(&app("electrs", AppKind::Service, None, &[])),
+            "electrs"
+        );
+    }
+
+    #[test]
+    fn ui_container_is_archy_dash_id() {
+        assert_eq!(
+            Naming::Prod.container_name(&app("wallet-ui", AppKind::Ui, None, &[])),
+            "archy-wallet-ui"
+        );
+    }
+
+    #[test]
+    fn explicit_container_name_always_wins() {
+        for kind in [AppKind::Service, AppKind::Ui] {
+            assert_eq!(
+                Naming::Prod.container_name(&app("bitcoin-core", kind, Some("bitcoin"), &[])),
+                "bitcoin"
+            );
+        }
+    }
+
+    #[test]
+    fn dev_mode_appends_dev_to_every_name() {
+        let dev = Naming::dev();
+        assert_eq!(
+            dev.container_name(&app("electrs", AppKind::Service, None, &[])),
+            "electrs-dev"
+        );
+        assert_eq!(
+            dev.container_name(&app("w-ui", AppKind::Ui, None, &[])),
+            "archy-w-ui-dev"
+        );
+        assert_eq!(
+            dev.container_name(&app("bitcoin-core", AppKind::Service, Some("bitcoin"), &[])),
+            "bitcoin-dev"
+        );
+    }
+
+    #[test]
+    fn prod_is_the_default_naming_and_keeps_ports() {
+        assert_eq!(Naming::default(), Naming::Prod);
+        let a = app("a", AppKind::Service, None, &[80, 65535]);
+        assert_eq!(Naming::Prod.ports(&a).expect("no offset"), a.ports);
+    }
+
+    #[test]
+    fn dev_mode_offsets_host_ports_by_10000_by_default() {
+        assert_eq!(DEFAULT_DEV_PORT_OFFSET, 10000);
+        assert_eq!(Naming::dev(), Naming::Dev { port_offset: 10000 });
+        let a = app("a", AppKind::Service, None, &[8080, 50001, 55535]);
+        let ports = Naming::dev().ports(&a).expect("fits");
+        assert_eq!(hosts(&ports), [18080, 60001, 65535]);
+        // Only the host side moves.
+        assert!(ports.iter().all(|p| p.container == 80 && p.protocol == Protocol::Tcp));
+    }
+
+    #[test]
+    fn dev_port_offset_is_configurable() {
+        let a = app("a", AppKind::Service, None, &[8080]);
+        let ports = Naming::Dev { port_offset: 1 }.ports(&a).expect("fits");
+        assert_eq!(hosts(&ports), [8081]);
+    }
+
+    #[test]
+    fn dev_port_past_65535_is_refused_naming_app_port_and_sum() {
+        let a = app("electrs", AppKind::Service, None, &[8080, 55536]);
+        let err = Naming::dev().ports(&a).expect_err("overflows");
+        assert_eq!(
+            err,
+            NamingError::PortOverflow {
+                app: "electrs".to_owned(),
+                port: 55536,
+                offset: 10000,
+                sum: 65536,
+            }
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("electrs: host port 55536 plus the dev offset 10000 is 65536, past 65535"),
+            "{text}"
+        );
+    }
+}

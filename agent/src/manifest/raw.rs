@@ -119,3 +119,47 @@ pub struct RawHttpProbe {
 pub struct RawTcpProbe {
     pub port: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unknown_field<T: serde::de::DeserializeOwned + std::fmt::Debug>(yaml: &str, field: &str) {
+        let err = serde_yaml::from_str::<T>(yaml).expect_err("unknown field must be refused");
+        assert!(
+            err.to_string().contains(&format!("unknown field `{field}`")),
+            "{yaml}: {err}"
+        );
+    }
+
+    #[test]
+    fn every_structure_refuses_unknown_fields() {
+        unknown_field::<RawBuild>("{ context: ., dockerfile: x }", "dockerfile");
+        unknown_field::<RawPort>("{ host: 1, container: 1, hostt: 2 }", "hostt");
+        unknown_field::<RawVolume>("{ source: a, target: /a, mode: ro }", "mode");
+        unknown_field::<RawSecretEnv>("{ key: A, secret: a, default: x }", "default");
+        unknown_field::<RawSecret>("{ name: a, kind: hex16, size: 3 }", "size");
+        unknown_field::<RawResources>("{ memory: 1Gi, cpus: 2 }", "cpus");
+        unknown_field::<RawSecurity>("{ privileged: true }", "privileged");
+        unknown_field::<RawHealth>("{ tcp: { port: 1 }, grpc: x }", "grpc");
+        unknown_field::<RawHttpProbe>("{ port: 1, pathh: / }", "pathh");
+        unknown_field::<RawTcpProbe>("{ port: 1, host: x }", "host");
+        unknown_field::<RawManifest>("{ id: a, name: a, version: '1', restart: always }", "restart");
+    }
+
+    #[test]
+    fn ports_are_read_wide_so_validation_can_name_the_bad_value() {
+        let p: RawPort = serde_yaml::from_str("{ host: -1, container: 70000 }").expect("wide ints");
+        assert_eq!((p.host, p.container, p.protocol), (-1, 70000, None));
+    }
+
+    #[test]
+    fn optional_lists_and_maps_default_to_empty() {
+        let m: RawManifest = serde_yaml::from_str("{ id: a, name: a, version: '1' }").expect("minimal");
+        assert!(m.depends_on.is_empty() && m.ports.is_empty() && m.volumes.is_empty());
+        assert!(m.env.is_empty() && m.secret_env.is_empty() && m.secrets.is_empty());
+        assert!(m.image.is_none() && m.build.is_none() && m.health.is_none());
+        let v: RawVolume = serde_yaml::from_str("{ source: a, target: /a }").expect("volume");
+        assert!(!v.read_only);
+    }
+}

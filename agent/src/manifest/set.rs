@@ -207,3 +207,252 @@ fn find_cycles(apps: &[Manifest]) -> Vec<Vec<AppId>> {
     }
     cycles
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::super::{AppKind, ImageSource, PortMapping, SecretSpec, Security};
+    use super::*;
+
+    fn id(s: &str) -> AppId {
+        AppId::parse(s).expect("test ids are valid")
+    }
+
+    /// A valid app named `name` that depends on `deps`.
+    fn app(name: &str, deps: &[&str]) -> Manifest {
+        Manifest {
+            id: id(name),
+            name: name.to_owned(),
+            version: "1".to_owned(),
+            kind: AppKind::Service,
+            container_name: None,
+            depends_on: deps.iter().map(|d| id(d)).collect(),
+            image: ImageSource::Build {
+                context: PathBuf::from(format!("/apps/{name}")),
+                containerfile: PathBuf::from("Containerfile"),
+            },
+            entrypoint: None,
+            command: None,
+            user: None,
+            network: "archy-net".to_owned(),
+            ports: Vec::new(),
+            volumes: Vec::new(),
+            env: BTreeMap::new(),
+            secret_env: Vec::new(),
+            secrets: Vec::new(),
+            memory: None,
+            security: Security::default(),
+            health: None,
+            stop_grace_period: Duration::from_secs(30),
+            path: PathBuf::from(format!("/apps/{name}/manifest.yml")),
+        }
+    }
+
+    fn with_port(mut m: Manifest, host: u16, protocol: Protocol) -> Manifest {
+        m.ports.push(PortMapping {
+            host,
+            container: 80,
+            protocol,
+        });
+        m
+    }
+
+    fn with_secret(mut m: Manifest, name: &str, kind: SecretKind) -> Manifest {
+        m.secrets.push(SecretSpec {
+            name: name.to_owned(),
+            kind,
+        });
+        m
+    }
+
+    fn ids(apps: &[Manifest]) -> Vec<&str> {
+        apps.iter().map(|a| a.id.as_str()).collect()
+    }
+
+    fn errors_of<'a>(errors: &'a [ManifestError], app: &str) -> Vec<&'a ManifestError> {
+        let file = PathBuf::from(format!("/apps/{app}/manifest.yml"));
+        errors.iter().filter(|e| e.file == file).collect()
+    }
+
+    #[test]
+    fn start_order_puts_dependencies_first_and_otherwise_sorts_by_id() {
+        let apps = [app("b", &["c"]), app("d", &[]), app("c", &["a"]), app("a", &[])];
+        assert_eq!(ids(&start_order(&apps)), ["a", "d", "c", "b"]);
+    }
+
+    #[test]
+    fn start_order_ignores_dependencies_that_are_not_present() {
+        let apps = [app("a", &["b"]), app("b", &["not-installed"])];
+        assert_eq!(ids(&start_order(&apps)), ["b", "a"]);
+    }
+
+    #[test]
+    fn start_order_puts_apps_caught_in_a_cycle_last() {
+        let apps = [app("a", &["b"]), app("b", &["a"]), app("c", &[])];
+        assert_eq!(ids(&start_order(&apps)), ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn check_set_returns_valid_apps_in_start_order() {
+        let (apps, errors) = check_set(vec![app("web", &["api"]), app("api", &["db"]), app("db", &[])]);
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert_eq!(ids(&apps), ["db", "api", "web"]);
+    }
+
+    #[test]
+    fn dependency_cycle_is_an_error_naming_the_cycle_on_every_member() {
+        let (apps, errors) = check_set(vec![
+            app("b", &["c"]),
+            app("a", &["b"]),
+            app("c", &["a"]),
+            app("free", &[]),
+        ]);
+        assert_eq!(ids(&apps), ["free"]);
+        for member in ["a", "b", "c"] {
+            let errs = errors_of(&errors, member);
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert_eq!(errs[0].field, "depends_on");
+            assert!(
+                errs[0].problem.contains("dependency cycle: a -> b -> c -> a"),
+                "{}",
+                errs[0]
+            );
+        }
+        assert_eq!(errors_of(&errors, "a")[0].value.as_deref(), Some("[b]"));
+    }
+
+    #[test]
+    fn self_dependency_is_a_cycle() {
+        let (apps, errors) = check_set(vec![app("loop", &["loop"])]);
+        assert!(apps.is_empty());
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].problem.contains("dependency cycle: loop -> loop"),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn separate_cycles_are_each_reported() {
+        let (apps, errors) = check_set(vec![
+            app("a", &["b"]),
+            app("b", &["a"]),
+            app("x", &["y"]),
+            app("y", &["x"]),
+        ]);
+        assert!(apps.is_empty());
+        let messages: Vec<&str> = errors.iter().map(|e| e.problem.as_str()).collect();
+        assert!(messages.contains(&"dependency cycle: a -> b -> a"), "{messages:?}");
+        assert!(messages.contains(&"dependency cycle: x -> y -> x"), "{messages:?}");
+    }
+
+    #[test]
+    fn app_depending_on_a_cycle_is_refused() {
+        let (apps, errors) = check_set(vec![app("a", &["b"]), app("b", &["a"]), app("user", &["a"])]);
+        assert!(apps.is_empty());
+        let errs = errors_of(&errors, "user");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].field, "depends_on");
+        assert_eq!(errs[0].value.as_deref(), Some("a"));
+        assert!(
+            errs[0].problem.contains("depends on a, which is invalid"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn host_port_conflict_names_both_apps_and_the_first_id_keeps_the_port() {
+        let (apps, errors) = check_set(vec![
+            with_port(app("beta", &[]), 8080, Protocol::Tcp),
+            with_port(with_port(app("alpha", &[]), 9000, Protocol::Tcp), 8080, Protocol::Tcp),
+        ]);
+        assert_eq!(ids(&apps), ["alpha"]);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let e = &errors[0];
+        assert_eq!(e.file, PathBuf::from("/apps/beta/manifest.yml"));
+        assert_eq!(e.field, "ports[0].host");
+        assert_eq!(e.value.as_deref(), Some("8080"));
+        assert!(
+            e.problem.contains("host port 8080/tcp is used by both alpha and beta"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn same_host_port_on_tcp_and_udp_is_not_a_conflict() {
+        let (apps, errors) = check_set(vec![
+            with_port(app("dns", &[]), 53, Protocol::Udp),
+            with_port(app("web", &[]), 53, Protocol::Tcp),
+        ]);
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert_eq!(apps.len(), 2);
+    }
+
+    #[test]
+    fn dependency_on_an_unknown_app_is_refused_listing_the_valid_apps() {
+        let (apps, errors) = check_set(vec![app("db", &[]), app("web", &["db", "cache"])]);
+        assert_eq!(ids(&apps), ["db"]);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let e = &errors[0];
+        assert_eq!(e.field, "depends_on[1]");
+        assert_eq!(e.value.as_deref(), Some("cache"));
+        assert!(e.problem.contains("names no valid app; valid apps: [db, web]"), "{e}");
+    }
+
+    #[test]
+    fn app_depending_on_a_refused_app_is_refused_transitively() {
+        let (apps, errors) = check_set(vec![
+            with_port(app("alpha", &[]), 8080, Protocol::Tcp),
+            with_port(app("beta", &[]), 8080, Protocol::Tcp),
+            app("gamma", &["beta"]),
+            app("delta", &["gamma"]),
+            app("omega", &["alpha"]),
+        ]);
+        assert_eq!(ids(&apps), ["alpha", "omega"]);
+        let gamma = errors_of(&errors, "gamma");
+        assert_eq!(gamma.len(), 1, "{gamma:#?}");
+        assert!(
+            gamma[0].problem.contains("depends on beta, which is invalid"),
+            "{}",
+            gamma[0]
+        );
+        let delta = errors_of(&errors, "delta");
+        assert_eq!(delta.len(), 1, "{delta:#?}");
+        assert!(
+            delta[0].problem.contains("depends on gamma, which is invalid"),
+            "{}",
+            delta[0]
+        );
+    }
+
+    #[test]
+    fn shared_secret_declared_with_different_kinds_is_refused() {
+        let (apps, errors) = check_set(vec![
+            with_secret(app("one", &[]), "rpc-pass", SecretKind::Hex32),
+            with_secret(app("two", &[]), "rpc-pass", SecretKind::Hex16),
+        ]);
+        assert_eq!(ids(&apps), ["one"]);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let e = &errors[0];
+        assert_eq!(e.file, PathBuf::from("/apps/two/manifest.yml"));
+        assert_eq!(e.field, "secrets[0].kind");
+        assert_eq!(e.value.as_deref(), Some("hex16"));
+        assert!(e.problem.contains("secret rpc-pass is declared as"), "{e}");
+        assert!(e.problem.contains("by one"), "{e}");
+    }
+
+    #[test]
+    fn shared_secret_declared_alike_is_fine() {
+        let (apps, errors) = check_set(vec![
+            with_secret(app("one", &[]), "rpc-pass", SecretKind::Hex32),
+            with_secret(app("two", &[]), "rpc-pass", SecretKind::Hex32),
+        ]);
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert_eq!(ids(&apps), ["one", "two"]);
+    }
+}
