@@ -80,8 +80,19 @@ fn validate(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions {
         data_root: global.data.clone(),
     };
-    let report = manifest::load_dir(&global.apps, &opts);
+    let mut report = manifest::load_dir(&global.apps, &opts);
     let naming = naming(global);
+    // Dev mode shifts host ports; an app whose ports would pass 65535 is
+    // as unusable as an invalid one.
+    let mut dev_errors = Vec::new();
+    report.apps.retain(|m| match naming.ports(m) {
+        Ok(_) => true,
+        Err(e) => {
+            dev_errors.push(manifest::ManifestError::new(&m.path, "ports", e.to_string()));
+            false
+        }
+    });
+    report.errors.extend(dev_errors);
     let mut out = std::io::stdout().lock();
     if global.json {
         serde_json::to_writer_pretty(&mut out, &report).context("cannot write the report as JSON")?;

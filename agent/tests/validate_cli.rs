@@ -111,6 +111,29 @@ fn validate_in_dev_mode_names_containers_with_dev() {
 }
 
 #[test]
+fn validate_in_dev_mode_refuses_a_host_port_pushed_past_65535() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("high");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("manifest.yml"),
+        format!(
+            "id: high\nname: High\nversion: \"1\"\nimage: x@sha256:{}\nports: [{{ host: 60000, container: 80 }}]\n",
+            "a".repeat(64)
+        ),
+    )
+    .expect("write manifest");
+    let (prod, _) = run(agent().arg("validate").arg("--apps").arg(tmp.path()));
+    assert!(prod.status.success(), "the manifest itself is valid");
+    let (dev, stdout) = run(agent().args(["validate", "--dev", "--apps"]).arg(tmp.path()));
+    assert!(!dev.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("host port 60000 plus the dev offset 10000 is 70000"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn validate_fails_on_the_invalid_corpus_printing_every_error_with_file_and_field() {
     let dir = fixtures().join("invalid");
     let (out, stdout) = run(agent().arg("validate").arg("--apps").arg(&dir));
@@ -155,7 +178,7 @@ fn validate_applies_the_data_root_option() {
         stdout.contains("volumes[1].source = \"/var/lib/archipelago/store-db/exports\""),
         "{stdout}"
     );
-    assert!(stdout.contains("inside the data root /srv/archy"), "{stdout}");
+    assert!(stdout.contains("under the data root /srv/archy"), "{stdout}");
 }
 
 #[test]

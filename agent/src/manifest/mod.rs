@@ -151,6 +151,25 @@ pub enum SecretKind {
     Hex32,
 }
 
+impl SecretKind {
+    /// How many random bytes the secret holds.
+    pub fn bytes(self) -> usize {
+        match self {
+            SecretKind::Hex16 => 16,
+            SecretKind::Hex32 => 32,
+        }
+    }
+}
+
+impl std::fmt::Display for SecretKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SecretKind::Hex16 => "hex16",
+            SecretKind::Hex32 => "hex32",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SecretSpec {
     pub name: String,

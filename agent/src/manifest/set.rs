@@ -3,66 +3,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{AppId, Manifest, ManifestError, Protocol, SecretKind};
+use super::{AppId, Manifest, ManifestError, Naming, Protocol, SecretKind};
 
 /// Applies the cross-app rules to individually valid manifests. Returns the
 /// apps that pass, in start order, and an error for each one that does not.
 ///
-/// When two apps publish the same host port, the one whose id sorts first
-/// keeps it and the other is refused: adding an app must never take down
-/// one that was already fine.
+/// Dependency problems are checked first, so that a refused app holds no
+/// port, container name or secret kind that could get a valid app refused.
+/// When two apps then claim the same host port or container name, the one
+/// whose id sorts first keeps it and the other is refused.
 pub(crate) fn check_set(mut apps: Vec<Manifest>) -> (Vec<Manifest>, Vec<ManifestError>) {
     apps.sort_by(|a, b| a.id.cmp(&b.id));
     let mut errors = Vec::new();
     let mut rejected: BTreeSet<AppId> = BTreeSet::new();
 
-    let mut port_owner: BTreeMap<(u16, Protocol), &AppId> = BTreeMap::new();
-    let mut secret_kind: BTreeMap<&str, (SecretKind, &AppId)> = BTreeMap::new();
-    for app in &apps {
-        for (i, port) in app.ports.iter().enumerate() {
-            match port_owner.get(&(port.host, port.protocol)) {
-                Some(owner) => {
-                    errors.push(
-                        ManifestError::new(
-                            &app.path,
-                            format!("ports[{i}].host"),
-                            format!(
-                                "host port {}/{} is used by both {owner} and {}",
-                                port.host, port.protocol, app.id
-                            ),
-                        )
-                        .with_value(port.host),
-                    );
-                    rejected.insert(app.id.clone());
-                }
-                None => {
-                    port_owner.insert((port.host, port.protocol), &app.id);
-                }
-            }
-        }
-        for (i, s) in app.secrets.iter().enumerate() {
-            match secret_kind.get(s.name.as_str()) {
-                Some((kind, owner)) if *kind != s.kind => {
-                    errors.push(
-                        ManifestError::new(
-                            &app.path,
-                            format!("secrets[{i}].kind"),
-                            format!("secret {} is declared as {kind:?} by {owner}; every app must declare a shared secret alike", s.name),
-                        )
-                        .with_value(format!("{:?}", s.kind).to_lowercase()),
-                    );
-                    rejected.insert(app.id.clone());
-                }
-                Some(_) => {}
-                None => {
-                    secret_kind.insert(&s.name, (s.kind, &app.id));
-                }
-            }
-        }
-    }
-
-    // Dependencies: unknown ones and cycles. Rejection propagates: an app
-    // whose dependency is refused cannot start either.
+    // Dependencies: unknown ones and cycles.
     let ids: BTreeSet<&AppId> = apps.iter().map(|a| &a.id).collect();
     for app in &apps {
         for (i, dep) in app.depends_on.iter().enumerate() {
@@ -101,21 +56,93 @@ pub(crate) fn check_set(mut apps: Vec<Manifest>) -> (Vec<Manifest>, Vec<Manifest
             rejected.insert(id.clone());
         }
     }
+
+    // Claims on shared resources, among the apps still standing.
+    let naming = Naming::Prod;
+    let mut port_owner: BTreeMap<(u16, Protocol), &AppId> = BTreeMap::new();
+    let mut name_owner: BTreeMap<String, &AppId> = BTreeMap::new();
+    let mut secret_kind: BTreeMap<&str, (SecretKind, &AppId)> = BTreeMap::new();
+    let standing: Vec<&Manifest> = apps.iter().filter(|a| !rejected.contains(&a.id)).collect();
+    for app in standing {
+        let mut refuse = |e: ManifestError| {
+            errors.push(e);
+            rejected.insert(app.id.clone());
+        };
+        let name = naming.container_name(app);
+        match name_owner.get(&name) {
+            Some(owner) => refuse(
+                ManifestError::new(
+                    &app.path,
+                    "container_name",
+                    format!("container name {name} is used by both {owner} and {}", app.id),
+                )
+                .with_value(&name),
+            ),
+            None => {
+                name_owner.insert(name, &app.id);
+            }
+        }
+        for (i, port) in app.ports.iter().enumerate() {
+            match port_owner.get(&(port.host, port.protocol)) {
+                Some(owner) => refuse(
+                    ManifestError::new(
+                        &app.path,
+                        format!("ports[{i}].host"),
+                        format!(
+                            "host port {}/{} is used by both {owner} and {}",
+                            port.host, port.protocol, app.id
+                        ),
+                    )
+                    .with_value(port.host),
+                ),
+                None => {
+                    port_owner.insert((port.host, port.protocol), &app.id);
+                }
+            }
+        }
+        for (i, s) in app.secrets.iter().enumerate() {
+            match secret_kind.get(s.name.as_str()) {
+                Some((kind, owner)) if *kind != s.kind => refuse(
+                    ManifestError::new(
+                        &app.path,
+                        format!("secrets[{i}].kind"),
+                        format!(
+                            "secret {} is declared as {kind} by {owner}; every app must declare a shared secret alike",
+                            s.name
+                        ),
+                    )
+                    .with_value(s.kind),
+                ),
+                Some(_) => {}
+                None => {
+                    secret_kind.insert(&s.name, (s.kind, &app.id));
+                }
+            }
+        }
+    }
+
+    // Rejection propagates: an app whose dependency is refused cannot start.
     loop {
         let before = rejected.len();
         for app in &apps {
-            if !rejected.contains(&app.id) {
-                if let Some(dep) = app
-                    .depends_on
-                    .iter()
-                    .find(|d| rejected.contains(*d) && ids.contains(*d))
-                {
-                    errors.push(
-                        ManifestError::new(&app.path, "depends_on", format!("depends on {dep}, which is invalid"))
-                            .with_value(dep),
-                    );
-                    rejected.insert(app.id.clone());
-                }
+            if rejected.contains(&app.id) {
+                continue;
+            }
+            let bad = app
+                .depends_on
+                .iter()
+                .enumerate()
+                .find(|(_, d)| rejected.contains(*d) && ids.contains(*d));
+            if let Some((i, dep)) = bad {
+                errors.push(
+                    ManifestError::new(
+                        &app.path,
+                        format!("depends_on[{i}]"),
+                        format!("depends on {dep}, which is invalid"),
+                    )
+                    .with_value(dep),
+                );
+                rejected.insert(app.id.clone());
             }
         }
         if rejected.len() == before {
@@ -278,6 +305,36 @@ mod tests {
     }
 
     #[test]
+    fn container_name_claimed_twice_is_an_error_naming_both_and_the_first_id_keeps_it() {
+        let mut ui = app("web", &[]);
+        ui.kind = AppKind::Ui;
+        let mut svc = app("web-svc", &[]);
+        svc.container_name = Some("archy-web".to_owned());
+        let (apps, errors) = check_set(vec![svc, ui]);
+        assert_eq!(ids(&apps), ["web"]);
+        let errs = errors_of(&errors, "web-svc");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].field, "container_name");
+        assert_eq!(errs[0].value.as_deref(), Some("archy-web"));
+        assert!(errs[0].problem.contains("used by both web and web-svc"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn apps_refused_for_their_dependencies_hold_no_ports() {
+        let mut broken = app("a-broken", &["missing"]);
+        broken.ports = vec![PortMapping {
+            host: 8080,
+            container: 80,
+            protocol: Protocol::Tcp,
+        }];
+        let mut fine = app("b-fine", &[]);
+        fine.ports = broken.ports.clone();
+        let (apps, errors) = check_set(vec![broken, fine]);
+        assert_eq!(ids(&apps), ["b-fine"]);
+        assert!(errors_of(&errors, "b-fine").is_empty(), "{errors:#?}");
+    }
+
+    #[test]
     fn start_order_puts_dependencies_first_and_otherwise_sorts_by_id() {
         let apps = [app("b", &["c"]), app("d", &[]), app("c", &["a"]), app("a", &[])];
         assert_eq!(ids(&start_order(&apps)), ["a", "d", "c", "b"]);
@@ -356,7 +413,7 @@ mod tests {
         assert!(apps.is_empty());
         let errs = errors_of(&errors, "user");
         assert_eq!(errs.len(), 1, "{errs:#?}");
-        assert_eq!(errs[0].field, "depends_on");
+        assert_eq!(errs[0].field, "depends_on[0]");
         assert_eq!(errs[0].value.as_deref(), Some("a"));
         assert!(
             errs[0].problem.contains("depends on a, which is invalid"),

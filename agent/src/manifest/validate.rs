@@ -14,6 +14,9 @@ use super::{
 
 const ID_RULE: &str = "lowercase letters, digits and '-', starting with a letter, at most 63 characters";
 const NAME_RULE: &str = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters";
+/// Folders under the data root that belong to the agent, not to an app.
+pub(crate) const RESERVED_DATA_NAMES: &[&str] =
+    &["apps", "config", "containers", "images", "secrets", "state", "storage"];
 const PORT_RULE: &str = "a port number from 1 to 65535";
 /// Below this podman refuses to start a container at all.
 const MIN_MEMORY: u64 = 6 * 1024 * 1024;
@@ -73,9 +76,13 @@ pub(crate) struct Context<'a> {
 pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, Vec<super::ManifestError>> {
     let mut p = Problems::new(cx.file.to_path_buf());
 
-    let id = AppId::parse(&raw.id);
+    let id = AppId::parse(&raw.id).filter(|_| !RESERVED_DATA_NAMES.contains(&raw.id.as_str()));
     if id.is_none() {
-        p.bad("id", &raw.id, format!("allowed: {ID_RULE}"));
+        p.bad(
+            "id",
+            &raw.id,
+            format!("allowed: {ID_RULE}, and none of {}", RESERVED_DATA_NAMES.join(", ")),
+        );
     }
     let folder = cx.app_dir.file_name().map(|f| f.to_string_lossy().into_owned());
     if id.is_some() && folder.as_deref() != Some(raw.id.as_str()) {
@@ -227,13 +234,24 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
     for (i, v) in raw.volumes.iter().enumerate() {
         let source = if v.source.starts_with('/') {
             let path = Path::new(&v.source);
-            if !has_no_dotdot(path) || !path.starts_with(cx.data_root) || path == cx.data_root {
+            // The first component under the data root must be an app's
+            // folder: the agent's own state, secrets and container storage
+            // live beside them and must never be mounted into an app.
+            let app_folder = path
+                .strip_prefix(cx.data_root)
+                .ok()
+                .and_then(|rest| rest.components().next())
+                .and_then(|c| c.as_os_str().to_str())
+                .filter(|first| AppId::parse(first).is_some() && !RESERVED_DATA_NAMES.contains(first));
+            if !has_no_dotdot(path) || app_folder.is_none() {
                 p.bad(
                     format!("volumes[{i}].source"),
                     &v.source,
                     format!(
-                        "absolute sources must lie inside the data root {} and may not contain '..'",
-                        cx.data_root.display()
+                        "absolute sources must lie inside an app's folder under the data root {} \
+                         (not {}) and may not contain '..'",
+                        cx.data_root.display(),
+                        RESERVED_DATA_NAMES.join(", ")
                     ),
                 );
                 None
@@ -1062,7 +1080,14 @@ mod tests {
 
     #[test]
     fn absolute_volume_source_outside_the_data_root_is_refused() {
-        for outside in ["/etc", "/var/lib/archipelago2/x", "/var/lib/archipelago"] {
+        for outside in [
+            "/etc",
+            "/var/lib/archipelago2/x",
+            "/var/lib/archipelago",
+            "/var/lib/archipelago/secrets",
+            "/var/lib/archipelago/state/x",
+            "/var/lib/archipelago/Not-An-App/x",
+        ] {
             let e = err_on(
                 check(&app(&format!(
                     "volumes: [{{ source: \"{outside}\", target: /data }}]\n"
@@ -1070,7 +1095,11 @@ mod tests {
                 "volumes[0].source",
             );
             assert_eq!(e.value.as_deref(), Some(outside));
-            assert!(e.problem.contains("inside the data root /var/lib/archipelago"), "{e}");
+            assert!(
+                e.problem
+                    .contains("inside an app's folder under the data root /var/lib/archipelago"),
+                "{e}"
+            );
         }
     }
 
