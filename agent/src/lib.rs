@@ -3,4 +3,5 @@
 //! manifest module.
 
 pub mod cli;
+pub mod engine;
 pub mod manifest;

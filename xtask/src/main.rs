@@ -1,1 +1,78 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>`.
+//!
+//! Every stage installs the host tools it needs (see `cargo xtask doctor`),
+//! so a fresh CI machine and a developer's machine run the same steps.
+
+mod images;
+mod podman;
+mod procs;
+mod registry;
+mod test_env;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Archipelago build and test automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a private Podman API service and two loopback registries with
+    /// test images, run `cargo test --workspace` against them, tear them down.
+    Test {
+        /// Extra arguments for `cargo test --workspace`, after `--`
+        /// (e.g. `cargo xtask test -- -p archy-agent -- --nocapture`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Build the bootable ISO (not built yet).
+    Iso,
+    /// List the host tools each stage needs, whether each is present, and how to install what is missing.
+    Doctor,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    // Paths in every stage (target/, manifests/) are relative to the root,
+    // whatever directory `cargo xtask` was started from.
+    let root = project_root()?;
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("changing directory to the project root {}", root.display()))?;
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Test { cargo_args } => test_env::run(&root, &cargo_args),
+        Command::Iso => {
+            anyhow::bail!("the iso stage is not built yet: `cargo xtask iso` has nothing to run and produced no image")
+        }
+        Command::Doctor => Ok(tools::doctor()),
+    }
+}
+
+fn project_root() -> anyhow::Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .with_context(|| format!("xtask's manifest dir {} has no parent", manifest_dir.display()))
+}

@@ -1,0 +1,290 @@
+//! `cargo xtask test`: start the services the integration tests need, run
+//! `cargo test --workspace` against them, and tear everything down again,
+//! also on failure or Ctrl-C.
+//!
+//! The tests read (see `agent/tests/common/mod.rs`), and
+//! `target/test-env/env.json` repeats for humans:
+//! - `ARCHY_TEST_ENGINE`: the Podman API socket;
+//! - `ARCHY_TEST_REGISTRY`, `ARCHY_TEST_AUTH_REGISTRY`: `127.0.0.1:PORT` of
+//!   the registry without and with basic auth (`ARCHY_TEST_AUTH_USER`,
+//!   `ARCHY_TEST_AUTH_PASSWORD`);
+//! - `ARCHY_TEST_IMAGE`, `ARCHY_TEST_IMAGE_V2`: busybox images on the plain
+//!   registry, `host/archy-test/busybox:vN@sha256:…`; `ARCHY_TEST_AUTH_IMAGE`:
+//!   v1 on the auth registry, same digest;
+//! - `ARCHY_TEST_PODMAN_ARGS` (space separated), `ARCHY_TEST_CONTAINERS_CONF`,
+//!   `ARCHY_TEST_REGISTRIES_CONF`, `ARCHY_TEST_STORAGE_CONF`: what the
+//!   `podman` CLI needs to see the service's storage;
+//! - `ARCHY_TEST_REGISTRY_DATA`: the plain registry's storage directory.
+//!
+//! Everything lives in `$TMPDIR/archy-test-<pid>`. Not under target/: the
+//! API socket's path must fit in a unix socket address (108 bytes), and a CI
+//! checkout can sit deep in the file system.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use xshell::{cmd, Shell};
+
+use crate::images::{self, Published};
+use crate::podman::Podman;
+use crate::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
+use crate::registry::{Credentials, Registry};
+use crate::tools;
+
+const DIR_PREFIX: &str = "archy-test-";
+/// Fixed test values: the registry only listens on loopback for one run.
+const AUTH_USER: &str = "archy";
+const AUTH_PASSWORD: &str = "archy-test-password";
+
+pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
+    let sh = Shell::new().context("creating a shell")?;
+    tools::ensure(&sh, tools::TEST_STAGE)?;
+    procs::install_interrupt_handler()?;
+    clean_up_stale_runs();
+
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
+    let mut env = TestEnv::create(&dir)?;
+    let vars = env.start()?;
+    eprintln!("xtask: services ready in {:.1}s", started.elapsed().as_secs_f64());
+    let json = write_env_json(root, &vars)?;
+    eprintln!("xtask: test environment written to {}", json.display());
+
+    let tests_started = Instant::now();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let test = cmd!(sh, "{cargo} test --workspace {cargo_args...}").envs(&vars);
+    eprintln!("$ {test}");
+    let status = procs::run_forwarding_interrupts(Command::from(test), "cargo test");
+    let tests_took = tests_started.elapsed();
+
+    let teardown_started = Instant::now();
+    let problems = env.teardown();
+    eprintln!(
+        "xtask: tests took {:.1}s, teardown {:.1}s, all {:.1}s",
+        tests_took.as_secs_f64(),
+        teardown_started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let status = status?;
+    bail_if_interrupted()?;
+    if !problems.is_empty() {
+        bail!("teardown was not clean:\n  {}", problems.join("\n  "));
+    }
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => {
+            eprintln!("xtask: cargo test was killed ({status})");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// The services of one run, and the guard that stops them: dropping a
+/// `TestEnv` that was not torn down explicitly tears it down.
+struct TestEnv {
+    dir: PathBuf,
+    sh: Shell,
+    podman: Podman,
+    podman_service: Option<Service>,
+    registries: Vec<Registry>,
+    torn_down: bool,
+}
+
+impl TestEnv {
+    fn create(dir: &Path) -> anyhow::Result<TestEnv> {
+        if dir.to_string_lossy().chars().any(char::is_whitespace) {
+            // ARCHY_TEST_PODMAN_ARGS is a space-separated list of paths.
+            bail!(
+                "the temporary directory {} contains whitespace; set TMPDIR to a simpler path",
+                dir.display()
+            );
+        }
+        if dir.exists() {
+            // Left by an earlier process that had our pid.
+            TestEnv::adopt(dir)?.teardown();
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the test directory {}", dir.display()))?;
+        TestEnv::adopt(dir)
+    }
+
+    /// A guard for a directory whose services, if any, we did not start.
+    fn adopt(dir: &Path) -> anyhow::Result<TestEnv> {
+        Ok(TestEnv {
+            dir: dir.to_path_buf(),
+            sh: Shell::new().context("creating a shell")?,
+            podman: Podman::at(dir),
+            podman_service: None,
+            registries: Vec::new(),
+            torn_down: false,
+        })
+    }
+
+    /// Starts registries, the podman service and the images; returns the
+    /// variables the tests read.
+    fn start(&mut self) -> anyhow::Result<BTreeMap<String, String>> {
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+
+        let plain = Registry::start(
+            &self.sh,
+            "plain",
+            &self.dir.join("registry-plain"),
+            None,
+            &logs.join("registry-plain.log"),
+        )?;
+        self.registries.push(plain);
+        bail_if_interrupted()?;
+        let creds = Credentials {
+            user: AUTH_USER.to_owned(),
+            password: AUTH_PASSWORD.to_owned(),
+        };
+        let auth = Registry::start(
+            &self.sh,
+            "auth",
+            &self.dir.join("registry-auth"),
+            Some(creds.clone()),
+            &logs.join("registry-auth.log"),
+        )?;
+        self.registries.push(auth);
+        bail_if_interrupted()?;
+
+        let hosts: Vec<String> = self.registries.iter().map(|r| r.host.clone()).collect();
+        self.podman.write_config(&hosts)?;
+        self.podman_service = Some(self.podman.start_service(&self.sh, &logs.join("podman-service.log"))?);
+        bail_if_interrupted()?;
+
+        let [plain, auth] = &self.registries[..] else {
+            bail!("expected two registries, have {}", self.registries.len());
+        };
+        let images = images::build_and_publish(&self.sh, &self.podman, &self.dir.join("images"), plain, auth)?;
+        Ok(self.vars(plain, auth, &creds, &images))
+    }
+
+    fn vars(
+        &self,
+        plain: &Registry,
+        auth: &Registry,
+        creds: &Credentials,
+        images: &Published,
+    ) -> BTreeMap<String, String> {
+        let path = |p: &Path| p.display().to_string();
+        BTreeMap::from([
+            ("ARCHY_TEST_ENGINE".into(), path(&self.podman.socket)),
+            ("ARCHY_TEST_REGISTRY".into(), plain.host.clone()),
+            ("ARCHY_TEST_AUTH_REGISTRY".into(), auth.host.clone()),
+            ("ARCHY_TEST_AUTH_USER".into(), creds.user.clone()),
+            ("ARCHY_TEST_AUTH_PASSWORD".into(), creds.password.clone()),
+            ("ARCHY_TEST_IMAGE".into(), images.v1.to_string()),
+            ("ARCHY_TEST_IMAGE_V2".into(), images.v2.to_string()),
+            ("ARCHY_TEST_AUTH_IMAGE".into(), images.v1_auth.to_string()),
+            ("ARCHY_TEST_PODMAN_ARGS".into(), self.podman.global_args().join(" ")),
+            ("ARCHY_TEST_CONTAINERS_CONF".into(), path(&self.podman.containers_conf)),
+            ("ARCHY_TEST_REGISTRIES_CONF".into(), path(&self.podman.registries_conf)),
+            ("ARCHY_TEST_STORAGE_CONF".into(), path(&self.podman.storage_conf)),
+            ("ARCHY_TEST_REGISTRY_DATA".into(), path(&plain.data_dir)),
+        ])
+    }
+
+    /// Stops everything and deletes the directory. Returns what was not
+    /// clean: a process that had to be killed, a mount left behind, a step
+    /// that failed. Never gives up half-way.
+    fn teardown(&mut self) -> Vec<String> {
+        self.torn_down = true;
+        let mut problems = Vec::new();
+        let storage_exists = self.podman.root.exists();
+        if storage_exists && self.podman.containers_conf.exists() {
+            if let Err(e) = capture(self.podman.cmd(&self.sh).args(crate::podman::REMOVE_ALL_CONTAINERS)) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        let services = self
+            .podman_service
+            .iter_mut()
+            .chain(self.registries.iter_mut().map(|r| &mut r.service));
+        for service in services {
+            if let Err(e) = service.stop(STOP_GRACE) {
+                problems.push(format!("stopping {}: {e:#}", service.name()));
+            }
+        }
+        // Conmon and podman's cleanup helpers run outside our process groups.
+        problems.extend(procs::reap_leftovers(&self.dir));
+        if storage_exists && self.podman.containers_conf.exists() {
+            if let Err(e) = capture(self.podman.cmd(&self.sh).args(crate::podman::RESET_STORAGE)) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        for mount in procs::mounts_under(&self.dir) {
+            problems.push(format!("unmounting leftover mount {}", mount.display()));
+            if let Err(e) = capture(cmd!(self.sh, "umount {mount}")) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("removing {}: {e}", self.dir.display()));
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        eprintln!("xtask: tearing down the test services in {}", self.dir.display());
+        for problem in self.teardown() {
+            eprintln!("xtask: teardown: {problem}");
+        }
+    }
+}
+
+/// Tears down what runs killed outright (SIGKILL, a lost machine) left in
+/// the temporary directory: their pid is gone, their services may not be.
+fn clean_up_stale_runs() {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if procs::pid_alive(pid) {
+            continue;
+        }
+        let dir = entry.path();
+        eprintln!(
+            "xtask: cleaning up {} left by an earlier run that did not finish",
+            dir.display()
+        );
+        match TestEnv::adopt(&dir) {
+            Ok(mut stale) => {
+                for note in stale.teardown() {
+                    eprintln!("xtask:   {note}");
+                }
+            }
+            Err(e) => eprintln!("xtask:   {e:#}"),
+        }
+    }
+}
+
+fn write_env_json(root: &Path, vars: &BTreeMap<String, String>) -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let dir = target.join("test-env");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("env.json");
+    let text = serde_json::to_string_pretty(vars).context("serialising the test environment")?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

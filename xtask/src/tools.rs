@@ -1,0 +1,258 @@
+//! Host tools the stages need, and installing the missing ones from Debian.
+//!
+//! A fresh CI machine has none of them, so `cargo xtask test` installs what
+//! is missing (as root) instead of assuming a prepared machine.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use xshell::{cmd, Shell};
+
+/// How to tell whether a tool is installed.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// An executable of this name on PATH (or in the sbin directories,
+    /// which a non-login root shell may lack).
+    OnPath(&'static str),
+    /// An executable at this path: helpers that podman finds itself.
+    File(&'static str),
+    /// The Debian package itself, when the file alone proves nothing.
+    Package,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    pub name: &'static str,
+    pub package: &'static str,
+    probe: Probe,
+    why: &'static str,
+}
+
+const SBIN_DIRS: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// What `cargo xtask test` needs.
+pub const TEST_STAGE: &[Tool] = &[
+    Tool {
+        name: "podman",
+        package: "podman",
+        probe: Probe::OnPath("podman"),
+        why: "the container engine whose Docker-compatible API the agent drives",
+    },
+    Tool {
+        name: "runc",
+        package: "runc",
+        probe: Probe::OnPath("runc"),
+        why: "OCI runtime (crun fails on this kind of machine: hybrid cgroups)",
+    },
+    Tool {
+        name: "netavark",
+        package: "netavark",
+        probe: Probe::File("/usr/lib/podman/netavark"),
+        why: "podman's network backend; without recommends apt may pick CNI instead",
+    },
+    Tool {
+        name: "aardvark-dns",
+        package: "aardvark-dns",
+        probe: Probe::File("/usr/lib/podman/aardvark-dns"),
+        why: "DNS between containers on a podman network",
+    },
+    Tool {
+        name: "iptables",
+        package: "iptables",
+        probe: Probe::OnPath("iptables"),
+        why: "netavark sets up bridge NAT and port publishing with it",
+    },
+    Tool {
+        name: "docker-registry",
+        package: "docker-registry",
+        probe: Probe::OnPath("docker-registry"),
+        why: "the loopback OCI registries the tests pull from",
+    },
+    Tool {
+        name: "skopeo",
+        package: "skopeo",
+        probe: Probe::OnPath("skopeo"),
+        why: "copies test images between registries, keeping their digests",
+    },
+    Tool {
+        name: "htpasswd",
+        package: "apache2-utils",
+        probe: Probe::OnPath("htpasswd"),
+        why: "the password file of the registry with basic auth",
+    },
+    Tool {
+        name: "busybox",
+        package: "busybox-static",
+        // The dynamically linked `busybox` package puts a binary at the same
+        // path that would not run inside an image without a libc.
+        probe: Probe::Package,
+        why: "the statically linked userland of the test images",
+    },
+];
+
+/// Where the test images take their busybox from (package busybox-static).
+pub const STATIC_BUSYBOX: &str = "/bin/busybox";
+
+const APT_INSTALL_FLAGS: &[&str] = &["install", "-y", "--no-install-recommends"];
+const APT_LISTS_DIR: &str = "/var/lib/apt/lists";
+
+impl Tool {
+    pub fn is_present(&self, sh: &Shell) -> bool {
+        match self.probe {
+            Probe::OnPath(name) => find_on_path(name).is_some(),
+            Probe::File(path) => Path::new(path).is_file(),
+            Probe::Package => package_installed(sh, self.package),
+        }
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SBIN_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn package_installed(sh: &Shell, package: &str) -> bool {
+    let format = "-f=${db:Status-Abbrev}";
+    let status = cmd!(sh, "dpkg-query -W {format} {package}")
+        .quiet()
+        .ignore_stderr()
+        .read();
+    // "ii " is installed; "rc " (removed, config left) and errors are not.
+    matches!(status, Ok(s) if s.starts_with("ii"))
+}
+
+pub fn missing<'a>(sh: &Shell, tools: &'a [Tool]) -> Vec<&'a Tool> {
+    tools.iter().filter(|t| !t.is_present(sh)).collect()
+}
+
+fn packages_of(tools: &[&Tool]) -> Vec<&'static str> {
+    let mut packages: Vec<&'static str> = tools.iter().map(|t| t.package).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    packages
+}
+
+pub fn apt_install_line(packages: &[&str]) -> String {
+    format!("apt-get {} {}", APT_INSTALL_FLAGS.join(" "), packages.join(" "))
+}
+
+/// Installs whatever `tools` lack, or fails with the command to run when
+/// not root.
+pub fn ensure(sh: &Shell, tools: &[Tool]) -> anyhow::Result<()> {
+    let missing = missing(sh, tools);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages = packages_of(&missing);
+    let names: Vec<&str> = missing.iter().map(|t| t.name).collect();
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "missing host tools: {}; install them as root with: {}",
+            names.join(", "),
+            apt_install_line(&packages)
+        );
+    }
+    eprintln!(
+        "xtask: installing missing host tools ({}): {}",
+        names.join(", "),
+        apt_install_line(&packages)
+    );
+    if !apt_lists_present() {
+        apt_update(sh)?;
+    }
+    if let Err(first) = apt_install(sh, &packages) {
+        eprintln!("xtask: apt-get install failed ({first:#}); updating the package lists and retrying");
+        apt_update(sh)?;
+        apt_install(sh, &packages)?;
+    }
+    let still_missing: Vec<&str> = self::missing(sh, tools).iter().map(|t| t.name).collect();
+    if !still_missing.is_empty() {
+        bail!(
+            "after installing {}, these tools are still missing: {}",
+            packages.join(" "),
+            still_missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn apt_lists_present() -> bool {
+    std::fs::read_dir(APT_LISTS_DIR)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
+        .unwrap_or(false)
+}
+
+fn apt_update(sh: &Shell) -> anyhow::Result<()> {
+    cmd!(sh, "apt-get update")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+        .context("running apt-get update")
+}
+
+fn apt_install(sh: &Shell, packages: &[&str]) -> anyhow::Result<()> {
+    cmd!(sh, "apt-get {APT_INSTALL_FLAGS...} {packages...}")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()
+        .with_context(|| format!("installing {}", packages.join(" ")))
+}
+
+/// `cargo xtask doctor`: exit status 0 when every tool is present.
+pub fn doctor() -> ExitCode {
+    let sh = match Shell::new() {
+        Ok(sh) => sh,
+        Err(e) => {
+            eprintln!("error: creating a shell: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stages: &[(&str, &[Tool])] = &[("test (cargo xtask test)", TEST_STAGE)];
+    let mut all_missing = Vec::new();
+    for (stage, tools) in stages {
+        println!("stage {stage}:");
+        println!("  {:<8} {:<16} {:<16} why", "status", "tool", "package");
+        for tool in *tools {
+            let present = tool.is_present(&sh);
+            if !present {
+                all_missing.push(tool);
+            }
+            println!(
+                "  {:<8} {:<16} {:<16} {}",
+                if present { "ok" } else { "MISSING" },
+                tool.name,
+                tool.package,
+                tool.why
+            );
+        }
+    }
+    if all_missing.is_empty() {
+        println!("all host tools are present");
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "install what is missing with:\n  {}",
+            apt_install_line(&packages_of(&all_missing))
+        );
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_line_names_each_package_once_in_order() {
+        let tools: Vec<&Tool> = TEST_STAGE.iter().filter(|t| t.name != "podman").collect();
+        let line = apt_install_line(&packages_of(&tools));
+        assert!(line.starts_with("apt-get install -y --no-install-recommends aardvark-dns apache2-utils "));
+        assert!(!line.contains(" podman"));
+    }
+}
