@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::manifest::{self, LoadOptions, Naming};
+use crate::registry;
 
 /// Default location of the engine's API socket (rootful podman).
 pub const DEFAULT_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
@@ -47,6 +48,36 @@ pub struct GlobalOpts {
 pub enum Command {
     /// Check every manifest in the apps folder and print what loaded and every error.
     Validate,
+    /// Manage the registries images are pulled from, in priority order.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+}
+
+/// `archy-agent registry …`; the list lives in `<data>/config/registries.json`.
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// List the registries in the order they are tried; never shows a password.
+    List,
+    /// Add a registry: a mirror, a fallback, or a login for an image's own registry.
+    Add {
+        /// A name for the entry: lowercase letters, digits, '.', '_' and '-'.
+        name: String,
+        /// `https://host[:port]`; `http://` only for loopback hosts.
+        url: String,
+        /// Lower is tried first; an image's own registry counts as 100.
+        #[arg(long, default_value_t = registry::DEFAULT_PRIORITY, allow_negative_numbers = true)]
+        priority: i32,
+        /// Login name; the password is read from standard input.
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the password from standard input (one trailing newline is dropped).
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+    },
+    /// Remove a registry by name.
+    Remove { name: String },
+    /// Check reachability, login and latency of one registry or all of them.
+    Test { name: Option<String> },
 }
 
 /// Runs the command line and maps the outcome to an exit status. Errors
@@ -65,6 +96,32 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.global),
+        Command::Registry(cmd) => registry_command(cmd, &cli.global),
+    }
+}
+
+fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let (data, json, out) = (&global.data, global.json, &mut std::io::stdout().lock());
+    match cmd {
+        RegistryCommand::List => registry::commands::list(data, json, out),
+        RegistryCommand::Add {
+            name,
+            url,
+            priority,
+            username,
+            password_stdin,
+        } => {
+            let args = registry::commands::AddArgs {
+                name,
+                url,
+                priority,
+                username,
+                password_stdin,
+            };
+            registry::commands::add(data, &args, &mut std::io::stdin().lock(), json, out)
+        }
+        RegistryCommand::Remove { name } => registry::commands::remove(data, &name, json, out),
+        RegistryCommand::Test { name } => registry::commands::test(data, name.as_deref(), json, out),
     }
 }
 
