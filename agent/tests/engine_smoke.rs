@@ -5,13 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use archy_agent::engine::{ContainerSpec, ContainerStatus, Engine, EngineError};
+use archy_agent::engine::{ContainerStatus, Engine, EngineError};
 use archy_agent::manifest::PinnedImage;
 
 async fn connect(env: &common::TestEnv) -> Engine {
-    Engine::connect(&env.engine_socket)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e:#?}", env.engine_socket.display()))
+    common::engine(env).await
 }
 
 #[tokio::test]
@@ -44,11 +42,11 @@ async fn container_lifecycle_through_bollard_with_image_pulled_by_digest() {
         env.image.by_digest()
     );
 
-    let name = common::unique_name("lifecycle");
-    let spec = ContainerSpec::new(env.image.clone())
-        .cmd(["sleep", "300"])
-        .label("archy.test", "engine_smoke");
-    let id = engine.create_container(&name, &spec).await.expect("create");
+    let mut cleanup = common::Cleanup::new(&env);
+    let name = cleanup.container("lifecycle");
+    let mut spec = common::spec(&env, &name, &["sleep", "300"]);
+    spec.labels.insert("archy.test".into(), "engine_smoke".into());
+    let id = engine.create(&spec).await.expect("create");
 
     let created = engine.inspect(&name).await.expect("inspect after create");
     assert_eq!(created.id, id);
@@ -84,10 +82,11 @@ async fn removing_a_running_container_is_a_conflict_until_forced() {
     let env = common::env();
     let engine = connect(&env).await;
     engine.pull(&env.image, None).await.expect("pull");
-    let name = common::unique_name("conflict");
-    let spec = ContainerSpec::new(env.image.clone()).cmd(["sleep", "300"]);
-    engine.create_container(&name, &spec).await.expect("create");
-    match engine.create_container(&name, &spec).await {
+    let mut cleanup = common::Cleanup::new(&env);
+    let name = cleanup.container("conflict");
+    let spec = common::spec(&env, &name, &["sleep", "300"]);
+    engine.create(&spec).await.expect("create");
+    match engine.create(&spec).await {
         Err(EngineError::Conflict { what, .. }) => assert!(what.contains(&name), "{what}"),
         other => panic!("expected Conflict for a second container named {name}, got {other:?}"),
     }

@@ -1,10 +1,17 @@
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
 
+/// The cause behind a transport or client failure: bollard's, or the raw
+/// client's (hyper, I/O).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// What went wrong talking to the engine, sorted by what a caller does
 /// about it: retry later (`Unreachable`), create or pull (`NotFound`),
-/// adopt or rename (`Conflict`), report (`PullFailed`, `Api`, `Client`).
+/// adopt or rename (`Conflict`), fix the input (`HostPathMissing`,
+/// `InvalidSpec`, `BuildFailed`, `BuildContext`, `NetworkWithoutDns`),
+/// report (`PullFailed`, `ExecTimeout`, `Api`, `Decode`, `Client`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// No engine answers on the socket: not started, wrong path, hung.
@@ -12,9 +19,9 @@ pub enum EngineError {
     Unreachable {
         socket: PathBuf,
         #[source]
-        source: BollardError,
+        source: BoxError,
     },
-    /// The container or image does not exist (HTTP 404).
+    /// The container, image or network does not exist (HTTP 404).
     #[error("{what} not found")]
     NotFound { what: String },
     /// The request clashes with the current state (HTTP 409), such as a
@@ -25,12 +32,47 @@ pub enum EngineError {
     /// manifest, refused credentials, unreachable registry, bad digest.
     #[error("pulling {image} failed: {message}")]
     PullFailed { image: String, message: String },
+    /// A host path the container would bind-mount does not exist. Podman
+    /// would silently create it as an empty root-owned folder, even where
+    /// a secret file belongs, so the engine module refuses first.
+    #[error("container {container}: host path {} does not exist", path.display())]
+    HostPathMissing { container: String, path: PathBuf },
+    /// The spec says something the engine API cannot express faithfully.
+    #[error("container {container}: {message}")]
+    InvalidSpec { container: String, message: String },
+    /// An exec did not finish in time. Its process may still run in the
+    /// container: the API has no way to kill it.
+    #[error("exec in container {container} did not finish within {}", humantime::format_duration(*timeout))]
+    ExecTimeout { container: String, timeout: Duration },
+    /// The engine refused or failed the build (bad Containerfile, failing
+    /// `RUN`, missing base image).
+    #[error("building {tag} from {} failed: {message}", context.display())]
+    BuildFailed {
+        context: PathBuf,
+        tag: String,
+        message: String,
+    },
+    /// The build context could not be read or packed.
+    #[error("cannot pack the build context {}", context.display())]
+    BuildContext {
+        context: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The network exists but has DNS off (Podman's default `podman`
+    /// network, or one created with `--disable-dns`): apps on it could not
+    /// reach each other by name.
+    #[error("network {network} exists without DNS, so containers on it cannot find each other by name")]
+    NetworkWithoutDns { network: String },
     /// Any other refusal by the engine, with its HTTP status.
     #[error("the engine refused the request (HTTP {status}): {message}")]
     Api { status: u16, message: String },
+    /// An answer that is not the JSON it should be.
+    #[error("cannot decode the engine's answer about {what}: {message}")]
+    Decode { what: String, message: String },
     /// The client side failed: an answer that does not decode, a bad request.
     #[error("engine client error")]
-    Client(#[source] BollardError),
+    Client(#[source] BoxError),
 }
 
 impl EngineError {
@@ -39,27 +81,27 @@ impl EngineError {
     /// `NotFound` and `Conflict`.
     pub(crate) fn classify(err: BollardError, socket: Option<&Path>, what: impl FnOnce() -> String) -> EngineError {
         match err {
-            BollardError::DockerResponseServerError { status_code: 404, .. } => EngineError::NotFound { what: what() },
-            BollardError::DockerResponseServerError {
-                status_code: 409,
-                message,
-            } => EngineError::Conflict { what: what(), message },
-            BollardError::DockerResponseServerError {
-                status_code: 500,
-                message,
-            } if is_podman_conflict(&message) => EngineError::Conflict { what: what(), message },
-            BollardError::DockerResponseServerError { status_code, message } => EngineError::Api {
-                status: status_code,
-                message,
-            },
+            BollardError::DockerResponseServerError { status_code, message } => {
+                EngineError::from_status(status_code, message, what)
+            }
             err if is_transport(&err) => match socket {
                 Some(socket) => EngineError::Unreachable {
                     socket: socket.to_path_buf(),
-                    source: err,
+                    source: Box::new(err),
                 },
-                None => EngineError::Client(err),
+                None => EngineError::Client(Box::new(err)),
             },
-            err => EngineError::Client(err),
+            err => EngineError::Client(Box::new(err)),
+        }
+    }
+
+    /// Sorts an HTTP refusal, whichever client received it.
+    pub(crate) fn from_status(status: u16, message: String, what: impl FnOnce() -> String) -> EngineError {
+        match status {
+            404 => EngineError::NotFound { what: what() },
+            409 => EngineError::Conflict { what: what(), message },
+            500 if is_podman_conflict(&message) => EngineError::Conflict { what: what(), message },
+            status => EngineError::Api { status, message },
         }
     }
 }
@@ -78,10 +120,12 @@ impl From<BollardError> for EngineError {
 
 /// Podman 4.3 reports these state clashes as 500 where Docker uses 409.
 const PODMAN_CONFLICT_MESSAGES: &[&str] = &[
-    // creating a container under a name in use
+    // creating a container under a name in use, renaming onto one
     "is already in use",
     // removing a running container without force, and similar
     "container state improper",
+    // creating a network under a name in use
+    "network already exists",
 ];
 
 fn is_podman_conflict(message: &str) -> bool {
@@ -137,6 +181,12 @@ mod tests {
             500,
             "cannot remove container x as it is running: container state improper",
         ));
+        assert!(matches!(e, EngineError::Conflict { .. }), "{e:?}");
+        let e = EngineError::from_status(
+            500,
+            "network name n already used: network already exists".into(),
+            || "network n".into(),
+        );
         assert!(matches!(e, EngineError::Conflict { .. }), "{e:?}");
         let e = EngineError::from(server(500, "boom"));
         assert!(matches!(e, EngineError::Api { status: 500, .. }), "{e:?}");
