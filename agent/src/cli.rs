@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::Engine;
 use crate::manifest::{self, LoadOptions, Naming};
+use crate::orchestrator::commands::AppOp;
+use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig};
 use crate::registry;
 
 /// Default location of the engine's API socket (rootful podman).
@@ -27,9 +30,9 @@ pub struct Cli {
 /// Options accepted before or after the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOpts {
-    /// Folder of app folders, each with a manifest.yml.
-    #[arg(long, global = true, env = "ARCHY_APPS", default_value = DEFAULT_APPS_DIR)]
-    pub apps: PathBuf,
+    /// Folder of app folders, each with a manifest.yml [default: /opt/archipelago/apps, or <data>/apps with --dev].
+    #[arg(long, global = true, env = "ARCHY_APPS")]
+    pub apps: Option<PathBuf>,
     /// Data root: app data, secrets and agent state.
     #[arg(long, global = true, env = "ARCHY_DATA", default_value = manifest::DEFAULT_DATA_ROOT)]
     pub data: PathBuf,
@@ -44,10 +47,54 @@ pub struct GlobalOpts {
     pub json: bool,
 }
 
+impl GlobalOpts {
+    /// The apps folder in force: the option, else dev's `<data>/apps`, else
+    /// the production default.
+    pub fn apps_dir(&self) -> PathBuf {
+        match (&self.apps, self.dev) {
+            (Some(dir), _) => dir.clone(),
+            (None, true) => DevOrchestrator::apps_dir(&self.data),
+            (None, false) => PathBuf::from(DEFAULT_APPS_DIR),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check every manifest in the apps folder and print what loaded and every error.
     Validate,
+    /// Get an app's image (pull by digest or build), create its container and start it.
+    Install {
+        /// The app id (required unless --manifest is given).
+        #[arg(required_unless_present = "manifest")]
+        app: Option<String>,
+        /// Install from this manifest file instead (dev mode only).
+        #[arg(long, conflicts_with = "app")]
+        manifest: Option<PathBuf>,
+    },
+    /// Start an installed app.
+    Start { app: String },
+    /// Stop an app, giving it its stop grace period.
+    Stop { app: String },
+    /// Stop and start an app.
+    Restart { app: String },
+    /// Remove an app's container; its data and secrets are kept.
+    Remove { app: String },
+    /// Replace an app's container with one from its current manifest, rolling back on failure.
+    Upgrade { app: String },
+    /// Show an app's state, health and versions (exit status 3 when not running).
+    Status { app: String },
+    /// Probe an app's health now (exit status 3 when not healthy).
+    Health { app: String },
+    /// Show every app's status.
+    List,
+    /// Print an app's logs.
+    Logs {
+        app: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
     /// Manage the registries images are pulled from, in priority order.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -97,7 +144,71 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.global),
         Command::Registry(cmd) => registry_command(cmd, &cli.global),
+        Command::Install {
+            app: None,
+            manifest: Some(path),
+        } => with_orchestrator(&cli.global, |orch, global| {
+            Box::pin(async move {
+                let r = orch.install_from_path(&path).await?;
+                let mut out = std::io::stdout().lock();
+                if global.json {
+                    serde_json::to_writer_pretty(&mut out, &r).context("cannot write JSON")?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(out, "{}: installed as {} (image {})", r.app, r.container, r.image_id)?;
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }),
+        command => {
+            let op = match command {
+                Command::Install { app, .. } => AppOp::Install(app.unwrap_or_default()),
+                Command::Start { app } => AppOp::Start(app),
+                Command::Stop { app } => AppOp::Stop(app),
+                Command::Restart { app } => AppOp::Restart(app),
+                Command::Remove { app } => AppOp::Remove(app),
+                Command::Upgrade { app } => AppOp::Upgrade(app),
+                Command::Status { app } => AppOp::Status(app),
+                Command::Health { app } => AppOp::Health(app),
+                Command::List => AppOp::List,
+                Command::Logs { app, tail } => AppOp::Logs { app, tail },
+                Command::Validate | Command::Registry(_) => unreachable!("handled above"),
+            };
+            with_orchestrator(&cli.global, |orch, global| {
+                Box::pin(async move {
+                    let mut out = Vec::new();
+                    let code = orchestrator::commands::run(orch, op, global.json, &mut out).await;
+                    std::io::stdout().lock().write_all(&out)?;
+                    code
+                })
+            })
+        }
     }
+}
+
+type OrchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ExitCode>> + 'a>>;
+
+/// Connects to the engine, opens the orchestrator for the mode in force,
+/// and runs `f` on a fresh runtime.
+fn with_orchestrator(
+    global: &GlobalOpts,
+    f: impl for<'a> FnOnce(&'a Orchestrator, &'a GlobalOpts) -> OrchFuture<'a>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let engine = Engine::connect(&global.engine).await?;
+        // The apps folder in force already follows the mode (see
+        // `apps_dir`), so one constructor serves prod and dev.
+        let orch = Orchestrator::new(
+            engine,
+            OrchestratorConfig {
+                apps_dir: global.apps_dir(),
+                data_root: global.data.clone(),
+                naming: naming(global),
+            },
+        );
+        f(&orch, global).await
+    })
 }
 
 fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
@@ -137,7 +248,7 @@ fn validate(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions {
         data_root: global.data.clone(),
     };
-    let mut report = manifest::load_dir(&global.apps, &opts);
+    let mut report = manifest::load_dir(&global.apps_dir(), &opts);
     let naming = naming(global);
     // Dev mode shifts host ports; an app whose ports would pass 65535 is
     // as unusable as an invalid one.
@@ -173,7 +284,7 @@ fn validate(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
             "{} app(s) valid, {} error(s) in {}",
             report.apps.len(),
             report.errors.len(),
-            global.apps.display()
+            global.apps_dir().display()
         )?;
         for e in &report.errors {
             writeln!(out, "error: {e}")?;

@@ -79,6 +79,9 @@ log_driver = "k8s-file"
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+# Exec sessions (health probes) keep a conmon waiting this many seconds
+# before cleaning up; the default 5 minutes outlives a test run.
+exit_command_delay = 1
 tmp_dir = "{tmp}"
 "#,
             tmp = self.tmp_dir.display()

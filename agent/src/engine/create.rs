@@ -15,8 +15,6 @@ use crate::spec::ContainerSpec;
 /// Every capability goes; the spec's `cap_add` come back.
 const DROP_ALL: &str = "ALL";
 const NO_NEW_PRIVILEGES: &str = "no-new-privileges";
-/// Published ports listen on every IPv4 address of the node.
-const PUBLISH_HOST_IP: &str = "0.0.0.0";
 
 /// The request body for `spec`. Pure: host paths are checked by
 /// [`check_host_paths`].
@@ -40,7 +38,11 @@ pub(crate) fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody> {
             .or_default()
             .get_or_insert_with(Vec::new)
             .push(PortBinding {
-                host_ip: Some(PUBLISH_HOST_IP.to_owned()),
+                // No host address: every address of the node, loopback
+                // included. Podman 4.3 turns an explicit "0.0.0.0" into a
+                // DNAT rule for destination 0.0.0.0/32 only, which no
+                // packet ever matches.
+                host_ip: None,
                 host_port: Some(p.host.to_string()),
             });
         if !exposed.contains(&key) {
@@ -258,7 +260,10 @@ mod tests {
         let bindings = body.host_config.and_then(|h| h.port_bindings).expect("bindings");
         let tcp = bindings.get("80/tcp").cloned().flatten().expect("80/tcp");
         assert_eq!(tcp[0].host_port.as_deref(), Some("18080"));
-        assert_eq!(tcp[0].host_ip.as_deref(), Some("0.0.0.0"));
+        assert_eq!(
+            tcp[0].host_ip, None,
+            "an explicit 0.0.0.0 publishes nowhere on Podman 4.3"
+        );
     }
 
     #[test]

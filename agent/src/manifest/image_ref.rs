@@ -80,6 +80,19 @@ impl fmt::Display for Digest {
 
 /// `[registry/]repository[:tag]@sha256:<hex>`: an image reference that
 /// cannot exist without its digest.
+///
+/// ```
+/// use archy_agent::manifest::{ImageRefError, PinnedImage};
+///
+/// let hex = "c991fd3d8b19614fa7309525e8ccb6c0a87464f8bf6bd4dff1479b493f7308f2";
+/// let pinned: PinnedImage = format!("docker.io/getumbrel/electrs:v0.10.10@sha256:{hex}").parse()?;
+/// assert_eq!(pinned.by_digest(), format!("docker.io/getumbrel/electrs@sha256:{hex}"));
+///
+/// // A tag alone can move, so it is not an image the agent will run.
+/// let tag_only = "docker.io/getumbrel/electrs:v0.10.10".parse::<PinnedImage>();
+/// assert_eq!(tag_only, Err(ImageRefError::NotPinned));
+/// # Ok::<(), ImageRefError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PinnedImage {

@@ -1,0 +1,155 @@
+//! `archy-agent install|start|stop|restart|remove|upgrade|status|health|list|logs`:
+//! what each prints. Argument parsing stays in `cli.rs`.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::{AppState, AppStatus, ContainerOrchestrator, HealthState};
+use crate::cli::write_table;
+
+/// One app operation from the command line.
+#[derive(Debug, Clone)]
+pub enum AppOp {
+    Install(String),
+    Start(String),
+    Stop(String),
+    Restart(String),
+    Remove(String),
+    Upgrade(String),
+    Status(String),
+    Health(String),
+    List,
+    Logs { app: String, tail: Option<usize> },
+}
+
+fn json_line(out: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value).context("cannot write JSON")?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn status_rows(list: &[AppStatus]) -> Vec<[String; 6]> {
+    list.iter()
+        .map(|s| {
+            [
+                s.app.clone(),
+                s.container.clone(),
+                match s.health {
+                    Some(h) => format!("{}/{h}", s.state),
+                    None => match (s.state, s.exit_code) {
+                        (AppState::Stopped | AppState::Killed | AppState::Crashed, Some(code)) => {
+                            format!("{} (exit {code})", s.state)
+                        }
+                        _ => s.state.to_string(),
+                    },
+                },
+                s.version.clone(),
+                s.running_version.clone().unwrap_or_else(|| "-".to_owned()),
+                if s.update_available || s.drifted { "yes" } else { "" }.to_owned(),
+            ]
+        })
+        .collect()
+}
+
+/// Runs `op` and prints its result. Returns a failing exit status when
+/// the app is not healthy (`health`) or not running (`status`), so
+/// scripts can branch on it.
+pub async fn run(
+    orch: &dyn ContainerOrchestrator,
+    op: AppOp,
+    json: bool,
+    out: &mut (impl Write + Send),
+) -> anyhow::Result<ExitCode> {
+    const STATUS_HEADER: [&str; 6] = ["APP", "CONTAINER", "STATE", "VERSION", "RUNNING", "UPDATE"];
+    match op {
+        AppOp::Install(app) => {
+            let r = orch.install(&app).await?;
+            if json {
+                json_line(out, &r)?;
+            } else {
+                for a in &r.attempts {
+                    writeln!(out, "pull: {a}")?;
+                }
+                let what = if r.created { "installed" } else { "already installed" };
+                writeln!(out, "{}: {what} as {} (image {})", r.app, r.container, r.image_id)?;
+            }
+        }
+        AppOp::Upgrade(app) => {
+            let r = orch.upgrade(&app).await?;
+            if json {
+                json_line(out, &r)?;
+            } else {
+                for a in &r.attempts {
+                    writeln!(out, "pull: {a}")?;
+                }
+                if r.replaced {
+                    writeln!(out, "{}: upgraded {} to image {}", r.app, r.container, r.to_image_id)?;
+                } else {
+                    writeln!(out, "{}: {} already matches its manifest", r.app, r.container)?;
+                }
+            }
+        }
+        AppOp::Start(ref app) | AppOp::Stop(ref app) | AppOp::Restart(ref app) | AppOp::Remove(ref app) => {
+            let done = match &op {
+                AppOp::Start(_) => orch.start(app).await.map(|()| "started"),
+                AppOp::Stop(_) => orch.stop(app).await.map(|()| "stopped"),
+                AppOp::Restart(_) => orch.restart(app).await.map(|()| "restarted"),
+                _ => orch.remove(app).await.map(|()| "removed (data kept)"),
+            }?;
+            let s = orch.status(app).await?;
+            if json {
+                json_line(out, &s)?;
+            } else {
+                writeln!(out, "{app}: {done}; now {}", s.state)?;
+            }
+        }
+        AppOp::Status(app) => {
+            let s = orch.status(&app).await?;
+            let running = s.state == AppState::Running;
+            if json {
+                json_line(out, &s)?;
+            } else {
+                write_table(out, STATUS_HEADER, &status_rows(std::slice::from_ref(&s)))?;
+            }
+            if !running {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        AppOp::List => {
+            let list = orch.list().await?;
+            if json {
+                json_line(out, &list)?;
+            } else {
+                write_table(out, STATUS_HEADER, &status_rows(&list))?;
+            }
+        }
+        AppOp::Health(app) => {
+            let h = orch.health(&app).await?;
+            if json {
+                json_line(out, &h)?;
+            } else {
+                let health = h.health.map_or("no health check".to_owned(), |x| x.to_string());
+                writeln!(out, "{}: {} ({health})", h.app, h.state)?;
+                if let Some(p) = &h.probe {
+                    writeln!(out, "probe {}: {} in {} ms", p.target, p.detail, p.elapsed_ms)?;
+                }
+            }
+            let ok = h.state == AppState::Running && matches!(h.health, None | Some(HealthState::Healthy));
+            if !ok {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        AppOp::Logs { app, tail } => {
+            let logs = orch.logs(&app, tail).await?;
+            if json {
+                json_line(out, &serde_json::json!({ "app": app, "logs": logs }))?;
+            } else {
+                out.write_all(logs.as_bytes())?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,405 @@
+//! Install and upgrade: getting the image, preparing folders and secrets,
+//! creating the container, and replacing it safely.
+
+use std::fmt;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
+use crate::engine::{EngineError, RegistryAuth};
+use crate::manifest::{ImageSource, Manifest, PinnedImage};
+use crate::registry::{candidates, RegistryStore};
+use crate::spec::{app_data_dir, build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
+
+/// How long one pull attempt may take before the next registry is tried.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One try at one registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PullAttempt {
+    /// The configured registry's name, or the image's own registry host.
+    pub registry: String,
+    pub reference: String,
+    /// `None` when the pull succeeded.
+    pub error: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+impl fmt::Display for PullAttempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.error {
+            None => write!(
+                f,
+                "{} ({}): ok in {} ms",
+                self.registry, self.reference, self.elapsed_ms
+            ),
+            Some(e) => write!(f, "{} ({}): {e}", self.registry, self.reference),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub app: String,
+    pub container: String,
+    /// The image reference the spec names (digest or local build tag).
+    pub image: String,
+    /// The image's config digest: the exact image the container runs.
+    pub image_id: String,
+    /// Every pull attempt, in order; empty when the image was already
+    /// present or was built.
+    pub attempts: Vec<PullAttempt>,
+    /// Whether the image was built from the app's context.
+    pub built: bool,
+    /// Whether a container was created (false: it existed with this spec).
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeReport {
+    pub app: String,
+    pub container: String,
+    pub from_image_id: Option<String>,
+    pub to_image_id: String,
+    pub attempts: Vec<PullAttempt>,
+    /// False when the container already matched the manifest.
+    pub replaced: bool,
+}
+
+/// The local tag an app's built image gets: content-addressed by its build
+/// context, so a changed context is a new image. `None` for pulled apps.
+pub(crate) fn built_tag(m: &Manifest) -> anyhow::Result<Option<String>> {
+    let ImageSource::Build { context, containerfile } = &m.image else {
+        return Ok(None);
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(containerfile.to_string_lossy().as_bytes());
+    hash_tree(context, context, &mut hasher)?;
+    let hex = format!("{:x}", hasher.finalize());
+    Ok(Some(build_tag(&m.id, &hex[..16])))
+}
+
+fn hash_tree(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .with_context(|| format!("cannot read build context {}", dir.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot list build context {}", dir.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update([0]);
+        let meta = fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+        if meta.is_dir() {
+            hash_tree(root, &path, hasher)?;
+        } else if meta.is_file() {
+            let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+        }
+    }
+    Ok(())
+}
+
+/// Numeric owner from a manifest `user` ("1000" or "1000:1000").
+fn owner(m: &Manifest) -> Option<(u32, u32)> {
+    let user = m.user.as_deref()?;
+    let (u, g) = user.split_once(':').unwrap_or((user, user));
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+/// Makes sure the app's image is in the engine's store and returns its
+/// config digest, with the pull attempts made.
+async fn ensure_image(
+    orch: &Orchestrator,
+    m: &Manifest,
+    spec: &ContainerSpec,
+) -> Result<(String, Vec<PullAttempt>, bool)> {
+    let app = m.id.as_str();
+    match &m.image {
+        ImageSource::Build { context, containerfile } => {
+            if let Ok(info) = orch.engine.inspect_image_ref(&spec.image).await {
+                return Ok((info.id, Vec::new(), false));
+            }
+            tracing::info!(app, context = %context.display(), tag = %spec.image, "building image");
+            let info = orch
+                .engine
+                .build_image(context, containerfile, &spec.image)
+                .await
+                .map_err(Orchestrator::engine_err(app))?;
+            Ok((info.id, Vec::new(), true))
+        }
+        ImageSource::Pinned(image) => {
+            let (id, attempts) = pull_with_fallback(orch, app, image).await?;
+            Ok((id, attempts, false))
+        }
+    }
+}
+
+/// Pulls `image` from the first registry that has it, in priority order.
+/// Any failure (unreachable, timeout, unknown, refused credentials, content
+/// that does not match the digest) falls through to the next candidate.
+async fn pull_with_fallback(orch: &Orchestrator, app: &str, image: &PinnedImage) -> Result<(String, Vec<PullAttempt>)> {
+    let store = RegistryStore::open(&orch.config.data_root)
+        .with_context(|| format!("cannot read the registries list for {app}"))?;
+    let cands = candidates(image, store.registries());
+    // Already present under any candidate's name: nothing to pull.
+    for c in &cands {
+        if let Ok(info) = orch.engine.inspect_image(&c.image).await {
+            if pinned_matches(&info.repo_digests, image) {
+                return Ok((info.id, Vec::new()));
+            }
+        }
+    }
+    let mut attempts = Vec::new();
+    for c in cands {
+        let registry = c.registry.clone().unwrap_or_else(|| c.image.registry().to_owned());
+        let auth = c.credentials.as_ref().map(|cr| RegistryAuth {
+            username: cr.username().to_owned(),
+            password: cr.password().to_owned(),
+        });
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(PULL_TIMEOUT, orch.engine.pull(&c.image, auth.as_ref())).await {
+            Err(_) => Err(format!("timed out after {}s", PULL_TIMEOUT.as_secs())),
+            Ok(Err(e)) => Err(format!("{:#}", anyhow::Error::from(e))),
+            Ok(Ok(info)) if pinned_matches(&info.repo_digests, image) => Ok(info.id),
+            Ok(Ok(info)) => {
+                // Never keep what we did not ask for.
+                let _ = orch.engine.remove_image(&c.image).await;
+                Err(format!(
+                    "content does not match the pinned digest {} (got {})",
+                    image.digest(),
+                    info.repo_digests.join(", ")
+                ))
+            }
+        };
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let reference = c.image.by_digest();
+        match outcome {
+            Ok(id) => {
+                tracing::info!(app, registry, reference, elapsed_ms, "pulled image");
+                attempts.push(PullAttempt {
+                    registry,
+                    reference,
+                    error: None,
+                    elapsed_ms,
+                });
+                return Ok((id, attempts));
+            }
+            Err(error) => {
+                tracing::warn!(app, registry, reference, error, "pull failed, trying the next registry");
+                attempts.push(PullAttempt {
+                    registry,
+                    reference,
+                    error: Some(error),
+                    elapsed_ms,
+                });
+            }
+        }
+    }
+    Err(OrchestratorError::PullFailed {
+        app: app.to_owned(),
+        image: image.to_string(),
+        attempts,
+    })
+}
+
+fn pinned_matches(repo_digests: &[String], image: &PinnedImage) -> bool {
+    let want = format!("@{}", image.digest());
+    repo_digests.iter().any(|d| d.ends_with(&want))
+}
+
+/// Creates the app's folders (owned by its user) and its secrets.
+fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
+    let owner = owner(m);
+    let app_dir = app_data_dir(&orch.config.data_root, &m.id);
+    for mount in &spec.mounts {
+        let created = !mount.host.exists();
+        fs::create_dir_all(&mount.host)
+            .with_context(|| format!("cannot create volume folder {} for {}", mount.host.display(), m.id))?;
+        // Only folders of the app's own data follow its user; another
+        // app's folder mounted here keeps its owner.
+        if let (Some((uid, gid)), true) = (owner, mount.host.starts_with(&app_dir)) {
+            if created
+                || fs::metadata(&mount.host)
+                    .map(|md| std::os::unix::fs::MetadataExt::uid(&md) != uid)
+                    .unwrap_or(false)
+            {
+                std::os::unix::fs::chown(&mount.host, Some(uid), Some(gid))
+                    .with_context(|| format!("cannot give {} to uid {uid}", mount.host.display()))?;
+            }
+        }
+    }
+    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, owner)?;
+    Ok(())
+}
+
+/// Creates and starts the container from `spec`, running image `image_id`.
+async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, image_id: &str) -> Result<()> {
+    orch.engine
+        .ensure_network(&spec.network)
+        .await
+        .map_err(Orchestrator::engine_err(app))?;
+    // Created from the image's config digest: exact, whichever registry
+    // or mirror it came from. The labels keep the spec's own reference.
+    let mut exact = spec.clone();
+    exact.image = image_id.to_owned();
+    orch.engine
+        .create(&exact)
+        .await
+        .map_err(Orchestrator::engine_err(app))?;
+    orch.engine
+        .start(&spec.name)
+        .await
+        .map_err(Orchestrator::engine_err(app))
+}
+
+pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<InstallReport> {
+    let app = m.id.as_str();
+    let spec = orch.spec(m)?;
+    let (image_id, attempts, built) = ensure_image(orch, m, &spec).await?;
+    let mut report = InstallReport {
+        app: app.to_owned(),
+        container: spec.name.clone(),
+        image: spec.image.clone(),
+        image_id: image_id.clone(),
+        attempts,
+        built,
+        created: false,
+    };
+    if let Some(existing) = orch.inspect(app, &spec.name).await? {
+        let same = existing.labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
+            && existing.labels.get(LABEL_SPEC_HASH) == spec.labels.get(LABEL_SPEC_HASH);
+        if !same {
+            return Err(OrchestratorError::AlreadyExists {
+                app: app.to_owned(),
+                container: spec.name,
+            });
+        }
+        prepare_host(orch, m, &spec)?;
+        orch.engine
+            .start(&spec.name)
+            .await
+            .map_err(Orchestrator::engine_err(app))?;
+        return Ok(report);
+    }
+    prepare_host(orch, m, &spec)?;
+    create_and_start(orch, app, &spec, &image_id).await?;
+    tracing::info!(app, container = %spec.name, image = %spec.image, "installed");
+    report.created = true;
+    Ok(report)
+}
+
+pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<UpgradeReport> {
+    let app = m.id.as_str();
+    let spec = orch.spec(m)?;
+    let backup = format!("{}{BACKUP_SUFFIX}", spec.name);
+
+    // 1. The new image first, while the old container keeps running.
+    let (image_id, attempts, _) = ensure_image(orch, m, &spec).await?;
+
+    // An earlier upgrade may have been interrupted: put things back first.
+    let current = orch.inspect(app, &spec.name).await?;
+    let stale = orch.inspect(app, &backup).await?;
+    match (&current, &stale) {
+        (None, Some(_)) => {
+            tracing::warn!(app, backup, "restoring the backup of an interrupted upgrade");
+            orch.engine
+                .rename(&backup, &spec.name)
+                .await
+                .map_err(Orchestrator::engine_err(app))?;
+            orch.engine
+                .start(&spec.name)
+                .await
+                .map_err(Orchestrator::engine_err(app))?;
+        }
+        (Some(_), Some(_)) => {
+            tracing::warn!(app, backup, "removing the backup left by an interrupted upgrade");
+            orch.engine
+                .force_remove(&backup)
+                .await
+                .map_err(Orchestrator::engine_err(app))?;
+        }
+        _ => {}
+    }
+    let Some(old) = orch.inspect(app, &spec.name).await? else {
+        let r = install(orch, m).await?;
+        return Ok(UpgradeReport {
+            app: r.app,
+            container: r.container,
+            from_image_id: None,
+            to_image_id: r.image_id,
+            attempts,
+            replaced: true,
+        });
+    };
+    let mut report = UpgradeReport {
+        app: app.to_owned(),
+        container: spec.name.clone(),
+        from_image_id: Some(old.image_id.clone()),
+        to_image_id: image_id.clone(),
+        attempts,
+        replaced: false,
+    };
+    if old.labels.get(LABEL_SPEC_HASH) == spec.labels.get(LABEL_SPEC_HASH) && old.image_id == image_id {
+        return Ok(report);
+    }
+    prepare_host(orch, m, &spec)?;
+
+    // 2. Stop the old container and keep it as the backup.
+    orch.engine
+        .stop(&spec.name, spec.stop_grace_period)
+        .await
+        .map_err(Orchestrator::engine_err(app))?;
+    orch.engine
+        .rename(&spec.name, &backup)
+        .await
+        .map_err(Orchestrator::engine_err(app))?;
+
+    // 3. Create and start the new one, and wait for it to be healthy.
+    let outcome = match create_and_start(orch, app, &spec, &image_id).await {
+        Ok(()) => orch.wait_healthy(m).await,
+        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+    };
+    match outcome {
+        Ok(()) => {
+            // 4. Remove the backup.
+            orch.engine
+                .force_remove(&backup)
+                .await
+                .map_err(Orchestrator::engine_err(app))?;
+            tracing::info!(app, container = %spec.name, image_id, "upgraded");
+            report.replaced = true;
+            Ok(report)
+        }
+        Err(reason) => {
+            tracing::error!(app, reason, "upgrade failed, restoring the previous container");
+            let restored = rollback(orch, &spec.name, &backup).await;
+            if let Err(e) = &restored {
+                tracing::error!(app, error = %format!("{e:#}"), "rollback failed");
+            }
+            Err(OrchestratorError::UpgradeFailed {
+                app: app.to_owned(),
+                reason,
+                rolled_back: restored.is_ok(),
+            })
+        }
+    }
+}
+
+/// Puts the backup back in place and starts it. Data folders are never
+/// touched on either path: they live on the host, not in the containers.
+async fn rollback(orch: &Orchestrator, name: &str, backup: &str) -> Result<(), EngineError> {
+    match orch.engine.force_remove(name).await {
+        Ok(()) | Err(EngineError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    orch.engine.rename(backup, name).await?;
+    orch.engine.start(name).await
+}

@@ -1,0 +1,463 @@
+//! The container orchestrator: everything the agent does to containers,
+//! keyed by app id, behind one trait.
+//!
+//! Effects go through [`Engine`]; what a container should look like comes
+//! from [`ContainerSpec::from_manifest`], the one place that decides it.
+//! Every mutating operation holds its app's lock ([`locks::AppLocks`]).
+
+pub mod commands;
+mod health;
+mod install;
+mod locks;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineError};
+use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
+use crate::spec::ContainerSpec;
+
+pub use health::{http_url, probe_address, ProbeResult};
+pub use install::{InstallReport, PullAttempt, UpgradeReport};
+pub use locks::AppLocks;
+pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
+
+/// Suffix of the stopped container an upgrade keeps until the new one is
+/// healthy.
+pub const BACKUP_SUFFIX: &str = "-archy-backup";
+
+/// Errors callers act on. Anything else is `Other`, with its context.
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error("unknown app {app:?}; known apps: [{}]", known.join(", "))]
+    UnknownApp { app: String, known: Vec<String> },
+    #[error("installing from a manifest path is allowed in dev mode only (--dev)")]
+    DevOnly,
+    #[error("{app}: no registry could provide {image}:\n{}", attempts.iter().map(|a| format!("  - {a}")).collect::<Vec<_>>().join("\n"))]
+    PullFailed {
+        app: String,
+        image: String,
+        attempts: Vec<PullAttempt>,
+    },
+    #[error("{app}: container {container} already exists with another spec; use `upgrade` to replace it")]
+    AlreadyExists { app: String, container: String },
+    #[error("{app}: {container} is not installed")]
+    NotInstalled { app: String, container: String },
+    #[error("{app}: upgrade failed ({reason}); {}", if *rolled_back { "the previous container was restored and runs again" } else { "the previous container could NOT be restored" })]
+    UpgradeFailed {
+        app: String,
+        reason: String,
+        rolled_back: bool,
+    },
+    #[error(transparent)]
+    Naming(#[from] NamingError),
+    #[error("{app}: engine request failed")]
+    Engine {
+        app: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
+
+/// A probe's result for `health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    pub app: String,
+    pub container: String,
+    pub state: AppState,
+    /// `None` when the app declares no health check or is not running.
+    pub health: Option<HealthState>,
+    pub probe: Option<ProbeResult>,
+}
+
+/// Everything the agent does to an app's container.
+#[async_trait]
+pub trait ContainerOrchestrator: Send + Sync {
+    /// Gets the image (pull by digest with fallback, or build), creates the
+    /// network, folders and secrets, and creates and starts the container.
+    async fn install(&self, app: &str) -> Result<InstallReport>;
+    async fn start(&self, app: &str) -> Result<()>;
+    async fn stop(&self, app: &str) -> Result<()>;
+    async fn restart(&self, app: &str) -> Result<()>;
+    /// Removes the container. Data folders and secrets are kept.
+    async fn remove(&self, app: &str) -> Result<()>;
+    /// Replaces the container with one from the current manifest, keeping
+    /// the old one until the new one is healthy, and restoring it otherwise.
+    async fn upgrade(&self, app: &str) -> Result<UpgradeReport>;
+    async fn status(&self, app: &str) -> Result<AppStatus>;
+    /// Every app's status, in start order.
+    async fn list(&self) -> Result<Vec<AppStatus>>;
+    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<String>;
+    async fn health(&self, app: &str) -> Result<HealthReport>;
+}
+
+/// Where an orchestrator finds its apps and keeps their data.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    pub apps_dir: PathBuf,
+    pub data_root: PathBuf,
+    pub naming: Naming,
+}
+
+/// The orchestrator over a real engine. [`ProdOrchestrator`] and
+/// [`DevOrchestrator`] build it with their rules.
+pub struct Orchestrator {
+    engine: Engine,
+    config: OrchestratorConfig,
+    apps: RwLock<Arc<LoadReport>>,
+    /// Apps installed from a path (dev mode), kept beside the folder's.
+    extra: RwLock<Vec<Manifest>>,
+    locks: AppLocks,
+}
+
+/// Production rules: manifests from the apps folder
+/// (`/opt/archipelago/apps` by default), names and ports as written.
+pub struct ProdOrchestrator;
+
+impl ProdOrchestrator {
+    pub fn open(engine: Engine, apps_dir: &Path, data_root: &Path) -> Orchestrator {
+        Orchestrator::new(
+            engine,
+            OrchestratorConfig {
+                apps_dir: apps_dir.to_path_buf(),
+                data_root: data_root.to_path_buf(),
+                naming: Naming::Prod,
+            },
+        )
+    }
+}
+
+/// Dev rules: manifests under `<data>/apps`, container names with `-dev`,
+/// host ports shifted by the offset, and installs from any manifest path.
+pub struct DevOrchestrator;
+
+impl DevOrchestrator {
+    /// The dev apps folder under a data root.
+    pub fn apps_dir(data_root: &Path) -> PathBuf {
+        data_root.join("apps")
+    }
+
+    pub fn open(engine: Engine, data_root: &Path, port_offset: u16) -> Orchestrator {
+        Orchestrator::new(
+            engine,
+            OrchestratorConfig {
+                apps_dir: Self::apps_dir(data_root),
+                data_root: data_root.to_path_buf(),
+                naming: Naming::Dev { port_offset },
+            },
+        )
+    }
+}
+
+impl Orchestrator {
+    pub fn new(engine: Engine, config: OrchestratorConfig) -> Orchestrator {
+        let orch = Orchestrator {
+            engine,
+            config,
+            apps: RwLock::new(Arc::new(LoadReport::default())),
+            extra: RwLock::new(Vec::new()),
+            locks: AppLocks::default(),
+        };
+        orch.reload();
+        orch
+    }
+
+    pub fn config(&self) -> &OrchestratorConfig {
+        &self.config
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Re-reads the manifests. Invalid ones are logged and left out; the
+    /// report keeps their errors.
+    pub fn reload(&self) -> Arc<LoadReport> {
+        let opts = LoadOptions {
+            data_root: self.config.data_root.clone(),
+        };
+        let report = Arc::new(manifest::load_dir(&self.config.apps_dir, &opts));
+        for e in &report.errors {
+            tracing::warn!(error = %e, "invalid manifest left out");
+        }
+        *self.apps.write().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        report
+    }
+
+    /// The loaded manifests and their errors.
+    pub fn report(&self) -> Arc<LoadReport> {
+        self.apps.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every known app, in start order.
+    pub fn manifests(&self) -> Vec<Manifest> {
+        let mut all = self.report().apps.clone();
+        for m in self.extra.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !all.iter().any(|a| a.id == m.id) {
+                all.push(m.clone());
+            }
+        }
+        manifest::start_order(&all)
+    }
+
+    /// The manifest of `app`, or a typed error listing the known apps.
+    pub fn manifest(&self, app: &str) -> Result<Manifest> {
+        let all = self.manifests();
+        all.iter()
+            .find(|m| m.id.as_str() == app)
+            .cloned()
+            .ok_or_else(|| OrchestratorError::UnknownApp {
+                app: app.to_owned(),
+                known: all.iter().map(|m| m.id.to_string()).collect(),
+            })
+    }
+
+    /// The container `app` should have.
+    pub fn spec(&self, m: &Manifest) -> Result<ContainerSpec> {
+        let built = install::built_tag(m)?;
+        Ok(ContainerSpec::from_manifest(
+            m,
+            &self.config.naming,
+            &self.config.data_root,
+            built.as_deref(),
+        )?)
+    }
+
+    /// Installs from a manifest file anywhere on disk. Dev mode only: in
+    /// production only the apps folder decides what runs.
+    pub async fn install_from_path(&self, path: &Path) -> Result<InstallReport> {
+        if !matches!(self.config.naming, Naming::Dev { .. }) {
+            return Err(OrchestratorError::DevOnly);
+        }
+        let opts = LoadOptions {
+            data_root: self.config.data_root.clone(),
+        };
+        let m = manifest::load_file(path, &opts).map_err(|errs| {
+            anyhow::anyhow!(
+                "{} is invalid:\n{}",
+                path.display(),
+                errs.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+            )
+        })?;
+        let id = m.id.to_string();
+        {
+            let mut extra = self.extra.write().unwrap_or_else(|p| p.into_inner());
+            extra.retain(|x| x.id != m.id);
+            extra.push(m);
+        }
+        self.install(&id).await
+    }
+
+    fn engine_err(app: &str) -> impl FnOnce(EngineError) -> OrchestratorError + '_ {
+        move |source| OrchestratorError::Engine {
+            app: app.to_owned(),
+            source,
+        }
+    }
+
+    /// Inspects a container; `None` when it does not exist.
+    async fn inspect(&self, app: &str, name: &str) -> Result<Option<crate::engine::ContainerInfo>> {
+        match self.engine.inspect(name).await {
+            Ok(info) => Ok(Some(info)),
+            Err(EngineError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::engine_err(app)(e)),
+        }
+    }
+
+    async fn status_of(&self, m: &Manifest) -> Result<(AppStatus, Option<ProbeResult>)> {
+        let spec = self.spec(m)?;
+        let info = self.inspect(m.id.as_str(), &spec.name).await?;
+        let mut probe = None;
+        let mut health_state = None;
+        if let (Some(info), Some(h)) = (&info, &m.health) {
+            if app_state(Some(info)) == AppState::Running {
+                let result =
+                    health::run_probe(&self.engine, &h.probe, h.timeout, &spec.ports, &spec.network, info).await;
+                health_state = Some(if result.ok {
+                    HealthState::Healthy
+                } else if within_start_period(info.started_at.as_deref(), h.start_period) {
+                    HealthState::Starting
+                } else {
+                    HealthState::Unhealthy
+                });
+                probe = Some(result);
+            }
+        }
+        let hash = spec.hash();
+        let status = app_status(
+            m.id.as_str(),
+            &spec.name,
+            &m.version,
+            &hash,
+            info.as_ref(),
+            health_state,
+        );
+        Ok((status, probe))
+    }
+
+    /// Waits until `app` is healthy: its probe passes, or, without a health
+    /// check, it is still running after a short settling time. Gives up
+    /// after the start period plus `retries` intervals.
+    pub async fn wait_healthy(&self, m: &Manifest) -> Result<(), String> {
+        let Some(h) = &m.health else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return match self.status_of(m).await {
+                Ok((s, _)) if s.state == AppState::Running => Ok(()),
+                Ok((s, _)) => Err(format!("the container is {} after starting", s.state)),
+                Err(e) => Err(format!("{e:#}")),
+            };
+        };
+        let deadline = Instant::now() + h.start_period + h.interval * h.retries;
+        let poll = h.interval.min(Duration::from_secs(1));
+        loop {
+            let last = match self.status_of(m).await {
+                Ok((s, _)) if s.state != AppState::Running => {
+                    return Err(format!("the container is {} while waiting for health", s.state))
+                }
+                Ok((s, probe)) if s.health == Some(HealthState::Healthy) => return Ok(()).map(|()| drop(probe)),
+                Ok((_, probe)) => probe.map(|p| format!("{}: {}", p.target, p.detail)).unwrap_or_default(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not healthy within its start period and retries; last probe: {last}"
+                ));
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+}
+
+/// Whether a container that started at `started_at` (RFC 3339) is still
+/// inside `period`. An unknown start time counts as inside: better a
+/// `starting` than a false `unhealthy`.
+fn within_start_period(started_at: Option<&str>, period: Duration) -> bool {
+    let Some(started) = started_at.and_then(|s| humantime::parse_rfc3339_weak(s.get(..19).unwrap_or(s)).ok()) else {
+        return true;
+    };
+    std::time::SystemTime::now()
+        .duration_since(started)
+        .map_or(true, |age| age < period)
+}
+
+#[async_trait]
+impl ContainerOrchestrator for Orchestrator {
+    async fn install(&self, app: &str) -> Result<InstallReport> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        install::install(self, &m).await
+    }
+
+    async fn start(&self, app: &str) -> Result<()> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        let spec = self.spec(&m)?;
+        match self.engine.start(&spec.name).await {
+            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
+                app: app.to_owned(),
+                container: spec.name,
+            }),
+            other => other.map_err(Self::engine_err(app)),
+        }
+    }
+
+    async fn stop(&self, app: &str) -> Result<()> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        let spec = self.spec(&m)?;
+        match self.engine.stop(&spec.name, spec.stop_grace_period).await {
+            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
+                app: app.to_owned(),
+                container: spec.name,
+            }),
+            other => other.map_err(Self::engine_err(app)),
+        }
+    }
+
+    async fn restart(&self, app: &str) -> Result<()> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        let spec = self.spec(&m)?;
+        let not_installed = |e: EngineError| match e {
+            EngineError::NotFound { .. } => OrchestratorError::NotInstalled {
+                app: app.to_owned(),
+                container: spec.name.clone(),
+            },
+            e => Self::engine_err(app)(e),
+        };
+        self.engine
+            .stop(&spec.name, spec.stop_grace_period)
+            .await
+            .map_err(not_installed)?;
+        self.engine.start(&spec.name).await.map_err(not_installed)
+    }
+
+    async fn remove(&self, app: &str) -> Result<()> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        let spec = self.spec(&m)?;
+        if self.inspect(app, &spec.name).await?.is_none() {
+            return Err(OrchestratorError::NotInstalled {
+                app: app.to_owned(),
+                container: spec.name,
+            });
+        }
+        self.engine
+            .stop(&spec.name, spec.stop_grace_period)
+            .await
+            .map_err(Self::engine_err(app))?;
+        self.engine.remove(&spec.name).await.map_err(Self::engine_err(app))
+    }
+
+    async fn upgrade(&self, app: &str) -> Result<UpgradeReport> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        install::upgrade(self, &m).await
+    }
+
+    async fn status(&self, app: &str) -> Result<AppStatus> {
+        let m = self.manifest(app)?;
+        Ok(self.status_of(&m).await?.0)
+    }
+
+    async fn list(&self) -> Result<Vec<AppStatus>> {
+        let mut out = Vec::new();
+        for m in self.manifests() {
+            out.push(self.status_of(&m).await?.0);
+        }
+        Ok(out)
+    }
+
+    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<String> {
+        let m = self.manifest(app)?;
+        let spec = self.spec(&m)?;
+        match self.engine.logs(&spec.name, tail).await {
+            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
+                app: app.to_owned(),
+                container: spec.name,
+            }),
+            other => other.map_err(Self::engine_err(app)),
+        }
+    }
+
+    async fn health(&self, app: &str) -> Result<HealthReport> {
+        let m = self.manifest(app)?;
+        let (status, probe) = self.status_of(&m).await?;
+        Ok(HealthReport {
+            app: status.app,
+            container: status.container,
+            state: status.state,
+            health: status.health,
+            probe,
+        })
+    }
+}
