@@ -6,6 +6,7 @@ pub mod cli;
 pub mod engine;
 pub mod manifest;
 pub mod orchestrator;
+pub mod reconcile;
 pub mod registry;
 pub mod secrets;
 pub mod spec;

@@ -61,7 +61,7 @@
 mod build;
 mod create;
 mod error;
-mod model;
+pub(crate) mod model;
 mod raw;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,514 @@
+//! The pure heart of reconciliation: what should happen to each app, from
+//! what is wanted (manifests), what is there (the engine's listing) and
+//! what the agent remembers (backoff, drift history, adoptions).
+//!
+//! No I/O and no clock here: `now` comes in as a value, so every rule is
+//! a table-driven unit test. Adoption is one case of the plan.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::backoff;
+use crate::engine::{ContainerStatus, ContainerSummary};
+use crate::manifest::AppId;
+use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
+
+/// Drift recreates within this window count towards a drift loop.
+pub const DRIFT_WINDOW: Duration = Duration::from_secs(600);
+/// This many drift recreates within the window make a drift loop.
+pub const DRIFT_LOOP_AFTER: usize = 3;
+
+/// What the manifests want for one app.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub app: AppId,
+    pub container: String,
+    pub spec_hash: String,
+    pub depends_on: Vec<AppId>,
+    /// The config digest of the pinned image, when the store has it: how a
+    /// container created by hand (no labels) is checked.
+    pub pinned_image_id: Option<String>,
+    /// Stopped by its owner (`archy-agent stop`): reconcile leaves it be.
+    pub held: bool,
+}
+
+/// What the agent remembers about one app between passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppMemory {
+    /// Restarts (or installs) that did not lead to a lasting run.
+    pub failures: u32,
+    /// No restart before this instant.
+    pub next_try: Option<Instant>,
+    /// When the app was first seen running in the current run of it.
+    pub running_since: Option<Instant>,
+    /// Recent drift recreates.
+    pub drift_recreates: Vec<Instant>,
+    /// Set once drift recreates loop; cleared when the manifest changes.
+    pub drift_loop_hash: Option<String>,
+    /// The container id claimed by adoption.
+    pub adopted: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    /// No container: create it.
+    Install,
+    /// A container that is not running: start it.
+    Start,
+    Unpause,
+    /// The container no longer matches the manifest: replace it, keeping
+    /// the data.
+    Recreate {
+        reason: String,
+    },
+    /// A container in a state it cannot leave (dead, unknown): remove and
+    /// create again, keeping the data.
+    Rebuild {
+        state: String,
+    },
+    /// Claim an existing container by name. Read-only: never stops,
+    /// recreates or renames it.
+    Adopt {
+        container_id: String,
+    },
+}
+
+/// Why an app is left alone this pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+pub enum Wait {
+    /// Running and matching its manifest.
+    Ok,
+    /// A dependency is not running.
+    Dependency { app: String, state: String },
+    /// Backing off after failures; retried at the deadline.
+    Backoff {
+        #[serde(skip)]
+        until: Instant,
+        in_secs: u64,
+        failures: u32,
+    },
+    /// Recreated for drift again and again: the agent stops touching it.
+    DriftLoop,
+    /// Podman is moving it between states.
+    Transitioning { state: String },
+    /// Stopped by its owner.
+    Held,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    Act(Action),
+    Wait(Wait),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppPlan {
+    pub app: String,
+    pub container: String,
+    pub decision: Decision,
+}
+
+/// Whether a listed container counts as up, for dependants.
+fn is_up(c: &ContainerSummary) -> bool {
+    c.status == ContainerStatus::Running
+}
+
+fn is_managed(c: &ContainerSummary) -> bool {
+    c.labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
+}
+
+/// Plans one pass. `desired` is in start order; `observed` is the engine's
+/// listing keyed by container name.
+pub fn plan(
+    desired: &[Desired],
+    observed: &BTreeMap<String, ContainerSummary>,
+    memory: &BTreeMap<AppId, AppMemory>,
+    now: Instant,
+) -> Vec<AppPlan> {
+    let container_of: BTreeMap<&AppId, &str> = desired.iter().map(|d| (&d.app, d.container.as_str())).collect();
+    let empty = AppMemory::default();
+    desired
+        .iter()
+        .map(|d| {
+            let mem = memory.get(&d.app).unwrap_or(&empty);
+            AppPlan {
+                app: d.app.to_string(),
+                container: d.container.clone(),
+                decision: decide(d, observed.get(&d.container), mem, &container_of, observed, now),
+            }
+        })
+        .collect()
+}
+
+fn backoff_or(mem: &AppMemory, now: Instant, action: Action) -> Decision {
+    match mem.next_try {
+        Some(until) if until > now => Decision::Wait(Wait::Backoff {
+            until,
+            in_secs: (until - now).as_secs(),
+            failures: mem.failures,
+        }),
+        _ => Decision::Act(action),
+    }
+}
+
+fn decide(
+    d: &Desired,
+    container: Option<&ContainerSummary>,
+    mem: &AppMemory,
+    container_of: &BTreeMap<&AppId, &str>,
+    observed: &BTreeMap<String, ContainerSummary>,
+    now: Instant,
+) -> Decision {
+    if mem.drift_loop_hash.as_deref() == Some(d.spec_hash.as_str()) {
+        return Decision::Wait(Wait::DriftLoop);
+    }
+    if d.held {
+        return Decision::Wait(Wait::Held);
+    }
+    // Dependencies first: an app whose dependency is not up waits.
+    for dep in &d.depends_on {
+        let Some(name) = container_of.get(dep) else { continue };
+        let dep_state = observed.get(*name);
+        if !dep_state.is_some_and(is_up) {
+            return Decision::Wait(Wait::Dependency {
+                app: dep.to_string(),
+                state: dep_state.map_or("missing".to_owned(), |c| c.status.to_string()),
+            });
+        }
+    }
+    let Some(c) = container else {
+        return backoff_or(mem, now, Action::Install);
+    };
+
+    // Drift: a managed container with another spec hash, or a container
+    // made by hand that runs another image than the pinned one.
+    let drift = if is_managed(c) {
+        let have = c.labels.get(LABEL_SPEC_HASH).map(String::as_str).unwrap_or("");
+        (have != d.spec_hash).then(|| {
+            format!(
+                "spec hash {} differs from the manifest's {}",
+                short(have),
+                short(&d.spec_hash)
+            )
+        })
+    } else {
+        match &d.pinned_image_id {
+            Some(want) if *want != c.image_id => Some(format!(
+                "runs image {} instead of the pinned {}",
+                short(&c.image_id),
+                short(want)
+            )),
+            _ => None,
+        }
+    };
+    if let Some(reason) = drift {
+        let recent = mem
+            .drift_recreates
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < DRIFT_WINDOW)
+            .count();
+        if recent >= DRIFT_LOOP_AFTER {
+            return Decision::Wait(Wait::DriftLoop);
+        }
+        return backoff_or(mem, now, Action::Recreate { reason });
+    }
+    if !is_managed(c) && mem.adopted.as_deref() != Some(c.id.as_str()) {
+        return Decision::Act(Action::Adopt {
+            container_id: c.id.clone(),
+        });
+    }
+    match &c.status {
+        ContainerStatus::Running => Decision::Wait(Wait::Ok),
+        ContainerStatus::Created | ContainerStatus::Exited | ContainerStatus::Stopped => {
+            backoff_or(mem, now, Action::Start)
+        }
+        ContainerStatus::Paused => Decision::Act(Action::Unpause),
+        ContainerStatus::Stopping | ContainerStatus::Removing | ContainerStatus::Restarting => {
+            Decision::Wait(Wait::Transitioning {
+                state: c.status.to_string(),
+            })
+        }
+        ContainerStatus::Dead | ContainerStatus::Other(_) => backoff_or(
+            mem,
+            now,
+            Action::Rebuild {
+                state: c.status.to_string(),
+            },
+        ),
+    }
+}
+
+fn short(hash: &str) -> &str {
+    let h = hash.strip_prefix("sha256:").unwrap_or(hash);
+    h.get(..12).unwrap_or(h)
+}
+
+/// Updates `mem` after the pass that saw the app in `status` ran `action`
+/// with `ok`. Pure, so the backoff rule is testable with any clock.
+pub fn record(mem: &mut AppMemory, decision: &Decision, ok: bool, spec_hash: &str, now: Instant) {
+    match decision {
+        Decision::Wait(Wait::Ok) => {
+            let since = *mem.running_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= backoff::RESET_AFTER {
+                mem.failures = 0;
+                mem.next_try = None;
+            }
+        }
+        Decision::Act(Action::Adopt { container_id }) => {
+            mem.adopted = Some(container_id.clone());
+        }
+        Decision::Act(action) => {
+            mem.running_since = None;
+            if let Action::Recreate { .. } = action {
+                mem.drift_recreates
+                    .retain(|t| now.saturating_duration_since(*t) < DRIFT_WINDOW);
+                mem.drift_recreates.push(now);
+                if mem.drift_recreates.len() >= DRIFT_LOOP_AFTER {
+                    mem.drift_loop_hash = Some(spec_hash.to_owned());
+                }
+            }
+            // Every restart counts until the app stays up: a container that
+            // starts fine and crashes a second later is a crash loop too.
+            if matches!(action, Action::Start | Action::Rebuild { .. }) || !ok {
+                mem.failures = mem.failures.saturating_add(1);
+                mem.next_try = Some(now + backoff::delay(mem.failures));
+            }
+        }
+        Decision::Wait(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::parse_summaries;
+
+    const IMAGE: &str = "sha256:5cd7c9e3c457d5a17ab2c188155ba1ad6dff581cef4bf14ecc898057887ea73f";
+
+    /// The engine's listing as Podman 4.3.1 really answered it
+    /// (`tests/fixtures/engine/podman-4.3.1-list.json`): created, stopped,
+    /// stopping and running containers, with and without our labels.
+    fn captured() -> BTreeMap<String, ContainerSummary> {
+        let text = include_str!("../../tests/fixtures/engine/podman-4.3.1-list.json");
+        let value: serde_json::Value = serde_json::from_str(text).expect("fixture is JSON");
+        parse_summaries(&value)
+            .expect("fixture parses")
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect()
+    }
+
+    fn id(s: &str) -> AppId {
+        AppId::parse(s).expect("valid id")
+    }
+
+    fn desired(app: &str, container: &str) -> Desired {
+        Desired {
+            app: id(app),
+            container: container.to_owned(),
+            spec_hash: "want".to_owned(),
+            depends_on: Vec::new(),
+            pinned_image_id: Some(IMAGE.to_owned()),
+            held: false,
+        }
+    }
+
+    /// Gives a listed container our labels with `hash`.
+    fn managed(observed: &mut BTreeMap<String, ContainerSummary>, name: &str, hash: &str) {
+        let c = observed.get_mut(name).expect("fixture container");
+        c.labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
+        c.labels.insert(LABEL_SPEC_HASH.to_owned(), hash.to_owned());
+    }
+
+    fn decision_of(
+        d: Desired,
+        observed: &BTreeMap<String, ContainerSummary>,
+        mem: AppMemory,
+        now: Instant,
+    ) -> Decision {
+        let memory = BTreeMap::from([(d.app.clone(), mem)]);
+        plan(&[d], observed, &memory, now).remove(0).decision
+    }
+
+    #[tokio::test]
+    async fn each_observed_state_gets_its_decision() {
+        let now = Instant::now();
+        let recreate = |reason: &str| {
+            Decision::Act(Action::Recreate {
+                reason: reason.to_owned(),
+            })
+        };
+        // (container, managed with hash, pinned image id, expected)
+        let table: Vec<(&str, Option<&str>, Option<&str>, Decision)> = vec![
+            ("absent", None, Some(IMAGE), Decision::Act(Action::Install)),
+            ("fixture-app", Some("want"), Some(IMAGE), Decision::Act(Action::Start)),
+            (
+                "fixture-created",
+                Some("want"),
+                Some(IMAGE),
+                Decision::Act(Action::Start),
+            ),
+            ("fixture-pod-infra", Some("want"), Some(IMAGE), Decision::Wait(Wait::Ok)),
+            (
+                "fixture-stopping",
+                Some("want"),
+                Some(IMAGE),
+                Decision::Wait(Wait::Transitioning {
+                    state: "stopping".to_owned(),
+                }),
+            ),
+            (
+                "fixture-pod-infra",
+                Some("old"),
+                Some(IMAGE),
+                recreate("spec hash old differs from the manifest's want"),
+            ),
+            // Made by hand (no labels) with the pinned image: claimed, untouched.
+            (
+                "fixture-pod-member",
+                None,
+                Some(IMAGE),
+                Decision::Act(Action::Adopt {
+                    container_id: String::new(),
+                }),
+            ),
+            // Made by hand with another image: drift.
+            (
+                "fixture-pod-member",
+                None,
+                Some("sha256:0123456789abcdef"),
+                recreate("runs image 5cd7c9e3c457 instead of the pinned 0123456789ab"),
+            ),
+        ];
+        for (container, hash, pinned, want) in table {
+            let mut observed = captured();
+            if let Some(hash) = hash {
+                managed(&mut observed, container, hash);
+            }
+            let mut d = desired("demo", container);
+            d.pinned_image_id = pinned.map(str::to_owned);
+            let got = decision_of(d, &observed, AppMemory::default(), now);
+            let want = match want {
+                Decision::Act(Action::Adopt { .. }) => Decision::Act(Action::Adopt {
+                    container_id: observed[container].id.clone(),
+                }),
+                other => other,
+            };
+            assert_eq!(got, want, "container {container}, hash {hash:?}, pinned {pinned:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_adopted_container_is_left_running_on_later_passes() {
+        let observed = captured();
+        let container_id = observed["fixture-pod-member"].id.clone();
+        let mem = AppMemory {
+            adopted: Some(container_id),
+            ..AppMemory::default()
+        };
+        let got = decision_of(desired("demo", "fixture-pod-member"), &observed, mem, Instant::now());
+        assert_eq!(got, Decision::Wait(Wait::Ok));
+    }
+
+    #[tokio::test]
+    async fn an_app_waits_for_a_dependency_that_is_not_running() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        managed(&mut observed, "fixture-pod-infra", "want");
+        let db = desired("db", "fixture-app");
+        let mut web = desired("web", "fixture-pod-infra");
+        web.depends_on = vec![id("db")];
+        let plans = plan(&[db, web], &observed, &BTreeMap::new(), Instant::now());
+        assert_eq!(plans[0].decision, Decision::Act(Action::Start));
+        assert_eq!(
+            plans[1].decision,
+            Decision::Wait(Wait::Dependency {
+                app: "db".to_owned(),
+                state: "stopped".to_owned()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_app_is_left_stopped() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        let mut d = desired("demo", "fixture-app");
+        d.held = true;
+        assert_eq!(
+            decision_of(d, &observed, AppMemory::default(), Instant::now()),
+            Decision::Wait(Wait::Held)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_restarts_back_off_from_10_seconds_to_5_minutes_and_reset_after_10_minutes() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        let d = desired("demo", "fixture-app");
+        let mut mem = AppMemory::default();
+        let mut restarts = Vec::new();
+        let start = Instant::now();
+        // The app crashes right after every start; pass every second for 22 minutes.
+        for _ in 0..1300 {
+            let now = Instant::now();
+            let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+            if decision == Decision::Act(Action::Start) {
+                restarts.push((now - start).as_secs());
+            }
+            record(&mut mem, &decision, true, &d.spec_hash, now);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let gaps: Vec<u64> = restarts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(restarts[0], 0, "the first restart is immediate");
+        assert_eq!(gaps, [10, 20, 40, 80, 160, 300, 300, 300]);
+
+        // Ten minutes of running forgives the failures.
+        let running = "fixture-pod-infra";
+        managed(&mut observed, running, "want");
+        let d = desired("demo", running);
+        for _ in 0..=600 {
+            let now = Instant::now();
+            let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+            record(&mut mem, &decision, true, &d.spec_hash, now);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!((mem.failures, mem.next_try), (0, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drift_recreated_three_times_in_ten_minutes_becomes_a_drift_loop() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-pod-infra", "never-matches");
+        let d = desired("demo", "fixture-pod-infra");
+        let mut mem = AppMemory::default();
+        let mut recreates = 0;
+        for _ in 0..20 {
+            let now = Instant::now();
+            let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+            if let Decision::Act(Action::Recreate { .. }) = decision {
+                recreates += 1;
+            }
+            record(&mut mem, &decision, true, &d.spec_hash, now);
+            tokio::time::advance(Duration::from_secs(30)).await;
+        }
+        assert_eq!(recreates, DRIFT_LOOP_AFTER);
+        assert_eq!(
+            decision_of(d.clone(), &observed, mem.clone(), Instant::now()),
+            Decision::Wait(Wait::DriftLoop)
+        );
+        // A new manifest (another hash) gets a fresh chance.
+        let mut changed = d;
+        changed.spec_hash = "newer".to_owned();
+        assert!(matches!(
+            decision_of(changed, &observed, mem, Instant::now()),
+            Decision::Act(Action::Recreate { .. })
+        ));
+    }
+}
