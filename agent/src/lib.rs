@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod fsutil;
 pub mod manifest;
 pub mod orchestrator;
 pub mod reconcile;

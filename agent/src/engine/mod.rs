@@ -62,6 +62,7 @@ mod build;
 mod create;
 mod error;
 pub(crate) mod model;
+mod pause;
 mod raw;
 
 use std::collections::BTreeMap;

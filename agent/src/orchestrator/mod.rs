@@ -7,6 +7,7 @@
 
 pub mod commands;
 mod health;
+mod hold;
 mod install;
 mod locks;
 mod status;
@@ -354,12 +355,14 @@ impl ContainerOrchestrator for Orchestrator {
     async fn install(&self, app: &str) -> Result<InstallReport> {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
+        self.set_held(app, false)?;
         install::install(self, &m).await
     }
 
     async fn start(&self, app: &str) -> Result<()> {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
+        self.set_held(app, false)?;
         let spec = self.spec(&m)?;
         match self.engine.start(&spec.name).await {
             Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
@@ -374,6 +377,9 @@ impl ContainerOrchestrator for Orchestrator {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
         let spec = self.spec(&m)?;
+        // Held first: a reconcile pass between the stop and the marker
+        // would start the app again.
+        self.set_held(app, true)?;
         match self.engine.stop(&spec.name, spec.stop_grace_period).await {
             Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
                 app: app.to_owned(),
@@ -386,6 +392,7 @@ impl ContainerOrchestrator for Orchestrator {
     async fn restart(&self, app: &str) -> Result<()> {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
+        self.set_held(app, false)?;
         let spec = self.spec(&m)?;
         let not_installed = |e: EngineError| match e {
             EngineError::NotFound { .. } => OrchestratorError::NotInstalled {
@@ -404,6 +411,8 @@ impl ContainerOrchestrator for Orchestrator {
     async fn remove(&self, app: &str) -> Result<()> {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
+        // Removed on purpose: reconcile must not install it again.
+        self.set_held(app, true)?;
         let spec = self.spec(&m)?;
         if self.inspect(app, &spec.name).await?.is_none() {
             return Err(OrchestratorError::NotInstalled {
@@ -421,6 +430,7 @@ impl ContainerOrchestrator for Orchestrator {
     async fn upgrade(&self, app: &str) -> Result<UpgradeReport> {
         let m = self.manifest(app)?;
         let _guard = self.locks.lock(app).await;
+        self.set_held(app, false)?;
         install::upgrade(self, &m).await
     }
 

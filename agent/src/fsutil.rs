@@ -1,0 +1,87 @@
+//! File writes that survive a crash or power loss.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Replaces `path` with `bytes` so that a reader sees the old file or the
+/// new one, never a mix, and a crash leaves one of the two: write a
+/// temporary file in the same folder with `mode` set before any byte is in
+/// it, fsync it, rename it over the target, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no parent folder"))?;
+    fs::create_dir_all(dir)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        // The creation mode passes through the umask; set it exactly.
+        file.set_permissions(Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        // Best effort: the temporary file is useless now, and an error
+        // removing it would hide the one that matters.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Moves an unreadable file aside as `<name>.corrupt-<unix secs>` so it
+/// can be looked at later, and returns where it went. Nothing is deleted.
+pub fn move_aside(path: &Path) -> io::Result<std::path::PathBuf> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = path.with_file_name(format!("{name}.corrupt-{secs}"));
+    fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_the_file_with_the_given_mode_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("state").join("x.json");
+        write_atomic(&path, b"one", 0o600).expect("first");
+        write_atomic(&path, b"two", 0o600).expect("second");
+        assert_eq!(fs::read(&path).expect("read"), b"two");
+        assert_eq!(fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = fs::read_dir(path.parent().expect("dir"))
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn move_aside_keeps_the_bytes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("agent.json");
+        fs::write(&path, b"{broken").expect("write");
+        let aside = move_aside(&path).expect("aside");
+        assert!(!path.exists());
+        assert_eq!(fs::read(aside).expect("read"), b"{broken");
+    }
+}

@@ -1,0 +1,263 @@
+//! `archy-agent boot`: the long-running agent.
+//!
+//! Shape (tokio's mini-redis): a thin `main` sets up tracing and config and
+//! calls [`run`] with a shutdown future. `run` connects to the engine
+//! (retrying while it is away), reconciles once, tells systemd it is ready,
+//! then reconciles on engine events, on a periodic resync, at backoff
+//! deadlines and on request, until shutdown. A pass in flight always
+//! finishes before the agent exits; containers belong to the engine and
+//! outlive the agent.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::pass::{PassReport, Reconciler};
+use crate::engine::{Engine, EngineEvent, EventKind};
+use crate::manifest::Naming;
+use crate::orchestrator::{Orchestrator, OrchestratorConfig};
+
+/// Engine events that can change what a pass would decide.
+const EVENT_ACTIONS: &[&str] = &[
+    "die",
+    "stop",
+    "kill",
+    "oom",
+    "remove",
+    "destroy",
+    "pause",
+    "health_status",
+    "create",
+];
+/// Events that arrive together (a stop sends several) make one pass.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Waiting for the engine: from 1 s doubling to 30 s.
+const ENGINE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub engine: PathBuf,
+    pub apps_dir: PathBuf,
+    pub data_root: PathBuf,
+    pub naming: Naming,
+    /// The periodic, level-triggered resync.
+    pub resync: Duration,
+}
+
+/// A request for a pass now, answered with its report.
+pub type ReconcileRequest = oneshot::Sender<PassReport>;
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    requests: mpsc::Receiver<ReconcileRequest>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let Some(engine) = connect_until(&config, &mut shutdown).await else {
+        return Ok(());
+    };
+    let orch = Arc::new(Orchestrator::new(
+        engine,
+        OrchestratorConfig {
+            apps_dir: config.apps_dir.clone(),
+            data_root: config.data_root.clone(),
+            naming: config.naming,
+        },
+    ));
+    let mut reconciler = Reconciler::new(orch.clone());
+    let first = reconciler.pass().await;
+    log_report(&first, true);
+    print_console_summary(&first);
+    notify(&[sd_notify::NotifyState::Ready]);
+    run_loop(&config, &mut reconciler, requests, &mut shutdown, first.next_deadline()).await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("agent stopped; containers keep running");
+    Ok(())
+}
+
+/// Connects to the engine, retrying with backoff. `None` on shutdown.
+async fn connect_until(config: &AgentConfig, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> Option<Engine> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match Engine::connect(&config.engine).await {
+            Ok(engine) => return Some(engine),
+            Err(e) => {
+                tracing::warn!(engine = %config.engine.display(), error = %format!("{:#}", anyhow::Error::from(e)), retry_in_s = delay.as_secs(), "engine not reachable");
+            }
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(ENGINE_RETRY_MAX);
+    }
+}
+
+async fn run_loop(
+    config: &AgentConfig,
+    reconciler: &mut Reconciler,
+    requests: mpsc::Receiver<ReconcileRequest>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    mut deadline: Option<Instant>,
+) {
+    let mut requests = Some(requests);
+    let mut resync = tokio::time::interval_at(Instant::now() + config.resync, config.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watchdog = watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut events = None;
+    let mut events_retry = Duration::from_secs(1);
+    let mut events_next_try = Instant::now();
+    loop {
+        if events.is_none() && Instant::now() >= events_next_try {
+            match reconciler.orchestrator().engine().events(&event_filters()).await {
+                Ok(stream) => {
+                    events = Some(stream);
+                    events_retry = Duration::from_secs(1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_s = events_retry.as_secs(), "cannot follow engine events");
+                    events_next_try = Instant::now() + events_retry;
+                    events_retry = (events_retry * 2).min(ENGINE_RETRY_MAX);
+                }
+            }
+        }
+        let wake = deadline.unwrap_or_else(|| Instant::now() + config.resync);
+        let events_wake = if events.is_none() { events_next_try } else { wake };
+        let mut reply: Option<ReconcileRequest> = None;
+        tokio::select! {
+            _ = &mut *shutdown => break,
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+                continue;
+            }
+            _ = resync.tick() => reconciler.reload(),
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = tokio::time::sleep_until(events_wake), if events.is_none() => continue,
+            request = next_request(&mut requests) => match request {
+                Some(r) => reply = Some(r),
+                // Nobody can ask any more; keep reconciling on our own.
+                None => {
+                    requests = None;
+                    continue;
+                }
+            },
+            event = next_event(&mut events) => match event {
+                Some(Ok(e)) if is_relevant(&e) => {
+                    tracing::debug!(action = %e.action, container = ?e.name, "engine event");
+                    // Let the rest of a burst arrive, then make one pass.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    drain(&mut events);
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "engine event stream failed; following again");
+                    events = None;
+                    continue;
+                }
+                None => {
+                    tracing::warn!("engine event stream ended (engine restarting?); following again");
+                    events = None;
+                    events_next_try = Instant::now() + events_retry;
+                    continue;
+                }
+            },
+        }
+        let report = reconciler.pass().await;
+        log_report(&report, false);
+        deadline = report.next_deadline();
+        if let Some(reply) = reply {
+            // The asker may have gone away; the pass happened regardless.
+            let _ = reply.send(report);
+        }
+    }
+}
+
+async fn next_request(requests: &mut Option<mpsc::Receiver<ReconcileRequest>>) -> Option<ReconcileRequest> {
+    match requests {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn event_filters() -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([("type".to_owned(), vec!["container".to_owned()])])
+}
+
+fn is_relevant(e: &EngineEvent) -> bool {
+    e.kind == EventKind::Container && EVENT_ACTIONS.contains(&e.action.as_str())
+}
+
+async fn next_event(events: &mut Option<crate::engine::EventStream>) -> Option<crate::engine::Result<EngineEvent>> {
+    match events {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes whatever events are already waiting, without blocking.
+fn drain(events: &mut Option<crate::engine::EventStream>) {
+    let Some(stream) = events else { return };
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    while let std::task::Poll::Ready(Some(_)) = stream.poll_next_unpin(&mut cx) {}
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    // Half the watchdog period, as systemd recommends.
+    sd_notify::watchdog_enabled().map(|period| period / 2)
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+fn log_report(report: &PassReport, first: bool) {
+    if let Some(e) = &report.error {
+        tracing::warn!(error = %e, "reconcile pass could not run");
+        return;
+    }
+    if report.is_quiet() && !first {
+        tracing::debug!(ms = report.duration_ms, "quiet pass");
+        return;
+    }
+    for a in &report.apps {
+        match &a.error {
+            Some(e) => tracing::warn!(app = %a.app, observed = %a.observed, decision = ?a.decision, error = %e, "app"),
+            None => tracing::info!(app = %a.app, observed = %a.observed, decision = ?a.decision, "app"),
+        }
+    }
+    if !report.unmatched.is_empty() {
+        tracing::info!(containers = ?report.unmatched, "containers that match no manifest are left alone");
+    }
+    tracing::info!(ms = report.duration_ms, apps = report.apps.len(), "reconcile pass");
+}
+
+/// One line per app on the console when the first pass ends.
+fn print_console_summary(report: &PassReport) {
+    for a in &report.apps {
+        eprintln!(
+            "archipelago: {:<20} {:<12} {}",
+            a.app,
+            a.observed,
+            summary_of(&a.decision)
+        );
+    }
+}
+
+fn summary_of(d: &super::plan::Decision) -> String {
+    serde_json::to_value(d)
+        .ok()
+        .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,269 @@
+//! One reconcile pass: observe, plan, act, remember.
+//!
+//! A pass reads the engine once (one listing), plans with the pure
+//! [`plan`], and carries out every app's action concurrently, so an app
+//! that takes minutes to pull never holds up the others. Each app's
+//! failure lands in the report; none aborts the pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
+use super::state;
+use crate::engine::{ContainerSummary, EngineError};
+use crate::manifest::{AppId, LoadReport};
+use crate::orchestrator::{Orchestrator, BACKUP_SUFFIX};
+use crate::spec::LABEL_MANAGED_BY;
+
+/// One app in a pass report.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppReport {
+    pub app: String,
+    pub container: String,
+    /// The container's state as the pass found it (`missing` when absent).
+    pub observed: String,
+    pub decision: Decision,
+    /// Set when the action failed: the whole error chain.
+    pub error: Option<String>,
+}
+
+/// What one pass saw and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassReport {
+    pub duration_ms: u64,
+    pub apps: Vec<AppReport>,
+    /// Containers that match no manifest: listed and left alone.
+    pub unmatched: Vec<String>,
+    /// Manifests that did not load, and why.
+    pub manifest_errors: Vec<String>,
+    /// Set when the pass could not run at all (engine unreachable).
+    pub error: Option<String>,
+}
+
+impl PassReport {
+    /// Whether the pass found nothing to do and nothing wrong.
+    pub fn is_quiet(&self) -> bool {
+        self.error.is_none()
+            && self
+                .apps
+                .iter()
+                .all(|a| matches!(a.decision, Decision::Wait(Wait::Ok | Wait::Held)))
+    }
+
+    /// The earliest backoff deadline: when the loop must wake up again.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.apps
+            .iter()
+            .filter_map(|a| match &a.decision {
+                Decision::Wait(Wait::Backoff { until, .. }) => Some(*until),
+                _ => None,
+            })
+            .min()
+    }
+}
+
+/// Desired state derived from one load of the manifests.
+struct DesiredSet {
+    report: Arc<LoadReport>,
+    desired: Vec<Desired>,
+    errors: Vec<String>,
+}
+
+/// Carries out passes for one orchestrator and keeps the memory between
+/// them (persisted under `<data>/state/`).
+pub struct Reconciler {
+    orch: Arc<Orchestrator>,
+    memory: BTreeMap<AppId, AppMemory>,
+    desired: Option<DesiredSet>,
+    /// Whether the pass only plans (adopt --dry-run, reconcile reports).
+    dry_run: bool,
+}
+
+impl Reconciler {
+    pub fn new(orch: Arc<Orchestrator>) -> Reconciler {
+        let memory = state::load(&orch.config().data_root);
+        Reconciler {
+            orch,
+            memory,
+            desired: None,
+            dry_run: false,
+        }
+    }
+
+    /// A reconciler that plans but never acts or writes state.
+    pub fn dry_run(orch: Arc<Orchestrator>) -> Reconciler {
+        Reconciler {
+            dry_run: true,
+            ..Reconciler::new(orch)
+        }
+    }
+
+    pub fn orchestrator(&self) -> &Arc<Orchestrator> {
+        &self.orch
+    }
+
+    /// Re-reads the manifests before the next pass.
+    pub fn reload(&mut self) {
+        self.orch.reload();
+        self.desired = None;
+    }
+
+    /// The desired set, recomputed only when the manifests were reloaded:
+    /// hashing build contexts on every event would make quiet passes slow.
+    fn desired(&mut self) -> &DesiredSet {
+        let report = self.orch.report();
+        let stale = self.desired.as_ref().is_none_or(|d| !Arc::ptr_eq(&d.report, &report));
+        if stale {
+            let mut desired = Vec::new();
+            let mut errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+            for m in self.orch.manifests() {
+                match self.orch.spec(&m) {
+                    Ok(spec) => desired.push(Desired {
+                        app: m.id.clone(),
+                        container: spec.name.clone(),
+                        spec_hash: spec.hash(),
+                        depends_on: m.depends_on.clone(),
+                        pinned_image_id: None,
+                        held: false,
+                    }),
+                    Err(e) => errors.push(format!("{}: {e:#}", m.id)),
+                }
+            }
+            self.desired = Some(DesiredSet {
+                report,
+                desired,
+                errors,
+            });
+        }
+        // Just set above when it was missing.
+        self.desired.get_or_insert_with(|| DesiredSet {
+            report: Arc::default(),
+            desired: Vec::new(),
+            errors: Vec::new(),
+        })
+    }
+
+    /// One pass. Never fails: problems are in the report.
+    pub async fn pass(&mut self) -> PassReport {
+        let started = StdInstant::now();
+        let set = self.desired();
+        let manifest_errors = set.errors.clone();
+        let mut desired = set.desired.clone();
+        let listing = match self.orch.engine().list().await {
+            Ok(l) => l,
+            Err(e) => {
+                return PassReport {
+                    duration_ms: elapsed_ms(started),
+                    apps: Vec::new(),
+                    unmatched: Vec::new(),
+                    manifest_errors,
+                    error: Some(format!("{:#}", anyhow::Error::from(e))),
+                }
+            }
+        };
+        let observed: BTreeMap<String, ContainerSummary> = listing.into_iter().map(|c| (c.name.clone(), c)).collect();
+        for d in &mut desired {
+            d.held = self.orch.is_held(d.app.as_str());
+            // Only a container made by hand needs its image checked.
+            if let Some(c) = observed.get(&d.container) {
+                if !c.labels.contains_key(LABEL_MANAGED_BY) {
+                    d.pinned_image_id = self.pinned_image_id(&d.app).await;
+                }
+            }
+        }
+        let now = Instant::now();
+        let plans = plan(&desired, &observed, &self.memory, now);
+
+        let mut tasks = Vec::new();
+        for p in &plans {
+            if let (Decision::Act(action), false) = (&p.decision, self.dry_run) {
+                let orch = self.orch.clone();
+                let (app, action) = (p.app.clone(), action.clone());
+                tasks.push(async move {
+                    let result = act(&orch, &app, &action).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(app, action = ?action, error = %e, "reconcile action failed");
+                    } else {
+                        tracing::info!(app, action = ?action, "reconciled");
+                    }
+                    (app, result)
+                });
+            }
+        }
+        let outcomes: BTreeMap<String, Result<(), String>> =
+            futures_util::future::join_all(tasks).await.into_iter().collect();
+
+        let mut apps = Vec::new();
+        let before = self.memory.clone();
+        for (p, d) in plans.into_iter().zip(&desired) {
+            let outcome = outcomes.get(&p.app);
+            if !self.dry_run {
+                let mem = self.memory.entry(d.app.clone()).or_default();
+                record(mem, &p.decision, !matches!(outcome, Some(Err(_))), &d.spec_hash, now);
+            }
+            apps.push(AppReport {
+                observed: observed
+                    .get(&p.container)
+                    .map_or("missing".to_owned(), |c| c.status.to_string()),
+                app: p.app,
+                container: p.container,
+                decision: p.decision,
+                error: outcome.and_then(|o| o.clone().err()),
+            });
+        }
+        if !self.dry_run && self.memory != before {
+            if let Err(e) = state::save(&self.orch.config().data_root, &self.memory) {
+                tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
+            }
+        }
+        let wanted: BTreeSet<&str> = desired.iter().map(|d| d.container.as_str()).collect();
+        let unmatched = observed
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()) && !n.ends_with(BACKUP_SUFFIX))
+            .cloned()
+            .collect();
+        PassReport {
+            duration_ms: elapsed_ms(started),
+            apps,
+            unmatched,
+            manifest_errors,
+            error: None,
+        }
+    }
+
+    /// The config digest of `app`'s pinned image, when the store has it.
+    async fn pinned_image_id(&self, app: &AppId) -> Option<String> {
+        let m = self.orch.manifest(app.as_str()).ok()?;
+        let pinned = m.pinned_image()?;
+        match self.orch.engine().inspect_image(pinned).await {
+            Ok(info) => Some(info.id),
+            Err(EngineError::NotFound { .. }) => None,
+            Err(e) => {
+                tracing::warn!(app = %app, error = %e, "cannot look up the pinned image");
+                None
+            }
+        }
+    }
+}
+
+fn elapsed_ms(started: StdInstant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Carries out one app's action through the orchestrator.
+async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), String> {
+    let result = match action {
+        Action::Install => orch.install_unheld(app).await,
+        Action::Start => orch.start_unheld(app).await,
+        Action::Unpause => orch.unpause(app).await,
+        Action::Recreate { .. } => orch.upgrade_unheld(app).await,
+        Action::Rebuild { .. } => orch.rebuild(app).await,
+        // Claiming is bookkeeping only: adoption never touches a container.
+        Action::Adopt { .. } => Ok(()),
+    };
+    result.map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+}

@@ -1,0 +1,216 @@
+//! What the agent remembers across restarts: backoff, drift history and
+//! adoptions, in `<data>/state/agent.json`.
+//!
+//! The engine stays the source of truth: this file only carries what the
+//! engine cannot tell (how often an app failed, which containers were
+//! claimed). A corrupt file is moved aside with a warning and the agent
+//! starts from what the engine shows.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::plan::AppMemory;
+use crate::fsutil;
+use crate::manifest::AppId;
+
+const VERSION: u32 = 1;
+
+/// `<data>/state/agent.json`.
+pub fn state_file(data_root: &Path) -> PathBuf {
+    data_root.join("state").join("agent.json")
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    apps: BTreeMap<String, AppRecord>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct AppRecord {
+    #[serde(default)]
+    failures: u32,
+    /// Unix seconds.
+    #[serde(default)]
+    next_try: Option<u64>,
+    /// Unix seconds.
+    #[serde(default)]
+    drift_recreates: Vec<u64>,
+    #[serde(default)]
+    drift_loop_hash: Option<String>,
+    #[serde(default)]
+    adopted: Option<String>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Instant <-> wall clock, anchored at one moment taken together.
+struct Anchor {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl Anchor {
+    fn now() -> Anchor {
+        Anchor {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    fn unix_of(&self, t: Instant) -> u64 {
+        let wall = if t >= self.instant {
+            self.wall + (t - self.instant)
+        } else {
+            self.wall - (self.instant - t)
+        };
+        unix(wall)
+    }
+
+    fn instant_of(&self, secs: u64) -> Instant {
+        let wall = UNIX_EPOCH + Duration::from_secs(secs);
+        match wall.duration_since(self.wall) {
+            Ok(ahead) => self.instant + ahead,
+            Err(e) => self.instant.checked_sub(e.duration()).unwrap_or(self.instant),
+        }
+    }
+}
+
+/// Loads the remembered state. A missing file is an empty state; a file
+/// that cannot be read as state is moved aside and reported, never fatal.
+pub fn load(data_root: &Path) -> BTreeMap<AppId, AppMemory> {
+    let path = state_file(data_root);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the agent state; starting from the engine");
+            return BTreeMap::new();
+        }
+    };
+    let parsed: Result<StateFile, String> = serde_json::from_slice::<StateFile>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            if f.version == VERSION {
+                Ok(f)
+            } else {
+                Err(format!("unknown version {}", f.version))
+            }
+        });
+    let file = match parsed {
+        Ok(f) => f,
+        Err(error) => {
+            match fsutil::move_aside(&path) {
+                Ok(aside) => tracing::warn!(
+                    path = %path.display(), aside = %aside.display(), error,
+                    "agent state is corrupt; moved aside, rebuilding from the engine"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %path.display(), error, move_error = %e,
+                    "agent state is corrupt and could not be moved aside; rebuilding from the engine"
+                ),
+            }
+            return BTreeMap::new();
+        }
+    };
+    let anchor = Anchor::now();
+    file.apps
+        .into_iter()
+        .filter_map(|(app, r)| {
+            let id = AppId::parse(&app)?;
+            Some((
+                id,
+                AppMemory {
+                    failures: r.failures,
+                    next_try: r.next_try.map(|s| anchor.instant_of(s)),
+                    running_since: None,
+                    drift_recreates: r.drift_recreates.iter().map(|s| anchor.instant_of(*s)).collect(),
+                    drift_loop_hash: r.drift_loop_hash,
+                    adopted: r.adopted,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Writes the state atomically (temp file, fsync, rename, fsync folder).
+pub fn save(data_root: &Path, memory: &BTreeMap<AppId, AppMemory>) -> anyhow::Result<()> {
+    let anchor = Anchor::now();
+    let file = StateFile {
+        version: VERSION,
+        apps: memory
+            .iter()
+            .map(|(app, m)| {
+                (
+                    app.to_string(),
+                    AppRecord {
+                        failures: m.failures,
+                        next_try: m.next_try.map(|t| anchor.unix_of(t)),
+                        drift_recreates: m.drift_recreates.iter().map(|t| anchor.unix_of(*t)).collect(),
+                        drift_loop_hash: m.drift_loop_hash.clone(),
+                        adopted: m.adopted.clone(),
+                    },
+                )
+            })
+            .filter(|(_, r)| *r != AppRecord::default())
+            .collect(),
+    };
+    let path = state_file(data_root);
+    let bytes = serde_json::to_vec_pretty(&file).context("cannot encode the agent state")?;
+    fsutil::write_atomic(&path, &bytes, 0o600).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn state_round_trips_failures_adoptions_and_drift_loops() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let app = AppId::parse("electrs").expect("id");
+        let mem = AppMemory {
+            failures: 3,
+            next_try: Some(Instant::now() + Duration::from_secs(40)),
+            drift_loop_hash: Some("abc".to_owned()),
+            adopted: Some("c0ffee".to_owned()),
+            ..AppMemory::default()
+        };
+        save(tmp.path(), &BTreeMap::from([(app.clone(), mem.clone())])).expect("save");
+        let loaded = load(tmp.path());
+        let got = &loaded[&app];
+        assert_eq!(
+            (got.failures, &got.drift_loop_hash, &got.adopted),
+            (3, &mem.drift_loop_hash, &mem.adopted)
+        );
+        let left = got.next_try.expect("next try") - Instant::now();
+        assert!(
+            left > Duration::from_secs(35) && left <= Duration::from_secs(41),
+            "{left:?}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside_and_the_state_starts_empty() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = state_file(tmp.path());
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, b"{\"version\": 1, \"apps\": {\"x\": {\"failures\": \"many\"").expect("write");
+        assert!(load(tmp.path()).is_empty());
+        assert!(!path.exists(), "moved aside");
+        let aside: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("agent.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the corrupt bytes are kept for a person to look at");
+    }
+}
