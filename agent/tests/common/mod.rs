@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+
+pub mod node;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,289 @@
+//! Reconcile passes and the agent loop against the real Podman service.
+
+mod common;
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use archy_agent::manifest::Naming;
+use archy_agent::orchestrator::{AppState, ContainerOrchestrator};
+use archy_agent::reconcile::daemon::{self, AgentConfig};
+use archy_agent::reconcile::pass::Reconciler;
+use archy_agent::reconcile::plan::{Action, Decision, Wait};
+use common::node::{app_id, Node, SERVE};
+
+fn decision<'a>(report: &'a archy_agent::reconcile::pass::PassReport, app: &str) -> &'a Decision {
+    &report
+        .apps
+        .iter()
+        .find(|a| a.app == app)
+        .unwrap_or_else(|| panic!("{app} in {report:#?}"))
+        .decision
+}
+
+fn started_at(node: &Node, container: &str) -> String {
+    node.podman(&["inspect", "--format", "{{.State.StartedAt}}", container])
+        .trim()
+        .to_owned()
+}
+
+fn container_id(node: &Node, container: &str) -> String {
+    node.podman(&["inspect", "--format", "{{.Id}}", container])
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_container_made_with_the_podman_cli_is_adopted_untouched() {
+    let node = Node::new();
+    let id = app_id("adopt");
+    let image = node.env.image.to_string();
+    node.app(&id, &image, SERVE);
+    // An older install made it by hand: no labels, the pinned image.
+    node.podman(&["pull", "--tls-verify=false", &node.env.image.by_digest()]);
+    node.podman(&["run", "-d", "--name", &id, &node.env.image.by_digest(), "sleep", "300"]);
+    let before = (container_id(&node, &id), started_at(&node, &id));
+    assert!(!before.0.is_empty(), "the hand-made container runs");
+
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    let first = reconciler.pass().await;
+    assert_eq!(
+        decision(&first, &id),
+        &Decision::Act(Action::Adopt {
+            container_id: before.0.clone()
+        })
+    );
+    let second = reconciler.pass().await;
+    assert_eq!(
+        decision(&second, &id),
+        &Decision::Wait(Wait::Ok),
+        "claimed once, then left alone"
+    );
+    assert_eq!(
+        (container_id(&node, &id), started_at(&node, &id)),
+        before,
+        "same container, never restarted"
+    );
+    let state = fs::read_to_string(node.data.join("state/agent.json")).expect("state saved");
+    assert!(state.contains(&before.0), "the adoption is recorded: {state}");
+}
+
+#[tokio::test]
+async fn adopt_with_another_image_is_drift_and_the_container_is_replaced() {
+    let node = Node::new();
+    let id = app_id("adrift");
+    node.app(
+        &id,
+        &node.env.image.to_string(),
+        &format!("{SERVE}volumes: [{{ source: data, target: /data }}]\n"),
+    );
+    node.podman(&["pull", "--tls-verify=false", &node.env.image_v2.by_digest()]);
+    node.podman(&[
+        "run",
+        "-d",
+        "--name",
+        &id,
+        &node.env.image_v2.by_digest(),
+        "sleep",
+        "300",
+    ]);
+    let old = container_id(&node, &id);
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    let report = reconciler.pass().await;
+    assert!(
+        matches!(decision(&report, &id), Decision::Act(Action::Recreate { reason }) if reason.contains("instead of the pinned"))
+    );
+    assert_ne!(container_id(&node, &id), old);
+    assert_eq!(orch.status(&id).await.expect("status").state, AppState::Running);
+}
+
+#[tokio::test]
+async fn passes_install_missing_start_exited_recreate_drifted_and_leave_held_apps() {
+    let node = Node::new();
+    let image = node.env.image.to_string();
+    let (missing, exited, drifted, held) = (app_id("miss"), app_id("exit"), app_id("drift"), app_id("held"));
+    for app in [&missing, &exited, &drifted, &held] {
+        node.app(
+            app,
+            &image,
+            &format!("{SERVE}volumes: [{{ source: data, target: /data }}]\n"),
+        );
+    }
+    let orch = Arc::new(node.orchestrator().await);
+    for app in [&exited, &drifted, &held] {
+        orch.install(app).await.expect("install");
+    }
+    node.podman(&["stop", "-t", "1", &exited]);
+    orch.stop(&held).await.expect("owner stops it");
+    node.podman(&["exec", &drifted, "sh", "-c", "echo kept > /data/file"]);
+    // The manifest changes under a running container: drift.
+    node.app(
+        &drifted,
+        &image,
+        &format!("{SERVE}volumes: [{{ source: data, target: /data }}]\nenv: {{ NEW: \"1\" }}\n"),
+    );
+    let unmanaged = app_id("stranger");
+    node.cleanup_container(&unmanaged);
+    node.podman(&[
+        "run",
+        "-d",
+        "--name",
+        &unmanaged,
+        &node.env.image.by_digest(),
+        "sleep",
+        "300",
+    ]);
+
+    let mut reconciler = Reconciler::new(orch.clone());
+    reconciler.reload();
+    let report = reconciler.pass().await;
+    assert_eq!(decision(&report, &missing), &Decision::Act(Action::Install));
+    assert_eq!(decision(&report, &exited), &Decision::Act(Action::Start));
+    assert!(
+        matches!(decision(&report, &drifted), Decision::Act(Action::Recreate { .. })),
+        "{report:#?}"
+    );
+    assert_eq!(decision(&report, &held), &Decision::Wait(Wait::Held));
+    assert!(report.unmatched.contains(&unmanaged), "{:?}", report.unmatched);
+    assert!(report.apps.iter().all(|a| a.error.is_none()), "{report:#?}");
+
+    for app in [&missing, &exited, &drifted] {
+        assert_eq!(
+            orch.status(app).await.expect("status").state,
+            AppState::Running,
+            "{app}"
+        );
+    }
+    assert_eq!(orch.status(&held).await.expect("status").state, AppState::Stopped);
+    assert_eq!(
+        node.podman(&["exec", &drifted, "cat", "/data/file"]).trim(),
+        "kept",
+        "data survives the recreate"
+    );
+    assert_eq!(node.podman(&["exec", &drifted, "sh", "-c", "echo $NEW"]).trim(), "1");
+    assert!(!node.podman(&["ps", "--format", "{{.Names}}"]).trim().is_empty());
+    // The stranger is left alone.
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", &unmanaged])
+            .trim(),
+        "running"
+    );
+
+    let quiet = reconciler.pass().await;
+    assert!(quiet.is_quiet(), "{quiet:#?}");
+}
+
+#[tokio::test]
+async fn one_broken_app_never_blocks_the_others_and_its_dependants_wait() {
+    let node = Node::new();
+    let image = node.env.image.to_string();
+    let broken = app_id("broken");
+    let dependant = app_id("needs");
+    let fine = app_id("fine");
+    // Pinned to a digest no registry has.
+    let missing = node
+        .env
+        .image
+        .to_string()
+        .rsplit_once('@')
+        .map(|(name, _)| format!("{name}@sha256:{}", "0".repeat(64)))
+        .expect("pinned");
+    node.app(&broken, &missing, SERVE);
+    node.app(&dependant, &image, &format!("{SERVE}depends_on: [{broken}]\n"));
+    node.app(&fine, &image, SERVE);
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    let report = reconciler.pass().await;
+    let b = report.apps.iter().find(|a| a.app == broken).expect("broken");
+    assert!(
+        b.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no registry could provide")),
+        "{b:?}"
+    );
+    assert_eq!(
+        decision(&report, &dependant),
+        &Decision::Wait(Wait::Dependency {
+            app: broken.clone(),
+            state: "missing".to_owned()
+        })
+    );
+    assert_eq!(orch.status(&fine).await.expect("status").state, AppState::Running);
+    // The failed install backs off instead of retrying at once.
+    let again = reconciler.pass().await;
+    assert!(
+        matches!(decision(&again, &broken), Decision::Wait(Wait::Backoff { .. })),
+        "{again:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_moved_aside_and_the_pass_still_runs() {
+    let node = Node::new();
+    let id = app_id("corrupt");
+    node.app(&id, &node.env.image.to_string(), SERVE);
+    fs::create_dir_all(node.data.join("state")).expect("state dir");
+    fs::write(node.data.join("state/agent.json"), b"\x00garbage").expect("corrupt");
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    let report = reconciler.pass().await;
+    assert_eq!(decision(&report, &id), &Decision::Act(Action::Install));
+    let names: Vec<String> = fs::read_dir(node.data.join("state"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("agent.json.corrupt-")), "{names:?}");
+    assert!(names.iter().any(|n| n == "agent.json"), "rebuilt: {names:?}");
+}
+
+#[tokio::test]
+async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
+    let node = Node::new();
+    let id = app_id("evented");
+    node.app(&id, &node.env.image.to_string(), SERVE);
+    let config = AgentConfig {
+        engine: node.env.engine_socket.clone(),
+        apps_dir: node.apps.clone(),
+        data_root: node.data.clone(),
+        naming: Naming::Prod,
+        // Far beyond the test: only events can explain a quick restart.
+        resync: Duration::from_secs(3600),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
+    let agent = tokio::spawn(daemon::run(config, req_rx, async move {
+        let _ = stop_rx.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim() != "running" {
+        assert!(Instant::now() < deadline, "the first pass never installed {id}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let first_start = started_at(&node, &id);
+    node.podman(&["kill", &id]);
+    let killed = Instant::now();
+    loop {
+        let now_started = started_at(&node, &id);
+        let running = node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim() == "running";
+        if running && now_started != first_start {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the agent did not restart {id} after a kill"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("killed -> running again in {:?}", killed.elapsed());
+    let _ = stop_tx.send(());
+    agent.await.expect("agent task").expect("agent exits cleanly");
+    // Stopping the agent never stops an app.
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
+        "running"
+    );
+}
