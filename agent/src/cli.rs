@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::engine::Engine;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
-use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig};
+use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
 use crate::registry;
 
 /// Default location of the engine's API socket (rootful podman).
@@ -144,19 +144,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.global),
         Command::Registry(cmd) => registry_command(cmd, &cli.global),
+        // Refused before the engine is reached: the answer must not
+        // depend on whether it is up.
+        Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Install {
             app: None,
             manifest: Some(path),
         } => with_orchestrator(&cli.global, |orch, global| {
             Box::pin(async move {
                 let r = orch.install_from_path(&path).await?;
-                let mut out = std::io::stdout().lock();
-                if global.json {
-                    serde_json::to_writer_pretty(&mut out, &r).context("cannot write JSON")?;
-                    writeln!(out)?;
-                } else {
-                    writeln!(out, "{}: installed as {} (image {})", r.app, r.container, r.image_id)?;
-                }
+                orchestrator::commands::print_install(&r, global.json, &mut std::io::stdout().lock())?;
                 Ok(ExitCode::SUCCESS)
             })
         }),

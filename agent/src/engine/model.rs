@@ -125,6 +125,20 @@ pub struct ContainerInfo {
     pub restart_count: i64,
 }
 
+impl ContainerInfo {
+    /// Reads the text of an inspect answer (`GET /containers/{name}/json`)
+    /// as [`crate::engine::Engine::inspect`] does: for tests and tools that
+    /// work from captured answers.
+    pub fn from_inspect_json(text: &str) -> Result<ContainerInfo> {
+        let what = "an inspect answer";
+        let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Decode {
+            what: what.to_owned(),
+            message: e.to_string(),
+        })?;
+        parse_inspect(&value, what)
+    }
+}
+
 /// What an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventKind {

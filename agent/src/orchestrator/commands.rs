@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{AppState, AppStatus, ContainerOrchestrator, HealthState};
+use super::{AppState, AppStatus, ContainerOrchestrator, HealthState, InstallReport};
 use crate::cli::write_table;
 
 /// One app operation from the command line.
@@ -54,6 +54,21 @@ fn status_rows(list: &[AppStatus]) -> Vec<[String; 6]> {
         .collect()
 }
 
+/// Prints an install's outcome: its pull attempts, and whether a container
+/// was created or was already there. Shared by `install APP` and
+/// `install --manifest PATH`.
+pub fn print_install(r: &InstallReport, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    if json {
+        return json_line(out, r);
+    }
+    for a in &r.attempts {
+        writeln!(out, "pull: {a}")?;
+    }
+    let what = if r.created { "installed" } else { "already installed" };
+    writeln!(out, "{}: {what} as {} (image {})", r.app, r.container, r.image_id)?;
+    Ok(())
+}
+
 /// Runs `op` and prints its result. Returns a failing exit status when
 /// the app is not healthy (`health`) or not running (`status`), so
 /// scripts can branch on it.
@@ -67,15 +82,7 @@ pub async fn run(
     match op {
         AppOp::Install(app) => {
             let r = orch.install(&app).await?;
-            if json {
-                json_line(out, &r)?;
-            } else {
-                for a in &r.attempts {
-                    writeln!(out, "pull: {a}")?;
-                }
-                let what = if r.created { "installed" } else { "already installed" };
-                writeln!(out, "{}: {what} as {} (image {})", r.app, r.container, r.image_id)?;
-            }
+            print_install(&r, json, out)?;
         }
         AppOp::Upgrade(app) => {
             let r = orch.upgrade(&app).await?;
@@ -131,7 +138,13 @@ pub async fn run(
             if json {
                 json_line(out, &h)?;
             } else {
-                let health = h.health.map_or("no health check".to_owned(), |x| x.to_string());
+                // Only a running app is probed: without a health, a stopped
+                // one may still declare a check.
+                let health = match (h.health, h.state) {
+                    (Some(x), _) => x.to_string(),
+                    (None, AppState::Running) => "no health check".to_owned(),
+                    (None, _) => "not probed: not running".to_owned(),
+                };
                 writeln!(out, "{}: {} ({health})", h.app, h.state)?;
                 if let Some(p) = &h.probe {
                     writeln!(out, "probe {}: {} in {} ms", p.target, p.detail, p.elapsed_ms)?;

@@ -133,3 +133,317 @@ pub fn app_status(
         drifted,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Table-driven: each row is an inspect answer captured from Podman
+    //! 4.3.1 (see `agent/tests/fixtures/inspect/README.md`), read as the
+    //! engine reads it, and the manifest it is compared with.
+
+    use super::*;
+
+    /// The manifest version every captured app was installed with, except
+    /// `older-version.json` (installed as 0.9).
+    const VERSION: &str = "1.0";
+    /// The spec hash of `running.json`'s manifest (and of `exited-0`,
+    /// `paused` and `older-version`, which share its settings).
+    const SERVE_HASH: &str = "28f8b6422c9554559f3438560686b718f87e3707ebbf22c2d51ce274ab9016ba";
+    /// The spec hash `drifted.json`'s manifest gave after its env changed:
+    /// the label of the container `upgrade` then created from it.
+    const DRIFTED_WANT: &str = "6692e0b5ba560b057a91a1e2fe937bd8111ef5eb1907d797386ced262f421de6";
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            (
+                $name,
+                include_str!(concat!("../../tests/fixtures/inspect/", $name)),
+            )
+        };
+    }
+
+    enum Fixture {
+        File((&'static str, &'static str)),
+        /// A captured answer with one text replaced: for what this host
+        /// cannot produce.
+        Patched((&'static str, &'static str), &'static str, &'static str),
+        /// No container.
+        Missing,
+    }
+
+    enum Want {
+        /// The manifest is unchanged since install: the hash the
+        /// container's own label carries.
+        OwnLabel,
+        Hash(&'static str),
+    }
+
+    struct Row {
+        fixture: Fixture,
+        /// The manifest's version and spec hash.
+        version: &'static str,
+        hash: Want,
+        state: AppState,
+        exit_code: Option<i64>,
+        managed: bool,
+        drifted: bool,
+        update_available: bool,
+    }
+
+    const ROWS: &[Row] = &[
+        Row {
+            fixture: Fixture::File(fixture!("running.json")),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Running,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("exited-0.json")),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Stopped,
+            exit_code: Some(0),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("exited-3.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Crashed,
+            exit_code: Some(3),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("exited-137-sigkill.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Killed,
+            exit_code: Some(137),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // A real OOM kill; this host's Podman (cgroups v1) leaves OOMKilled
+        // false, so the exit code alone must say killed.
+        Row {
+            fixture: Fixture::File(fixture!("exited-137-oom.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Killed,
+            exit_code: Some(137),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // Where OOMKilled is reported, it says killed whatever the code
+        // (a shell whose child the OOM killer took exits with its own).
+        Row {
+            fixture: Fixture::Patched(fixture!("exited-3.json"), "\"OOMKilled\": false", "\"OOMKilled\": true"),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Killed,
+            exit_code: Some(3),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // install's start failed (no such executable): created, never ran.
+        Row {
+            fixture: Fixture::File(fixture!("created-start-failed.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Created,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("paused.json")),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Paused,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("stopping.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Transitioning,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // Podman's brief `stopped` (engine fixture), labelled by hand
+        // without a hash or version: managed, and a drift.
+        Row {
+            fixture: Fixture::File((
+                "engine/podman-4.3.1-inspect_stopped.json",
+                include_str!("../../tests/fixtures/engine/podman-4.3.1-inspect_stopped.json"),
+            )),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Stopped,
+            exit_code: Some(0),
+            managed: true,
+            drifted: true,
+            update_available: false,
+        },
+        // Created with `podman run`, no labels: never managed, so never a
+        // drift or an update, whatever the manifest says.
+        Row {
+            fixture: Fixture::File(fixture!("unlabelled-running.json")),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Running,
+            exit_code: None,
+            managed: false,
+            drifted: false,
+            update_available: false,
+        },
+        Row {
+            fixture: Fixture::File(fixture!("drifted.json")),
+            version: VERSION,
+            hash: Want::Hash(DRIFTED_WANT),
+            state: AppState::Running,
+            exit_code: None,
+            managed: true,
+            drifted: true,
+            update_available: false,
+        },
+        // The same container against its unchanged manifest.
+        Row {
+            fixture: Fixture::File(fixture!("drifted.json")),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Running,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // Installed as 0.9, the manifest now says 1.0 (same settings).
+        Row {
+            fixture: Fixture::File(fixture!("older-version.json")),
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Running,
+            exit_code: None,
+            managed: true,
+            drifted: false,
+            update_available: true,
+        },
+        Row {
+            fixture: Fixture::Missing,
+            version: VERSION,
+            hash: Want::Hash(SERVE_HASH),
+            state: AppState::Missing,
+            exit_code: None,
+            managed: false,
+            drifted: false,
+            update_available: false,
+        },
+    ];
+
+    fn read(fixture: &Fixture) -> (String, Option<ContainerInfo>) {
+        let (name, text) = match fixture {
+            Fixture::Missing => return ("(no container)".to_owned(), None),
+            Fixture::File((name, text)) => ((*name).to_owned(), (*text).to_owned()),
+            Fixture::Patched((name, text), from, to) => {
+                assert!(text.contains(from), "{name} has no {from:?} to patch");
+                (format!("{name} with {to}"), text.replace(from, to))
+            }
+        };
+        let info = ContainerInfo::from_inspect_json(&text).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        (name, Some(info))
+    }
+
+    #[test]
+    fn captured_inspect_answers_map_to_state_exit_code_managed_drift_and_update() {
+        let mut wrong = Vec::new();
+        for row in ROWS {
+            let (name, info) = read(&row.fixture);
+            let label = |key: &str| info.as_ref().and_then(|i| i.labels.get(key)).cloned();
+            let hash = match row.hash {
+                Want::OwnLabel => label(LABEL_SPEC_HASH).unwrap_or_else(|| panic!("{name} has no spec hash")),
+                Want::Hash(h) => h.to_owned(),
+            };
+            let state = app_state(info.as_ref());
+            if state != row.state {
+                wrong.push(format!("{name}: app_state {state:?}, expected {:?}", row.state));
+            }
+            let s = app_status(
+                "app",
+                "container",
+                row.version,
+                &hash,
+                info.as_ref(),
+                Some(HealthState::Healthy),
+            );
+            let got = (s.state, s.exit_code, s.managed, s.drifted, s.update_available);
+            let want = (row.state, row.exit_code, row.managed, row.drifted, row.update_available);
+            if got != want {
+                wrong.push(format!(
+                    "{name}: (state, exit_code, managed, drifted, update_available) is {got:?}, expected {want:?}"
+                ));
+            }
+            // What every row shares: ids and versions passed through, and
+            // a health only for a running app.
+            let health = (row.state == AppState::Running).then_some(HealthState::Healthy);
+            let passed = (
+                s.container_id.clone(),
+                s.running_version.clone(),
+                s.version.clone(),
+                s.health,
+            );
+            let expected = (
+                info.as_ref().map(|i| i.id.clone()),
+                label(LABEL_VERSION),
+                row.version.to_owned(),
+                health,
+            );
+            if passed != expected {
+                wrong.push(format!(
+                    "{name}: (container_id, running_version, version, health) is {passed:?}, expected {expected:?}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{} row(s) wrong:\n{}", wrong.len(), wrong.join("\n"));
+    }
+
+    #[test]
+    fn the_table_covers_every_app_state() {
+        let covered: Vec<AppState> = ROWS.iter().map(|r| r.state).collect();
+        for state in [
+            AppState::Running,
+            AppState::Stopped,
+            AppState::Killed,
+            AppState::Crashed,
+            AppState::Created,
+            AppState::Paused,
+            AppState::Transitioning,
+            AppState::Missing,
+        ] {
+            assert!(covered.contains(&state), "no row for {state}");
+        }
+    }
+
+    #[test]
+    fn a_fixture_that_is_not_an_inspect_answer_is_a_decode_error() {
+        let err = ContainerInfo::from_inspect_json("[]").expect_err("a list is no container");
+        assert!(matches!(err, crate::engine::EngineError::Decode { .. }), "{err:?}");
+        let err = ContainerInfo::from_inspect_json("{").expect_err("not JSON");
+        assert!(matches!(err, crate::engine::EngineError::Decode { .. }), "{err:?}");
+    }
+}
