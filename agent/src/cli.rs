@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::Engine;
+use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
 use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
@@ -45,6 +46,9 @@ pub struct GlobalOpts {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Folder of pre-pulled image archives and their images.lock.json.
+    #[arg(long, global = true, env = "ARCHY_IMAGES", default_value = images::DEFAULT_IMAGES_DIR)]
+    pub images: PathBuf,
 }
 
 impl GlobalOpts {
@@ -98,6 +102,16 @@ pub enum Command {
     /// Manage the registries images are pulled from, in priority order.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// Work with the pre-pulled image folder (--images).
+    #[command(subcommand)]
+    Images(ImagesCommand),
+}
+
+/// `archy-agent images …`; the folder is `--images`, its format docs/images.md.
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Import every archive whose image the engine's store lacks (exit status 1 when any is skipped).
+    Import,
 }
 
 /// `archy-agent registry …`; the list lives in `<data>/config/registries.json`.
@@ -147,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // Refused before the engine is reached: the answer must not
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
+        Command::Images(cmd) => images_command(cmd, &cli.global),
         Command::Install {
             app: None,
             manifest: Some(path),
@@ -169,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Health { app } => AppOp::Health(app),
                 Command::List => AppOp::List,
                 Command::Logs { app, tail } => AppOp::Logs { app, tail },
-                Command::Validate | Command::Registry(_) => unreachable!("handled above"),
+                Command::Validate | Command::Registry(_) | Command::Images(_) => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
                 Box::pin(async move {
@@ -202,6 +217,7 @@ fn with_orchestrator(
                 apps_dir: global.apps_dir(),
                 data_root: global.data.clone(),
                 naming: naming(global),
+                images_dir: global.images.clone(),
             },
         );
         f(&orch, global).await
@@ -230,6 +246,19 @@ fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result
         }
         RegistryCommand::Remove { name } => registry::commands::remove(data, &name, json, out),
         RegistryCommand::Test { name } => registry::commands::test(data, name.as_deref(), json, out),
+    }
+}
+
+fn images_command(cmd: ImagesCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImagesCommand::Import => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let report = runtime.block_on(async {
+                let engine = Engine::connect(&global.engine).await?;
+                anyhow::Ok(images::import_all(&engine, &global.images, &global.data).await)
+            })?;
+            images::commands::print_import(&report, global.json, &mut std::io::stdout().lock())
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod engine;
 pub mod fsutil;
+pub mod images;
 pub mod manifest;
 pub mod orchestrator;
 pub mod reconcile;

@@ -10,8 +10,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// What went wrong talking to the engine, sorted by what a caller does
 /// about it: retry later (`Unreachable`), create or pull (`NotFound`),
 /// adopt or rename (`Conflict`), fix the input (`HostPathMissing`,
-/// `InvalidSpec`, `BuildFailed`, `BuildContext`, `NetworkWithoutDns`),
-/// report (`PullFailed`, `ExecTimeout`, `Api`, `Decode`, `Client`).
+/// `InvalidSpec`, `BuildFailed`, `BuildContext`, `NetworkWithoutDns`,
+/// `Archive`), report (`PullFailed`, `LoadFailed`, `ExecTimeout`, `Api`,
+/// `Decode`, `Client`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// No engine answers on the socket: not started, wrong path, hung.
@@ -56,6 +57,17 @@ pub enum EngineError {
     #[error("cannot pack the build context {}", context.display())]
     BuildContext {
         context: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine refused or failed to load an image archive: not a
+    /// `docker-archive` tarball, a truncated or corrupt layer.
+    #[error("loading the image archive {} failed: {message}", archive.display())]
+    LoadFailed { archive: PathBuf, message: String },
+    /// The image archive could not be opened or read while sending it.
+    #[error("cannot read the image archive {}", archive.display())]
+    Archive {
+        archive: PathBuf,
         #[source]
         source: std::io::Error,
     },

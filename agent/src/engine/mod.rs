@@ -55,12 +55,17 @@
 //!   Docker's exec lifetime), even after the container is removed. The
 //!   exit code must be read before that delay ends; a smaller delay (a few
 //!   seconds) keeps frequent health checks from piling up processes.
+//! - A load (`POST /images/load`) answers only once the whole archive is
+//!   received and stored (Podman copies the body to a temporary file
+//!   first), with one `{"stream": "Loaded image: a,b"}`; a refusal is a
+//!   500. [`Engine::load_image`] waits longer than other requests for it.
 //! - conmon reads stdout and stderr separately: their interleaving in the
 //!   logs is not the order in which they were written.
 
 mod build;
 mod create;
 mod error;
+mod load;
 pub(crate) mod model;
 mod pause;
 mod raw;
@@ -75,9 +80,9 @@ use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, RenameContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
+    KillContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::{Stream, StreamExt as _};
@@ -105,6 +110,9 @@ const LIBPOD_PREFIX: &str = "/v4.0.0/libpod";
 /// Per request, until the answer's headers arrive; a pull's progress
 /// stream is not limited by it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a load may take until the engine answers: it answers only
+/// after storing every layer, and archives run to gigabytes.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Added to a stop's grace period: the engine answers only once the
 /// container is down.
 const STOP_SLACK: Duration = Duration::from_secs(30);
@@ -278,6 +286,69 @@ impl Engine {
             repo_digests: found.repo_digests.unwrap_or_default(),
             repo_tags: found.repo_tags.unwrap_or_default(),
         })
+    }
+
+    /// Whether the store holds the image whose config digest (image ID) is
+    /// `id` (`sha256:…`). Asked by ID, never by name: a name can point at
+    /// other content, an ID cannot.
+    pub async fn has_image(&self, id: &str) -> Result<bool> {
+        match self.inspect_image_ref(id).await {
+            Ok(info) => Ok(strip_sha256(&info.id) == strip_sha256(id)),
+            Err(EngineError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads a `docker-archive` tarball (what `podman save` writes) into
+    /// the store, streaming the file as the request body, and returns the
+    /// names the engine reports for what it loaded (tags, or an image ID
+    /// for an untagged image). The caller confirms what arrived by config
+    /// digest ([`Engine::has_image`]): the names say nothing about content.
+    pub async fn load_image(&self, archive: &Path) -> Result<Vec<String>> {
+        let unreadable = |source: std::io::Error| EngineError::Archive {
+            archive: archive.to_path_buf(),
+            source,
+        };
+        let failed = |message: String| EngineError::LoadFailed {
+            archive: archive.to_path_buf(),
+            message,
+        };
+        let file = tokio::fs::File::open(archive).await.map_err(unreadable)?;
+        let read_error = load::ReadErrorSlot::default();
+        let body = load::body(file, read_error.clone());
+        let options = ImportImageOptionsBuilder::new().build();
+        let docker = self.docker.clone().with_timeout(LOAD_TIMEOUT);
+        let mut answer = docker.import_image_stream(options, body, None);
+        let mut names = Vec::new();
+        let mut outcome = Ok(());
+        while let Some(event) = answer.next().await {
+            match event {
+                Ok(info) => {
+                    if let Some(line) = info.stream.as_deref() {
+                        tracing::debug!(archive = %archive.display(), line = line.trim_end(), "load");
+                        names.extend(load::loaded_names(line));
+                    }
+                }
+                Err(BollardError::DockerStreamError { error }) => {
+                    outcome = Err(failed(error.trim_end().to_owned()));
+                    break;
+                }
+                Err(BollardError::DockerResponseServerError { status_code, message }) => {
+                    outcome = Err(failed(format!("HTTP {status_code}: {}", message.trim_end())));
+                    break;
+                }
+                Err(err) => {
+                    outcome = Err(self.classify(|| format!("image archive {}", archive.display()))(err));
+                    break;
+                }
+            }
+        }
+        // A file that fails while being sent breaks the connection; the
+        // archive is what to report, not the engine.
+        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(unreadable(e));
+        }
+        outcome.map(|()| names)
     }
 
     /// Removes the image by its digest reference; fails with `Conflict` while
@@ -639,4 +710,9 @@ impl Engine {
             lines.map(|line| line.and_then(|value| model::parse_event(&value))),
         ))
     }
+}
+
+/// An image ID without its `sha256:` prefix, as engines write it either way.
+fn strip_sha256(id: &str) -> &str {
+    id.strip_prefix("sha256:").unwrap_or(id)
 }

@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
 use crate::engine::{EngineError, RegistryAuth};
+use crate::images::{self, LockError};
 use crate::manifest::{ImageSource, Manifest, PinnedImage};
 use crate::registry::{candidates, RegistryStore};
 use crate::spec::{app_data_dir, build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
@@ -136,8 +137,48 @@ async fn ensure_image(
             Ok((info.id, Vec::new(), true))
         }
         ImageSource::Pinned(image) => {
+            if let Some(id) = imported_image(orch, app, image).await {
+                return Ok((id, Vec::new(), false));
+            }
             let (id, attempts) = pull_with_fallback(orch, app, image).await?;
             Ok((id, attempts, false))
+        }
+    }
+}
+
+/// The config digest of the image the image folder's lock ships for this
+/// exact reference, when the engine's store holds it: an imported archive
+/// stands for its pinned reference (docs/images.md), though the store knows
+/// it only by config digest and tag, not by the digest the manifest pins.
+/// `None` (pull instead) when there is no lock, no entry, or no such image.
+async fn imported_image(orch: &Orchestrator, app: &str, image: &PinnedImage) -> Option<String> {
+    let lock = match images::load_lock(&orch.config.images_dir) {
+        Ok(lock) => lock,
+        Err(LockError::Missing { .. }) => return None,
+        Err(e) => {
+            let error = format!("{:#}", anyhow::Error::from(e));
+            tracing::warn!(app, error, "image lock unusable, pulling instead");
+            return None;
+        }
+    };
+    let digest = images::local_image_for(&lock, image)?;
+    match orch.engine.has_image(digest.as_str()).await {
+        Ok(true) => {
+            tracing::info!(app, image = %image, config_digest = %digest, "using the imported image");
+            Some(digest.to_string())
+        }
+        Ok(false) => {
+            tracing::info!(app, image = %image, config_digest = %digest, "the lock ships this image but it is not imported; pulling");
+            None
+        }
+        Err(e) => {
+            let error = format!("{:#}", anyhow::Error::from(e));
+            tracing::warn!(
+                app,
+                error,
+                "cannot ask the store for the imported image, pulling instead"
+            );
+            None
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct OrchestratorConfig {
     pub apps_dir: PathBuf,
     pub data_root: PathBuf,
     pub naming: Naming,
+    /// The pre-pulled image folder (docs/images.md): an image its lock
+    /// ships for an app's exact reference, once imported, is used instead
+    /// of a pull.
+    pub images_dir: PathBuf,
 }
 
 /// The orchestrator over a real engine. [`ProdOrchestrator`] and
@@ -132,6 +136,7 @@ impl ProdOrchestrator {
                 apps_dir: apps_dir.to_path_buf(),
                 data_root: data_root.to_path_buf(),
                 naming: Naming::Prod,
+                images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
             },
         )
     }
@@ -154,6 +159,7 @@ impl DevOrchestrator {
                 apps_dir: Self::apps_dir(data_root),
                 data_root: data_root.to_path_buf(),
                 naming: Naming::Dev { port_offset },
+                images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
             },
         )
     }

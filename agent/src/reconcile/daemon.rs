@@ -69,6 +69,8 @@ pub async fn run(
             apps_dir: config.apps_dir.clone(),
             data_root: config.data_root.clone(),
             naming: config.naming,
+            // `AgentConfig` does not carry `--images` yet: the node's folder.
+            images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
         },
     ));
     let mut reconciler = Reconciler::new(orch.clone());

@@ -67,6 +67,8 @@ impl Node {
                 apps_dir: self.apps.clone(),
                 data_root: self.data.clone(),
                 naming: Naming::Prod,
+                // No image folder: these tests pull.
+                images_dir: self.data.join("no-images"),
             },
         )
     }
