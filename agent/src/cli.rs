@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -12,6 +13,7 @@ use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
 use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
+use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry;
 
 /// Default location of the engine's API socket (rootful podman).
@@ -90,6 +92,24 @@ pub enum Command {
     Status { app: String },
     /// Probe an app's health now (exit status 3 when not healthy).
     Health { app: String },
+    /// Run the agent: reconcile on engine events and a periodic resync until SIGTERM.
+    Boot {
+        /// Seconds between level-triggered resyncs.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        resync: u64,
+    },
+    /// Run one reconcile pass now and print its report.
+    Reconcile {
+        /// Exactly one pass (required: the loop is `boot`).
+        #[arg(long, required = true)]
+        once: bool,
+    },
+    /// Show which existing containers adoption would claim, touching nothing.
+    Adopt {
+        /// Plan only (required: adoption itself happens in every pass).
+        #[arg(long, required = true)]
+        dry_run: bool,
+    },
     /// Show every app's status.
     List,
     /// Print an app's logs.
@@ -145,6 +165,7 @@ pub enum RegistryCommand {
 /// print their whole chain of causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Boot { .. }));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -154,10 +175,32 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Structured logs. The agent (`boot`) logs at info to stdout, which
+/// journald keeps; one-shot commands log warnings to stderr so stdout stays
+/// theirs. `RUST_LOG` overrides either.
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if daemon {
+        builder.with_writer(std::io::stdout).init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.global),
         Command::Registry(cmd) => registry_command(cmd, &cli.global),
+        Command::Boot { resync } => reconcile::commands::boot(agent_config(&cli.global, Duration::from_secs(resync))),
+        Command::Reconcile { .. } => {
+            reconcile::commands::reconcile_once(agent_config(&cli.global, DEFAULT_RESYNC), cli.global.json)
+        }
+        Command::Adopt { .. } => {
+            reconcile::commands::adopt_dry_run(agent_config(&cli.global, DEFAULT_RESYNC), cli.global.json)
+        }
         // Refused before the engine is reached: the answer must not
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
@@ -184,7 +227,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Health { app } => AppOp::Health(app),
                 Command::List => AppOp::List,
                 Command::Logs { app, tail } => AppOp::Logs { app, tail },
-                Command::Validate | Command::Registry(_) | Command::Images(_) => unreachable!("handled above"),
+                Command::Validate
+                | Command::Registry(_)
+                | Command::Boot { .. }
+                | Command::Reconcile { .. }
+                | Command::Adopt { .. }
+                | Command::Images(_) => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
                 Box::pin(async move {
@@ -260,6 +308,17 @@ fn images_command(cmd: ImagesCommand, global: &GlobalOpts) -> anyhow::Result<Exi
             images::commands::print_import(&report, global.json, &mut std::io::stdout().lock())
         }
     }
+}
+
+fn agent_config(global: &GlobalOpts, resync: Duration) -> reconcile::daemon::AgentConfig {
+    reconcile::commands::config(
+        &global.engine,
+        &global.apps_dir(),
+        &global.data,
+        &global.images,
+        naming(global),
+        resync,
+    )
 }
 
 fn naming(global: &GlobalOpts) -> Naming {

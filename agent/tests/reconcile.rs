@@ -249,6 +249,7 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
         engine: node.env.engine_socket.clone(),
         apps_dir: node.apps.clone(),
         data_root: node.data.clone(),
+        images_dir: node.data.join("no-images"),
         naming: Naming::Prod,
         // Far beyond the test: only events can explain a quick restart.
         resync: Duration::from_secs(3600),
@@ -282,6 +283,84 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
     let _ = stop_tx.send(());
     agent.await.expect("agent task").expect("agent exits cleanly");
     // Stopping the agent never stops an app.
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
+        "running"
+    );
+}
+
+fn agent_cmd(node: &Node) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_archy-agent"));
+    cmd.arg("--engine")
+        .arg(&node.env.engine_socket)
+        .arg("--apps")
+        .arg(&node.apps)
+        .arg("--data")
+        .arg(&node.data)
+        .arg("--images")
+        .arg(node.data.join("no-images"))
+        .env_remove("ARCHY_CONTROL");
+    cmd
+}
+
+#[tokio::test]
+async fn adopt_dry_run_touches_nothing_and_boot_exits_on_sigterm_leaving_apps_running() {
+    let node = Node::new();
+    let id = app_id("cliadopt");
+    node.app(&id, &node.env.image.to_string(), SERVE);
+    node.podman(&["pull", "--tls-verify=false", &node.env.image.by_digest()]);
+    node.podman(&["run", "-d", "--name", &id, &node.env.image.by_digest(), "sleep", "300"]);
+    let before = (container_id(&node, &id), started_at(&node, &id));
+
+    let out = agent_cmd(&node)
+        .args(["adopt", "--dry-run", "--json"])
+        .output()
+        .expect("adopt runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["apps"][0]["app"], id.as_str());
+    assert_eq!(report["apps"][0]["decision"]["act"]["action"], "adopt");
+    assert!(
+        !node.data.join("state/agent.json").exists(),
+        "a dry run writes no state"
+    );
+
+    let out = agent_cmd(&node)
+        .args(["reconcile", "--once"])
+        .output()
+        .expect("reconcile runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains(&format!("adopt {}", &before.0[..12])),
+        "{table}"
+    );
+
+    let mut boot = agent_cmd(&node)
+        .arg("boot")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("boot starts");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = boot.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = boot.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "boot did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "boot exits 0 on SIGTERM: {status:?}");
+    assert_eq!(
+        (container_id(&node, &id), started_at(&node, &id)),
+        before,
+        "adopted, never restarted, still there"
+    );
     assert_eq!(
         node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
         "running"

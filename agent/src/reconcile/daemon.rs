@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub engine: PathBuf,
     pub apps_dir: PathBuf,
     pub data_root: PathBuf,
+    /// Pre-pulled image archives, imported once at boot.
+    pub images_dir: PathBuf,
     pub naming: Naming,
     /// The periodic, level-triggered resync.
     pub resync: Duration,
@@ -63,6 +65,10 @@ pub async fn run(
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
+    // Before the first pass, so installs find the pre-pulled images and
+    // a node with no network still starts every app.
+    let imported = crate::images::import_all(&engine, &config.images_dir, &config.data_root).await;
+    log_import(&imported);
     let orch = Arc::new(Orchestrator::new(
         engine,
         OrchestratorConfig {
@@ -70,7 +76,7 @@ pub async fn run(
             data_root: config.data_root.clone(),
             naming: config.naming,
             // `AgentConfig` does not carry `--images` yet: the node's folder.
-            images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
+            images_dir: config.images_dir.clone(),
         },
     ));
     let mut reconciler = Reconciler::new(orch.clone());
@@ -221,6 +227,21 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
+}
+
+fn log_import(report: &crate::images::ImportReport) {
+    for note in &report.notes {
+        tracing::info!(dir = %report.dir.display(), note, "images");
+    }
+    if let Some(e) = &report.error {
+        tracing::warn!(dir = %report.dir.display(), error = %e, "pre-pulled images not imported");
+    }
+    tracing::info!(
+        imported = report.imported(),
+        already_present = report.already_present(),
+        skipped = report.skipped(),
+        "pre-pulled images"
+    );
 }
 
 fn log_report(report: &PassReport, first: bool) {
