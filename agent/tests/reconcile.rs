@@ -366,3 +366,153 @@ async fn adopt_dry_run_touches_nothing_and_boot_exits_on_sigterm_leaving_apps_ru
         "running"
     );
 }
+
+/// A stand-in for the engine's socket that can go away and come back, as
+/// the socket does when Podman restarts.
+struct FlakySocket {
+    path: std::path::PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+    upstream: std::path::PathBuf,
+}
+
+impl FlakySocket {
+    fn new(path: std::path::PathBuf, upstream: std::path::PathBuf) -> FlakySocket {
+        let mut s = FlakySocket {
+            path,
+            task: None,
+            upstream,
+        };
+        s.up();
+        s
+    }
+
+    /// Serves: every connection is piped to the real engine.
+    fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind proxy");
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut server) = tokio::net::UnixStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Goes away: the socket file and every open connection.
+    fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn the_agent_survives_the_engine_going_away_and_converges_when_it_returns() {
+    let node = Node::new();
+    let id = app_id("enginerestart");
+    node.app(&id, &node.env.image.to_string(), SERVE);
+    let socket = node.data.join("engine.sock");
+    let mut flaky = FlakySocket::new(socket.clone(), node.env.engine_socket.clone());
+    let config = AgentConfig {
+        engine: socket,
+        apps_dir: node.apps.clone(),
+        data_root: node.data.clone(),
+        images_dir: node.data.join("no-images"),
+        naming: Naming::Prod,
+        resync: Duration::from_secs(2),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
+    let agent = tokio::spawn(daemon::run(config, req_rx, async move {
+        let _ = stop_rx.await;
+    }));
+    let running = |node: &Node| node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim() == "running";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running(&node) {
+        assert!(Instant::now() < deadline, "never installed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The engine goes away; meanwhile the app dies.
+    flaky.down();
+    node.podman(&["stop", "-t", "1", &id]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!agent.is_finished(), "the agent must survive the engine's absence");
+    // The engine comes back: the agent notices and converges.
+    flaky.up();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running(&node) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not converge after the engine came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop_tx.send(());
+    agent.await.expect("agent task").expect("agent exits cleanly");
+}
+
+#[tokio::test]
+async fn kill_9_during_an_install_leaves_nothing_the_next_pass_cannot_converge_from() {
+    let node = Node::new();
+    let id = app_id("killnine");
+    // A fresh image, so the install really pulls and takes a moment.
+    let (image, _) = common::node::push_unique_image(&node, &node.env.registry, None);
+    node.app(
+        &id,
+        &image,
+        &format!(
+            "{SERVE}volumes: [{{ source: data, target: /data }}]\nsecrets: [{{ name: k9-secret, kind: hex16 }}]\n"
+        ),
+    );
+    for delay_ms in [50u64, 300, 800] {
+        let mut child = agent_cmd(&node)
+            .args(["reconcile", "--once"])
+            .spawn()
+            .expect("reconcile starts");
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    let secret = node.data.join("secrets/k9-secret");
+    let secret_before = fs::read_to_string(&secret).ok();
+    let out = agent_cmd(&node)
+        .args(["reconcile", "--once"])
+        .output()
+        .expect("reconcile runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
+        "running"
+    );
+    let names = node.podman(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert_eq!(
+        names.lines().filter(|n| n.starts_with(&id)).count(),
+        1,
+        "one container, no leftovers: {names}"
+    );
+    if let Some(before) = secret_before {
+        assert_eq!(
+            fs::read_to_string(&secret).expect("secret"),
+            before,
+            "a secret is never regenerated"
+        );
+    }
+    let again = agent_cmd(&node)
+        .args(["reconcile", "--once", "--json"])
+        .output()
+        .expect("reconcile runs");
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    assert_eq!(report["apps"][0]["decision"]["wait"]["reason"], "ok", "{report}");
+}
