@@ -509,6 +509,10 @@ fn dev_install_from_a_manifest_path_names_the_container_dev_and_offsets_the_host
             .contains(&format!("{id}: already installed as {container}")),
         "{again}"
     );
+    // Later commands know the app: its folder was copied into the apps folder.
+    let status = node.run(&["--dev", "status", &id, "--json"]);
+    ok(&status);
+    assert_eq!(status.json()["container"], container.as_str(), "{status}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 use serde::Serialize;
 
@@ -119,8 +120,6 @@ pub struct Orchestrator {
     engine: Engine,
     config: OrchestratorConfig,
     apps: RwLock<Arc<LoadReport>>,
-    /// Apps installed from a path (dev mode), kept beside the folder's.
-    extra: RwLock<Vec<Manifest>>,
     locks: AppLocks,
 }
 
@@ -171,7 +170,6 @@ impl Orchestrator {
             engine,
             config,
             apps: RwLock::new(Arc::new(LoadReport::default())),
-            extra: RwLock::new(Vec::new()),
             locks: AppLocks::default(),
         };
         orch.reload();
@@ -207,13 +205,7 @@ impl Orchestrator {
 
     /// Every known app, in start order.
     pub fn manifests(&self) -> Vec<Manifest> {
-        let mut all = self.report().apps.clone();
-        for m in self.extra.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            if !all.iter().any(|a| a.id == m.id) {
-                all.push(m.clone());
-            }
-        }
-        manifest::start_order(&all)
+        self.report().apps.clone()
     }
 
     /// The manifest of `app`, or a typed error listing the known apps.
@@ -240,7 +232,9 @@ impl Orchestrator {
     }
 
     /// Installs from a manifest file anywhere on disk. Dev mode only: in
-    /// production only the apps folder decides what runs.
+    /// production only the apps folder decides what runs. The manifest's
+    /// folder is copied into the dev apps folder first, so later commands
+    /// (and the agent) know the app too.
     pub async fn install_from_path(&self, path: &Path) -> Result<InstallReport> {
         if !matches!(self.config.naming, Naming::Dev { .. }) {
             return Err(OrchestratorError::DevOnly);
@@ -255,13 +249,17 @@ impl Orchestrator {
                 errs.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
             )
         })?;
-        let id = m.id.to_string();
-        {
-            let mut extra = self.extra.write().unwrap_or_else(|p| p.into_inner());
-            extra.retain(|x| x.id != m.id);
-            extra.push(m);
+        let source = path.parent().unwrap_or(Path::new("."));
+        let target = self.config.apps_dir.join(m.id.as_str());
+        if source.canonicalize().ok() != target.canonicalize().ok() {
+            copy_dir(source, &target)
+                .with_context(|| format!("cannot copy {} into {}", source.display(), target.display()))?;
         }
-        self.install(&id).await
+        let report = self.reload();
+        if let Some(e) = report.errors.iter().find(|e| e.file.starts_with(&target)) {
+            return Err(anyhow::anyhow!("{} does not load beside the other apps: {e}", m.id).into());
+        }
+        self.install(m.id.as_str()).await
     }
 
     fn engine_err(app: &str) -> impl FnOnce(EngineError) -> OrchestratorError + '_ {
@@ -476,4 +474,26 @@ impl ContainerOrchestrator for Orchestrator {
             probe,
         })
     }
+}
+
+/// Copies a folder tree (files and folders; symlinks are refused: a build
+/// context must not reach outside itself).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let dest = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), dest)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is neither a file nor a folder", entry.path().display()),
+            ));
+        }
+    }
+    Ok(())
 }
