@@ -62,6 +62,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    // Pings from their own task: a first pass that pulls for many minutes
+    // must not look like a hang, while a wedged runtime still stops them.
+    let watchdog = watchdog_interval().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        })
+    });
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
@@ -86,6 +97,9 @@ pub async fn run(
     notify(&[sd_notify::NotifyState::Ready]);
     run_loop(&config, &mut reconciler, requests, &mut shutdown, first.next_deadline()).await;
     notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(task) = watchdog {
+        task.abort();
+    }
     tracing::info!("agent stopped; containers keep running");
     Ok(())
 }
@@ -118,8 +132,6 @@ async fn run_loop(
     let mut requests = Some(requests);
     let mut resync = tokio::time::interval_at(Instant::now() + config.resync, config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let watchdog = watchdog_interval();
-    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut events = None;
     let mut events_retry = Duration::from_secs(1);
     let mut events_next_try = Instant::now();
@@ -142,10 +154,6 @@ async fn run_loop(
         let mut reply: Option<ReconcileRequest> = None;
         tokio::select! {
             _ = &mut *shutdown => break,
-            _ = watchdog_tick.tick(), if watchdog.is_some() => {
-                notify(&[sd_notify::NotifyState::Watchdog]);
-                continue;
-            }
             _ = resync.tick() => reconciler.reload(),
             _ = tokio::time::sleep_until(wake) => {}
             _ = tokio::time::sleep_until(events_wake), if events.is_none() => continue,
