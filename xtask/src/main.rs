@@ -7,6 +7,7 @@ mod images;
 mod podman;
 mod procs;
 mod registry;
+mod stage_images;
 mod test_env;
 mod tools;
 
@@ -37,6 +38,8 @@ enum Command {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Pull every app image by digest (or build it), verify it, and write one archive per app plus images.lock.json.
+    Images(stage_images::Args),
     /// Build the bootable ISO (not built yet).
     Iso,
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
@@ -65,6 +68,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Iso => {
             anyhow::bail!("the iso stage is not built yet: `cargo xtask iso` has nothing to run and produced no image")
         }
+        Command::Images(args) => stage_images::run(&args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

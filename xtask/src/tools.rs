@@ -91,6 +91,23 @@ pub const TEST_STAGE: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask images` needs, and only for apps with `build`:
+/// pulling is done by the xtask itself.
+pub const IMAGES_STAGE: &[Tool] = &[
+    Tool {
+        name: "podman",
+        package: "podman",
+        probe: Probe::OnPath("podman"),
+        why: "builds the images of apps with `build` and saves them as archives",
+    },
+    Tool {
+        name: "runc",
+        package: "runc",
+        probe: Probe::OnPath("runc"),
+        why: "runs the RUN steps of those builds",
+    },
+];
+
 /// Where the test images take their busybox from (package busybox-static).
 pub const STATIC_BUSYBOX: &str = "/bin/busybox";
 
@@ -213,7 +230,10 @@ pub fn doctor() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stages: &[(&str, &[Tool])] = &[("test (cargo xtask test)", TEST_STAGE)];
+    let stages: &[(&str, &[Tool])] = &[
+        ("test (cargo xtask test)", TEST_STAGE),
+        ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
+    ];
     let mut all_missing = Vec::new();
     for (stage, tools) in stages {
         println!("stage {stage}:");

@@ -74,7 +74,9 @@ pub struct UpgradeReport {
 
 /// The local tag an app's built image gets: content-addressed by its build
 /// context, so a changed context is a new image. `None` for pulled apps.
-pub(crate) fn built_tag(m: &Manifest) -> anyhow::Result<Option<String>> {
+/// Public because the image builder (`cargo xtask images`) tags what it
+/// builds with the same name, so that a node finds the image it shipped.
+pub fn built_tag(m: &Manifest) -> anyhow::Result<Option<String>> {
     let ImageSource::Build { context, containerfile } = &m.image else {
         return Ok(None);
     };

@@ -25,7 +25,7 @@ use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingErr
 use crate::spec::ContainerSpec;
 
 pub use health::{http_url, probe_address, ProbeResult};
-pub use install::{InstallReport, PullAttempt, UpgradeReport};
+pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
 pub use locks::AppLocks;
 pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
 

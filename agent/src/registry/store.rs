@@ -110,6 +110,21 @@ impl RegistryStore {
         Ok(RegistryStore { path, registries })
     }
 
+    /// Reads a registry list from `path`, a file in the same format kept
+    /// anywhere (the image builder's `--registries FILE`). Unlike
+    /// [`RegistryStore::open`], a missing file is an error: it was named.
+    pub fn open_file(path: &Path) -> Result<RegistryStore, StoreError> {
+        let bytes = read_limited(path).map_err(|source| StoreError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let registries = parse(path, &bytes)?;
+        Ok(RegistryStore {
+            path: path.to_owned(),
+            registries,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -326,6 +341,24 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).expect("exists").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn open_file_reads_any_path_and_a_missing_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mirrors.json");
+        let missing = RegistryStore::open_file(&path).expect_err("missing");
+        assert!(matches!(missing, StoreError::Read { .. }), "{missing:?}");
+        assert!(missing.to_string().contains("mirrors.json"), "{missing}");
+        fs::write(
+            &path,
+            "{\"version\": 1, \"registries\": [{\"name\": \"b\", \"url\": \"https://b.example\", \"priority\": 2}, {\"name\": \"a\", \"url\": \"http://127.0.0.1:5000\", \"priority\": 1}]}",
+        )
+        .expect("write");
+        let store = RegistryStore::open_file(&path).expect("opens");
+        let names: Vec<&str> = store.registries().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(store.path(), path);
     }
 
     #[test]
