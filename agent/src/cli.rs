@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::control::{self, AppBackend};
 use crate::engine::Engine;
 use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
-use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
+use crate::orchestrator::{self, DevOrchestrator, OrchestratorConfig, OrchestratorError};
 use crate::reconcile::{self, commands::DEFAULT_RESYNC};
-use crate::registry;
+use crate::registry::{self, commands::RegistryOp};
 
 /// Default location of the engine's API socket (rootful podman).
 pub const DEFAULT_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
@@ -42,6 +43,9 @@ pub struct GlobalOpts {
     /// Engine API socket (Podman's Docker-compatible API).
     #[arg(long, global = true, env = "ARCHY_ENGINE", default_value = DEFAULT_ENGINE_SOCKET)]
     pub engine: PathBuf,
+    /// The agent's control socket: app and registry commands go through a running agent there, else run in-process.
+    #[arg(long, global = true, env = "ARCHY_CONTROL", default_value = control::DEFAULT_CONTROL_SOCKET)]
+    pub control: PathBuf,
     /// Dev mode: container names end in -dev and host ports are offset.
     #[arg(long, global = true)]
     pub dev: bool,
@@ -248,53 +252,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 type OrchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ExitCode>> + 'a>>;
 
-/// Connects to the engine, opens the orchestrator for the mode in force,
-/// and runs `f` on a fresh runtime.
+/// Runs `f` on a fresh runtime with the running agent's orchestrator when
+/// one answers on `--control` (so its per-app locks apply), else with one
+/// of our own over the engine, for the mode in force.
 fn with_orchestrator(
     global: &GlobalOpts,
-    f: impl for<'a> FnOnce(&'a Orchestrator, &'a GlobalOpts) -> OrchFuture<'a>,
+    f: impl for<'a> FnOnce(&'a AppBackend, &'a GlobalOpts) -> OrchFuture<'a>,
 ) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let engine = Engine::connect(&global.engine).await?;
         // The apps folder in force already follows the mode (see
         // `apps_dir`), so one constructor serves prod and dev.
-        let orch = Orchestrator::new(
-            engine,
-            OrchestratorConfig {
-                apps_dir: global.apps_dir(),
-                data_root: global.data.clone(),
-                naming: naming(global),
-                images_dir: global.images.clone(),
-            },
-        );
-        f(&orch, global).await
+        let config = OrchestratorConfig {
+            apps_dir: global.apps_dir(),
+            data_root: global.data.clone(),
+            naming: naming(global),
+            images_dir: global.images.clone(),
+        };
+        let backend = AppBackend::open(&global.control, &global.engine, config).await?;
+        f(&backend, global).await
     })
 }
 
+/// Runs a `registry` subcommand through the running agent when one answers
+/// on `--control`, else on the list under `--data`.
 fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
-    let (data, json, out) = (&global.data, global.json, &mut std::io::stdout().lock());
-    match cmd {
-        RegistryCommand::List => registry::commands::list(data, json, out),
+    let op = match cmd {
+        RegistryCommand::List => RegistryOp::List,
         RegistryCommand::Add {
             name,
             url,
             priority,
             username,
             password_stdin,
-        } => {
-            let args = registry::commands::AddArgs {
-                name,
-                url,
-                priority,
-                username,
-                password_stdin,
-            };
-            registry::commands::add(data, &args, &mut std::io::stdin().lock(), json, out)
-        }
-        RegistryCommand::Remove { name } => registry::commands::remove(data, &name, json, out),
-        RegistryCommand::Test { name } => registry::commands::test(data, name.as_deref(), json, out),
-    }
+        } => RegistryOp::Add(registry::commands::AddArgs {
+            name,
+            url,
+            priority,
+            username,
+            password_stdin,
+        }),
+        RegistryCommand::Remove { name } => RegistryOp::Remove(name),
+        RegistryCommand::Test { name } => RegistryOp::Test(name),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let ops = control::registry_backend(&global.control, &global.data).await?;
+        let (stdin, out) = (&mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+        registry::commands::run(ops.as_ref(), op, stdin, global.json, out).await
+    })
 }
 
 fn images_command(cmd: ImagesCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {

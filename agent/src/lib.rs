@@ -3,6 +3,7 @@
 //! manifest module.
 
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod fsutil;
 pub mod images;

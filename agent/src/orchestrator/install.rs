@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
@@ -21,7 +21,7 @@ use crate::spec::{app_data_dir, build_tag, ContainerSpec, LABEL_MANAGED_BY, LABE
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One try at one registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullAttempt {
     /// The configured registry's name, or the image's own registry host.
     pub registry: String,
@@ -44,7 +44,7 @@ impl fmt::Display for PullAttempt {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstallReport {
     pub app: String,
     pub container: String,
@@ -61,7 +61,7 @@ pub struct InstallReport {
     pub created: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpgradeReport {
     pub app: String,
     pub container: String,

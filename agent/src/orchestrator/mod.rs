@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError};
 use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
@@ -71,7 +71,7 @@ pub enum OrchestratorError {
 pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
 
 /// A probe's result for `health`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthReport {
     pub app: String,
     pub container: String,

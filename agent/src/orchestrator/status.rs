@@ -1,7 +1,7 @@
 //! What an app is doing, in the words a node's owner uses. Pure: built from
 //! what the engine reports and, for running apps, one health probe.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{ContainerInfo, ContainerStatus};
 use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, LABEL_VERSION, MANAGED_BY};
@@ -9,7 +9,7 @@ use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, LABEL_VERSION, MANAGED_BY};
 /// Exit code of a process killed by SIGKILL (the OOM killer, `kill -9`).
 const EXIT_KILLED: i64 = 137;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AppState {
     Running,
@@ -44,7 +44,7 @@ impl std::fmt::Display for AppState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HealthState {
     Healthy,
@@ -64,7 +64,7 @@ impl std::fmt::Display for HealthState {
 }
 
 /// One app's status, as `status` and `list` return it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppStatus {
     pub app: String,
     pub container: String,

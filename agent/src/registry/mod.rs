@@ -18,7 +18,7 @@ mod url;
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use candidates::{candidates, Candidate, OWN_REGISTRY_PRIORITY};
 pub use probe::{AuthOutcome, ProbeReport, ProbeSetupError, Prober, PROBE_TIMEOUT};
@@ -133,7 +133,7 @@ impl Registry {
 
 /// The printable view of a [`Registry`]: whether it has credentials, never
 /// what they are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistrySummary {
     pub name: String,
     pub url: String,

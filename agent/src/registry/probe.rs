@@ -22,7 +22,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REDIRECTS: usize = 5;
 
 /// What the registry said about access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthOutcome {
     /// Access works: with the stored credentials, or anonymously.
@@ -47,7 +47,7 @@ impl AuthOutcome {
 }
 
 /// The outcome of probing one registry. Holds no secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeReport {
     pub name: String,
     pub url: String,
