@@ -198,12 +198,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.global),
         Command::Registry(cmd) => registry_command(cmd, &cli.global),
-        Command::Boot { resync } => reconcile::commands::boot(agent_config(&cli.global, Duration::from_secs(resync))),
+        Command::Boot { resync } => reconcile::commands::boot(agent_config(
+            &cli.global,
+            Duration::from_secs(resync),
+            Some(&cli.global.control),
+        )),
         Command::Reconcile { .. } => {
-            reconcile::commands::reconcile_once(agent_config(&cli.global, DEFAULT_RESYNC), cli.global.json)
+            reconcile::commands::reconcile_once(agent_config(&cli.global, DEFAULT_RESYNC, None), cli.global.json)
         }
         Command::Adopt { .. } => {
-            reconcile::commands::adopt_dry_run(agent_config(&cli.global, DEFAULT_RESYNC), cli.global.json)
+            reconcile::commands::adopt_dry_run(agent_config(&cli.global, DEFAULT_RESYNC, None), cli.global.json)
         }
         // Refused before the engine is reached: the answer must not
         // depend on whether it is up.
@@ -316,7 +320,11 @@ fn images_command(cmd: ImagesCommand, global: &GlobalOpts) -> anyhow::Result<Exi
     }
 }
 
-fn agent_config(global: &GlobalOpts, resync: Duration) -> reconcile::daemon::AgentConfig {
+fn agent_config(
+    global: &GlobalOpts,
+    resync: Duration,
+    control: Option<&std::path::Path>,
+) -> reconcile::daemon::AgentConfig {
     reconcile::commands::config(
         &global.engine,
         &global.apps_dir(),
@@ -324,6 +332,7 @@ fn agent_config(global: &GlobalOpts, resync: Duration) -> reconcile::daemon::Age
         &global.images,
         naming(global),
         resync,
+        control,
     )
 }
 

@@ -253,6 +253,7 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
         naming: Naming::Prod,
         // Far beyond the test: only events can explain a quick restart.
         resync: Duration::from_secs(3600),
+        control: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
@@ -299,6 +300,8 @@ fn agent_cmd(node: &Node) -> std::process::Command {
         .arg(&node.data)
         .arg("--images")
         .arg(node.data.join("no-images"))
+        .arg("--control")
+        .arg(node.data.join("agent.sock"))
         .env_remove("ARCHY_CONTROL");
     cmd
 }
@@ -340,7 +343,18 @@ async fn adopt_dry_run_touches_nothing_and_boot_exits_on_sigterm_leaving_apps_ru
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("boot starts");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let socket = node.data.join("agent.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "boot never served its control socket");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The CLI goes through the running agent's socket.
+    let status = agent_cmd(&node)
+        .args(["status", &id, "--json"])
+        .output()
+        .expect("status runs");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let pid = boot.id().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -356,6 +370,7 @@ async fn adopt_dry_run_touches_nothing_and_boot_exits_on_sigterm_leaving_apps_ru
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "boot exits 0 on SIGTERM: {status:?}");
+    assert!(!socket.exists(), "the control socket is removed on shutdown");
     assert_eq!(
         (container_id(&node, &id), started_at(&node, &id)),
         before,
@@ -427,6 +442,7 @@ async fn the_agent_survives_the_engine_going_away_and_converges_when_it_returns(
         images_dir: node.data.join("no-images"),
         naming: Naming::Prod,
         resync: Duration::from_secs(2),
+        control: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);

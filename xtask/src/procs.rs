@@ -342,10 +342,22 @@ mod tests {
         let spawn_named = |arg0: String| Command::new("sleep").arg0(arg0).arg("30").spawn().expect("spawn sleep");
         let mut ours = spawn_named(format!("{}/podman.sock", dir.path().display()));
         let mut sibling = spawn_named(format!("{}0/podman.sock", dir.path().display()));
-        let found: Vec<u32> = processes_using(dir.path())
-            .iter()
-            .map(|(pid, _)| pid.as_raw() as u32)
-            .collect();
+        // Right after fork the child still shows the parent's command
+        // line until it execs; give it a moment.
+        let scan = || -> Vec<u32> {
+            processes_using(dir.path())
+                .iter()
+                .map(|(pid, _)| pid.as_raw() as u32)
+                .collect()
+        };
+        let mut found = scan();
+        for _ in 0..100 {
+            if found.contains(&ours.id()) {
+                break;
+            }
+            sleep(Duration::from_millis(20));
+            found = scan();
+        }
         for child in [&mut ours, &mut sibling] {
             let _ = child.kill();
             let _ = child.wait();

@@ -153,6 +153,7 @@ pub fn config(
     images_dir: &std::path::Path,
     naming: Naming,
     resync: Duration,
+    control: Option<&std::path::Path>,
 ) -> AgentConfig {
     AgentConfig {
         engine: engine.to_path_buf(),
@@ -161,5 +162,6 @@ pub fn config(
         images_dir: images_dir.to_path_buf(),
         naming,
         resync,
+        control: control.map(std::path::Path::to_path_buf),
     }
 }

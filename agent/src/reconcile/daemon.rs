@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub naming: Naming,
     /// The periodic, level-triggered resync.
     pub resync: Duration,
+    /// Where to serve the JSON-RPC control socket; `None` serves none.
+    pub control: Option<PathBuf>,
 }
 
 /// A request for a pass now, answered with its report.
@@ -91,11 +93,43 @@ pub async fn run(
         },
     ));
     let mut reconciler = Reconciler::new(orch.clone());
+    // Requests from the control socket and from the caller share one queue.
+    let (queue_tx, queue) = mpsc::channel::<ReconcileRequest>(8);
+    let forward = queue_tx.clone();
+    tokio::spawn(async move {
+        let mut requests = requests;
+        while let Some(r) = requests.recv().await {
+            if forward.send(r).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (stop_control, control_stopped) = oneshot::channel::<()>();
+    let control = config.control.clone().map(|path| {
+        let handler = Arc::new(crate::control::OrchestratorHandler::new(
+            orch.clone(),
+            Some(crate::control::reconcile_bridge(queue_tx.clone())),
+        ));
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = control_stopped.await;
+            };
+            if let Err(e) = crate::control::serve(&path, handler, stopped).await {
+                tracing::error!(socket = %path.display(), error = %format!("{e:#}"), "control socket failed");
+            }
+        })
+    });
+    drop(queue_tx);
     let first = reconciler.pass().await;
     log_report(&first, true);
     print_console_summary(&first);
     notify(&[sd_notify::NotifyState::Ready]);
-    run_loop(&config, &mut reconciler, requests, &mut shutdown, first.next_deadline()).await;
+    run_loop(&config, &mut reconciler, queue, &mut shutdown, first.next_deadline()).await;
+    let _ = stop_control.send(());
+    if let Some(control) = control {
+        // In-flight calls finish; the socket file is removed.
+        let _ = control.await;
+    }
     notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(task) = watchdog {
         task.abort();
