@@ -3,10 +3,16 @@
 //! Every stage installs the host tools it needs (see `cargo xtask doctor`),
 //! so a fresh CI machine and a developer's machine run the same steps.
 
+mod archive;
+mod build;
+mod glibc;
 mod images;
+mod iso;
 mod podman;
 mod procs;
 mod registry;
+mod report;
+mod rootfs;
 mod stage_images;
 mod test_env;
 mod tools;
@@ -40,8 +46,12 @@ enum Command {
     },
     /// Pull every app image by digest (or build it), verify it, and write one archive per app plus images.lock.json.
     Images(stage_images::Args),
-    /// Build the bootable ISO (not built yet).
-    Iso,
+    /// Build the Debian 12 rootfs: the cached base from mmdebstrap, plus the
+    /// agent, manifests and images (output: target/rootfs/tree).
+    Rootfs(build::BuildArgs),
+    /// Build the hybrid BIOS/UEFI ISO (output: target/iso/archipelago-<version>-amd64.iso,
+    /// SHA256SUMS, build-report.json).
+    Iso(iso::IsoArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -65,9 +75,8 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Test { cargo_args } => test_env::run(&root, &cargo_args),
-        Command::Iso => {
-            anyhow::bail!("the iso stage is not built yet: `cargo xtask iso` has nothing to run and produced no image")
-        }
+        Command::Rootfs(args) => rootfs::run(&root, &args),
+        Command::Iso(args) => iso::run(&root, &args),
         Command::Images(args) => stage_images::run(&args),
         Command::Doctor => Ok(tools::doctor()),
     }

@@ -108,6 +108,69 @@ pub const IMAGES_STAGE: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask rootfs` needs (and `cargo xtask iso`, which builds
+/// the rootfs first).
+pub const ROOTFS_STAGE: &[Tool] = &[
+    Tool {
+        name: "mmdebstrap",
+        package: "mmdebstrap",
+        probe: Probe::OnPath("mmdebstrap"),
+        why: "builds the Debian 12 rootfs from Debian's archive",
+    },
+    Tool {
+        name: "tar",
+        package: "tar",
+        probe: Probe::OnPath("tar"),
+        why: "unpacks the cached base rootfs with its owners and xattrs",
+    },
+    Tool {
+        name: "chroot",
+        package: "coreutils",
+        probe: Probe::OnPath("chroot"),
+        why: "checks packages and the agent inside the rootfs",
+    },
+];
+
+/// What `cargo xtask iso` needs besides the rootfs tools.
+pub const ISO_STAGE: &[Tool] = &[
+    Tool {
+        name: "mksquashfs",
+        package: "squashfs-tools",
+        probe: Probe::OnPath("mksquashfs"),
+        why: "compresses the rootfs into live/filesystem.squashfs (zstd)",
+    },
+    Tool {
+        name: "grub-mkimage",
+        package: "grub-common",
+        probe: Probe::OnPath("grub-mkimage"),
+        why: "makes GRUB's BIOS and UEFI boot images",
+    },
+    Tool {
+        name: "grub i386-pc",
+        package: "grub-pc-bin",
+        probe: Probe::File("/usr/lib/grub/i386-pc/boot_hybrid.img"),
+        why: "GRUB for BIOS: El Torito image and the USB stick's MBR",
+    },
+    Tool {
+        name: "grub x86_64-efi",
+        package: "grub-efi-amd64-bin",
+        probe: Probe::File("/usr/lib/grub/x86_64-efi/kernel.img"),
+        why: "GRUB for UEFI",
+    },
+    Tool {
+        name: "mformat",
+        package: "mtools",
+        probe: Probe::OnPath("mformat"),
+        why: "the FAT image that holds the UEFI boot loader",
+    },
+    Tool {
+        name: "xorriso",
+        package: "xorriso",
+        probe: Probe::OnPath("xorriso"),
+        why: "writes the hybrid ISO and reads its boot records back",
+    },
+];
+
 /// Where the test images take their busybox from (package busybox-static).
 pub const STATIC_BUSYBOX: &str = "/bin/busybox";
 
@@ -233,18 +296,20 @@ pub fn doctor() -> ExitCode {
     let stages: &[(&str, &[Tool])] = &[
         ("test (cargo xtask test)", TEST_STAGE),
         ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
+        ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
+        ("iso (cargo xtask iso)", ISO_STAGE),
     ];
     let mut all_missing = Vec::new();
     for (stage, tools) in stages {
         println!("stage {stage}:");
-        println!("  {:<8} {:<16} {:<16} why", "status", "tool", "package");
+        println!("  {:<8} {:<16} {:<19} why", "status", "tool", "package");
         for tool in *tools {
             let present = tool.is_present(&sh);
             if !present {
                 all_missing.push(tool);
             }
             println!(
-                "  {:<8} {:<16} {:<16} {}",
+                "  {:<8} {:<16} {:<19} {}",
                 if present { "ok" } else { "MISSING" },
                 tool.name,
                 tool.package,
