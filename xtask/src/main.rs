@@ -4,6 +4,7 @@
 //! so a fresh CI machine and a developer's machine run the same steps.
 
 mod archive;
+mod bench;
 mod build;
 mod glibc;
 mod images;
@@ -52,6 +53,9 @@ enum Command {
     /// Build the hybrid BIOS/UEFI ISO (output: target/iso/archipelago-<version>-amd64.iso,
     /// SHA256SUMS, build-report.json).
     Iso(iso::IsoArgs),
+    /// Measure the agent's performance targets against the real Podman service, each with a
+    /// baseline from the same run; prints a table and writes target/bench/report.md.
+    Bench(bench::BenchArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -78,6 +82,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Rootfs(args) => rootfs::run(&root, &args),
         Command::Iso(args) => iso::run(&root, &args),
         Command::Images(args) => stage_images::run(&args),
+        Command::Bench(args) => bench::run(&root, &args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

@@ -80,6 +80,11 @@ impl Service {
         &self.name
     }
 
+    /// The child's pid (also its process group's id).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn pgid(&self) -> Pid {
         // process_group(0) made the child the leader of a group named after it.
         Pid::from_raw(self.child.id() as i32)

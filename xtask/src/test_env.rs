@@ -41,14 +41,8 @@ const AUTH_PASSWORD: &str = "archy-test-password";
 
 pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     let sh = Shell::new().context("creating a shell")?;
-    tools::ensure(&sh, tools::TEST_STAGE)?;
-    procs::install_interrupt_handler()?;
-    clean_up_stale_runs();
-
     let started = Instant::now();
-    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
-    let mut env = TestEnv::create(&dir)?;
-    let vars = env.start()?;
+    let (mut env, vars) = start()?;
     eprintln!("xtask: services ready in {:.1}s", started.elapsed().as_secs_f64());
     let json = write_env_json(root, &vars)?;
     eprintln!("xtask: test environment written to {}", json.display());
@@ -83,9 +77,24 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Installs missing tools, clears what killed runs left, and starts every
+/// service in `$TMPDIR/archy-test-<pid>`. Returns the guard (dropping it
+/// tears the services down) and the `ARCHY_TEST_*` variables. Also what
+/// `cargo xtask bench` runs against.
+pub fn start() -> anyhow::Result<(TestEnv, BTreeMap<String, String>)> {
+    let sh = Shell::new().context("creating a shell")?;
+    tools::ensure(&sh, tools::TEST_STAGE)?;
+    procs::install_interrupt_handler()?;
+    clean_up_stale_runs();
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
+    let mut env = TestEnv::create(&dir)?;
+    let vars = env.start()?;
+    Ok((env, vars))
+}
+
 /// The services of one run, and the guard that stops them: dropping a
 /// `TestEnv` that was not torn down explicitly tears it down.
-struct TestEnv {
+pub struct TestEnv {
     dir: PathBuf,
     sh: Shell,
     podman: Podman,
@@ -189,10 +198,25 @@ impl TestEnv {
         ])
     }
 
+    /// The run's directory; everything below it goes at teardown.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The private Podman, for its CLI.
+    pub fn podman(&self) -> &Podman {
+        &self.podman
+    }
+
+    /// The pid of the `podman system service` process, once started.
+    pub fn podman_service_pid(&self) -> Option<u32> {
+        self.podman_service.as_ref().map(Service::pid)
+    }
+
     /// Stops everything and deletes the directory. Returns what was not
     /// clean: a process that had to be killed, a mount left behind, a step
     /// that failed. Never gives up half-way.
-    fn teardown(&mut self) -> Vec<String> {
+    pub fn teardown(&mut self) -> Vec<String> {
         self.torn_down = true;
         let mut problems = Vec::new();
         let storage_exists = self.podman.root.exists();
