@@ -6,73 +6,26 @@
 //! read-only at `/run/secrets/<name>`: environment variables would show in
 //! `podman inspect`, a mounted file does not.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
+use crate::fsutil;
 use crate::manifest::{AppId, SecretKind, SecretSpec};
 use crate::spec::{app_secret_path, secrets_dir};
 
-/// Creates `dir` (and parents) with mode 0700 if missing, and tightens it
-/// to 0700 if it exists.
+/// Creates `dir` with mode 0700, or tightens it to 0700.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the secrets folder {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))
+    fsutil::ensure_private_dir(dir)
+        .with_context(|| format!("cannot create the secrets folder {} (mode 0700)", dir.display()))
 }
 
 fn random_hex(kind: SecretKind) -> anyhow::Result<String> {
     let mut bytes = vec![0u8; kind.bytes()];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot read random bytes from the kernel: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Writes `value` to a fresh file in `dir` with `mode`, fsynced, and moves
-/// it to `path`. With `overwrite` false an existing `path` is kept (hard
-/// link fails on an existing name), so a secret can never be replaced.
-/// Returns whether `path` was written.
-fn write_private(path: &Path, value: &[u8], mode: u32, overwrite: bool) -> anyhow::Result<bool> {
-    let dir = path.parent().context("a secret path has a parent folder")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(value)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(f);
-    let written = if overwrite {
-        fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
-        true
-    } else {
-        let linked = fs::hard_link(&tmp, path);
-        fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
-        match linked {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-        }
-    };
-    // The rename or link is durable only once the folder is synced.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
-    Ok(written)
 }
 
 /// Makes sure the node's secret `spec` exists, generating it the first
@@ -84,7 +37,10 @@ pub fn ensure_secret(data_root: &Path, spec: &SecretSpec) -> anyhow::Result<Path
     let path = dir.join(&spec.name);
     if !path.exists() {
         let value = random_hex(spec.kind)?;
-        if write_private(&path, value.as_bytes(), 0o600, false)? {
+        // Never replaces a secret, even one another process wrote meanwhile.
+        let created = fsutil::write_new(&path, value.as_bytes(), 0o600)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        if created {
             tracing::info!(secret = %spec.name, kind = %spec.kind, "generated secret");
         }
     }
@@ -128,10 +84,15 @@ pub fn provision_app_secrets(
         let value = read_secret(&canonical)?;
         let copy = app_secret_path(data_root, app, &spec.name);
         let dir = copy.parent().context("an app secret path has a parent folder")?;
+        // `secrets/apps` as well as the app's own folder stay 0700.
+        if let Some(apps) = dir.parent() {
+            private_dir(apps)?;
+        }
         private_dir(dir)?;
         let current = fs::read_to_string(&copy).ok();
         if current.as_deref() != Some(value.as_str()) {
-            write_private(&copy, value.as_bytes(), 0o400, true)?;
+            fsutil::write_atomic(&copy, value.as_bytes(), 0o400)
+                .with_context(|| format!("cannot write {}", copy.display()))?;
             changed = true;
         }
         if let Some((uid, gid)) = owner {

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
+use archy_agent::images::{self, ImageLock};
 use archy_agent::manifest::{self, LoadOptions, Manifest};
 use archy_agent::registry::{RegistryStore, REGISTRIES_FILE};
-use serde::{Deserialize, Serialize};
 
 use crate::archive::{sha256_file, Layer};
 use crate::report::{ImageRecord, ManifestRecord, StageRecord};
@@ -21,8 +21,7 @@ pub const PRODUCT: &str = "archipelago";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// What `cargo xtask images` writes, relative to the target directory.
 pub const IMAGES_SUBDIR: &str = "images";
-pub const IMAGES_LOCK: &str = "images.lock.json";
-const IMAGES_LOCK_VERSION: u32 = 1;
+pub const IMAGES_LOCK: &str = images::LOCK_FILE;
 
 /// Where things go on the node.
 pub const NODE_APPS_DIR: &str = "opt/archipelago/apps";
@@ -303,42 +302,17 @@ pub fn add_manifests(layer: &mut Layer, apps: &[Manifest]) -> anyhow::Result<Vec
     Ok(records)
 }
 
-/// `images.lock.json` as docs/images.md defines it.
-#[derive(Debug, Deserialize, Serialize)]
-pub struct ImagesLock {
-    pub version: u32,
-    pub images: Vec<LockEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct LockEntry {
-    pub app: String,
-    pub reference: String,
-    pub manifest_digest: String,
-    pub config_digest: String,
-    pub archive: String,
-    pub archive_sha256: String,
-    pub size: u64,
-}
-
 /// Reads the image folder, checks every archive against the lock file and
 /// the lock file against the manifests, and adds them to `layer`.
 pub fn add_images(layer: &mut Layer, dir: &Path, apps: &[Manifest]) -> anyhow::Result<Vec<ImageRecord>> {
     let lock_path = dir.join(IMAGES_LOCK);
-    let text = fs::read_to_string(&lock_path).with_context(|| {
+    // The agent's own reader: the ISO carries exactly what the node accepts.
+    let lock = images::load_lock(dir).with_context(|| {
         format!(
-            "{} exists but has no readable {IMAGES_LOCK}; run `cargo xtask images` again or pass --no-images",
+            "{} has no usable {IMAGES_LOCK}; run `cargo xtask images` again or pass --no-images",
             dir.display()
         )
     })?;
-    let lock: ImagesLock = serde_json::from_str(&text).with_context(|| format!("parsing {}", lock_path.display()))?;
-    if lock.version != IMAGES_LOCK_VERSION {
-        bail!(
-            "{} has format version {}; this build reads version {IMAGES_LOCK_VERSION}",
-            lock_path.display(),
-            lock.version
-        );
-    }
     check_lock_matches_manifests(&lock, apps).with_context(|| {
         format!(
             "{} does not match the manifests; run `cargo xtask images` again or pass --no-images",
@@ -379,8 +353,8 @@ pub fn add_images(layer: &mut Layer, dir: &Path, apps: &[Manifest]) -> anyhow::R
         records.push(ImageRecord {
             app: entry.app.clone(),
             reference: entry.reference.clone(),
-            manifest_digest: entry.manifest_digest.clone(),
-            config_digest: entry.config_digest.clone(),
+            manifest_digest: entry.manifest_digest.to_string(),
+            config_digest: entry.config_digest.to_string(),
             archive_sha256: entry.archive_sha256.clone(),
             size: entry.size,
         });
@@ -389,7 +363,7 @@ pub fn add_images(layer: &mut Layer, dir: &Path, apps: &[Manifest]) -> anyhow::R
     Ok(records)
 }
 
-fn check_lock_matches_manifests(lock: &ImagesLock, apps: &[Manifest]) -> anyhow::Result<()> {
+fn check_lock_matches_manifests(lock: &ImageLock, apps: &[Manifest]) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for app in apps {
         let entry = lock.images.iter().find(|e| e.app == app.id.as_str());
@@ -453,6 +427,8 @@ pub fn require_root(stage: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use archy_agent::images::LockEntry;
+
     use super::*;
 
     #[test]
@@ -514,16 +490,18 @@ mod tests {
         assert!(format!("{err:#}").contains("checking the registry list"), "{err:#}");
     }
 
-    fn lock(entries: &[(&str, &str)]) -> ImagesLock {
-        ImagesLock {
+    fn lock(entries: &[(&str, &str)]) -> ImageLock {
+        let digest: archy_agent::manifest::Digest =
+            format!("sha256:{}", "0".repeat(64)).parse().expect("a valid digest");
+        ImageLock {
             version: 1,
             images: entries
                 .iter()
                 .map(|(app, reference)| LockEntry {
                     app: (*app).into(),
                     reference: (*reference).into(),
-                    manifest_digest: String::new(),
-                    config_digest: String::new(),
+                    manifest_digest: digest.clone(),
+                    config_digest: digest.clone(),
                     archive: format!("{app}.tar"),
                     archive_sha256: String::new(),
                     size: 0,

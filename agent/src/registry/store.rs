@@ -5,15 +5,15 @@
 //! changes both together, so a crash can never leave a registry without
 //! the login that belongs to it, or the other way round.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::{sort, Credentials, Registry, RegistryUrl};
+use crate::fsutil;
 
 /// The file's name inside `<data>/config/`.
 pub const REGISTRIES_FILE: &str = "registries.json";
@@ -24,7 +24,6 @@ const FORMAT_VERSION: u32 = 1;
 /// Far more than any real list; a bigger file is not ours.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 const FILE_MODE: u32 = 0o600;
-const DIR_MODE: u32 = 0o700;
 
 /// What went wrong reading or changing the registry list.
 #[derive(Debug, thiserror::Error)]
@@ -275,64 +274,20 @@ fn entry(r: &Registry) -> Entry {
     }
 }
 
-/// Replaces `path` with `bytes` so that a reader sees the old file or the
-/// new one, never a mix, and a crash leaves one of the two: write a
-/// temporary file in the same folder, fsync it, rename it over the target,
-/// fsync the folder. The temporary file is 0600 before any byte is in it.
+/// Replaces the list file atomically (see [`fsutil::write_atomic`]) in a
+/// folder that is 0700: it holds credentials.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no parent folder"))?;
-    ensure_private_dir(dir)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!(".{file_name}.{}.{nanos}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        // The mode given at creation passes through the umask; set it
-        // explicitly so the file is exactly 0600 whatever the umask was.
-        file.set_permissions(Permissions::from_mode(FILE_MODE))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        // Best effort: the temporary file is useless now, and an error
-        // removing it would hide the one that matters.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Creates `dir` (and missing parents) and makes it 0700: it holds secrets.
-fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    if let Some(parent) = dir.parent() {
-        // The data root's own mode is not ours to choose.
-        fs::create_dir_all(parent)?;
-    }
-    match DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode != DIR_MODE {
-        fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))?;
-    }
-    Ok(())
+    fsutil::ensure_private_dir(dir)?;
+    fsutil::write_atomic(path, bytes, FILE_MODE)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, Permissions};
+
     use super::*;
 
     fn reg(name: &str, url: &str, priority: i32) -> Registry {

@@ -2,8 +2,6 @@
 //! format is documented in `docs/images.md`, the contract between this
 //! stage and the agent's importer.
 
-use std::fs::{self, File};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -43,7 +41,7 @@ impl LockFile {
 
     #[cfg(test)]
     pub fn read(path: &Path) -> anyhow::Result<LockFile> {
-        let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let lock: LockFile =
             serde_json::from_slice(&bytes).with_context(|| format!("{} is not an image lock file", path.display()))?;
         if lock.version != FORMAT_VERSION {
@@ -56,32 +54,22 @@ impl LockFile {
         Ok(lock)
     }
 
-    /// Writes `<dir>/images.lock.json` atomically: a temporary file,
-    /// fsynced, renamed over the old one, and the folder fsynced.
+    /// Writes `<dir>/images.lock.json` atomically (see
+    /// `archy_agent::fsutil::write_atomic`).
     pub fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
         let path = dir.join(LOCK_FILE);
-        let tmp = dir.join(format!(".{LOCK_FILE}.{}.partial", std::process::id()));
         let mut text = serde_json::to_vec_pretty(self).context("serialising the image lock file")?;
         text.push(b'\n');
-        let result = (|| -> anyhow::Result<()> {
-            let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            file.write_all(&text)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-            fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("syncing the folder {}", dir.display()))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map(|()| path)
+        archy_agent::fsutil::write_atomic(&path, &text, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn entry(app: &str) -> LockEntry {
@@ -106,6 +94,10 @@ mod tests {
         assert_eq!(again, lock);
         let apps: Vec<&str> = again.images.iter().map(|e| e.app.as_str()).collect();
         assert_eq!(apps, ["bitcoin-core", "electrs", "lnd"]);
+        // What the agent's own reader accepts is the contract.
+        let agent = archy_agent::images::load_lock(dir.path()).expect("the agent accepts the written lock");
+        let agent_apps: Vec<&str> = agent.images.iter().map(|e| e.app.as_str()).collect();
+        assert_eq!(agent_apps, apps);
         let names: Vec<_> = fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name())
