@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
@@ -33,6 +33,10 @@ use crate::podman::Podman;
 use crate::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
 use crate::registry::{Credentials, Registry};
 use crate::tools;
+
+/// How often teardown tries `podman system reset` before reporting it.
+const RESET_ATTEMPTS: u32 = 3;
+const RESET_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 const DIR_PREFIX: &str = "archy-test-";
 /// Fixed test values: the registry only listens on loopback for one run.
@@ -237,7 +241,24 @@ impl TestEnv {
         // Conmon and podman's cleanup helpers run outside our process groups.
         problems.extend(procs::reap_leftovers(&self.dir));
         if storage_exists && self.podman.containers_conf.exists() {
-            if let Err(e) = capture(self.podman.cmd(&self.sh).args(crate::podman::RESET_STORAGE)) {
+            // Podman 4.3 logs a "system reset" event into the tmp folder it
+            // is deleting, so the reset can trip over its own file
+            // ("unlinkat …/tmp: directory not empty"). The reset is
+            // idempotent: try again before calling it a failure.
+            let mut last = None;
+            for attempt in 0..RESET_ATTEMPTS {
+                if attempt > 0 {
+                    std::thread::sleep(RESET_RETRY_PAUSE);
+                }
+                match capture(self.podman.cmd(&self.sh).args(crate::podman::RESET_STORAGE)) {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
                 problems.push(format!("{e:#}"));
             }
         }
