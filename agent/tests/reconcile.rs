@@ -532,3 +532,72 @@ async fn kill_9_during_an_install_leaves_nothing_the_next_pass_cannot_converge_f
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
     assert_eq!(report["apps"][0]["decision"]["wait"]["reason"], "ok", "{report}");
 }
+
+/// Reads one datagram from the notify socket, as systemd would.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification before the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn boot_tells_systemd_ready_after_the_first_pass_then_pings_the_watchdog_and_says_stopping() {
+    let node = Node::new();
+    let id = app_id("notify");
+    node.app(&id, &node.env.image.to_string(), SERVE);
+    let notify_path = node.data.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+
+    let mut boot = agent_cmd(&node)
+        .arg("boot")
+        .env("NOTIFY_SOCKET", &notify_path)
+        // One second: pings come every half period.
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("boot starts");
+
+    // Pings start at once; READY only when the first pass has installed the app.
+    let ready_at = loop {
+        let message = next_notification(&socket);
+        if message.lines().any(|l| l == "READY=1") {
+            break Instant::now();
+        }
+        assert_eq!(message.trim(), "WATCHDOG=1", "only pings before READY");
+    };
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
+        "running",
+        "READY came before the first pass had started the app"
+    );
+    let mut pings = 0;
+    while pings < 3 {
+        let message = next_notification(&socket);
+        assert_eq!(message.trim(), "WATCHDOG=1");
+        pings += 1;
+    }
+    assert!(
+        ready_at.elapsed() < Duration::from_secs(5),
+        "three pings at a 1 s watchdog took {:?}",
+        ready_at.elapsed()
+    );
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &boot.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let stopping = loop {
+        let message = next_notification(&socket);
+        if message.trim() != "WATCHDOG=1" {
+            break message;
+        }
+    };
+    assert_eq!(stopping.trim(), "STOPPING=1");
+    let status = boot.wait().expect("boot exits");
+    assert!(status.success(), "{status:?}");
+}

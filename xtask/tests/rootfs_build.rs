@@ -139,6 +139,29 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
     );
     let unit = fs::read_to_string(tree.join("usr/lib/systemd/system/archy-agent.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/archy-agent boot"), "{unit}");
+    // What issue 4 asks of the unit: READY after the first pass, a watchdog,
+    // restarts on failure, and a start timeout long enough for a slow first boot.
+    for line in [
+        "Type=notify",
+        "WatchdogSec=2min",
+        "Restart=on-failure",
+        "TimeoutStartSec=1h",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing from\n{unit}");
+    }
+    // systemd of the rootfs itself parses it: a typo only warns (exit 0),
+    // so any output at all fails the test.
+    let verify = Command::new("chroot")
+        .arg(&tree)
+        .args(["systemd-analyze", "verify", "archy-agent.service"])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && verify.stderr.is_empty() && verify.stdout.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert_eq!(
         fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants/archy-agent.service")).unwrap(),
         Path::new("/usr/lib/systemd/system/archy-agent.service")
