@@ -129,6 +129,26 @@ pub enum Command {
     /// Work with the pre-pulled image folder (--images).
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a disk only
+    /// when the kernel command line names it (archipelago.format=/dev/…); warn when there is none.
+    /// Run as root at boot, before the agent.
+    DataDisk {
+        /// Give the data root to this uid:gid (the agent's user).
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
+        /// The kernel command line to read.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+    },
+}
+
+fn parse_owner(text: &str) -> Result<(u32, u32), String> {
+    let allowed = "allowed: UID:GID in numbers, e.g. 1000:1000";
+    let (u, g) = text.split_once(':').ok_or_else(|| format!("{text:?}: {allowed}"))?;
+    match (u.parse(), g.parse()) {
+        (Ok(u), Ok(g)) => Ok((u, g)),
+        _ => Err(format!("{text:?}: {allowed}")),
+    }
 }
 
 /// `archy-agent images …`; the folder is `--images`, its format docs/images.md.
@@ -213,6 +233,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
+        Command::DataDisk { owner, cmdline } => {
+            crate::datadisk::run(&crate::datadisk::Options {
+                mountpoint: cli.global.data.clone(),
+                owner,
+                cmdline,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Install {
             app: None,
             manifest: Some(path),
@@ -240,7 +268,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Boot { .. }
                 | Command::Reconcile { .. }
                 | Command::Adopt { .. }
-                | Command::Images(_) => unreachable!("handled above"),
+                | Command::Images(_)
+                | Command::DataDisk { .. } => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
                 Box::pin(async move {

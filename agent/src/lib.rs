@@ -4,11 +4,13 @@
 
 pub mod cli;
 pub mod control;
+pub mod datadisk;
 pub mod engine;
 pub mod fsutil;
 pub mod images;
 pub mod manifest;
 pub mod orchestrator;
+pub mod ownership;
 pub mod reconcile;
 pub mod registry;
 pub mod secrets;

@@ -96,8 +96,7 @@ pub fn provision_app_secrets(
             changed = true;
         }
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&copy, Some(uid), Some(gid))
-                .with_context(|| format!("cannot give {} to uid {uid}", copy.display()))?;
+            crate::ownership::Ownership::current()?.give_secret(&copy, uid, gid)?;
         }
     }
     Ok(changed)

@@ -551,13 +551,14 @@ async fn boot_tells_systemd_ready_after_the_first_pass_then_pings_the_watchdog_a
         .set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
 
-    let mut boot = agent_cmd(&node)
+    let boot = agent_cmd(&node)
         .arg("boot")
         .env("NOTIFY_SOCKET", &notify_path)
         // One second: pings come every half period.
         .env("WATCHDOG_USEC", "1000000")
         .env_remove("WATCHDOG_PID")
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("boot starts");
 
@@ -598,6 +599,20 @@ async fn boot_tells_systemd_ready_after_the_first_pass_then_pings_the_watchdog_a
         }
     };
     assert_eq!(stopping.trim(), "STOPPING=1");
-    let status = boot.wait().expect("boot exits");
-    assert!(status.success(), "{status:?}");
+    let output = boot.wait_with_output().expect("boot exits");
+    assert!(output.status.success(), "{:?}", output.status);
+    // The console summary: one line per app, then the time to all healthy.
+    let console = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with(&format!("archipelago: app {id}")) && l.contains("running")),
+        "{console}"
+    );
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("archipelago: all 1 apps healthy") && l.ends_with("s after kernel start")),
+        "{console}"
+    );
 }

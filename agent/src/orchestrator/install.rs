@@ -263,20 +263,13 @@ fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyh
     let owner = owner(m);
     let app_dir = app_data_dir(&orch.config.data_root, &m.id);
     for mount in &spec.mounts {
-        let created = !mount.host.exists();
         fs::create_dir_all(&mount.host)
             .with_context(|| format!("cannot create volume folder {} for {}", mount.host.display(), m.id))?;
         // Only folders of the app's own data follow its user; another
         // app's folder mounted here keeps its owner.
+        // Rootless, the uid is the container's: `Ownership` maps it.
         if let (Some((uid, gid)), true) = (owner, mount.host.starts_with(&app_dir)) {
-            if created
-                || fs::metadata(&mount.host)
-                    .map(|md| std::os::unix::fs::MetadataExt::uid(&md) != uid)
-                    .unwrap_or(false)
-            {
-                std::os::unix::fs::chown(&mount.host, Some(uid), Some(gid))
-                    .with_context(|| format!("cannot give {} to uid {uid}", mount.host.display()))?;
-            }
+            crate::ownership::Ownership::current()?.give(&mount.host, uid, gid)?;
         }
     }
     crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, owner)?;

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::pass::{PassReport, Reconciler};
 use crate::engine::{Engine, EngineEvent, EventKind};
 use crate::manifest::Naming;
-use crate::orchestrator::{Orchestrator, OrchestratorConfig};
+use crate::orchestrator::{ContainerOrchestrator as _, Orchestrator, OrchestratorConfig};
 
 /// Engine events that can change what a pass would decide.
 const EVENT_ACTIONS: &[&str] = &[
@@ -35,6 +35,8 @@ const EVENT_ACTIONS: &[&str] = &[
     "health_status",
     "create",
 ];
+/// How often the agent looks whether every app is healthy yet, until they are.
+const HEALTHY_POLL: Duration = Duration::from_secs(2);
 /// Events that arrive together (a stop sends several) make one pass.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Waiting for the engine: from 1 s doubling to 30 s.
@@ -122,8 +124,10 @@ pub async fn run(
     drop(queue_tx);
     let first = reconciler.pass().await;
     log_report(&first, true);
-    print_console_summary(&first);
+    print_console_summary(orch.as_ref()).await;
     notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(since_kernel_start_s = since_kernel_start(), "agent ready");
+    let healthy_watch = tokio::spawn(announce_all_healthy(orch.clone()));
     run_loop(&config, &mut reconciler, queue, &mut shutdown, first.next_deadline()).await;
     let _ = stop_control.send(());
     if let Some(control) = control {
@@ -131,6 +135,7 @@ pub async fn run(
         let _ = control.await;
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    healthy_watch.abort();
     if let Some(task) = watchdog {
         task.abort();
     }
@@ -308,21 +313,55 @@ fn log_report(report: &PassReport, first: bool) {
 }
 
 /// One line per app on the console when the first pass ends.
-fn print_console_summary(report: &PassReport) {
-    for a in &report.apps {
-        eprintln!(
-            "archipelago: {:<20} {:<12} {}",
-            a.app,
-            a.observed,
-            summary_of(&a.decision)
-        );
+/// One line per app on the console (the unit sends stderr there): what a
+/// person at a headless node's serial port sees when the first pass ends.
+async fn print_console_summary(orch: &Orchestrator) {
+    match orch.list().await {
+        Ok(apps) => {
+            for a in &apps {
+                eprintln!(
+                    "archipelago: app {:<20} {:<10} {}",
+                    a.app,
+                    a.state.to_string(),
+                    a.health.map(|h| h.to_string()).unwrap_or_else(|| "-".to_owned())
+                );
+            }
+        }
+        Err(e) => eprintln!("archipelago: cannot list the apps: {:#}", anyhow::Error::from(e)),
     }
 }
 
-fn summary_of(d: &super::plan::Decision) -> String {
-    serde_json::to_value(d)
-        .ok()
-        .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
-        .map(|v| v.to_string())
-        .unwrap_or_default()
+/// Seconds since the kernel started (CLOCK_BOOTTIME, as /proc/uptime).
+fn since_kernel_start() -> Option<f64> {
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    uptime.split_whitespace().next()?.parse().ok()
+}
+
+/// Every app is running, and healthy if it has a health check.
+fn all_healthy(apps: &[crate::orchestrator::AppStatus]) -> bool {
+    use crate::orchestrator::{AppState, HealthState};
+    apps.iter()
+        .all(|a| a.state == AppState::Running && matches!(a.health, None | Some(HealthState::Healthy)))
+}
+
+/// Prints, once, how long after kernel start every app became healthy:
+/// the figure a node's owner waits for after power on.
+async fn announce_all_healthy(orch: Arc<Orchestrator>) {
+    loop {
+        if let Ok(apps) = orch.list().await {
+            if all_healthy(&apps) {
+                let since = since_kernel_start();
+                let shown = since
+                    .map(|s| format!("{s:.1} s"))
+                    .unwrap_or_else(|| "an unknown time".to_owned());
+                eprintln!(
+                    "archipelago: all {} apps healthy {shown} after kernel start",
+                    apps.len()
+                );
+                tracing::info!(apps = apps.len(), since_kernel_start_s = since, "all apps healthy");
+                return;
+            }
+        }
+        tokio::time::sleep(HEALTHY_POLL).await;
+    }
 }

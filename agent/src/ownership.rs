@@ -1,0 +1,255 @@
+//! Who owns an app's files on the host.
+//!
+//! A manifest's `user` is a uid inside the container. A rootful engine
+//! sees it as the same uid on the host. A rootless engine, the node's
+//! default, maps it through the agent user's subordinate ids: container
+//! uid 0 is the user itself and uid N ≥ 1 is `start + N - 1` of its
+//! `/etc/subuid` range (likewise for gids). The agent runs as that user and
+//! may not chown to a subordinate id itself; `podman unshare` may, because
+//! it runs in the same user namespace as the containers.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context as _};
+
+const SUBUID: &str = "/etc/subuid";
+const SUBGID: &str = "/etc/subgid";
+const PASSWD: &str = "/etc/passwd";
+
+/// A user's subordinate id range, as in `/etc/subuid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// How container ids become host ids for this agent's engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// The agent runs as root and so does the engine: ids are the same.
+    Rootful,
+    /// The agent runs as `uid:gid` with these subordinate ranges.
+    Rootless {
+        uid: u32,
+        gid: u32,
+        subuid: IdRange,
+        subgid: IdRange,
+    },
+}
+
+impl Ownership {
+    /// The mapping of the running process, found once.
+    pub fn current() -> anyhow::Result<&'static Ownership> {
+        static CURRENT: OnceLock<Result<Ownership, String>> = OnceLock::new();
+        CURRENT
+            .get_or_init(|| Ownership::detect().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn detect() -> anyhow::Result<Ownership> {
+        // `/proc/self` belongs to the process's effective ids.
+        let me = fs::metadata("/proc/self").context("cannot read /proc/self to learn the agent's uid")?;
+        let (uid, gid) = (me.uid(), me.gid());
+        if uid == 0 {
+            return Ok(Ownership::Rootful);
+        }
+        let passwd = read(PASSWD)?;
+        let name = user_name(&passwd, uid);
+        let subuid =
+            find_range(&read(SUBUID)?, name.as_deref(), uid).with_context(|| no_range(SUBUID, uid, name.as_deref()))?;
+        let subgid =
+            find_range(&read(SUBGID)?, name.as_deref(), uid).with_context(|| no_range(SUBGID, uid, name.as_deref()))?;
+        Ok(Ownership::Rootless {
+            uid,
+            gid,
+            subuid,
+            subgid,
+        })
+    }
+
+    /// The host ids a container's `uid:gid` owns files as.
+    pub fn host_ids(&self, uid: u32, gid: u32) -> anyhow::Result<(u32, u32)> {
+        match self {
+            Ownership::Rootful => Ok((uid, gid)),
+            Ownership::Rootless {
+                uid: me,
+                gid: my_gid,
+                subuid,
+                subgid,
+            } => Ok((map(uid, *me, *subuid, "uid")?, map(gid, *my_gid, *subgid, "gid")?)),
+        }
+    }
+
+    /// Gives `path` (not what is below it) to the container's `uid:gid`,
+    /// unless it already belongs to them.
+    pub fn give(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+        self.chown(path, uid, gid)
+    }
+
+    /// Gives an app's copy of a secret to the container's `uid` and makes
+    /// it read-only. Rootless, its group stays the agent's own (gid 0 in
+    /// the container's namespace), mode 0440, so that the agent can still
+    /// compare it with the canonical value; rootful, mode 0400.
+    pub fn give_secret(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+        let (mode, gid) = match self {
+            Ownership::Rootful => (0o400, gid),
+            Ownership::Rootless { .. } => (0o440, 0),
+        };
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+        self.chown(path, uid, gid)
+    }
+
+    fn chown(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+        let (host_uid, host_gid) = self.host_ids(uid, gid)?;
+        let md = fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if (md.uid(), md.gid()) == (host_uid, host_gid) {
+            return Ok(());
+        }
+        match self {
+            Ownership::Rootful => std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to uid {uid}", path.display())),
+            Ownership::Rootless { .. } => {
+                let output = Command::new("podman")
+                    .args(["unshare", "chown", "--no-dereference", &format!("{uid}:{gid}")])
+                    .arg(path)
+                    .output()
+                    .context("cannot run `podman unshare` (package podman) to give files to a container user")?;
+                if !output.status.success() {
+                    bail!(
+                        "cannot give {} to container uid {uid} (host uid {host_uid}): podman unshare chown: {}",
+                        path.display(),
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn read(path: &str) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {path}"))
+}
+
+fn no_range(file: &str, uid: u32, name: Option<&str>) -> String {
+    format!(
+        "the agent runs rootless as uid {uid}{} but {file} has no range for it; \
+         rootless containers need one (usermod --add-subuids/--add-subgids)",
+        name.map(|n| format!(" ({n})")).unwrap_or_default()
+    )
+}
+
+/// The login name of `uid` in passwd text.
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse() == Ok(uid)).then(|| name.to_owned())
+    })
+}
+
+/// The first range of `name` (or of the numeric `uid`) in subuid/subgid text.
+fn find_range(text: &str, name: Option<&str>, uid: u32) -> Option<IdRange> {
+    let uid = uid.to_string();
+    text.lines().find_map(|line| {
+        let mut fields = line.trim().split(':');
+        let owner = fields.next()?;
+        if Some(owner) != name && owner != uid {
+            return None;
+        }
+        let start = fields.next()?.parse().ok()?;
+        let count = fields.next()?.parse().ok()?;
+        Some(IdRange { start, count })
+    })
+}
+
+fn map(id: u32, own: u32, range: IdRange, what: &str) -> anyhow::Result<u32> {
+    if id == 0 {
+        return Ok(own);
+    }
+    if id > range.count {
+        bail!(
+            "container {what} {id} is outside the rootless mapping: only 0 to {} are mapped (subordinate range {}:{})",
+            range.count,
+            range.start,
+            range.count
+        );
+    }
+    Ok(range.start + id - 1)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const PASSWD_TEXT: &str = "root:x:0:0:root:/root:/bin/bash\narchipelago:x:1000:1000::/home/archipelago:/bin/bash\n";
+
+    fn rootless() -> Ownership {
+        Ownership::Rootless {
+            uid: 1000,
+            gid: 1000,
+            subuid: IdRange {
+                start: 100_000,
+                count: 65_536,
+            },
+            subgid: IdRange {
+                start: 200_000,
+                count: 65_536,
+            },
+        }
+    }
+
+    #[test]
+    fn rootless_maps_root_to_the_user_and_others_into_the_subordinate_range() {
+        let o = rootless();
+        assert_eq!(o.host_ids(0, 0).unwrap(), (1000, 1000));
+        assert_eq!(o.host_ids(1, 1).unwrap(), (100_000, 200_000));
+        assert_eq!(o.host_ids(1000, 101).unwrap(), (100_999, 200_100));
+        assert_eq!(o.host_ids(65_536, 65_536).unwrap(), (165_535, 265_535));
+    }
+
+    #[test]
+    fn an_id_beyond_the_range_is_refused_with_the_range() {
+        let err = rootless().host_ids(70_000, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("container uid 70000") && err.contains("100000:65536"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rootful_keeps_ids() {
+        assert_eq!(Ownership::Rootful.host_ids(1000, 1000).unwrap(), (1000, 1000));
+    }
+
+    #[test]
+    fn ranges_are_found_by_name_or_by_uid() {
+        let name = user_name(PASSWD_TEXT, 1000);
+        assert_eq!(name.as_deref(), Some("archipelago"));
+        let by_name = "other:1:5\narchipelago:100000:65536\n";
+        assert_eq!(
+            find_range(by_name, name.as_deref(), 1000),
+            Some(IdRange {
+                start: 100_000,
+                count: 65_536
+            })
+        );
+        assert_eq!(
+            find_range("1000:300000:10\n", None, 1000),
+            Some(IdRange {
+                start: 300_000,
+                count: 10
+            })
+        );
+        assert_eq!(find_range("other:1:5\n", name.as_deref(), 1000), None);
+        assert_eq!(user_name(PASSWD_TEXT, 4242), None);
+    }
+}
