@@ -132,6 +132,17 @@ pub enum Command {
     /// Mount the ARCHY-DATA partition at the data root (--data), formatting a disk only
     /// when the kernel command line names it (archipelago.format=/dev/…); warn when there is none.
     /// Run as root at boot, before the agent.
+    /// Probe an address from this process's network namespace (the agent runs it inside the
+    /// rootless engine's namespace); prints the detail, exit status 1 when it fails.
+    #[command(hide = true)]
+    ProbeNet {
+        #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+        http: Option<String>,
+        #[arg(long)]
+        tcp: Option<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     DataDisk {
         /// Give the data root to this uid:gid (the agent's user).
         #[arg(long, value_parser = parse_owner)]
@@ -139,6 +150,12 @@ pub enum Command {
         /// The kernel command line to read.
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
+        /// The data disk's file system label (tests use their own).
+        #[arg(long, default_value = crate::datadisk::LABEL, hide = true)]
+        label: String,
+        /// Seconds to wait for the disk to appear.
+        #[arg(long, default_value_t = crate::datadisk::DEVICE_WAIT.as_secs(), hide = true)]
+        wait_secs: u64,
     },
 }
 
@@ -233,9 +250,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
-        Command::DataDisk { owner, cmdline } => {
+        Command::ProbeNet { http, tcp, timeout_ms } => {
+            let probe = match (http, tcp) {
+                (Some(url), _) => crate::orchestrator::NetProbe::Http(url),
+                (None, Some(addr)) => crate::orchestrator::NetProbe::Tcp(addr),
+                (None, None) => anyhow::bail!("probe-net needs --http URL or --tcp ADDR"),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let (ok, detail) = runtime.block_on(probe.run(Duration::from_millis(timeout_ms)));
+            println!("{detail}");
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::DataDisk {
+            owner,
+            cmdline,
+            label,
+            wait_secs,
+        } => {
             crate::datadisk::run(&crate::datadisk::Options {
                 mountpoint: cli.global.data.clone(),
+                label,
+                wait: Duration::from_secs(wait_secs),
                 owner,
                 cmdline,
             })?;
@@ -269,7 +307,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Reconcile { .. }
                 | Command::Adopt { .. }
                 | Command::Images(_)
-                | Command::DataDisk { .. } => unreachable!("handled above"),
+                | Command::DataDisk { .. }
+                | Command::ProbeNet { .. } => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
                 Box::pin(async move {

@@ -24,8 +24,10 @@ use anyhow::{bail, Context as _};
 
 pub const LABEL: &str = "ARCHY-DATA";
 const FORMAT_PARAM: &str = "archipelago.format=";
+/// The data root's folder the image may seed (`config/registries.json`).
+const SEED_DIR: &str = "config";
 /// How long udev gets to show a labelled partition after boot.
-const DEVICE_WAIT: Duration = Duration::from_secs(10);
+pub const DEVICE_WAIT: Duration = Duration::from_secs(10);
 
 /// What the node's kernel command line asks of the data disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -68,7 +70,7 @@ pub enum FormatDecision {
     Format,
 }
 
-pub fn decide(cmdline: &Cmdline, found: &Found) -> anyhow::Result<FormatDecision> {
+pub fn decide(cmdline: &Cmdline, found: &Found, label: &str) -> anyhow::Result<FormatDecision> {
     let Some(device) = &cmdline.format else {
         return Ok(FormatDecision::NotAsked);
     };
@@ -77,7 +79,7 @@ pub fn decide(cmdline: &Cmdline, found: &Found) -> anyhow::Result<FormatDecision
             "kernel command line asks to format {} but there is no such device",
             device.display()
         ),
-        Found::Present { label: Some(l) } if l == LABEL => Ok(FormatDecision::AlreadyFormatted),
+        Found::Present { label: Some(l) } if l == label => Ok(FormatDecision::AlreadyFormatted),
         Found::Present { .. } => Ok(FormatDecision::Format),
     }
 }
@@ -86,6 +88,10 @@ pub fn decide(cmdline: &Cmdline, found: &Found) -> anyhow::Result<FormatDecision
 #[derive(Debug, Clone)]
 pub struct Options {
     pub mountpoint: PathBuf,
+    /// The file system label of the data disk (tests use their own).
+    pub label: String,
+    /// How long to wait for the disk to appear.
+    pub wait: Duration,
     /// The agent's user, who owns the data root (rootless).
     pub owner: Option<(u32, u32)>,
     pub cmdline: PathBuf,
@@ -100,11 +106,12 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     if let Some(device) = &cmdline.format {
         settle();
         let found = probe(device)?;
-        match decide(&cmdline, &found)? {
+        match decide(&cmdline, &found, &opts.label)? {
             FormatDecision::Format => {
                 say(&format!(
-                    "formatting {} as ext4, label {LABEL} (asked on the kernel command line)",
-                    device.display()
+                    "formatting {} as ext4, label {} (asked on the kernel command line)",
+                    device.display(),
+                    opts.label
                 ));
                 tool(
                     "mkfs.ext4",
@@ -113,35 +120,39 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
                         "-F".as_ref(),
                         "-q".as_ref(),
                         "-L".as_ref(),
-                        LABEL.as_ref(),
+                        opts.label.as_ref(),
                         device.as_os_str(),
                     ],
                 )?;
             }
             FormatDecision::AlreadyFormatted => say(&format!(
-                "{} already is the data disk (label {LABEL}); not formatting it again",
-                device.display()
+                "{} already is the data disk (label {}); not formatting it again",
+                device.display(),
+                opts.label
             )),
             FormatDecision::NotAsked => {}
         }
     }
     fs::create_dir_all(&opts.mountpoint).with_context(|| format!("cannot create {}", opts.mountpoint.display()))?;
-    let by_label = Path::new("/dev/disk/by-label").join(LABEL);
+    // What the image ships under the data root (the registry list of
+    // `cargo xtask iso --registries`) is hidden once the disk is mounted
+    // over it: read it first, and give it to a disk that lacks it.
+    let seed = read_seed(&opts.mountpoint.join(SEED_DIR))?;
     if is_mountpoint(&opts.mountpoint)? {
         say(&format!("{} is already mounted", opts.mountpoint.display()));
-    } else if wait_for(&by_label) {
+    } else if let Some(device) = wait_for_label(&opts.label, opts.wait)? {
         // A power loss leaves the journal to replay and maybe more: the
         // same check fstab would run (exit 1 means errors were fixed).
         let status = Command::new("e2fsck")
             .args(["-p"])
-            .arg(&by_label)
+            .arg(&device)
             .status()
             .context("cannot run e2fsck (package e2fsprogs)")?;
         if !matches!(status.code(), Some(0 | 1)) {
             bail!(
                 "e2fsck -p {} failed ({status}): the data disk needs a manual check; \
                  refusing to mount it, and refusing to run apps without it",
-                by_label.display()
+                device.display()
             );
         }
         tool(
@@ -150,18 +161,65 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
             &[
                 "-o".as_ref(),
                 "noatime".as_ref(),
-                by_label.as_os_str(),
+                device.as_os_str(),
                 opts.mountpoint.as_os_str(),
             ],
         )?;
     } else {
-        warn_in_ram(&opts.mountpoint);
+        warn_in_ram(&opts.mountpoint, &opts.label);
         own(opts)?;
+        write_seed(&opts.mountpoint.join(SEED_DIR), &seed, opts.owner)?;
         return Ok(false);
     }
     own(opts)?;
-    say(&format!("data disk {LABEL} mounted at {}", opts.mountpoint.display()));
+    write_seed(&opts.mountpoint.join(SEED_DIR), &seed, opts.owner)?;
+    say(&format!(
+        "data disk {} mounted at {}",
+        opts.label,
+        opts.mountpoint.display()
+    ));
     Ok(true)
+}
+
+/// Files of `dir` (one level: the registry list), read before the mount.
+fn read_seed(dir: &Path) -> anyhow::Result<Vec<(std::ffi::OsString, Vec<u8>)>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let bytes = fs::read(entry.path()).with_context(|| format!("cannot read {}", entry.path().display()))?;
+            out.push((entry.file_name(), bytes));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the seed files the disk does not have yet; never overwrites.
+fn write_seed(dir: &Path, seed: &[(std::ffi::OsString, Vec<u8>)], owner: Option<(u32, u32)>) -> anyhow::Result<()> {
+    if seed.is_empty() {
+        return Ok(());
+    }
+    crate::fsutil::ensure_private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let give = |path: &Path| -> anyhow::Result<()> {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;
+        }
+        Ok(())
+    };
+    give(dir)?;
+    for (name, bytes) in seed {
+        let path = dir.join(name);
+        if crate::fsutil::write_new(&path, bytes, 0o600).with_context(|| format!("cannot write {}", path.display()))? {
+            say(&format!("{} copied from the image to the data disk", path.display()));
+        }
+        // Also in RAM, where the image's own root-owned copy is the one.
+        give(&path)?;
+    }
+    Ok(())
 }
 
 fn own(opts: &Options) -> anyhow::Result<()> {
@@ -173,12 +231,12 @@ fn own(opts: &Options) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the mode of {}", opts.mountpoint.display()))
 }
 
-fn warn_in_ram(mountpoint: &Path) {
+fn warn_in_ram(mountpoint: &Path, label: &str) {
     let line = "=".repeat(72);
     say(&format!(
-        "{line}\nWARNING: no partition labelled {LABEL}. Container storage, app data, secrets \
+        "{line}\nWARNING: no partition labelled {label}. Container storage, app data, secrets \
          and agent state under {} are in RAM and are LOST at power off.\nAdd a disk with an ext4 \
-         partition labelled {LABEL}, or boot once with archipelago.format=/dev/<disk> to format one.\n{line}",
+         partition labelled {label}, or boot once with archipelago.format=/dev/<disk> to format one.\n{line}",
         mountpoint.display()
     ));
 }
@@ -194,15 +252,23 @@ fn settle() {
     let _ = Command::new("udevadm").args(["settle", "--timeout=10"]).status();
 }
 
-fn wait_for(device: &Path) -> bool {
+/// The device carrying `label`, found by blkid's own probing (no udev
+/// needed), waiting up to `wait` for it to appear.
+fn wait_for_label(label: &str, wait: Duration) -> anyhow::Result<Option<PathBuf>> {
     settle();
-    let deadline = Instant::now() + DEVICE_WAIT;
+    let deadline = Instant::now() + wait;
     loop {
-        if device.exists() {
-            return true;
+        // blkid exits 2 when no device has the label.
+        let output = Command::new("blkid")
+            .args(["-L", label])
+            .output()
+            .context("cannot run blkid (package util-linux)")?;
+        let device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if output.status.success() && !device.is_empty() {
+            return Ok(Some(PathBuf::from(device)));
         }
         if Instant::now() >= deadline {
-            return false;
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -280,11 +346,14 @@ mod tests {
         let ours = Found::Present {
             label: Some(LABEL.into()),
         };
-        assert_eq!(decide(&Cmdline::default(), &blank).unwrap(), FormatDecision::NotAsked);
-        assert_eq!(decide(&asked, &blank).unwrap(), FormatDecision::Format);
-        assert_eq!(decide(&asked, &other).unwrap(), FormatDecision::Format);
-        assert_eq!(decide(&asked, &ours).unwrap(), FormatDecision::AlreadyFormatted);
-        let err = decide(&asked, &Found::Missing).unwrap_err().to_string();
+        assert_eq!(
+            decide(&Cmdline::default(), &blank, LABEL).unwrap(),
+            FormatDecision::NotAsked
+        );
+        assert_eq!(decide(&asked, &blank, LABEL).unwrap(), FormatDecision::Format);
+        assert_eq!(decide(&asked, &other, LABEL).unwrap(), FormatDecision::Format);
+        assert_eq!(decide(&asked, &ours, LABEL).unwrap(), FormatDecision::AlreadyFormatted);
+        let err = decide(&asked, &Found::Missing, LABEL).unwrap_err().to_string();
         assert!(err.contains("/dev/vdb") && err.contains("no such device"), "{err}");
     }
 }

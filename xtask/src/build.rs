@@ -80,6 +80,17 @@ pub struct BuildArgs {
     /// Rebuild the base rootfs with mmdebstrap even when the cache has it.
     #[arg(long)]
     pub no_cache: bool,
+    /// The pre-pulled images to embed (`cargo xtask images --out`) [default: target/images].
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Extra files laid over the finished rootfs, e.g. a test's probe unit
+    /// (`cargo xtask e2e`). Not part of the cached base.
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Option<PathBuf>,
+    /// `iso`: the GRUB menu to boot with [default: iso/grub.cfg]. It must
+    /// keep `boot=live` and a serial-console entry.
+    #[arg(long, value_name = "FILE")]
+    pub boot_menu: Option<PathBuf>,
 }
 
 /// The time stamped on everything built: `SOURCE_DATE_EPOCH` when set,

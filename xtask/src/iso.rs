@@ -200,7 +200,7 @@ fn build_iso(
         ))
     })?;
 
-    let grub_cfg = root.join(GRUB_CFG);
+    let grub_cfg = args.boot_menu.clone().unwrap_or_else(|| root.join(GRUB_CFG));
     progress.stage("bootloader", "GRUB for BIOS and UEFI (grub-mkimage, mtools)", || {
         make_bootloader(sh, &grub_cfg, &staging, &work, epoch)?;
         let bytes = build::tree_size(&staging.join("boot")).ok();

@@ -71,7 +71,10 @@ const MMDEBSTRAP_FLAGS: &[&str] = &[
 /// come from the overlay).
 const USER_HOOK: &str = r#"chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/bash archipelago"#;
 /// Services Debian does not enable by itself.
-const ENABLE_HOOK: &str = r#"chroot "$1" systemctl enable systemd-networkd.service"#;
+/// Rootless: the archipelago user's Podman socket starts with its systemd
+/// (which lingering starts at boot).
+const ENABLE_HOOK: &str =
+    r#"chroot "$1" systemctl enable systemd-networkd.service && chroot "$1" systemctl --global enable podman.socket"#;
 
 /// The netavark binary podman runs, and the series bookworm ships.
 const NETAVARK_PATH: &str = "/usr/lib/podman/netavark";
@@ -84,8 +87,12 @@ const CONTAINERS_CONF: &str = "etc/containers/containers.conf";
 const AGENT_PACKAGE: &str = "archy-agent";
 const AGENT_BIN: &str = "archy-agent";
 const NODE_AGENT_PATH: &str = "usr/bin/archy-agent";
-const NODE_UNIT_PATH: &str = "usr/lib/systemd/system/archy-agent.service";
-const NODE_UNIT_LINK: &str = "etc/systemd/system/multi-user.target.wants/archy-agent.service";
+/// The node's own units, from `rootfs/units/`, each installed and enabled
+/// (multi-user.target): the data disk first, then the agent.
+pub const UNITS_DIR: &str = "rootfs/units";
+const NODE_UNITS: &[&str] = &["archy-data.service", "archy-agent.service"];
+const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
+const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
 /// Which Archipelago a node runs, for people and scripts.
 const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
 
@@ -190,7 +197,10 @@ pub fn build(
             let apps = build::load_manifests(&args.manifests)?;
             let mut layer = Layer::new();
             let manifests = build::add_manifests(&mut layer, &apps)?;
-            let images_dir = build::target_dir(root).join(build::IMAGES_SUBDIR);
+            let images_dir = args
+                .images
+                .clone()
+                .unwrap_or_else(|| build::target_dir(root).join(build::IMAGES_SUBDIR));
             let (images, images_lock_sha256) = if args.no_images || !images_dir.exists() {
                 (Vec::new(), None)
             } else {
@@ -202,9 +212,17 @@ pub fn build(
                 .as_deref()
                 .map(|f| build::add_registries(&mut layer, f))
                 .transpose()?;
+            for name in NODE_UNITS {
+                let installed = format!("{NODE_UNIT_DIR}/{name}");
+                layer.add_file_with_mode(&installed, &root.join(UNITS_DIR).join(name), FILE_MODE)?;
+                layer.add_symlink(&format!("{NODE_UNIT_WANTS}/{name}"), &format!("/{installed}"))?;
+            }
+            if let Some(extra) = &args.overlay {
+                layer
+                    .add_tree("", extra)
+                    .with_context(|| format!("adding the overlay {}", extra.display()))?;
+            }
             let unit = root.join(UNIT_FILE);
-            layer.add_file_with_mode(NODE_UNIT_PATH, &unit, FILE_MODE)?;
-            layer.add_symlink(NODE_UNIT_LINK, &format!("/{NODE_UNIT_PATH}"))?;
             let release = format!(
                 "NAME=Archipelago\nVERSION={}\nDEBIAN_RELEASE={RELEASE}\n",
                 build::VERSION

@@ -171,6 +171,33 @@ pub const ISO_STAGE: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask e2e` needs beyond the ISO stages: a guest to boot the
+/// ISO in, UEFI firmware for it, and a data disk.
+pub const E2E_STAGE: &[Tool] = &[
+    Tool {
+        name: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        probe: Probe::OnPath("qemu-system-x86_64"),
+        why: "boots the ISO (TCG: nested KVM hangs on the build machines)",
+    },
+    Tool {
+        name: "OVMF",
+        package: "ovmf",
+        probe: Probe::File(OVMF_CODE),
+        why: "UEFI firmware for the guest",
+    },
+    Tool {
+        name: "mkfs.ext4",
+        package: "e2fsprogs",
+        probe: Probe::OnPath("mkfs.ext4"),
+        why: "makes the guest's ARCHY-DATA disk",
+    },
+];
+
+/// UEFI firmware (package ovmf): code, and variables each guest copies.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
 /// Where the test images take their busybox from (package busybox-static).
 pub const STATIC_BUSYBOX: &str = "/bin/busybox";
 
@@ -298,6 +325,7 @@ pub fn doctor() -> ExitCode {
         ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
         ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
         ("iso (cargo xtask iso)", ISO_STAGE),
+        ("e2e (cargo xtask e2e, and cargo xtask test)", E2E_STAGE),
     ];
     let mut all_missing = Vec::new();
     for (stage, tools) in stages {

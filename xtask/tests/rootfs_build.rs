@@ -149,11 +149,34 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
     ] {
         assert!(unit.lines().any(|l| l == line), "{line} missing from\n{unit}");
     }
-    // systemd of the rootfs itself parses it: a typo only warns (exit 0),
+    // Rootless: the agent runs as archipelago, against that user's socket.
+    for line in [
+        "User=archipelago",
+        "Environment=ARCHY_ENGINE=/run/user/1000/podman/podman.sock",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing from\n{unit}");
+    }
+    assert!(
+        tree.join("var/lib/systemd/linger/archipelago").is_file(),
+        "lingering starts the user's systemd at boot"
+    );
+    assert_eq!(
+        fs::read_link(tree.join("etc/systemd/user/sockets.target.wants/podman.socket")).unwrap(),
+        Path::new("/usr/lib/systemd/user/podman.socket")
+    );
+    assert_eq!(
+        value_in_table(&storage, "storage", "rootless_storage_path").as_deref(),
+        Some("\"/var/lib/archipelago/containers/rootless\"")
+    );
+    assert_eq!(
+        fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants/archy-data.service")).unwrap(),
+        Path::new("/usr/lib/systemd/system/archy-data.service")
+    );
+    // systemd of the rootfs itself parses them: a typo only warns (exit 0),
     // so any output at all fails the test.
     let verify = Command::new("chroot")
         .arg(&tree)
-        .args(["systemd-analyze", "verify", "archy-agent.service"])
+        .args(["systemd-analyze", "verify", "archy-data.service", "archy-agent.service"])
         .output()
         .unwrap();
     assert!(

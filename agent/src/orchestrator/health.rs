@@ -60,7 +60,11 @@ pub async fn run_probe(
             ),
             Some(addr) => {
                 let url = http_url(target, addr);
-                let (ok, detail) = http_get(&url, timeout).await;
+                let (ok, detail) = if in_rootless_netns(addr) {
+                    via_rootless_netns(&NetProbe::Http(url.clone()), timeout).await
+                } else {
+                    http_get(&url, timeout).await
+                };
                 (ok, url, detail)
             }
         },
@@ -71,10 +75,10 @@ pub async fn run_probe(
                 "the container has no address to probe".to_owned(),
             ),
             Some(addr) => {
-                let (ok, detail) = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-                    Ok(Ok(_)) => (true, "connected".to_owned()),
-                    Ok(Err(e)) => (false, format!("connect failed: {e}")),
-                    Err(_) => (false, format!("no connection within {timeout:?}")),
+                let (ok, detail) = if in_rootless_netns(addr) {
+                    via_rootless_netns(&NetProbe::Tcp(addr), timeout).await
+                } else {
+                    tcp_connect(addr, timeout).await
                 };
                 (ok, addr.to_string(), detail)
             }
@@ -96,6 +100,87 @@ pub async fn run_probe(
         target,
         detail,
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// A network probe, as `archy-agent probe-net` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetProbe {
+    Http(String),
+    Tcp(SocketAddr),
+}
+
+impl NetProbe {
+    /// Runs the probe from this process's network namespace.
+    pub async fn run(&self, timeout: Duration) -> (bool, String) {
+        match self {
+            NetProbe::Http(url) => http_get(url, timeout).await,
+            NetProbe::Tcp(addr) => tcp_connect(*addr, timeout).await,
+        }
+    }
+
+    fn args(&self) -> [String; 2] {
+        match self {
+            NetProbe::Http(url) => ["--http".to_owned(), url.clone()],
+            NetProbe::Tcp(addr) => ["--tcp".to_owned(), addr.to_string()],
+        }
+    }
+}
+
+/// A rootless engine keeps its networks in a namespace of its own: a
+/// container's address there is unreachable from the agent, while a
+/// published port on loopback is.
+fn in_rootless_netns(addr: SocketAddr) -> bool {
+    !addr.ip().is_loopback()
+        && matches!(
+            crate::ownership::Ownership::current(),
+            Ok(crate::ownership::Ownership::Rootless { .. })
+        )
+}
+
+/// Runs the probe inside the rootless network namespace: the agent's own
+/// binary (`probe-net`) under `podman unshare --rootless-netns`.
+async fn via_rootless_netns(probe: &NetProbe, timeout: Duration) -> (bool, String) {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return (false, format!("cannot find the agent's own binary: {e}")),
+    };
+    let mut cmd = tokio::process::Command::new("podman");
+    cmd.args(["unshare", "--rootless-netns"])
+        .arg(exe)
+        .arg("probe-net")
+        .args(probe.args())
+        .arg("--timeout-ms")
+        .arg(timeout.as_millis().to_string())
+        .kill_on_drop(true);
+    // The namespace takes a moment to enter; the probe's own timeout
+    // bounds the rest.
+    match tokio::time::timeout(timeout + Duration::from_secs(10), cmd.output()).await {
+        Ok(Ok(out)) => {
+            let detail = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let detail = if detail.is_empty() {
+                format!(
+                    "podman unshare --rootless-netns: {}",
+                    last_line(&String::from_utf8_lossy(&out.stderr))
+                )
+            } else {
+                detail
+            };
+            (out.status.success(), detail)
+        }
+        Ok(Err(e)) => (false, format!("cannot run podman unshare --rootless-netns: {e}")),
+        Err(_) => (
+            false,
+            format!("no answer within {timeout:?} (podman unshare --rootless-netns)"),
+        ),
+    }
+}
+
+async fn tcp_connect(addr: SocketAddr, timeout: Duration) -> (bool, String) {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => (true, "connected".to_owned()),
+        Ok(Err(e)) => (false, format!("connect failed: {e}")),
+        Err(_) => (false, format!("no connection within {timeout:?}")),
     }
 }
 

@@ -24,7 +24,7 @@ use crate::engine::{Engine, EngineError};
 use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
 use crate::spec::ContainerSpec;
 
-pub use health::{http_url, probe_address, ProbeResult};
+pub use health::{http_url, probe_address, NetProbe, ProbeResult};
 pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
 pub use locks::AppLocks;
 pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
