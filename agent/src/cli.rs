@@ -224,10 +224,19 @@ fn init_tracing(daemon: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colours only for a person at a terminal: journald would keep the
+    // escape codes.
+    use std::io::IsTerminal as _;
     if daemon {
-        builder.with_writer(std::io::stdout).init();
+        builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_writer(std::io::stdout)
+            .init();
     } else {
-        builder.with_writer(std::io::stderr).init();
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
     }
 }
 

@@ -11,7 +11,7 @@
 //! the data it protects.
 //!
 //! The decisions are pure (`parse_cmdline`, `decide`); the effects run
-//! Debian's own tools (util-linux, e2fsprogs, udev).
+//! Debian's own tools (util-linux, e2fsprogs).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -104,7 +104,8 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         fs::read_to_string(&opts.cmdline).with_context(|| format!("cannot read {}", opts.cmdline.display()))?;
     let cmdline = parse_cmdline(&cmdline_text)?;
     if let Some(device) = &cmdline.format {
-        settle();
+        // Asked for by name: give the device the same time to appear.
+        wait_for_path(device, opts.wait);
         let found = probe(device)?;
         match decide(&cmdline, &found, &opts.label)? {
             FormatDecision::Format => {
@@ -246,16 +247,17 @@ fn say(message: &str) {
     eprintln!("archipelago: {message}");
 }
 
-fn settle() {
-    // Best effort: without udev (a container, a test) devices are there
-    // or not; the wait below covers the rest.
-    let _ = Command::new("udevadm").args(["settle", "--timeout=10"]).status();
+fn wait_for_path(path: &Path, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
-/// The device carrying `label`, found by blkid's own probing (no udev
-/// needed), waiting up to `wait` for it to appear.
+/// The device carrying `label`, found by blkid's own probing: no need to
+/// wait for udev's links (`udevadm settle` cost half a minute at boot).
+/// Waits up to `wait` for it to appear.
 fn wait_for_label(label: &str, wait: Duration) -> anyhow::Result<Option<PathBuf>> {
-    settle();
     let deadline = Instant::now() + wait;
     loop {
         // blkid exits 2 when no device has the label.

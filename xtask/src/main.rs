@@ -6,6 +6,7 @@
 mod archive;
 mod bench;
 mod build;
+mod e2e;
 mod glibc;
 mod images;
 mod iso;
@@ -56,6 +57,9 @@ enum Command {
     /// Measure the agent's performance targets against the real Podman service, each with a
     /// baseline from the same run; prints a table and writes target/bench/report.md.
     Bench(bench::BenchArgs),
+    /// Boot an ISO with a test app set in QEMU (SeaBIOS and UEFI, no network) and check first
+    /// boot, adoption across a reboot and a killed app's restart. Also part of `cargo xtask test`.
+    E2e(e2e::E2eArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -83,6 +87,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Iso(args) => iso::run(&root, &args),
         Command::Images(args) => stage_images::run(&args),
         Command::Bench(args) => bench::run(&root, &args),
+        Command::E2e(args) => e2e::run(&root, &args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

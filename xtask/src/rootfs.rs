@@ -93,6 +93,7 @@ pub const UNITS_DIR: &str = "rootfs/units";
 const NODE_UNITS: &[&str] = &["archy-data.service", "archy-agent.service"];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
 const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
+const ROOT_PODMAN_SOCKET_MASK: &str = "etc/systemd/system/podman.socket";
 /// Which Archipelago a node runs, for people and scripts.
 const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
 
@@ -217,6 +218,9 @@ pub fn build(
                 layer.add_file_with_mode(&installed, &root.join(UNITS_DIR).join(name), FILE_MODE)?;
                 layer.add_symlink(&format!("{NODE_UNIT_WANTS}/{name}"), &format!("/{installed}"))?;
             }
+            // Apps run rootless: root's own API socket, which Debian enables,
+            // is masked (README: the rootful option unmasks it).
+            layer.add_symlink(ROOT_PODMAN_SOCKET_MASK, "/dev/null")?;
             if let Some(extra) = &args.overlay {
                 layer
                     .add_tree("", extra)

@@ -1,0 +1,651 @@
+//! `cargo xtask e2e`: the node as it lives, in QEMU.
+//!
+//! Builds an ISO with a test app set (three apps from the loopback test
+//! registries, pre-pulled into it: a `ui`, one with a dependency, one with a
+//! secret and a data volume), makes an ext4 data disk labelled ARCHY-DATA,
+//! and boots the ISO under TCG with no network device at all:
+//!
+//! 1. first boot: every app running and healthy, every image from the ISO,
+//!    secrets 0600, netavark, rootless under `archipelago`;
+//! 2. power off, boot again on the same disk: the same container IDs,
+//!    nothing installed, no image imported;
+//! 3. a third boot kills an app's process; the agent restarts it.
+//!
+//! Boots 1 and 2 run under SeaBIOS and under OVMF (UEFI), each with a
+//! fresh disk; boot 3 under SeaBIOS. The guest reports through a test-only
+//! probe unit (`tests/fixtures/e2e/overlay`) that prints `ARCHY-E2E key
+//! value` lines on the serial console and powers off; the host reads
+//! instructions to it through QEMU's fw_cfg. Any failure names the step
+//! and shows the guest's last console lines.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use xshell::{cmd, Shell};
+
+use crate::build::{self, BuildArgs};
+use crate::{iso, stage_images, test_env, tools};
+
+/// The apps of the test set; their images come from the test registries.
+const API: &str = "e2e-api";
+const UI: &str = "e2e-ui";
+const WORKER: &str = "e2e-worker";
+const APPS: &[&str] = &[API, UI, WORKER];
+/// The app whose process boot 3 kills (the probe script knows it too).
+const KILLED: &str = API;
+
+const OVERLAY: &str = "xtask/tests/fixtures/e2e/overlay";
+const WORK_DIR: &str = "e2e";
+const DISK_SIZE: &str = "3G";
+const MARKER: &str = "ARCHY-E2E ";
+/// The `SOURCE_DATE_EPOCH` of xtask/tests/{rootfs,iso}_build.rs.
+const SHARED_EPOCH: &str = "1700000000";
+/// Seconds one boot may take before it counts as hung (TCG is slow).
+const DEFAULT_BOOT_TIMEOUT: u64 = 900;
+/// How many console lines a failure shows.
+const TAIL_LINES: usize = 40;
+
+/// The guest: TCG (nested KVM hangs at kernel start on the build
+/// machines), no network device, the ISO as a CD, the data disk on virtio,
+/// the serial console to a file.
+const QEMU_FLAGS: &[&str] = &[
+    "-m",
+    "2048",
+    "-smp",
+    "2",
+    "-accel",
+    "tcg",
+    "-display",
+    "none",
+    "-monitor",
+    "none",
+    "-no-reboot",
+    "-nic",
+    "none",
+    "-boot",
+    "order=d",
+];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eArgs {
+    /// Seconds one boot may take, power on to power off, before it counts as hung.
+    #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT)]
+    pub boot_timeout: u64,
+    /// Embed this agent binary instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "FILE")]
+    pub agent: Option<PathBuf>,
+}
+
+impl Default for E2eArgs {
+    fn default() -> E2eArgs {
+        E2eArgs {
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            agent: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    SeaBios,
+    Ovmf,
+}
+
+impl Firmware {
+    fn name(self) -> &'static str {
+        match self {
+            Firmware::SeaBios => "seabios",
+            Firmware::Ovmf => "ovmf",
+        }
+    }
+}
+
+/// What one boot reported: the probe's facts and the console.
+#[derive(Debug)]
+struct BootReport {
+    step: String,
+    facts: BTreeMap<String, String>,
+    console: String,
+    wall: Duration,
+}
+
+impl BootReport {
+    fn fact(&self, key: &str) -> anyhow::Result<&str> {
+        self.facts
+            .get(key)
+            .map(String::as_str)
+            .with_context(|| self.failure(&format!("the guest never reported `{key}`")))
+    }
+
+    /// The message of a failed step: what, and the guest's last lines.
+    fn failure(&self, what: &str) -> String {
+        format!(
+            "e2e step `{}`: {what}\n--- last {TAIL_LINES} console lines ---\n{}",
+            self.step,
+            tail(&self.console, TAIL_LINES)
+        )
+    }
+
+    fn check(&self, ok: bool, what: impl FnOnce() -> String) -> anyhow::Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            bail!(self.failure(&what()))
+        }
+    }
+
+    /// Container name → ID, as `podman ps -a` listed them.
+    fn containers(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(self
+            .fact("containers")?
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(name, id)| (name.to_owned(), id.to_owned()))
+            .collect())
+    }
+
+    /// Seconds after kernel start: the agent's READY, and all apps healthy
+    /// (the agent's own console line).
+    fn timeline(&self) -> (Option<f64>, Option<f64>) {
+        let ready = self
+            .facts
+            .get("agent-ready-s")
+            .and_then(|us| us.parse::<f64>().ok())
+            .map(|us| us / 1e6);
+        let healthy = self.console.lines().find_map(|l| {
+            let rest = l.split("archipelago: all ").nth(1)?;
+            let (_, after) = rest.split_once(" apps healthy ")?;
+            after.split_whitespace().next()?.parse::<f64>().ok()
+        });
+        (ready, healthy)
+    }
+}
+
+/// `cargo xtask e2e`: starts the test registries, runs [`check`], tears down.
+pub fn run(root: &Path, args: &E2eArgs) -> anyhow::Result<ExitCode> {
+    build::require_root("e2e")?;
+    let sh = Shell::new().context("creating a shell")?;
+    tools::ensure(&sh, tools::E2E_STAGE)?;
+    let (mut env, vars) = test_env::start()?;
+    let result = check(root, &vars, args);
+    let problems = env.teardown();
+    result?;
+    if !problems.is_empty() {
+        bail!("teardown was not clean:\n  {}", problems.join("\n  "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The whole end-to-end run against test services described by `vars`
+/// (the `ARCHY_TEST_*` variables of `cargo xtask test`).
+pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let sh = Shell::new().context("creating a shell")?;
+    tools::ensure(&sh, tools::E2E_STAGE)?;
+    let var = |name: &str| {
+        vars.get(name)
+            .cloned()
+            .with_context(|| format!("the test environment has no {name}"))
+    };
+    let work = build::target_dir(root).join(WORK_DIR);
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    say("writing the test app set");
+    let apps = work.join("apps");
+    write_apps(&apps, &var("ARCHY_TEST_IMAGE")?, &var("ARCHY_TEST_IMAGE_V2")?)?;
+    let registries = work.join("registries.json");
+    write_file(
+        &registries,
+        &format!(
+            "{{\"version\": 1, \"registries\": [{{\"name\": \"test\", \"url\": \"http://{}\", \"priority\": 10}}]}}\n",
+            var("ARCHY_TEST_REGISTRY")?
+        ),
+    )?;
+
+    say("pre-pulling the test images (cargo xtask images)");
+    let images = work.join("images");
+    stage_images::run(&stage_images::Args {
+        manifests: apps.clone(),
+        registries: Some(registries),
+        out: images.clone(),
+        cache: build::target_dir(root).join("cache"),
+        arch: stage_images::Arch::Amd64,
+    })
+    .context("e2e step `images`")?;
+
+    say("building the ISO (cargo xtask iso)");
+    if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+        // The rootfs and ISO tests' epoch: one cached base serves them all.
+        std::env::set_var("SOURCE_DATE_EPOCH", SHARED_EPOCH);
+    }
+    let menu = work.join("grub.cfg");
+    write_file(&menu, &serial_first_menu(&read(&root.join(iso::GRUB_CFG))?)?)?;
+    let iso_out = work.join("iso");
+    iso::run(
+        root,
+        &iso::IsoArgs {
+            build: BuildArgs {
+                arch: build::Arch::Amd64,
+                manifests: apps,
+                registries: None,
+                no_images: false,
+                out: Some(iso_out.clone()),
+                agent: args.agent.clone(),
+                no_cache: false,
+                images: Some(images),
+                overlay: Some(root.join(OVERLAY)),
+                boot_menu: Some(menu),
+            },
+            check_reproducible: false,
+        },
+    )
+    .context("e2e step `iso`")?;
+    let iso = find_iso(&iso_out)?;
+
+    // The two firmware sequences share nothing but the ISO: they run side
+    // by side (TCG is slow, and a guest rarely keeps both cores busy).
+    let timeout = Duration::from_secs(args.boot_timeout);
+    let sequences: Vec<_> = [Firmware::SeaBios, Firmware::Ovmf]
+        .into_iter()
+        .map(|firmware| {
+            let (work, iso) = (work.clone(), iso.clone());
+            std::thread::spawn(move || sequence(&work, &iso, firmware, timeout))
+        })
+        .collect();
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for handle in sequences {
+        match handle.join() {
+            Ok(Ok(mut r)) => reports.append(&mut r),
+            Ok(Err(e)) => failures.push(format!("{e:#}")),
+            Err(_) => failures.push("an e2e sequence panicked".to_owned()),
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n\n"));
+    }
+
+    println!("\ne2e timeline (seconds after kernel start; TCG, no KVM):");
+    println!(
+        "{:<24} {:>12} {:>12} {:>10} {:>10}",
+        "boot", "agent ready", "all healthy", "restart", "wall"
+    );
+    for r in &reports {
+        let (ready, healthy) = r.timeline();
+        let shown = |v: Option<f64>| v.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".to_owned());
+        let restart = r
+            .facts
+            .get("restart-ms")
+            .map(|ms| format!("{ms} ms"))
+            .unwrap_or_else(|| "-".to_owned());
+        println!(
+            "{:<24} {:>12} {:>12} {:>10} {:>9.0}s",
+            r.step,
+            shown(ready),
+            shown(healthy),
+            restart,
+            r.wall.as_secs_f64()
+        );
+    }
+    say(&format!(
+        "passed: 5 boots in {:.0} s; consoles in {}",
+        started.elapsed().as_secs_f64(),
+        work.display()
+    ));
+    Ok(())
+}
+
+/// Boots 1 and 2 on a fresh disk under `firmware`; under SeaBIOS, boot 3.
+fn sequence(work: &Path, iso: &Path, firmware: Firmware, timeout: Duration) -> anyhow::Result<Vec<BootReport>> {
+    let sh = Shell::new().context("creating a shell")?;
+    let disk = work.join(format!("data-{}.img", firmware.name()));
+    make_disk(&sh, &disk)?;
+    let first = boot(work, iso, &disk, firmware, "first", "check", timeout)?;
+    check_first_boot(&first)?;
+    let second = boot(work, iso, &disk, firmware, "second", "check", timeout)?;
+    check_second_boot(&first, &second)?;
+    let mut reports = vec![first, second];
+    if firmware == Firmware::SeaBios {
+        let third = boot(work, iso, &disk, firmware, "third", "kill", timeout)?;
+        check_third_boot(&third)?;
+        reports.push(third);
+    }
+    Ok(reports)
+}
+
+fn check_first_boot(r: &BootReport) -> anyhow::Result<()> {
+    r.check(r.fact("healthy")? == "yes", || {
+        "not every app became running and healthy".into()
+    })?;
+    let containers = r.containers()?;
+    for app in APPS {
+        let name = container_name(app);
+        r.check(containers.contains_key(&name), || {
+            format!("container {name} is missing: {containers:?}")
+        })?;
+    }
+    r.check(r.fact("agent-user")? == "archipelago", || {
+        "the agent does not run as archipelago".into()
+    })?;
+    r.check(r.fact("rootless")? == "true", || "podman is not rootless".into())?;
+    r.check(r.fact("network-backend")? == "netavark", || {
+        "the network backend is not netavark".into()
+    })?;
+    r.check(r.fact("data-mount")?.contains("ARCHY-DATA"), || {
+        "/var/lib/archipelago is not the ARCHY-DATA disk".into()
+    })?;
+    let secrets = r.fact("secrets")?;
+    r.check(
+        !secrets.is_empty() && secrets.split_whitespace().all(|s| s.starts_with("600:")),
+        || format!("secrets are not all mode 0600: {secrets:?}"),
+    )?;
+    r.check(r.fact("pulls")? == "0", || "the agent pulled an image".into())?;
+    // One lock entry per app; two apps share an image.
+    let imported = r.fact("agent-images")?;
+    r.check(
+        imported.contains("imported=2") && imported.contains("already_present=1") && imported.contains("skipped=0"),
+        || format!("both images should come from the ISO, once each: {imported:?}"),
+    )?;
+    Ok(())
+}
+
+fn check_second_boot(first: &BootReport, second: &BootReport) -> anyhow::Result<()> {
+    second.check(second.fact("healthy")? == "yes", || {
+        "not every app became running and healthy again".into()
+    })?;
+    let (before, after) = (first.containers()?, second.containers()?);
+    second.check(before == after, || {
+        format!("containers changed across the reboot:\n  before {before:?}\n  after  {after:?}")
+    })?;
+    second.check(second.fact("installs")? == "0", || {
+        "the agent installed an app again".into()
+    })?;
+    let imported = second.fact("agent-images")?;
+    second.check(
+        imported.contains("imported=0") && imported.contains("already_present=3"),
+        || format!("the second boot should import nothing: {imported:?}"),
+    )?;
+    Ok(())
+}
+
+fn check_third_boot(r: &BootReport) -> anyhow::Result<()> {
+    r.check(r.fact("mode")? == "kill", || {
+        "the guest did not get the kill instruction".into()
+    })?;
+    r.check(r.fact("restarted")? == "yes", || {
+        format!("the agent did not restart {KILLED} after its process was killed")
+    })?;
+    say(&format!(
+        "third boot: {KILLED} killed, restarted in {} ms",
+        r.fact("restart-ms")?
+    ));
+    Ok(())
+}
+
+/// Boots the ISO once with `disk`, telling the probe `mode`, and returns
+/// what it reported. Fails when the guest hangs or stops without `done`.
+fn boot(
+    work: &Path,
+    iso: &Path,
+    disk: &Path,
+    firmware: Firmware,
+    which: &str,
+    mode: &str,
+    timeout: Duration,
+) -> anyhow::Result<BootReport> {
+    let step = format!("{which} boot ({})", firmware.name());
+    say(&format!("{step}: booting (up to {} s)", timeout.as_secs()));
+    let console = work.join(format!("console-{which}-{}.log", firmware.name()));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(QEMU_FLAGS)
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-cdrom")
+        .arg(iso)
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .arg("-fw_cfg")
+        .arg(format!("name=opt/archipelago/e2e,string={mode}"));
+    if firmware == Firmware::Ovmf {
+        let vars = work.join(format!("ovmf-vars-{which}.fd"));
+        fs::copy(tools::OVMF_VARS, &vars).with_context(|| format!("copying {}", tools::OVMF_VARS))?;
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                tools::OVMF_CODE
+            ))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let child = cmd
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
+    let outcome = wait(child, timeout);
+    let console_text = fs::read(&console)
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default();
+    let report = BootReport {
+        step: step.clone(),
+        facts: parse_facts(&console_text),
+        console: console_text,
+        wall: started.elapsed(),
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(e) => bail!(report.failure(&format!("{e:#}"))),
+    }
+    report.check(report.facts.contains_key("done"), || {
+        "the guest powered off before the probe finished".into()
+    })?;
+    say(&format!("{step}: done in {:.0} s", report.wall.as_secs_f64()));
+    Ok(report)
+}
+
+/// Waits for QEMU to exit (the guest powers itself off), killing it after
+/// `timeout`.
+fn wait(mut child: Child, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for qemu")? {
+            if status.success() {
+                return Ok(());
+            }
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+            }
+            bail!("qemu exited with {status}: {}", stderr.trim());
+        }
+        if Instant::now() >= deadline {
+            // Best effort: the error that matters is the hang.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the guest did not power off within {} s", timeout.as_secs());
+        }
+        crate::procs::bail_if_interrupted().inspect_err(|_| {
+            let _ = child.kill();
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `ARCHY-E2E key value` lines; a later line wins.
+fn parse_facts(console: &str) -> BTreeMap<String, String> {
+    console
+        .lines()
+        .filter_map(|l| l.split_once(MARKER).map(|(_, rest)| rest))
+        .map(|rest| match rest.split_once(' ') {
+            Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
+            None => (rest.trim().to_owned(), String::new()),
+        })
+        .collect()
+}
+
+/// The product's boot menu with its serial-console entry as the default
+/// and a short timeout: the guest has no screen.
+fn serial_first_menu(menu: &str) -> anyhow::Result<String> {
+    ensure!(
+        menu.contains("set default=0") && menu.contains("set timeout=5"),
+        "{} no longer has `set default=0` and `set timeout=5`; update the e2e's menu edit",
+        iso::GRUB_CFG
+    );
+    ensure!(
+        menu.contains("console=ttyS0"),
+        "{} has no serial-console entry",
+        iso::GRUB_CFG
+    );
+    // `quiet`: every kernel line costs time on an emulated serial port;
+    // systemd's own status lines still show.
+    Ok(menu
+        .replacen("set default=0", "set default=1", 1)
+        .replacen("set timeout=5", "set timeout=1", 1)
+        .replace("console=ttyS0,115200n8", "console=ttyS0,115200n8 quiet"))
+}
+
+fn write_apps(dir: &Path, image: &str, image_v2: &str) -> anyhow::Result<()> {
+    // Busybox images: httpd serves a page, wget probes over archy-net by
+    // name. The api reads its secret and writes its data folder as uid
+    // 1000, which only works when ownership follows the rootless mapping.
+    let manifests = [
+        (
+            API,
+            format!(
+                "id: {API}\nname: e2e api\nversion: \"1.0\"\nimage: {image}\nuser: \"1000:1000\"\n\
+                 volumes: [{{ source: data, target: /data }}]\n\
+                 secrets: [{{ name: e2e-token, kind: hex32 }}]\n\
+                 secret_env: [{{ key: TOKEN, secret: e2e-token }}]\n\
+                 command: [\"sh\", \"-c\", \"test -s $TOKEN_FILE && date > /data/started && mkdir -p /tmp/www && echo api > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www\"]\n\
+                 health: {{ http: {{ port: 8080, path: / }}, interval: 10s, timeout: 10s, retries: 3 }}\n\
+                 stop_grace_period: 5s\n"
+            ),
+        ),
+        (
+            UI,
+            format!(
+                "id: {UI}\nname: e2e ui\nversion: \"1.0\"\nkind: ui\nimage: {image_v2}\ndepends_on: [{API}]\n\
+                 ports: [{{ host: 18080, container: 8080 }}]\n\
+                 command: [\"sh\", \"-c\", \"mkdir -p /tmp/www && echo ui > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www\"]\n\
+                 health: {{ exec: [\"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://{API}:8080/\"], interval: 10s, timeout: 10s, retries: 3 }}\n\
+                 stop_grace_period: 5s\n"
+            ),
+        ),
+        (
+            WORKER,
+            format!(
+                "id: {WORKER}\nname: e2e worker\nversion: \"1.0\"\nimage: {image}\n\
+                 command: [\"httpd\", \"-f\", \"-p\", \"9000\", \"-h\", \"/tmp\"]\n\
+                 health: {{ tcp: {{ port: 9000 }}, interval: 10s, timeout: 10s, retries: 3 }}\n\
+                 stop_grace_period: 5s\n"
+            ),
+        ),
+    ];
+    for (id, text) in manifests {
+        write_file(&dir.join(id).join("manifest.yml"), &text)?;
+    }
+    Ok(())
+}
+
+/// The container name the agent gives an app (docs/manifest.md).
+fn container_name(app: &str) -> String {
+    if app == UI {
+        format!("archy-{app}")
+    } else {
+        app.to_owned()
+    }
+}
+
+fn make_disk(sh: &Shell, disk: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_file(disk);
+    cmd!(sh, "truncate -s {DISK_SIZE} {disk}").quiet().run()?;
+    cmd!(sh, "mkfs.ext4 -q -F -L ARCHY-DATA {disk}").quiet().run()?;
+    Ok(())
+}
+
+fn find_iso(dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "iso"))
+        .with_context(|| format!("no ISO in {}", dir.display()))
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn say(message: &str) {
+    eprintln!("xtask: [e2e] {message}");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_read_from_marked_console_lines() {
+        let console =
+            "boot noise\n[  OK  ] Started x\nARCHY-E2E healthy yes\nARCHY-E2E containers a=1 b=2\nARCHY-E2E done\n";
+        let facts = parse_facts(console);
+        assert_eq!(facts["healthy"], "yes");
+        assert_eq!(facts["containers"], "a=1 b=2");
+        assert_eq!(facts["done"], "");
+        assert_eq!(facts.len(), 3);
+    }
+
+    #[test]
+    fn the_timeline_reads_ready_and_the_agents_all_healthy_line() {
+        let report = BootReport {
+            step: "first boot (seabios)".into(),
+            facts: parse_facts("ARCHY-E2E agent-ready-s 41500000\n"),
+            console: "archipelago: all 3 apps healthy 57.3 s after kernel start\n".into(),
+            wall: Duration::from_secs(90),
+        };
+        assert_eq!(report.timeline(), (Some(41.5), Some(57.3)));
+    }
+
+    #[test]
+    fn a_failure_names_the_step_and_shows_the_last_console_lines() {
+        let console: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let report = BootReport {
+            step: "second boot (ovmf)".into(),
+            facts: BTreeMap::new(),
+            console,
+            wall: Duration::ZERO,
+        };
+        let message = report.fact("healthy").unwrap_err().to_string();
+        assert!(message.contains("e2e step `second boot (ovmf)`"), "{message}");
+        assert!(message.contains("line 99") && message.contains("line 60"), "{message}");
+        assert!(!message.contains("line 59\n"), "{message}");
+    }
+
+    #[test]
+    fn the_menu_edit_boots_the_serial_entry_and_refuses_a_changed_menu() {
+        let menu = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(iso::GRUB_CFG)).unwrap();
+        let edited = serial_first_menu(&menu).unwrap();
+        assert!(edited.contains("set default=1") && edited.contains("set timeout=1"));
+        assert!(serial_first_menu("set default=2\n").is_err());
+    }
+}
