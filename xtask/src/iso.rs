@@ -104,13 +104,16 @@ pub struct IsoArgs {
     pub check_reproducible: bool,
 }
 
-/// One finished ISO build.
-struct Output {
-    iso: PathBuf,
-    size: u64,
-    sha256: String,
-    work: PathBuf,
-    packages: Vec<crate::report::Package>,
+/// One finished ISO build. `work` (the rootfs tree and the ISO's staging
+/// folder) is left for the caller to inspect or remove.
+pub struct Output {
+    pub iso: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+    pub work: PathBuf,
+    pub packages: Vec<crate::report::Package>,
+    pub stages: Vec<crate::report::StageRecord>,
+    pub total_seconds: f64,
 }
 
 pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
@@ -162,14 +165,14 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
     );
 }
 
-fn remove_work(work: &Path) -> anyhow::Result<()> {
+pub fn remove_work(work: &Path) -> anyhow::Result<()> {
     if work.exists() {
         fs::remove_dir_all(work).with_context(|| format!("removing the work folder {}", work.display()))?;
     }
     Ok(())
 }
 
-fn build_iso(
+pub fn build_iso(
     root: &Path,
     sh: &Shell,
     args: &BuildArgs,
@@ -273,6 +276,8 @@ fn build_iso(
         sha256,
         work,
         packages: built.packages,
+        stages: progress.stages,
+        total_seconds: total,
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod archive;
 mod bench;
+mod bench_iso;
 mod build;
 mod glibc;
 mod images;
@@ -56,6 +57,9 @@ enum Command {
     /// Measure the agent's performance targets against the real Podman service, each with a
     /// baseline from the same run; prints a table and writes target/bench/report.md.
     Bench(bench::BenchArgs),
+    /// Build the ISO cold (fresh base rootfs) and warm (only the agent changed) and report
+    /// times, ISO size and squashfs vs tar; prints a table and writes target/bench/iso-report.md.
+    BenchIso(bench_iso::BenchIsoArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -83,6 +87,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Iso(args) => iso::run(&root, &args),
         Command::Images(args) => stage_images::run(&args),
         Command::Bench(args) => bench::run(&root, &args),
+        Command::BenchIso(args) => bench_iso::run(&root, &args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

@@ -171,6 +171,14 @@ pub const ISO_STAGE: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask bench-iso` needs besides the rootfs and ISO tools.
+pub const BENCH_ISO_STAGE: &[Tool] = &[Tool {
+    name: "zstd",
+    package: "zstd",
+    probe: Probe::OnPath("zstd"),
+    why: "compresses a tar of the rootfs, to compare the squashfs with",
+}];
+
 /// Where the test images take their busybox from (package busybox-static).
 pub const STATIC_BUSYBOX: &str = "/bin/busybox";
 
@@ -298,6 +306,10 @@ pub fn doctor() -> ExitCode {
         ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
         ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
         ("iso (cargo xtask iso)", ISO_STAGE),
+        (
+            "bench-iso (cargo xtask bench-iso, with rootfs and iso)",
+            BENCH_ISO_STAGE,
+        ),
     ];
     let mut all_missing = Vec::new();
     for (stage, tools) in stages {
