@@ -640,6 +640,60 @@ mod tests {
         assert_eq!(d.to_string(), "etc/a/one (only in the first build)");
     }
 
+    fn output(work: &Path, netavark: &str) -> Output {
+        for sub in ["iso/live", "iso/boot/grub", "rootfs/etc"] {
+            fs::create_dir_all(work.join(sub)).unwrap();
+        }
+        fs::write(work.join("iso/boot/grub/grub.cfg"), "menuentry").unwrap();
+        fs::write(work.join("iso/live/filesystem.squashfs"), "squashfs").unwrap();
+        fs::write(work.join("rootfs/etc/hostname"), "archipelago").unwrap();
+        Output {
+            iso: work.join("a.iso"),
+            size: 1,
+            sha256: String::new(),
+            work: work.to_path_buf(),
+            packages: vec![crate::report::Package {
+                name: "netavark".into(),
+                version: netavark.into(),
+                arch: "amd64".into(),
+            }],
+            stages: Vec::new(),
+            total_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_reproducibility_failure_names_the_archive_change_or_the_first_differing_file() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let first = output(a.path(), "1.4.0-3");
+        let why = explain_difference(&first, &output(b.path(), "1.4.0-4")).unwrap();
+        assert_eq!(
+            why,
+            "Debian's archive changed between the builds (run again): netavark 1.4.0-3 -> 1.4.0-4"
+        );
+
+        let second = output(b.path(), "1.4.0-3");
+        assert!(explain_difference(&first, &second)
+            .unwrap()
+            .starts_with("every file on the ISOs is identical"));
+
+        // A file inside the squashfs: named by its path in the rootfs.
+        fs::write(b.path().join("iso/live/filesystem.squashfs"), "squashfS").unwrap();
+        fs::write(b.path().join("rootfs/etc/hostname"), "archipelagO").unwrap();
+        assert_eq!(
+            explain_difference(&first, &second).unwrap(),
+            "the first differing file is /live/filesystem.squashfs, and in it /etc/hostname (different content)"
+        );
+
+        // A file on the ISO itself comes first in path order.
+        fs::write(b.path().join("iso/boot/grub/grub.cfg"), "menuentrY").unwrap();
+        assert_eq!(
+            explain_difference(&first, &second).unwrap(),
+            "the first differing file is /boot/grub/grub.cfg (different content)"
+        );
+    }
+
     #[test]
     fn tree_comparison_sees_link_targets() {
         let a = tempfile::tempdir().unwrap();
