@@ -183,7 +183,10 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
         bench::measured_on(&sh),
         cold_what.describe().trim_start_matches("cold build: ")
     );
-    let report = format!("{}\n{stages}\n", bench::render_markdown(&rows, &facts));
+    let report = format!(
+        "{}\nEach build's stages:\n\n{stages}\n",
+        bench::render_markdown(&rows, &facts)
+    );
     let path = target.join(REPORT_FILE);
     fs::write(&path, report).with_context(|| format!("writing the bench report {}", path.display()))?;
     println!("report written to {}", path.display());
