@@ -132,15 +132,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let path = dir.join("report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing the bench report {}", path.display()))?;
     println!("report written to {}", path.display());
-    let missed = missed_targets(&rows);
-    if missed.is_empty() {
-        println!("every target is met");
-    } else {
-        println!("TARGETS MISSED:");
-        for line in &missed {
-            println!("  {line}");
-        }
-    }
+    print_missed(&rows);
     let failed: Vec<&Row> = rows.iter().filter(|r| r.failure.is_some()).collect();
     for row in &failed {
         eprintln!(
@@ -1239,8 +1231,21 @@ pub(crate) fn render_markdown(rows: &[Row], facts: &str) -> String {
     out
 }
 
+/// The last lines of a bench: every target met, or which were not.
+pub(crate) fn print_missed(rows: &[Row]) {
+    let missed = missed_targets(rows);
+    if missed.is_empty() {
+        println!("every target is met");
+    } else {
+        println!("TARGETS MISSED:");
+        for line in &missed {
+            println!("  {line}");
+        }
+    }
+}
+
 /// One line per figure that missed its target or was not measured.
-pub(crate) fn missed_targets(rows: &[Row]) -> Vec<String> {
+fn missed_targets(rows: &[Row]) -> Vec<String> {
     rows.iter()
         .filter_map(|r| match r.verdict() {
             Verdict::Missed(why) => Some(format!("{}: {}", r.figure, why.join("; "))),

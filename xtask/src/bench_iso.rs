@@ -190,15 +190,7 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
     let path = target.join(REPORT_FILE);
     fs::write(&path, report).with_context(|| format!("writing the bench report {}", path.display()))?;
     println!("report written to {}", path.display());
-    let missed = bench::missed_targets(&rows);
-    if missed.is_empty() {
-        println!("every target is met");
-    } else {
-        println!("TARGETS MISSED:");
-        for line in &missed {
-            println!("  {line}");
-        }
-    }
+    bench::print_missed(&rows);
     // The bench's cache is several hundred MB that nothing else reads.
     fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
