@@ -384,3 +384,31 @@ fn arm64_is_refused_for_now() {
     let stderr = String::from_utf8_lossy(&built.stderr);
     assert!(stderr.contains("arm64 is not supported yet"), "{stderr}");
 }
+
+#[test]
+fn a_missing_images_folder_stops_the_build_before_anything_is_built() {
+    let dir = scratch("rootfs-no-images-");
+    let missing = dir.path().join("no-such-images");
+    let built = xtask(&[
+        "rootfs",
+        "--images",
+        missing.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert!(!built.status.success());
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(
+        stderr.contains(&format!("--images {}: no such folder", missing.display())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("mmdebstrap"),
+        "it stops before building anything: {stderr}"
+    );
+
+    let both = xtask(&["rootfs", "--images", missing.to_str().unwrap(), "--no-images"]);
+    assert!(!both.status.success());
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
