@@ -132,15 +132,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let path = dir.join("report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing the bench report {}", path.display()))?;
     println!("report written to {}", path.display());
-    let missed = missed_targets(&rows);
-    if missed.is_empty() {
-        println!("every target is met");
-    } else {
-        println!("TARGETS MISSED:");
-        for line in &missed {
-            println!("  {line}");
-        }
-    }
+    print_missed(&rows);
     let failed: Vec<&Row> = rows.iter().filter(|r| r.failure.is_some()).collect();
     for row in &failed {
         eprintln!(
@@ -1056,10 +1048,11 @@ fn clock_ticks(sh: &Shell) -> anyhow::Result<f64> {
 // --- The table
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
+pub(crate) enum Unit {
     Bytes,
     Millis,
     Percent,
+    Seconds,
 }
 
 impl Unit {
@@ -1069,6 +1062,8 @@ impl Unit {
             Unit::Millis if value >= 1000.0 => format!("{:.2} s", value / 1000.0),
             Unit::Millis => format!("{value:.1} ms"),
             Unit::Percent => format!("{value:.2} %"),
+            // As the build stages print their times.
+            Unit::Seconds => crate::build::human_duration(value),
         }
     }
 }
@@ -1076,20 +1071,20 @@ impl Unit {
 /// One figure of the table. `max` is in `unit`; `max_ratio` bounds
 /// measured / baseline.
 #[derive(Debug, Clone)]
-struct Row {
-    figure: String,
-    unit: Unit,
-    measured: Option<f64>,
-    baseline: Option<f64>,
-    baseline_what: String,
-    max: Option<f64>,
-    max_ratio: Option<f64>,
+pub(crate) struct Row {
+    pub(crate) figure: String,
+    pub(crate) unit: Unit,
+    pub(crate) measured: Option<f64>,
+    pub(crate) baseline: Option<f64>,
+    pub(crate) baseline_what: String,
+    pub(crate) max: Option<f64>,
+    pub(crate) max_ratio: Option<f64>,
     /// Why the figure could not be measured.
-    failure: Option<String>,
+    pub(crate) failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Met,
     /// The bounds it broke.
     Missed(Vec<String>),
@@ -1099,7 +1094,7 @@ enum Verdict {
 }
 
 impl Row {
-    fn failed(figure: &str, why: String) -> Row {
+    pub(crate) fn failed(figure: &str, why: String) -> Row {
         Row {
             figure: figure.to_owned(),
             unit: Unit::Millis,
@@ -1112,7 +1107,7 @@ impl Row {
         }
     }
 
-    fn ratio(&self) -> Option<f64> {
+    pub(crate) fn ratio(&self) -> Option<f64> {
         match (self.measured, self.baseline) {
             (Some(m), Some(b)) if b > 0.0 => Some(m / b),
             _ => None,
@@ -1134,7 +1129,7 @@ impl Row {
         }
     }
 
-    fn verdict(&self) -> Verdict {
+    pub(crate) fn verdict(&self) -> Verdict {
         let Some(measured) = self.measured else {
             return Verdict::NotMeasured;
         };
@@ -1191,7 +1186,7 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-fn render_text(rows: &[Row]) -> String {
+pub(crate) fn render_text(rows: &[Row]) -> String {
     let cells: Vec<[String; 6]> = rows.iter().map(Row::cells).collect();
     let mut widths = HEADER.map(|h| h.chars().count());
     for row in &cells {
@@ -1215,7 +1210,7 @@ fn render_text(rows: &[Row]) -> String {
     out
 }
 
-fn render_markdown(rows: &[Row], facts: &str) -> String {
+pub(crate) fn render_markdown(rows: &[Row], facts: &str) -> String {
     let mut out = format!("{facts}\n\n| {} |\n|", HEADER.join(" | "));
     out.push_str(&" --- |".repeat(HEADER.len()));
     for row in rows {
@@ -1236,6 +1231,19 @@ fn render_markdown(rows: &[Row], facts: &str) -> String {
     out
 }
 
+/// The last lines of a bench: every target met, or which were not.
+pub(crate) fn print_missed(rows: &[Row]) {
+    let missed = missed_targets(rows);
+    if missed.is_empty() {
+        println!("every target is met");
+    } else {
+        println!("TARGETS MISSED:");
+        for line in &missed {
+            println!("  {line}");
+        }
+    }
+}
+
 /// One line per figure that missed its target or was not measured.
 fn missed_targets(rows: &[Row]) -> Vec<String> {
     rows.iter()
@@ -1253,6 +1261,13 @@ fn missed_targets(rows: &[Row]) -> Vec<String> {
 
 /// `Measured <date> on <cpu>, N CPUs, X GB RAM, Linux …, podman …`.
 fn machine_facts(sh: &Shell, bench: &Bench<'_>) -> String {
+    let podman =
+        capture(bench.podman().arg("--version")).map_or_else(|e| format!("(podman: {e:#})"), |v| v.trim().to_owned());
+    format!("{}, {podman}. MB = 10⁶ bytes.", measured_on(sh))
+}
+
+/// `Measured <date> on <cpu>, N CPUs, X GB RAM, Linux …`.
+pub(crate) fn measured_on(sh: &Shell) -> String {
     let date_format = "+%Y-%m-%d %H:%M UTC";
     let date =
         capture(cmd!(sh, "date -u {date_format}")).map_or_else(|e| format!("(date: {e:#})"), |d| d.trim().to_owned());
@@ -1279,9 +1294,7 @@ fn machine_facts(sh: &Shell, bench: &Bench<'_>) -> String {
         );
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
-    let podman =
-        capture(bench.podman().arg("--version")).map_or_else(|e| format!("(podman: {e:#})"), |v| v.trim().to_owned());
-    format!("Measured {date} on {cpu}, {cpus} CPUs, {memory}, Linux {kernel}, {podman}. MB = 10⁶ bytes.")
+    format!("Measured {date} on {cpu}, {cpus} CPUs, {memory}, Linux {kernel}")
 }
 
 #[cfg(test)]

@@ -68,7 +68,12 @@ pub struct BuildArgs {
     /// /var/lib/archipelago/config/registries.json.
     #[arg(long, value_name = "FILE")]
     pub registries: Option<PathBuf>,
-    /// Leave out the pre-pulled images (target/images) even when they exist.
+    /// The pre-pulled images (`cargo xtask images`' output) to embed
+    /// [default: target/images, left out with a note when it does not exist].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_images")]
+    pub images: Option<PathBuf>,
+    /// Leave out the pre-pulled images even when target/images exists: a
+    /// base OS whose agent pulls them at first boot.
     #[arg(long)]
     pub no_images: bool,
     /// Output folder [default: target/rootfs for rootfs, target/iso for iso].
@@ -80,9 +85,6 @@ pub struct BuildArgs {
     /// Rebuild the base rootfs with mmdebstrap even when the cache has it.
     #[arg(long)]
     pub no_cache: bool,
-    /// The pre-pulled images to embed (`cargo xtask images --out`) [default: target/images].
-    #[arg(long, value_name = "DIR")]
-    pub images: Option<PathBuf>,
     /// Extra files laid over the finished rootfs, e.g. a test's probe unit
     /// (`cargo xtask e2e`). Not part of the cached base.
     #[arg(long, value_name = "DIR")]
@@ -91,6 +93,37 @@ pub struct BuildArgs {
     /// keep `boot=live` and a serial-console entry.
     #[arg(long, value_name = "FILE")]
     pub boot_menu: Option<PathBuf>,
+    /// Where base rootfs tarballs and downloaded packages are kept
+    /// [default: target/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+impl BuildArgs {
+    /// The cache folder: `--cache`, else target/cache.
+    pub fn cache_dir(&self, root: &Path) -> PathBuf {
+        self.cache.clone().unwrap_or_else(|| target_dir(root).join("cache"))
+    }
+
+    /// The image folder to embed, if any: `--images` (which must exist),
+    /// else target/images when it exists, nothing with `--no-images`.
+    pub fn images_dir(&self, root: &Path) -> anyhow::Result<Option<PathBuf>> {
+        if self.no_images {
+            return Ok(None);
+        }
+        if let Some(dir) = &self.images {
+            if !dir.is_dir() {
+                bail!(
+                    "--images {}: no such folder; run `cargo xtask images --out {}` first",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            return Ok(Some(dir.clone()));
+        }
+        let default = target_dir(root).join(IMAGES_SUBDIR);
+        Ok(default.is_dir().then_some(default))
+    }
 }
 
 /// The time stamped on everything built: `SOURCE_DATE_EPOCH` when set,

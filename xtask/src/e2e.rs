@@ -239,6 +239,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
                 out: Some(iso_out.clone()),
                 agent: args.agent.clone(),
                 no_cache: false,
+                cache: None,
                 images: Some(images),
                 overlay: Some(root.join(OVERLAY)),
                 boot_menu: Some(menu),

@@ -104,13 +104,16 @@ pub struct IsoArgs {
     pub check_reproducible: bool,
 }
 
-/// One finished ISO build.
-struct Output {
-    iso: PathBuf,
-    size: u64,
-    sha256: String,
-    work: PathBuf,
-    packages: Vec<crate::report::Package>,
+/// One finished ISO build. `work` (the rootfs tree and the ISO's staging
+/// folder) is left for the caller to inspect or remove.
+pub struct Output {
+    pub iso: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+    pub work: PathBuf,
+    pub packages: Vec<crate::report::Package>,
+    pub stages: Vec<crate::report::StageRecord>,
+    pub total_seconds: f64,
 }
 
 pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
@@ -162,14 +165,14 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
     );
 }
 
-fn remove_work(work: &Path) -> anyhow::Result<()> {
+pub fn remove_work(work: &Path) -> anyhow::Result<()> {
     if work.exists() {
         fs::remove_dir_all(work).with_context(|| format!("removing the work folder {}", work.display()))?;
     }
     Ok(())
 }
 
-fn build_iso(
+pub fn build_iso(
     root: &Path,
     sh: &Shell,
     args: &BuildArgs,
@@ -273,6 +276,8 @@ fn build_iso(
         sha256,
         work,
         packages: built.packages,
+        stages: progress.stages,
+        total_seconds: total,
     })
 }
 
@@ -633,6 +638,60 @@ mod tests {
         fs::remove_file(b.path().join("etc/a/one")).unwrap();
         let d = first_difference(a.path(), b.path()).unwrap().unwrap();
         assert_eq!(d.to_string(), "etc/a/one (only in the first build)");
+    }
+
+    fn output(work: &Path, netavark: &str) -> Output {
+        for sub in ["iso/live", "iso/boot/grub", "rootfs/etc"] {
+            fs::create_dir_all(work.join(sub)).unwrap();
+        }
+        fs::write(work.join("iso/boot/grub/grub.cfg"), "menuentry").unwrap();
+        fs::write(work.join("iso/live/filesystem.squashfs"), "squashfs").unwrap();
+        fs::write(work.join("rootfs/etc/hostname"), "archipelago").unwrap();
+        Output {
+            iso: work.join("a.iso"),
+            size: 1,
+            sha256: String::new(),
+            work: work.to_path_buf(),
+            packages: vec![crate::report::Package {
+                name: "netavark".into(),
+                version: netavark.into(),
+                arch: "amd64".into(),
+            }],
+            stages: Vec::new(),
+            total_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_reproducibility_failure_names_the_archive_change_or_the_first_differing_file() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let first = output(a.path(), "1.4.0-3");
+        let why = explain_difference(&first, &output(b.path(), "1.4.0-4")).unwrap();
+        assert_eq!(
+            why,
+            "Debian's archive changed between the builds (run again): netavark 1.4.0-3 -> 1.4.0-4"
+        );
+
+        let second = output(b.path(), "1.4.0-3");
+        assert!(explain_difference(&first, &second)
+            .unwrap()
+            .starts_with("every file on the ISOs is identical"));
+
+        // A file inside the squashfs: named by its path in the rootfs.
+        fs::write(b.path().join("iso/live/filesystem.squashfs"), "squashfS").unwrap();
+        fs::write(b.path().join("rootfs/etc/hostname"), "archipelagO").unwrap();
+        assert_eq!(
+            explain_difference(&first, &second).unwrap(),
+            "the first differing file is /live/filesystem.squashfs, and in it /etc/hostname (different content)"
+        );
+
+        // A file on the ISO itself comes first in path order.
+        fs::write(b.path().join("iso/boot/grub/grub.cfg"), "menuentrY").unwrap();
+        assert_eq!(
+            explain_difference(&first, &second).unwrap(),
+            "the first differing file is /boot/grub/grub.cfg (different content)"
+        );
     }
 
     #[test]

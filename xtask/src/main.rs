@@ -5,6 +5,7 @@
 
 mod archive;
 mod bench;
+mod bench_iso;
 mod build;
 mod e2e;
 mod glibc;
@@ -60,6 +61,9 @@ enum Command {
     /// Boot an ISO with a test app set in QEMU (SeaBIOS and UEFI, no network) and check first
     /// boot, adoption across a reboot and a killed app's restart. Also part of `cargo xtask test`.
     E2e(e2e::E2eArgs),
+    /// Build the ISO cold (fresh base rootfs) and warm (only the agent changed) and report
+    /// times, ISO size and squashfs vs tar; prints a table and writes target/bench/iso-report.md.
+    BenchIso(bench_iso::BenchIsoArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -88,6 +92,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Images(args) => stage_images::run(&args),
         Command::Bench(args) => bench::run(&root, &args),
         Command::E2e(args) => e2e::run(&root, &args),
+        Command::BenchIso(args) => bench_iso::run(&root, &args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

@@ -188,7 +188,7 @@ pub fn build(
     policy: BasePolicy,
     progress: &mut Progress,
 ) -> anyhow::Result<Built> {
-    let cache_dir = build::target_dir(root).join("cache");
+    let cache_dir = args.cache_dir(root);
     build::refuse_whitespace(&cache_dir, "the cache folder")?;
     build::refuse_whitespace(tree, "the output folder")?;
 
@@ -198,15 +198,26 @@ pub fn build(
             let apps = build::load_manifests(&args.manifests)?;
             let mut layer = Layer::new();
             let manifests = build::add_manifests(&mut layer, &apps)?;
-            let images_dir = args
-                .images
-                .clone()
-                .unwrap_or_else(|| build::target_dir(root).join(build::IMAGES_SUBDIR));
-            let (images, images_lock_sha256) = if args.no_images || !images_dir.exists() {
-                (Vec::new(), None)
-            } else {
-                let images = build::add_images(&mut layer, &images_dir, &apps)?;
-                (images, Some(sha256_file(&images_dir.join(build::IMAGES_LOCK))?))
+            let (images, images_lock_sha256) = match args.images_dir(root)? {
+                Some(dir) => {
+                    let images = build::add_images(&mut layer, &dir, &apps)?;
+                    (images, Some(sha256_file(&dir.join(build::IMAGES_LOCK))?))
+                }
+                None => {
+                    if !args.no_images {
+                        // Not an error: a base OS is a valid build. But the
+                        // node then pulls at first boot, so say it.
+                        build::say(
+                            "inputs",
+                            &format!(
+                                "no pre-pulled images ({} does not exist): the node will pull at first boot; \
+                                 run `cargo xtask images` first, or pass --no-images to say this is meant",
+                                build::target_dir(root).join(build::IMAGES_SUBDIR).display()
+                            ),
+                        );
+                    }
+                    (Vec::new(), None)
+                }
             };
             let registries_sha256 = args
                 .registries
@@ -374,7 +385,7 @@ fn short(key: &str) -> &str {
     &key[..key.len().min(16)]
 }
 
-fn build_agent(root: &Path, sh: &Shell) -> anyhow::Result<PathBuf> {
+pub fn build_agent(root: &Path, sh: &Shell) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd!(
         sh,

@@ -198,6 +198,14 @@ pub const E2E_STAGE: &[Tool] = &[
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// What `cargo xtask bench-iso` needs besides the rootfs and ISO tools.
+pub const BENCH_ISO_STAGE: &[Tool] = &[Tool {
+    name: "zstd",
+    package: "zstd",
+    probe: Probe::OnPath("zstd"),
+    why: "compresses a tar of the rootfs, to compare the squashfs with",
+}];
+
 /// Where the test images take their busybox from (package busybox-static).
 pub const STATIC_BUSYBOX: &str = "/bin/busybox";
 
@@ -311,6 +319,19 @@ fn apt_install(sh: &Shell, packages: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("installing {}", packages.join(" ")))
 }
 
+/// Every stage and the tools it needs, as `cargo xtask doctor` lists them.
+const DOCTOR_STAGES: &[(&str, &[Tool])] = &[
+    ("test (cargo xtask test)", TEST_STAGE),
+    ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
+    ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
+    ("iso (cargo xtask iso)", ISO_STAGE),
+    ("e2e (cargo xtask e2e, and cargo xtask test)", E2E_STAGE),
+    (
+        "bench-iso (cargo xtask bench-iso, with rootfs and iso)",
+        BENCH_ISO_STAGE,
+    ),
+];
+
 /// `cargo xtask doctor`: exit status 0 when every tool is present.
 pub fn doctor() -> ExitCode {
     let sh = match Shell::new() {
@@ -320,25 +341,33 @@ pub fn doctor() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stages: &[(&str, &[Tool])] = &[
-        ("test (cargo xtask test)", TEST_STAGE),
-        ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
-        ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
-        ("iso (cargo xtask iso)", ISO_STAGE),
-        ("e2e (cargo xtask e2e, and cargo xtask test)", E2E_STAGE),
-    ];
+    let (text, all_present) = doctor_report(DOCTOR_STAGES, |tool| tool.is_present(&sh));
+    print!("{text}");
+    if all_present {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The doctor's listing, given how to tell whether a tool is present;
+/// true when every one is.
+fn doctor_report(stages: &[(&str, &[Tool])], present: impl Fn(&Tool) -> bool) -> (String, bool) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let mut all_missing = Vec::new();
     for (stage, tools) in stages {
-        println!("stage {stage}:");
-        println!("  {:<8} {:<16} {:<19} why", "status", "tool", "package");
+        let _ = writeln!(out, "stage {stage}:");
+        let _ = writeln!(out, "  {:<8} {:<16} {:<19} why", "status", "tool", "package");
         for tool in *tools {
-            let present = tool.is_present(&sh);
-            if !present {
+            let ok = present(tool);
+            if !ok {
                 all_missing.push(tool);
             }
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<8} {:<16} {:<19} {}",
-                if present { "ok" } else { "MISSING" },
+                if ok { "ok" } else { "MISSING" },
                 tool.name,
                 tool.package,
                 tool.why
@@ -346,20 +375,51 @@ pub fn doctor() -> ExitCode {
         }
     }
     if all_missing.is_empty() {
-        println!("all host tools are present");
-        ExitCode::SUCCESS
+        out.push_str("all host tools are present\n");
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "install what is missing with:\n  {}",
             apt_install_line(&packages_of(&all_missing))
         );
-        ExitCode::FAILURE
     }
+    (out, all_missing.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doctor_lists_every_stage_and_the_install_line_for_what_is_missing() {
+        let missing = ["mksquashfs", "xorriso", "zstd"];
+        let (text, ok) = doctor_report(DOCTOR_STAGES, |t| !missing.contains(&t.name));
+        assert!(!ok);
+        for (stage, _) in DOCTOR_STAGES {
+            assert!(text.contains(&format!("stage {stage}:\n")), "{text}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("  MISSING  mksquashfs       squashfs-tools")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("  ok       mmdebstrap       mmdebstrap")),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "install what is missing with:\n  apt-get install -y --no-install-recommends squashfs-tools xorriso zstd\n"
+            ),
+            "{text}"
+        );
+
+        let (text, ok) = doctor_report(DOCTOR_STAGES, |_| true);
+        assert!(ok);
+        assert!(text.ends_with("all host tools are present\n"), "{text}");
+        assert!(!text.contains("MISSING"), "{text}");
+    }
 
     #[test]
     fn install_line_names_each_package_once_in_order() {

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -15,6 +16,10 @@ const EPOCH: &str = "1700000000";
 /// Tests that need the base run one at a time: the first builds it, the
 /// others find it in the cache.
 static BASE: Mutex<()> = Mutex::new(());
+/// The base's cache key of the first finished build here. The builds differ
+/// in agent, manifests, images and registry list, never in the base's
+/// inputs, so every later one must find the same key, cached.
+static FIRST_BASE_KEY: Mutex<Option<String>> = Mutex::new(None);
 
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -71,6 +76,44 @@ fn value_in_table(text: &str, table: &str, key: &str) -> Option<String> {
         }
     }
     None
+}
+
+fn var(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!("{name} is not set: run the integration tests through `cargo xtask test`"),
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+fn read_report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Changing only the payload (agent, manifests, images, registry list)
+/// reuses the cached base: the second build in this binary checks it.
+fn check_base_is_shared(report: &serde_json::Value) {
+    let key = report["inputs"]["rootfs_cache_key"].as_str().unwrap().to_owned();
+    let note = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "rootfs-base")
+        .and_then(|s| s["note"].as_str())
+        .unwrap()
+        .to_owned();
+    let mut first = FIRST_BASE_KEY.lock().unwrap_or_else(|e| e.into_inner());
+    match first.as_deref() {
+        None => *first = Some(key),
+        Some(first_key) => {
+            assert_eq!(key, first_key, "only the payload changed, so the base's key must not");
+            assert!(note.starts_with("cached"), "the base must come from the cache: {note}");
+        }
+    }
 }
 
 #[test]
@@ -207,13 +250,117 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
     assert!(tree.join("usr/share/doc/podman/copyright").is_file());
     assert!(!tree.join("usr/share/doc/podman/changelog.Debian.gz").exists());
 
-    let report: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.path().join("rootfs-report.json")).unwrap()).unwrap();
+    let report = read_report(&out.path().join("rootfs-report.json"));
     let packages = report["packages"].as_array().unwrap();
     assert!(packages
         .iter()
         .any(|p| p["name"] == "netavark" && p["version"].as_str() == Some(version.as_str())));
     assert!(packages.len() > 100, "{} packages", packages.len());
+    check_base_is_shared(&report);
+}
+
+#[test]
+fn pre_pulled_images_and_the_registry_list_land_in_the_rootfs_and_the_report() {
+    let _base = BASE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("rootfs-images-");
+    // One app whose image `cargo xtask test` pushed to the plain registry.
+    let manifests = dir.path().join("manifests");
+    fs::create_dir_all(manifests.join("pinned-app")).unwrap();
+    let image = var("ARCHY_TEST_IMAGE");
+    fs::write(
+        manifests.join("pinned-app/manifest.yml"),
+        format!("id: pinned-app\nname: Pinned\nversion: \"1\"\nimage: {image}\n"),
+    )
+    .unwrap();
+    let registries = dir.path().join("registries.json");
+    fs::write(
+        &registries,
+        format!(
+            "{{\"version\": 1, \"registries\": [{{\"name\": \"local\", \"url\": \"http://{}\", \"priority\": 100}}]}}\n",
+            var("ARCHY_TEST_REGISTRY")
+        ),
+    )
+    .unwrap();
+    let images = dir.path().join("images");
+    let pulled = xtask(&[
+        "images",
+        "--manifests",
+        manifests.to_str().unwrap(),
+        "--registries",
+        registries.to_str().unwrap(),
+        "--out",
+        images.to_str().unwrap(),
+        "--cache",
+        dir.path().join("blobs").to_str().unwrap(),
+    ]);
+    assert!(pulled.status.success(), "cargo xtask images failed");
+    let lock_bytes = fs::read(images.join("images.lock.json")).unwrap();
+    let lock: serde_json::Value = serde_json::from_slice(&lock_bytes).unwrap();
+
+    // Another agent binary than the other tests embed: the same program
+    // with bytes appended, which the ELF loader ignores.
+    let mut agent_bytes = fs::read(stand_in_agent()).unwrap();
+    agent_bytes.extend_from_slice(b"another agent build");
+    let agent = dir.path().join("archy-agent");
+    fs::write(&agent, &agent_bytes).unwrap();
+
+    let out = dir.path().join("out");
+    let built = xtask(&[
+        "rootfs",
+        "--manifests",
+        manifests.to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+        "--registries",
+        registries.to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(built.status.success(), "cargo xtask rootfs failed");
+    let tree = out.join("tree");
+
+    let node_images = tree.join("usr/share/archipelago/images");
+    assert_eq!(fs::read(node_images.join("images.lock.json")).unwrap(), lock_bytes);
+    let entry = &lock["images"][0];
+    assert_eq!(entry["app"], "pinned-app");
+    let archive = fs::read(node_images.join(entry["archive"].as_str().unwrap())).unwrap();
+    assert_eq!(sha256_hex(&archive), entry["archive_sha256"].as_str().unwrap());
+    assert_eq!(
+        archive,
+        fs::read(images.join("pinned-app.tar")).unwrap(),
+        "the archive is the one `cargo xtask images` wrote"
+    );
+    let node_registries = tree.join("var/lib/archipelago/config/registries.json");
+    assert_eq!(fs::read(&node_registries).unwrap(), fs::read(&registries).unwrap());
+    assert_eq!(
+        fs::metadata(&node_registries).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::read(tree.join("opt/archipelago/apps/pinned-app/manifest.yml")).unwrap(),
+        fs::read(manifests.join("pinned-app/manifest.yml")).unwrap()
+    );
+    assert_eq!(fs::read(tree.join("usr/bin/archy-agent")).unwrap(), agent_bytes);
+
+    let report = read_report(&out.join("rootfs-report.json"));
+    let images_in_report = report["images"].as_array().unwrap();
+    assert_eq!(images_in_report.len(), 1, "{report}");
+    for field in [
+        "app",
+        "reference",
+        "manifest_digest",
+        "config_digest",
+        "archive_sha256",
+        "size",
+    ] {
+        assert_eq!(images_in_report[0][field], entry[field], "report field {field}");
+    }
+    assert_eq!(images_in_report[0]["reference"], image.as_str());
+    assert_eq!(report["inputs"]["images_lock_sha256"], sha256_hex(&lock_bytes).as_str());
+    assert_eq!(report["inputs"]["agent"]["sha256"], sha256_hex(&agent_bytes).as_str());
+    check_base_is_shared(&report);
 }
 
 #[test]
@@ -282,4 +429,32 @@ fn arm64_is_refused_for_now() {
     assert!(!built.status.success());
     let stderr = String::from_utf8_lossy(&built.stderr);
     assert!(stderr.contains("arm64 is not supported yet"), "{stderr}");
+}
+
+#[test]
+fn a_missing_images_folder_stops_the_build_before_anything_is_built() {
+    let dir = scratch("rootfs-no-images-");
+    let missing = dir.path().join("no-such-images");
+    let built = xtask(&[
+        "rootfs",
+        "--images",
+        missing.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert!(!built.status.success());
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(
+        stderr.contains(&format!("--images {}: no such folder", missing.display())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("mmdebstrap"),
+        "it stops before building anything: {stderr}"
+    );
+
+    let both = xtask(&["rootfs", "--images", missing.to_str().unwrap(), "--no-images"]);
+    assert!(!both.status.success());
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
