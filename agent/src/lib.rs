@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod control;
 pub mod engine;
+pub mod files;
 pub mod fsutil;
 pub mod images;
 pub mod manifest;

@@ -231,6 +231,18 @@ impl Orchestrator {
         )?)
     }
 
+    /// Renders `m`'s config files and writes those that changed (see
+    /// [`crate::files`]). Returns the changed ones.
+    pub fn render_files(&self, m: &Manifest) -> Result<Vec<String>> {
+        let all = self.manifests();
+        Ok(crate::files::sync(
+            &self.config.data_root,
+            m,
+            &all,
+            &self.config.naming,
+        )?)
+    }
+
     /// Installs from a manifest file anywhere on disk. Dev mode only: in
     /// production only the apps folder decides what runs. The manifest's
     /// folder is copied into the dev apps folder first, so later commands
@@ -368,6 +380,7 @@ impl ContainerOrchestrator for Orchestrator {
         let _guard = self.locks.lock(app).await;
         self.set_held(app, false)?;
         let spec = self.spec(&m)?;
+        self.render_files(&m)?;
         match self.engine.start(&spec.name).await {
             Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
                 app: app.to_owned(),
@@ -409,6 +422,7 @@ impl ContainerOrchestrator for Orchestrator {
             .stop(&spec.name, spec.stop_grace_period)
             .await
             .map_err(not_installed)?;
+        self.render_files(&m)?;
         self.engine.start(&spec.name).await.map_err(not_installed)
     }
 
