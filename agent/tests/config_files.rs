@@ -186,7 +186,7 @@ async fn a_rotated_secret_rewrites_the_configs_that_use_it_and_restarts_only_tho
 }
 
 #[tokio::test]
-async fn a_dry_run_writes_nothing_and_a_held_app_reads_its_new_config_when_started() {
+async fn a_dry_run_writes_nothing_and_start_or_install_make_the_app_read_its_new_config() {
     let node = Node::new();
     let image = node.env.image.to_string();
     let app = app_id("cfgpending");
@@ -218,4 +218,20 @@ async fn a_dry_run_writes_nothing_and_a_held_app_reads_its_new_config_when_start
     orch.start(&app).await.expect("start");
     assert_seen(&node, &app, "pw=ffeeddccbbaa99887766554433221100\n").await;
     assert_eq!(run_of(&node, &app).0, run.0, "the same container");
+    // `start` or `install` of a running app whose files they rewrite
+    // restart it: no later pass would see the change.
+    fs::write(node.data.join("secrets/pw"), "0123456789abcdef0123456789abcdef").expect("rotate");
+    let running = run_of(&node, &app);
+    orch.start(&app).await.expect("start a running app");
+    assert_seen(&node, &app, "pw=0123456789abcdef0123456789abcdef\n").await;
+    assert_ne!(run_of(&node, &app).1, running.1, "restarted");
+    fs::write(node.data.join("secrets/pw"), "00000000000000001111111111111111").expect("rotate");
+    orch.install(&app).await.expect("install a running app");
+    assert_seen(&node, &app, "pw=00000000000000001111111111111111\n").await;
+    let report = Reconciler::new(orch.clone()).pass().await;
+    assert_eq!(
+        decision(&report, &app),
+        &Decision::Wait(Wait::Ok),
+        "nothing left to restart"
+    );
 }

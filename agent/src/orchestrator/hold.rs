@@ -79,8 +79,7 @@ impl Orchestrator {
             return Ok(());
         }
         let spec = self.spec(&m)?;
-        self.render_files(&m)?;
-        self.engine.start(&spec.name).await.map_err(Self::engine_err(app))
+        self.start_with_files(&m, &spec, |e| Self::engine_err(app)(e)).await
     }
 
     /// Stops and starts the container, so that it reads its config files

@@ -253,7 +253,16 @@ fn pinned_matches(repo_digests: &[String], image: &PinnedImage) -> bool {
 
 /// Creates the app's folders (owned by its user), its secrets and its
 /// config files.
-fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
+fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Result<()> {
+    prepare_folders_and_secrets(orch, m, spec)?;
+    // Config files before the container exists: it must never start
+    // without them, or with an old version of them.
+    orch.render_files(m)?;
+    Ok(())
+}
+
+/// Creates the app's folders (owned by its user) and its secrets.
+fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
     let owner = m.owner();
     let app_dir = app_data_dir(&orch.config.data_root, &m.id);
     for mount in &spec.mounts {
@@ -274,9 +283,6 @@ fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyh
         }
     }
     crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, owner)?;
-    // Config files before the container exists: it must never start
-    // without them, or with an old version of them.
-    orch.render_files(m)?;
     Ok(())
 }
 
@@ -322,11 +328,9 @@ pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<Install
                 container: spec.name,
             });
         }
-        prepare_host(orch, m, &spec)?;
-        orch.engine
-            .start(&spec.name)
-            .await
-            .map_err(Orchestrator::engine_err(app))?;
+        prepare_folders_and_secrets(orch, m, &spec)?;
+        orch.start_with_files(m, &spec, |e| Orchestrator::engine_err(app)(e))
+            .await?;
         return Ok(report);
     }
     prepare_host(orch, m, &spec)?;
