@@ -6,9 +6,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Writes `bytes` to a fresh temporary file beside `path` with `mode` set
-/// before any byte is in it, and fsyncs it. The caller moves it into place.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+/// Writes `bytes` to a fresh temporary file beside `path` with `mode` (and
+/// `owner`, host uid and gid) set before any byte is in it, and fsyncs it.
+/// The caller moves it into place.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no parent folder"))?;
@@ -23,6 +24,9 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The creation mode passes through the umask; set it exactly.
         file.set_permissions(Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
         file.write_all(bytes)?;
         file.sync_all()
     })();
@@ -50,7 +54,14 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 /// temporary file in the same folder with `mode` set before any byte is in
 /// it, fsync it, rename it over the target, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(path, bytes, mode)?;
+    write_atomic_owned(path, bytes, mode, None)
+}
+
+/// [`write_atomic`], the file also given to `owner` (host uid and gid)
+/// before it takes the target's place: the file never exists under its
+/// name with another owner.
+pub fn write_atomic_owned(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let tmp = write_temp(path, bytes, mode, owner)?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -62,7 +73,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// an existing file is never replaced, not even by a concurrent writer
 /// (linking fails on an existing name). Returns whether it was created.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
-    let tmp = write_temp(path, bytes, mode)?;
+    let tmp = write_temp(path, bytes, mode, None)?;
     let linked = fs::hard_link(&tmp, path);
     fs::remove_file(&tmp)?;
     match linked {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod control;
 pub mod datadisk;
 pub mod engine;
+pub mod files;
 pub mod fsutil;
 pub mod images;
 pub mod manifest;

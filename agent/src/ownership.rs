@@ -85,52 +85,109 @@ impl Ownership {
         }
     }
 
-    /// Gives `path` (not what is below it) to the container's `uid:gid`,
-    /// unless it already belongs to them.
+    /// The host ids and mode an app's file or folder gets for the
+    /// container's `uid:gid` and the declared `mode`. Rootless, the group is
+    /// the agent's own (gid 0 inside the container) with group read (and
+    /// write and search on folders): the agent, which may not chown or
+    /// chmod a file once it is the container's, can still compare, replace
+    /// and create files in the app's folders.
+    pub fn target(&self, uid: u32, gid: u32, mode: u32, dir: bool) -> anyhow::Result<Target> {
+        Ok(match self {
+            Ownership::Rootful => Target {
+                uid,
+                gid,
+                mode,
+                ns_gid: gid,
+            },
+            Ownership::Rootless { gid: my_gid, .. } => Target {
+                uid: self.host_ids(uid, 0)?.0,
+                gid: *my_gid,
+                mode: mode | if dir { 0o070 } else { 0o040 },
+                ns_gid: 0,
+            },
+        })
+    }
+
+    pub fn is_rootless(&self) -> bool {
+        matches!(self, Ownership::Rootless { .. })
+    }
+
+    /// Gives the folder `path` (not what is below it) to the container's
+    /// `uid:gid`, unless it already belongs to them.
     pub fn give(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-        self.chown(path, uid, gid)
-    }
-
-    /// Gives an app's copy of a secret to the container's `uid` and makes
-    /// it read-only. Rootless, its group stays the agent's own (gid 0 in
-    /// the container's namespace), mode 0440, so that the agent can still
-    /// compare it with the canonical value; rootful, mode 0400.
-    pub fn give_secret(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-        let (mode, gid) = match self {
-            Ownership::Rootful => (0o400, gid),
-            Ownership::Rootless { .. } => (0o440, 0),
-        };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
-        self.chown(path, uid, gid)
-    }
-
-    fn chown(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-        let (host_uid, host_gid) = self.host_ids(uid, gid)?;
         let md = fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if (md.uid(), md.gid()) == (host_uid, host_gid) {
+        let mode = md.permissions().mode() & 0o7777;
+        self.give_as(path, uid, &self.target(uid, gid, mode, md.is_dir())?)
+    }
+
+    /// Gives an app's copy of a secret to the container's `uid`, read-only:
+    /// mode 0400, or 0440 rootless (group: the agent, see [`Self::target`]).
+    pub fn give_secret(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+        let target = self.target(uid, gid, 0o400, false)?;
+        self.give_as(path, uid, &target)
+    }
+
+    /// Sets `path`'s owner and mode to `target` where they differ. The mode
+    /// is set first, while the agent may still own the file.
+    pub fn give_as(&self, path: &Path, uid: u32, target: &Target) -> anyhow::Result<()> {
+        let md = fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if md.permissions().mode() & 0o7777 != target.mode && !md.file_type().is_symlink() {
+            if self.is_rootless() && md.uid() != self.own_uid() {
+                self.unshare(&["chmod", &format!("{:o}", target.mode)], path)?;
+            } else {
+                fs::set_permissions(path, fs::Permissions::from_mode(target.mode))
+                    .with_context(|| format!("cannot set mode {:o} on {}", target.mode, path.display()))?;
+            }
+        }
+        if (md.uid(), md.gid()) == (target.uid, target.gid) {
             return Ok(());
         }
         match self {
-            Ownership::Rootful => std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            Ownership::Rootful => std::os::unix::fs::lchown(path, Some(target.uid), Some(target.gid))
                 .with_context(|| format!("cannot give {} to uid {uid}", path.display())),
-            Ownership::Rootless { .. } => {
-                let output = Command::new("podman")
-                    .args(["unshare", "chown", "--no-dereference", &format!("{uid}:{gid}")])
-                    .arg(path)
-                    .output()
-                    .context("cannot run `podman unshare` (package podman) to give files to a container user")?;
-                if !output.status.success() {
-                    bail!(
-                        "cannot give {} to container uid {uid} (host uid {host_uid}): podman unshare chown: {}",
-                        path.display(),
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    );
-                }
-                Ok(())
-            }
+            Ownership::Rootless { .. } => self.unshare(
+                &["chown", "--no-dereference", &format!("{uid}:{}", target.ns_gid)],
+                path,
+            ),
         }
     }
+
+    fn own_uid(&self) -> u32 {
+        match self {
+            Ownership::Rootful => 0,
+            Ownership::Rootless { uid, .. } => *uid,
+        }
+    }
+
+    /// Runs `args path` inside the rootless user namespace, where the
+    /// containers' ids are ours to give.
+    fn unshare(&self, args: &[&str], path: &Path) -> anyhow::Result<()> {
+        let output = Command::new("podman")
+            .arg("unshare")
+            .args(args)
+            .arg(path)
+            .output()
+            .context("cannot run `podman unshare` (package podman) to give files to a container user")?;
+        if !output.status.success() {
+            bail!(
+                "podman unshare {} {}: {}",
+                args.join(" "),
+                path.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What an app's file or folder should be on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    /// The group inside the container's namespace (for `podman unshare`).
+    ns_gid: u32,
 }
 
 fn read(path: &str) -> anyhow::Result<String> {
@@ -223,6 +280,17 @@ mod tests {
             err.contains("container uid 70000") && err.contains("100000:65536"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rootless_files_keep_the_agents_group_with_read_and_folders_with_write() {
+        let o = rootless();
+        let file = o.target(1000, 1000, 0o600, false).unwrap();
+        assert_eq!((file.uid, file.gid, file.mode), (100_999, 1000, 0o640));
+        let dir = o.target(1000, 1000, 0o750, true).unwrap();
+        assert_eq!((dir.uid, dir.gid, dir.mode), (100_999, 1000, 0o770));
+        let rootful = Ownership::Rootful.target(1000, 1001, 0o600, false).unwrap();
+        assert_eq!((rootful.uid, rootful.gid, rootful.mode), (1000, 1001, 0o600));
     }
 
     #[test]

@@ -164,6 +164,16 @@ fn validate_fails_on_the_invalid_corpus_printing_every_error_with_file_and_field
         )),
         "{stdout}"
     );
+    // A template's misspelt secret is refused here, not found on a node.
+    let secret = dir.join("files-unknown-secret").join("manifest.yml");
+    assert!(
+        stdout.contains(&format!(
+            "error: {}: files[0].template = \"secrets.rpc_passwd\": names an unknown secret \
+             (declare it in `secrets`); allowed: [secrets.rpc_password]",
+            secret.display()
+        )),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -89,6 +89,12 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::Package,
         why: "the statically linked userland of the test images",
     },
+    Tool {
+        name: "openssl",
+        package: "openssl",
+        probe: Probe::OnPath("openssl"),
+        why: "computes bitcoind's rpcauth HMAC in a test, independently of the agent",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:

@@ -12,6 +12,7 @@ mod load;
 mod naming;
 mod raw;
 mod set;
+pub mod template;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -228,6 +229,21 @@ pub struct Health {
     pub start_period: Duration,
 }
 
+/// A config file rendered into the app's data folder before its
+/// container starts, and again on every reconcile pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigFile {
+    /// Relative to the app's data folder `<data root>/<id>/`, inside one
+    /// of its volumes.
+    pub path: PathBuf,
+    /// Permission bits, such as `0o600`.
+    pub mode: u32,
+    /// A minijinja template (see [`template`]).
+    pub template: String,
+    /// The declared secrets the template reads.
+    pub secrets: Vec<String>,
+}
+
 /// A validated app manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Manifest {
@@ -253,11 +269,21 @@ pub struct Manifest {
     pub health: Option<Health>,
     #[serde(with = "humantime_serde_secs")]
     pub stop_grace_period: Duration,
+    /// Config files rendered from templates.
+    pub files: Vec<ConfigFile>,
     /// The manifest file this came from.
     pub path: PathBuf,
 }
 
 impl Manifest {
+    /// Numeric owner from `user` ("1000" or "1000:1000"): data and
+    /// config files follow it.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        let user = self.user.as_deref()?;
+        let (u, g) = user.split_once(':').unwrap_or((user, user));
+        Some((u.parse().ok()?, g.parse().ok()?))
+    }
+
     /// The pinned image, when the app does not build its own.
     pub fn pinned_image(&self) -> Option<&PinnedImage> {
         match &self.image {

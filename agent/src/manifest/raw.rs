@@ -40,6 +40,16 @@ pub struct RawManifest {
     pub security: Option<RawSecurity>,
     pub health: Option<RawHealth>,
     pub stop_grace_period: Option<String>,
+    #[serde(default)]
+    pub files: Vec<RawFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub path: String,
+    pub mode: Option<String>,
+    pub template: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +154,7 @@ mod tests {
         unknown_field::<RawHealth>("{ tcp: { port: 1 }, grpc: x }", "grpc");
         unknown_field::<RawHttpProbe>("{ port: 1, pathh: / }", "pathh");
         unknown_field::<RawTcpProbe>("{ port: 1, host: x }", "host");
+        unknown_field::<RawFile>("{ path: a, template: x, owner: root }", "owner");
         unknown_field::<RawManifest>("{ id: a, name: a, version: '1', restart: always }", "restart");
     }
 

@@ -274,6 +274,7 @@ mod tests {
             security: Security::default(),
             health: None,
             stop_grace_period: Duration::from_secs(30),
+            files: Vec::new(),
             path: PathBuf::from(format!("/apps/{name}/manifest.yml")),
         }
     }

@@ -6,10 +6,11 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use super::error::Problems;
-use super::raw::{RawHealth, RawManifest};
+use super::raw::{RawFile, RawHealth, RawManifest};
+use super::template::{self, template_key};
 use super::{
-    AppId, AppKind, Health, ImageSource, Manifest, PinnedImage, PortMapping, Probe, Protocol, SecretEnv, SecretKind,
-    SecretSpec, Security, VolumeMount, VolumeSource, DEFAULT_NETWORK,
+    AppId, AppKind, ConfigFile, Health, ImageSource, Manifest, PinnedImage, PortMapping, Probe, Protocol, SecretEnv,
+    SecretKind, SecretSpec, Security, VolumeMount, VolumeSource, DEFAULT_NETWORK,
 };
 
 const ID_RULE: &str = "lowercase letters, digits and '-', starting with a letter, at most 63 characters";
@@ -400,6 +401,8 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             duration(&mut p, "stop_grace_period", s)
         });
 
+    let files = validate_files(&mut p, &raw.files, &raw.id, &depends_on, &volumes, &secrets);
+
     match (id, image, stop_grace_period) {
         (Some(id), Some(image), Some(stop_grace_period)) if p.errors.is_empty() => Ok(Manifest {
             id,
@@ -422,10 +425,100 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             security,
             health,
             stop_grace_period,
+            files,
             path: cx.file.to_path_buf(),
         }),
         _ => Err(p.errors),
     }
+}
+
+/// File modes a config file may have: readable by its owner, maybe its
+/// group and others, writable by its owner at most, never executable.
+const FILE_MODES: &[u32] = &[0o400, 0o440, 0o444, 0o600, 0o640, 0o644];
+
+fn validate_files(
+    p: &mut Problems,
+    raw: &[RawFile],
+    id: &str,
+    depends_on: &[AppId],
+    volumes: &[VolumeMount],
+    secrets: &[SecretSpec],
+) -> Vec<ConfigFile> {
+    let app_volumes: Vec<&Path> = volumes
+        .iter()
+        .filter_map(|v| match &v.source {
+            VolumeSource::AppData(rel) => Some(rel.as_path()),
+            VolumeSource::Absolute(_) => None,
+        })
+        .collect();
+    let containers: Vec<String> = std::iter::once(id)
+        .chain(depends_on.iter().map(AppId::as_str))
+        .map(template_key)
+        .collect();
+    let mut files: Vec<ConfigFile> = Vec::new();
+    for (i, f) in raw.iter().enumerate() {
+        let path = Path::new(&f.path);
+        // Only inside a volume does the container see the file; the
+        // volume folder itself is not a file.
+        let path_ok = relative_without_dotdot(&f.path)
+            && app_volumes
+                .iter()
+                .any(|v| path.starts_with(v) && path.components().count() > v.components().count());
+        if !path_ok {
+            let names: Vec<String> = app_volumes.iter().map(|v| v.display().to_string()).collect();
+            p.bad(
+                format!("files[{i}].path"),
+                &f.path,
+                format!(
+                    "allowed: a relative path without '..' inside one of this app's named volumes [{}], \
+                     such as data/app.conf",
+                    names.join(", ")
+                ),
+            );
+        } else if files.iter().any(|x| x.path == path) {
+            p.bad(format!("files[{i}].path"), &f.path, "is rendered twice");
+        }
+        let uses = match template::check(&f.template, secrets, &containers) {
+            Ok(uses) => Some(uses),
+            Err(problem) => {
+                p.bad(format!("files[{i}].template"), problem.value, problem.problem);
+                None
+            }
+        };
+        let with_secrets = uses.as_ref().is_some_and(|u| !u.is_empty());
+        let mode = match f.mode.as_deref() {
+            None => Some(0o600),
+            Some(text) => {
+                let parsed = u32::from_str_radix(text, 8).ok().filter(|m| FILE_MODES.contains(m));
+                if parsed.is_none() {
+                    p.bad(
+                        format!("files[{i}].mode"),
+                        text,
+                        "allowed: an octal mode in quotes, one of \"0600\", \"0640\", \"0644\", \"0400\", \"0440\", \"0444\"",
+                    );
+                }
+                parsed
+            }
+        };
+        if let (Some(m), true) = (mode, with_secrets) {
+            if m & 0o004 != 0 {
+                p.bad(
+                    format!("files[{i}].mode"),
+                    format!("{m:04o}"),
+                    "the file holds secrets: allowed: \"0600\", \"0640\", \"0400\", \"0440\" (not readable by others)",
+                );
+            }
+        }
+        if let (true, Some(mode), Some(secrets)) = (path_ok, mode, uses) {
+            files.push(ConfigFile {
+                path: path.to_path_buf(),
+                mode,
+                template: f.template.clone(),
+                secrets,
+            });
+        }
+    }
+    files
 }
 
 fn validate_health(p: &mut Problems, h: &RawHealth) -> Option<Health> {
@@ -1490,6 +1583,91 @@ mod tests {
         assert_eq!(
             ok(&app("stop_grace_period: 2m\n")).stop_grace_period,
             Duration::from_secs(120)
+        );
+    }
+
+    // ---- files ----------------------------------------------------------------
+
+    /// An app with a `data` volume, a secret `pw` and `files` as given.
+    fn with_files(files: &str) -> String {
+        app(&format!(
+            "volumes: [{{ source: data, target: /data }}]\nsecrets: [{{ name: rpc-pw, kind: hex32 }}]\nfiles:\n{files}"
+        ))
+    }
+
+    #[test]
+    fn files_keep_path_mode_template_and_the_secrets_they_read() {
+        let m = ok(&with_files(
+            "  - { path: data/a.conf, template: \"pw={{ secrets.rpc_pw }}\" }\n  - { path: data/sub/b.conf, mode: \"0644\", template: \"{{ facts.container }}\" }\n",
+        ));
+        assert_eq!(m.files.len(), 2);
+        assert_eq!(
+            (m.files[0].path.as_path(), m.files[0].mode),
+            (Path::new("data/a.conf"), 0o600)
+        );
+        assert_eq!(m.files[0].secrets, ["rpc-pw"]);
+        assert_eq!((m.files[1].mode, m.files[1].secrets.len()), (0o644, 0));
+    }
+
+    #[test]
+    fn file_paths_must_lie_inside_a_named_volume() {
+        for bad in ["../x.conf", "/etc/x.conf", "other/x.conf", "data", "data/../x"] {
+            assert_refused(
+                &with_files(&format!("  - {{ path: \"{bad}\", template: x }}\n")),
+                "files[0].path",
+                Some(bad),
+                "inside one of this app's named volumes [data]",
+            );
+        }
+        assert_refused(
+            &with_files("  - { path: data/a, template: x }\n  - { path: data/a, template: y }\n"),
+            "files[1].path",
+            Some("data/a"),
+            "rendered twice",
+        );
+    }
+
+    #[test]
+    fn a_template_naming_an_unknown_secret_or_fact_is_refused() {
+        assert_refused(
+            &with_files("  - { path: data/a, template: \"{{ secrets.rpc_password }}\" }\n"),
+            "files[0].template",
+            Some("secrets.rpc_password"),
+            "unknown secret (declare it in `secrets`); allowed: [secrets.rpc_pw]",
+        );
+        assert_refused(
+            &with_files("  - { path: data/a, template: \"{{ facts.ip }}\" }\n"),
+            "files[0].template",
+            Some("facts.ip"),
+            "unknown fact; allowed: [facts.app, facts.container",
+        );
+    }
+
+    #[test]
+    fn facts_name_the_containers_of_dependencies_only() {
+        let yaml = with_files("  - { path: data/a, template: \"{{ facts.containers.store_db }}\" }\n");
+        assert_refused(
+            &yaml,
+            "files[0].template",
+            Some("facts.containers.store_db"),
+            "unknown fact",
+        );
+        ok(&format!("{yaml}depends_on: [store-db]\n"));
+    }
+
+    #[test]
+    fn a_file_holding_secrets_may_not_be_readable_by_others_and_modes_are_a_short_list() {
+        assert_refused(
+            &with_files("  - { path: data/a, mode: \"0644\", template: \"{{ secrets.rpc_pw }}\" }\n"),
+            "files[0].mode",
+            Some("0644"),
+            "holds secrets",
+        );
+        assert_refused(
+            &with_files("  - { path: data/a, mode: \"0755\", template: x }\n"),
+            "files[0].mode",
+            Some("0755"),
+            "one of \"0600\"",
         );
     }
 

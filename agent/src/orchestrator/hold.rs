@@ -79,6 +79,23 @@ impl Orchestrator {
             return Ok(());
         }
         let spec = self.spec(&m)?;
+        self.start_with_files(&m, &spec, |e| Self::engine_err(app)(e)).await
+    }
+
+    /// Stops and starts the container, so that it reads its config files
+    /// again. The container itself is kept (same id).
+    pub async fn restart_unheld(&self, app: &str) -> Result<()> {
+        let m = self.manifest(app)?;
+        let _guard = self.locks.lock(app).await;
+        if self.is_held(app) {
+            return Ok(());
+        }
+        let spec = self.spec(&m)?;
+        self.engine
+            .stop(&spec.name, spec.stop_grace_period)
+            .await
+            .map_err(Self::engine_err(app))?;
+        self.render_files(&m)?;
         self.engine.start(&spec.name).await.map_err(Self::engine_err(app))
     }
 

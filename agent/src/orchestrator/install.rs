@@ -110,13 +110,6 @@ fn hash_tree(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Numeric owner from a manifest `user` ("1000" or "1000:1000").
-fn owner(m: &Manifest) -> Option<(u32, u32)> {
-    let user = m.user.as_deref()?;
-    let (u, g) = user.split_once(':').unwrap_or((user, user));
-    Some((u.parse().ok()?, g.parse().ok()?))
-}
-
 /// Makes sure the app's image is in the engine's store and returns its
 /// config digest, with the pull attempts made.
 async fn ensure_image(
@@ -258,9 +251,19 @@ fn pinned_matches(repo_digests: &[String], image: &PinnedImage) -> bool {
     repo_digests.iter().any(|d| d.ends_with(&want))
 }
 
+/// Creates the app's folders (owned by its user), its secrets and its
+/// config files.
+fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Result<()> {
+    prepare_folders_and_secrets(orch, m, spec)?;
+    // Config files before the container exists: it must never start
+    // without them, or with an old version of them.
+    orch.render_files(m)?;
+    Ok(())
+}
+
 /// Creates the app's folders (owned by its user) and its secrets.
-fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
-    let owner = owner(m);
+fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
+    let owner = m.owner();
     let app_dir = app_data_dir(&orch.config.data_root, &m.id);
     for mount in &spec.mounts {
         fs::create_dir_all(&mount.host)
@@ -318,11 +321,9 @@ pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<Install
                 container: spec.name,
             });
         }
-        prepare_host(orch, m, &spec)?;
-        orch.engine
-            .start(&spec.name)
-            .await
-            .map_err(Orchestrator::engine_err(app))?;
+        prepare_folders_and_secrets(orch, m, &spec)?;
+        orch.start_with_files(m, &spec, |e| Orchestrator::engine_err(app)(e))
+            .await?;
         return Ok(report);
     }
     prepare_host(orch, m, &spec)?;

@@ -231,6 +231,37 @@ impl Orchestrator {
         )?)
     }
 
+    /// Renders `m`'s config files and writes those that changed (see
+    /// [`crate::files`]). Returns the changed ones.
+    pub fn render_files(&self, m: &Manifest) -> Result<Vec<String>> {
+        let all = self.manifests();
+        Ok(crate::files::sync(
+            &self.config.data_root,
+            m,
+            &all,
+            &self.config.naming,
+        )?)
+    }
+
+    /// Renders `m`'s config files, then starts its container. Starting a
+    /// running container changes nothing, so one whose files just changed
+    /// is stopped first: its process must read them. `map` turns engine
+    /// errors into the caller's.
+    pub(crate) async fn start_with_files(
+        &self,
+        m: &Manifest,
+        spec: &ContainerSpec,
+        map: impl Fn(EngineError) -> OrchestratorError,
+    ) -> Result<()> {
+        if !self.render_files(m)?.is_empty() {
+            self.engine
+                .stop(&spec.name, spec.stop_grace_period)
+                .await
+                .map_err(&map)?;
+        }
+        self.engine.start(&spec.name).await.map_err(map)
+    }
+
     /// Installs from a manifest file anywhere on disk. Dev mode only: in
     /// production only the apps folder decides what runs. The manifest's
     /// folder is copied into the dev apps folder first, so later commands
@@ -368,13 +399,15 @@ impl ContainerOrchestrator for Orchestrator {
         let _guard = self.locks.lock(app).await;
         self.set_held(app, false)?;
         let spec = self.spec(&m)?;
-        match self.engine.start(&spec.name).await {
-            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
+        let container = spec.name.clone();
+        self.start_with_files(&m, &spec, |e| match e {
+            EngineError::NotFound { .. } => OrchestratorError::NotInstalled {
                 app: app.to_owned(),
-                container: spec.name,
-            }),
-            other => other.map_err(Self::engine_err(app)),
-        }
+                container: container.clone(),
+            },
+            e => Self::engine_err(app)(e),
+        })
+        .await
     }
 
     async fn stop(&self, app: &str) -> Result<()> {
@@ -409,6 +442,7 @@ impl ContainerOrchestrator for Orchestrator {
             .stop(&spec.name, spec.stop_grace_period)
             .await
             .map_err(not_installed)?;
+        self.render_files(&m)?;
         self.engine.start(&spec.name).await.map_err(not_installed)
     }
 

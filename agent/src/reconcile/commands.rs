@@ -60,6 +60,7 @@ fn decision_text(d: &Decision) -> String {
             Action::Install => "install".to_owned(),
             Action::Start => "start".to_owned(),
             Action::Unpause => "unpause".to_owned(),
+            Action::Restart { reason } => format!("restart: {reason}"),
             Action::Recreate { reason } => format!("recreate: {reason}"),
             Action::Rebuild { state } => format!("rebuild: stuck {state}"),
             Action::Adopt { container_id } => format!("adopt {}", container_id.get(..12).unwrap_or(container_id)),

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
 use super::state;
 use crate::engine::{ContainerSummary, EngineError};
-use crate::manifest::{AppId, LoadReport};
+use crate::files;
+use crate::manifest::{AppId, LoadReport, Manifest};
 use crate::orchestrator::{Orchestrator, BACKUP_SUFFIX};
 use crate::spec::LABEL_MANAGED_BY;
 
@@ -71,6 +72,8 @@ struct DesiredSet {
     report: Arc<LoadReport>,
     desired: Vec<Desired>,
     errors: Vec<String>,
+    /// The apps that have config files to render.
+    with_files: Vec<Manifest>,
 }
 
 /// Carries out passes for one orchestrator and keeps the memory between
@@ -133,10 +136,12 @@ impl Reconciler {
                     Err(e) => errors.push(format!("{}: {e:#}", m.id)),
                 }
             }
+            let with_files = report.apps.iter().filter(|m| !m.files.is_empty()).cloned().collect();
             self.desired = Some(DesiredSet {
                 report,
                 desired,
                 errors,
+                with_files,
             });
         }
         // Just set above when it was missing.
@@ -144,6 +149,7 @@ impl Reconciler {
             report: Arc::default(),
             desired: Vec::new(),
             errors: Vec::new(),
+            with_files: Vec::new(),
         })
     }
 
@@ -153,6 +159,7 @@ impl Reconciler {
         let set = self.desired();
         let manifest_errors = set.errors.clone();
         let mut desired = set.desired.clone();
+        let (with_files, all) = (set.with_files.clone(), set.report.clone());
         let listing = match self.orch.engine().list().await {
             Ok(l) => l,
             Err(e) => {
@@ -175,8 +182,9 @@ impl Reconciler {
                 }
             }
         }
+        let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps);
         let now = Instant::now();
-        let plans = plan(&desired, &observed, &self.memory, now);
+        let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
 
         let mut tasks = Vec::new();
         for p in &plans {
@@ -205,6 +213,9 @@ impl Reconciler {
                 let mem = self.memory.entry(d.app.clone()).or_default();
                 record(mem, &p.decision, !matches!(outcome, Some(Err(_))), &d.spec_hash, now);
             }
+            let error = outcome
+                .and_then(|o| o.clone().err())
+                .or_else(|| file_errors.get(&p.app).cloned());
             apps.push(AppReport {
                 observed: observed
                     .get(&p.container)
@@ -212,7 +223,7 @@ impl Reconciler {
                 app: p.app,
                 container: p.container,
                 decision: p.decision,
-                error: outcome.and_then(|o| o.clone().err()),
+                error,
             });
         }
         if !self.dry_run && self.memory != before {
@@ -233,6 +244,72 @@ impl Reconciler {
             manifest_errors,
             error: None,
         }
+    }
+
+    /// Renders the config files of every app that has a container and is
+    /// not held (install renders them for the others), and remembers which
+    /// changed: the planner restarts those apps. The memory is saved before
+    /// any file is written, so an agent killed in between still restarts
+    /// the app on its next pass. A dry run writes nothing and returns the
+    /// memory it would have. Returns render errors by app.
+    fn render_files(
+        &mut self,
+        desired: &[Desired],
+        observed: &BTreeMap<String, ContainerSummary>,
+        with_files: &[Manifest],
+        all: &[Manifest],
+    ) -> (BTreeMap<String, String>, Option<BTreeMap<AppId, AppMemory>>) {
+        let mut errors = BTreeMap::new();
+        let mut rendered = Vec::new();
+        let (data_root, naming) = (&self.orch.config().data_root, &self.orch.config().naming);
+        for m in with_files {
+            let Some(d) = desired.iter().find(|d| d.app == m.id) else {
+                continue;
+            };
+            if d.held || !observed.contains_key(&d.container) {
+                continue;
+            }
+            match files::render_app(data_root, m, all, naming, !self.dry_run) {
+                Ok(r) => rendered.push((m, r)),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::warn!(app = %m.id, error, "cannot render config files");
+                    errors.insert(m.id.to_string(), error);
+                }
+            }
+        }
+        let mut memory = self.dry_run.then(|| self.memory.clone());
+        let target = memory.as_mut().unwrap_or(&mut self.memory);
+        let mut pending = false;
+        for (m, r) in &rendered {
+            let changed = files::changed(r);
+            if changed.is_empty() {
+                continue;
+            }
+            let list = &mut target.entry(m.id.clone()).or_default().config_changed;
+            for file in changed {
+                if !list.contains(&file) {
+                    list.push(file);
+                    pending = true;
+                }
+            }
+        }
+        if self.dry_run {
+            return (errors, memory);
+        }
+        if pending {
+            if let Err(e) = state::save(data_root, &self.memory) {
+                tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
+            }
+        }
+        for (m, r) in &rendered {
+            if let Err(e) = files::apply(data_root, m, r) {
+                let error = format!("{e:#}");
+                tracing::warn!(app = %m.id, error, "cannot write config files");
+                errors.insert(m.id.to_string(), error);
+            }
+        }
+        (errors, None)
     }
 
     /// The config digest of `app`'s pinned image, when the store has it.
@@ -260,6 +337,7 @@ async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), Stri
         Action::Install => orch.install_unheld(app).await,
         Action::Start => orch.start_unheld(app).await,
         Action::Unpause => orch.unpause(app).await,
+        Action::Restart { .. } => orch.restart_unheld(app).await,
         Action::Recreate { .. } => orch.upgrade_unheld(app).await,
         Action::Rebuild { .. } => orch.rebuild(app).await,
         // Claiming is bookkeeping only: adoption never touches a container.

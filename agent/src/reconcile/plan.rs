@@ -50,6 +50,10 @@ pub struct AppMemory {
     pub drift_loop_hash: Option<String>,
     /// The container id claimed by adoption.
     pub adopted: Option<String>,
+    /// Config files rewritten since the container last started, as the
+    /// manifest names them: a running container gets restarted to read
+    /// them. Kept across passes and agent restarts until a start succeeds.
+    pub config_changed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,6 +64,11 @@ pub enum Action {
     /// A container that is not running: start it.
     Start,
     Unpause,
+    /// A running container whose config files changed: stop and start it
+    /// again (the same container) so that it reads them.
+    Restart {
+        reason: String,
+    },
     /// The container no longer matches the manifest: replace it, keeping
     /// the data.
     Recreate {
@@ -224,6 +233,13 @@ fn decide(
         });
     }
     match &c.status {
+        ContainerStatus::Running if !mem.config_changed.is_empty() => backoff_or(
+            mem,
+            now,
+            Action::Restart {
+                reason: format!("config changed: {}", mem.config_changed.join(", ")),
+            },
+        ),
         ContainerStatus::Running => Decision::Wait(Wait::Ok),
         ContainerStatus::Created | ContainerStatus::Exited | ContainerStatus::Stopped => {
             backoff_or(mem, now, Action::Start)
@@ -272,6 +288,10 @@ pub fn record(mem: &mut AppMemory, decision: &Decision, ok: bool, spec_hash: &st
                 if mem.drift_recreates.len() >= DRIFT_LOOP_AFTER {
                     mem.drift_loop_hash = Some(spec_hash.to_owned());
                 }
+            }
+            // Whatever started the app's process read its config files.
+            if ok && !matches!(action, Action::Unpause) {
+                mem.config_changed.clear();
             }
             // Every restart counts until the app stays up: a container that
             // starts fine and crashes a second later is a crash loop too.
@@ -444,6 +464,91 @@ mod tests {
         assert_eq!(
             decision_of(d, &observed, AppMemory::default(), Instant::now()),
             Decision::Wait(Wait::Held)
+        );
+    }
+
+    /// Memory of an app whose `data/app.conf` was rewritten.
+    fn config_changed() -> AppMemory {
+        AppMemory {
+            config_changed: vec!["data/app.conf".to_owned()],
+            ..AppMemory::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_app_whose_config_changed_is_restarted_once() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-pod-infra", "want");
+        let d = desired("demo", "fixture-pod-infra");
+        let mut mem = config_changed();
+        let now = Instant::now();
+        let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+        assert_eq!(
+            decision,
+            Decision::Act(Action::Restart {
+                reason: "config changed: data/app.conf".to_owned()
+            })
+        );
+        record(&mut mem, &decision, true, &d.spec_hash, now);
+        assert!(mem.config_changed.is_empty(), "read by the restarted process");
+        assert_eq!(
+            (mem.failures, mem.next_try),
+            (0, None),
+            "a restart asked for is no failure"
+        );
+        assert_eq!(decision_of(d, &observed, mem, now), Decision::Wait(Wait::Ok));
+    }
+
+    #[tokio::test]
+    async fn a_failed_restart_keeps_the_change_and_backs_off() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-pod-infra", "want");
+        let d = desired("demo", "fixture-pod-infra");
+        let mut mem = config_changed();
+        let now = Instant::now();
+        let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+        record(&mut mem, &decision, false, &d.spec_hash, now);
+        assert_eq!(mem.config_changed, ["data/app.conf"]);
+        assert!(matches!(
+            decision_of(d, &observed, mem, now),
+            Decision::Wait(Wait::Backoff { failures: 1, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_app_whose_config_changed_is_started_and_the_change_is_done() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        let d = desired("demo", "fixture-app");
+        let mut mem = config_changed();
+        let now = Instant::now();
+        let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+        assert_eq!(decision, Decision::Act(Action::Start));
+        record(&mut mem, &decision, true, &d.spec_hash, now);
+        assert!(mem.config_changed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_held_or_waiting_app_keeps_its_config_change_for_later() {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        managed(&mut observed, "fixture-pod-infra", "want");
+        let db = desired("db", "fixture-app");
+        let mut web = desired("web", "fixture-pod-infra");
+        web.depends_on = vec![id("db")];
+        let mut mem = config_changed();
+        let memory = BTreeMap::from([(id("web"), mem.clone())]);
+        let now = Instant::now();
+        let decision = plan(&[db, web.clone()], &observed, &memory, now).remove(1).decision;
+        assert!(
+            matches!(decision, Decision::Wait(Wait::Dependency { .. })),
+            "{decision:?}"
+        );
+        record(&mut mem, &decision, true, &web.spec_hash, now);
+        assert_eq!(
+            mem.config_changed,
+            ["data/app.conf"],
+            "restarted once the dependency is up"
         );
     }
 

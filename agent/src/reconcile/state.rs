@@ -47,6 +47,9 @@ struct AppRecord {
     drift_loop_hash: Option<String>,
     #[serde(default)]
     adopted: Option<String>,
+    /// Config files rewritten that the running container has not read yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    config_changed: Vec<String>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -136,6 +139,7 @@ pub fn load(data_root: &Path) -> BTreeMap<AppId, AppMemory> {
                     drift_recreates: r.drift_recreates.iter().map(|s| anchor.instant_of(*s)).collect(),
                     drift_loop_hash: r.drift_loop_hash,
                     adopted: r.adopted,
+                    config_changed: r.config_changed,
                 },
             ))
         })
@@ -158,6 +162,7 @@ pub fn save(data_root: &Path, memory: &BTreeMap<AppId, AppMemory>) -> anyhow::Re
                         drift_recreates: m.drift_recreates.iter().map(|t| anchor.unix_of(*t)).collect(),
                         drift_loop_hash: m.drift_loop_hash.clone(),
                         adopted: m.adopted.clone(),
+                        config_changed: m.config_changed.clone(),
                     },
                 )
             })
@@ -174,7 +179,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn state_round_trips_failures_adoptions_and_drift_loops() {
+    async fn state_round_trips_failures_adoptions_drift_loops_and_pending_restarts() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let app = AppId::parse("electrs").expect("id");
         let mem = AppMemory {
@@ -182,6 +187,7 @@ mod tests {
             next_try: Some(Instant::now() + Duration::from_secs(40)),
             drift_loop_hash: Some("abc".to_owned()),
             adopted: Some("c0ffee".to_owned()),
+            config_changed: vec!["data/app.conf".to_owned()],
             ..AppMemory::default()
         };
         save(tmp.path(), &BTreeMap::from([(app.clone(), mem.clone())])).expect("save");
@@ -190,6 +196,11 @@ mod tests {
         assert_eq!(
             (got.failures, &got.drift_loop_hash, &got.adopted),
             (3, &mem.drift_loop_hash, &mem.adopted)
+        );
+        assert_eq!(
+            got.config_changed,
+            ["data/app.conf"],
+            "a pending restart survives the agent"
         );
         let left = got.next_try.expect("next try") - Instant::now();
         assert!(
