@@ -458,6 +458,51 @@ mod tests {
     }
 
     #[test]
+    fn the_default_uis_are_unprivileged_and_built_from_the_base_image() {
+        use archy_agent::manifest::{AppKind, Naming, Probe};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let apps = build::load_manifests(&root.join("manifests")).unwrap();
+        for (ui, backend, container) in [
+            ("bitcoin-ui", "bitcoin-core", "bitcoin"),
+            ("electrs-ui", "electrs", "electrs"),
+            ("lnd-ui", "lnd", "lnd"),
+        ] {
+            let m = apps.iter().find(|m| m.id.as_str() == ui).unwrap();
+            assert_eq!(m.kind, AppKind::Ui, "{ui}");
+            assert_eq!(Naming::Prod.container_name(m), format!("archy-{ui}"));
+            assert_eq!(m.depends_on.iter().map(|d| d.as_str()).collect::<Vec<_>>(), [backend]);
+            let b = apps.iter().find(|b| b.id.as_str() == backend).unwrap();
+            assert_eq!(Naming::Prod.container_name(b), container, "{ui} proxies to {container}");
+            assert!(used_by(m).unwrap(), "{ui} must start FROM {REFERENCE}");
+            let ImageSource::Build { context, containerfile } = &m.image else {
+                unreachable!("used_by is true only for builds");
+            };
+            let file = fs::read_to_string(context.join(containerfile)).unwrap();
+            assert!(
+                file.contains(&format!("ENV ARCHY_UI_BACKEND=http://{container}:"))
+                    || file.contains(&format!("ENV ARCHY_UI_BACKEND=https://{container}:")),
+                "{ui}: {file}"
+            );
+            assert!(context.join("index.html").is_file(), "{ui}");
+            assert_eq!(m.user.as_deref(), Some(USER), "{ui}");
+            assert!(
+                m.security.capabilities_add.is_empty() && m.security.read_only_root,
+                "{ui}"
+            );
+            let health = m.health.as_ref().unwrap();
+            assert_eq!(
+                health.probe,
+                Probe::Http {
+                    port: 8080,
+                    target: "/healthz".into()
+                },
+                "{ui}"
+            );
+            assert!(m.ports.iter().any(|p| p.container == 8080), "{ui}");
+        }
+    }
+
+    #[test]
     fn the_package_list_has_nginx() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let spec = Spec::load(root, 0).unwrap();

@@ -3,8 +3,8 @@
 //! or its cached Debian layer in target/cache), the agent imports the
 //! archives and installs the apps on the Podman service that `cargo xtask
 //! test` starts, and each UI must serve its page, pass its health check and
-//! proxy `/api/` to a stub backend on `archy-net` named as the real backend's
-//! container, also after that stub was recreated with another address.
+//! proxy `/api/` to a stub backend named as the real backend's container,
+//! by that name, also after the stub was recreated with another address.
 //!
 //! Needs root, Debian's archive (on a cache miss) and the `ARCHY_TEST_*`
 //! services: run through `cargo xtask test`.
@@ -26,7 +26,15 @@ use archy_agent::orchestrator::{ContainerOrchestrator, HealthState, Orchestrator
 /// The same value as the rootfs and ISO tests: one cached Debian layer.
 const EPOCH: &str = "1700000000";
 const BASE: &str = "localhost/archipelago/ui-base:bookworm";
-const NETWORK: &str = "archy-net";
+/// The apps' network. Not `archy-net` itself: rootful podman instances
+/// share one aardvark-dns and its per-network-name configuration
+/// (/run/containers/networks/aardvark-dns/<name>), so another test run on
+/// the same machine with its own `archy-net` would take over the name's
+/// DNS. The UIs do not care which network they are on; they resolve the
+/// backend's name through whatever DNS server their network has.
+fn network() -> String {
+    format!("archy-net-ui-test-{}", std::process::id())
+}
 /// Tests that may run mmdebstrap run one at a time: the first builds the
 /// Debian layer, the others find it in the cache.
 static MMDEBSTRAP: Mutex<()> = Mutex::new(());
@@ -120,21 +128,56 @@ fn get(port: u16, path: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_owned()))
 }
 
-/// GETs `path` until it answers 200 with `want` in the body, or fails
-/// after `within` with the last answer.
-fn wait_for(port: u16, path: &str, want: &str, within: Duration) -> Duration {
+/// GETs `path` from `ui` until it answers 200 with `want` in the body, or
+/// fails after `within` with the last answer and what the containers say.
+fn wait_for(ui: &str, port: u16, path: &str, want: &str, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let answer = get(port, path);
         if matches!(&answer, Ok((200, body)) if body.contains(want)) {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < within,
-            "GET :{port}{path} did not answer 200 with {want:?} within {within:?}; last answer: {answer:?}"
-        );
+        if started.elapsed() > within {
+            panic!(
+                "GET {ui}:{port}{path} did not answer 200 with {want:?} within {within:?}; last answer: {answer:?}\n{}",
+                diagnostics(ui)
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What the containers say, for a failure message.
+fn diagnostics(ui: &str) -> String {
+    let container = format!("archy-{ui}");
+    let said = |args: &[&str]| {
+        let out = podman(args);
+        format!(
+            "$ podman {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    [
+        said(&["ps", "--all", "--format", "{{.Names}} {{.Status}} {{.Networks}}"]),
+        said(&["logs", "--tail", "20", &container]),
+        said(&[
+            "exec",
+            &container,
+            "cat",
+            "/etc/resolv.conf",
+            "/tmp/archy-ui/runtime.conf",
+        ]),
+    ]
+    .into_iter()
+    .chain(
+        UIS.iter()
+            .filter(|(u, ..)| *u == ui)
+            .map(|(_, backend, ..)| said(&["logs", "--tail", "20", backend])),
+    )
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 /// Removes the containers a test made, also when it fails.
@@ -147,12 +190,13 @@ impl Drop for Containers {
             args.extend(self.0.iter().map(String::as_str));
             let _ = podman(&args);
         }
+        let _ = podman(&["network", "rm", "--force", &network()]);
     }
 }
 
 /// A stand-in for a backend: nginx from the UI base image (it has it
 /// already) serving `marker` at `/marker`, over TLS when `tls`, as
-/// container `name` on archy-net. Its files live in `dir`.
+/// container `name` on the test's network. Its files live in `dir`.
 fn run_stub(dir: &Path, name: &str, port: u16, tls: bool, marker: &str) {
     let stub = dir.join(name);
     fs::create_dir_all(stub.join("www")).unwrap();
@@ -196,7 +240,7 @@ fn run_stub(dir: &Path, name: &str, port: u16, tls: bool, marker: &str) {
         "--name",
         name,
         "--network",
-        NETWORK,
+        &network(),
         "--volume",
         &mount,
         "--entrypoint",
@@ -209,8 +253,28 @@ fn run_stub(dir: &Path, name: &str, port: u16, tls: bool, marker: &str) {
     ]);
 }
 
+/// Each UI container's ID and start time: what a restart would change.
+fn runs(ports: &[(String, u16)]) -> Vec<String> {
+    ports
+        .iter()
+        .map(|(ui, _)| {
+            let container = format!("archy-{ui}");
+            podman_ok(&["inspect", "--format", "{{.Id}} {{.State.StartedAt}}", &container])
+        })
+        .collect()
+}
+
+/// Every UI's `/api/marker` answers with its backend's `which` marker.
+fn proxies_reach(ports: &[(String, u16)], which: &str) {
+    for ((ui, ui_port), (_, backend, _, _)) in ports.iter().zip(UIS) {
+        let marker = format!("{backend} {which}");
+        let took = wait_for(ui, *ui_port, "/api/marker", &marker, Duration::from_secs(10));
+        eprintln!("{ui}: /api/ reached the {which} {backend} after {took:?}");
+    }
+}
+
 fn address(container: &str) -> String {
-    let format = format!("{{{{(index .NetworkSettings.Networks \"{NETWORK}\").IPAddress}}}}");
+    let format = format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", network());
     podman_ok(&["inspect", "--format", &format, container])
 }
 
@@ -233,11 +297,8 @@ fn ui_app_set(dir: &Path) -> Vec<(String, u16)> {
         let (_, rest) = text.split_once("- { host: ").expect("the manifest publishes a port");
         let (host, _) = rest.split_once(',').unwrap();
         let port = free_port();
-        fs::write(
-            to.join("manifest.yml"),
-            text.replace(&format!("- {{ host: {host},"), &format!("- {{ host: {port},")),
-        )
-        .unwrap();
+        let text = text.replace(&format!("- {{ host: {host},"), &format!("- {{ host: {port},"));
+        fs::write(to.join("manifest.yml"), format!("{text}network: {}\n", network())).unwrap();
         ports.push(((*ui).to_owned(), port));
 
         let backend_id = match *backend {
@@ -248,7 +309,10 @@ fn ui_app_set(dir: &Path) -> Vec<(String, u16)> {
         fs::create_dir_all(&stub).unwrap();
         fs::write(
             stub.join("manifest.yml"),
-            format!("id: {backend_id}\nname: stub\nversion: \"1\"\ncontainer_name: {backend}\nimage: {image}\n"),
+            format!(
+                "id: {backend_id}\nname: stub\nversion: \"1\"\ncontainer_name: {backend}\nimage: {image}\nnetwork: {}\n",
+                network()
+            ),
         )
         .unwrap();
     }
@@ -320,10 +384,12 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
             .unwrap_or_else(|e| panic!("installing {ui}: {e:#}"));
         assert_eq!(report.container, format!("archy-{ui}"));
         // The page, and the health check the agent runs.
-        wait_for(*port, "/healthz", "ok", Duration::from_secs(30));
+        wait_for(ui, *port, "/healthz", "ok", Duration::from_secs(30));
         let (status, page) = get(*port, "/").unwrap();
         assert_eq!(status, 200, "{page}");
         assert!(page.contains("· Archipelago</title>"), "{ui}: {page}");
+        let (status, style) = get(*port, "/style.css").unwrap();
+        assert!(status == 200 && style.contains("font-family"), "{ui}: {status} {style}");
         let health = orch.health(ui).await.unwrap();
         assert_eq!(health.health, Some(HealthState::Healthy), "{ui}: {health:?}");
         // Unprivileged: www-data, a read-only root, no capabilities.
@@ -337,38 +403,22 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
         assert_eq!(security, "33:33 true []", "{ui}");
     }
 
-    // Without its backend, a UI still serves its page and says 502 for /api/.
+    // Without its backend, a UI still serves its page and /api/ fails fast.
+    let asked = Instant::now();
     let (status, _) = get(ports[0].1, "/api/marker").unwrap();
     assert_eq!(status, 502);
+    assert!(asked.elapsed() < Duration::from_secs(8), "{:?}", asked.elapsed());
 
     for (_, backend, port, tls) in UIS {
         containers.0.push((*backend).to_owned());
         run_stub(dir.path(), backend, *port, *tls, &format!("{backend} first"));
     }
-    for ((ui, ui_port), (_, backend, _, _)) in ports.iter().zip(UIS) {
-        wait_for(
-            *ui_port,
-            "/api/marker",
-            &format!("{backend} first"),
-            Duration::from_secs(10),
-        );
-        eprintln!("{ui}: /api/ reaches {backend}");
-    }
+    proxies_reach(&ports, "first");
 
     // Recreated backends come back with other addresses (a placeholder
     // takes the old one, whatever order the network hands them out in);
     // each UI, still the same container, finds them by name.
-    let ui_ids: Vec<String> = ports
-        .iter()
-        .map(|(ui, _)| {
-            podman_ok(&[
-                "inspect",
-                "--format",
-                "{{.Id}} {{.State.StartedAt}}",
-                &format!("archy-{ui}"),
-            ])
-        })
-        .collect();
+    let started = runs(&ports);
     for (i, (_, backend, port, tls)) in UIS.iter().enumerate() {
         let before = address(backend);
         podman_ok(&["rm", "--force", "--time", "0", backend]);
@@ -380,7 +430,7 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
             "--name",
             &placeholder,
             "--network",
-            NETWORK,
+            &network(),
             "--entrypoint",
             "sleep",
             BASE,
@@ -390,27 +440,8 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
         let after = address(backend);
         assert_ne!(before, after, "{backend} kept its address; the test proves nothing");
     }
-    for ((ui, ui_port), (_, backend, _, _)) in ports.iter().zip(UIS) {
-        let took = wait_for(
-            *ui_port,
-            "/api/marker",
-            &format!("{backend} second"),
-            Duration::from_secs(10),
-        );
-        eprintln!("{ui}: /api/ reached the recreated {backend} after {took:?}");
-    }
-    let ui_ids_after: Vec<String> = ports
-        .iter()
-        .map(|(ui, _)| {
-            podman_ok(&[
-                "inspect",
-                "--format",
-                "{{.Id}} {{.State.StartedAt}}",
-                &format!("archy-{ui}"),
-            ])
-        })
-        .collect();
-    assert_eq!(ui_ids, ui_ids_after, "the UIs must not have been restarted");
+    proxies_reach(&ports, "second");
+    assert_eq!(started, runs(&ports), "the UIs must not have been restarted");
 }
 
 fn base_lock(dir: &Path) -> serde_json::Value {
