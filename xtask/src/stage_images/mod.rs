@@ -5,7 +5,9 @@
 //!
 //! Pulls need no host tool (the OCI client is a library); builds need
 //! podman. Downloads land in a content-addressed cache, so a second run
-//! fetches nothing.
+//! fetches nothing. Builds `FROM` the UI base image get it from
+//! `base_image`, loaded into the building podman and checked against its
+//! pin, never from a registry.
 
 pub(crate) mod archive;
 mod build;
