@@ -558,11 +558,19 @@ mod tests {
     fn the_image_lock_must_match_the_manifests() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let apps = load_manifests(&root.join("manifests")).unwrap();
-        let pinned: Vec<(String, String)> = apps
+        // Built apps (the UIs) are locked under the agent's build tag.
+        let listed: Vec<(String, String)> = apps
             .iter()
-            .filter_map(|a| a.pinned_image().map(|p| (a.id.to_string(), p.to_string())))
+            .map(|a| {
+                let reference = match a.pinned_image() {
+                    Some(p) => p.to_string(),
+                    None => archy_agent::orchestrator::built_tag(a).unwrap().unwrap(),
+                };
+                (a.id.to_string(), reference)
+            })
             .collect();
-        let entries: Vec<(&str, &str)> = pinned.iter().map(|(a, r)| (a.as_str(), r.as_str())).collect();
+        assert!(apps[0].pinned_image().is_some(), "the cases below change a pinned app");
+        let entries: Vec<(&str, &str)> = listed.iter().map(|(a, r)| (a.as_str(), r.as_str())).collect();
         check_lock_matches_manifests(&lock(&entries), &apps).unwrap();
 
         let err = check_lock_matches_manifests(&lock(&entries[1..]), &apps)

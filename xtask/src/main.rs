@@ -4,6 +4,7 @@
 //! so a fresh CI machine and a developer's machine run the same steps.
 
 mod archive;
+mod base_image;
 mod bench;
 mod bench_iso;
 mod build;
@@ -49,6 +50,9 @@ enum Command {
     },
     /// Pull every app image by digest (or build it), verify it, and write one archive per app plus images.lock.json.
     Images(stage_images::Args),
+    /// Build the UI base image (Debian 12 essential + nginx, mmdebstrap) as a reproducible
+    /// docker-archive pinned by digest (output: target/base-image/ui-base.tar and ui-base.lock.json).
+    BaseImage(base_image::Args),
     /// Build the Debian 12 rootfs: the cached base from mmdebstrap, plus the
     /// agent, manifests and images (output: target/rootfs/tree).
     Rootfs(build::BuildArgs),
@@ -90,6 +94,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Rootfs(args) => rootfs::run(&root, &args),
         Command::Iso(args) => iso::run(&root, &args),
         Command::Images(args) => stage_images::run(&args),
+        Command::BaseImage(args) => base_image::run(&root, &args),
         Command::Bench(args) => bench::run(&root, &args),
         Command::E2e(args) => e2e::run(&root, &args),
         Command::BenchIso(args) => bench_iso::run(&root, &args),

@@ -40,17 +40,18 @@ pub const OVERLAY_DIR: &str = "rootfs/overlay";
 pub const UNIT_FILE: &str = "rootfs/units/archy-agent.service";
 
 /// Debian 12 and its updates. Security updates come from their own archive.
-const MIRRORS: &[&str] = &[
+pub const MIRRORS: &[&str] = &[
     "deb http://deb.debian.org/debian bookworm main",
     "deb http://deb.debian.org/debian bookworm-updates main",
     "deb http://security.debian.org/debian-security bookworm-security main",
 ];
 
 /// mmdebstrap's flags; every one of them is part of the cache key.
-const MMDEBSTRAP_FLAGS: &[&str] = &[
-    "--mode=root",
-    "--variant=minbase",
-    "--format=tar",
+const MMDEBSTRAP_FLAGS: &[&str] = &["--mode=root", "--variant=minbase", "--format=tar"];
+
+/// What every tree mmdebstrap makes for us leaves out (also the UI base
+/// image's): recommends, suggests, and files nobody reads on a node.
+pub const SLIM_FLAGS: &[&str] = &[
     r#"--aptopt=APT::Install-Recommends "false""#,
     r#"--aptopt=APT::Install-Suggests "false""#,
     // Documentation, man pages and translations are left out, now and for
@@ -498,30 +499,43 @@ impl BaseSpec {
     }
 
     fn args(&self, overlay_tar: &Path, debs: Option<&Path>, output: &Path) -> Vec<String> {
-        let mut args: Vec<String> = MMDEBSTRAP_FLAGS.iter().map(|f| (*f).to_owned()).collect();
+        let mut args: Vec<String> = MMDEBSTRAP_FLAGS
+            .iter()
+            .chain(SLIM_FLAGS)
+            .map(|f| (*f).to_owned())
+            .collect();
         args.push(format!("--architectures={}", self.arch.debian_name()));
         args.push(format!("--include={}", self.packages.join(",")));
-        if let Some(debs) = debs {
-            args.push(r#"--setup-hook=mkdir -p "$1"/var/cache/apt/archives/"#.to_owned());
-            args.push(format!(
-                "--setup-hook=sync-in {} /var/cache/apt/archives/",
-                debs.display()
-            ));
-        }
+        args.extend(debs.map(debs_setup_hooks).into_iter().flatten());
         args.push(format!("--customize-hook={USER_HOOK}"));
         args.push(format!("--customize-hook=tar-in {} /", overlay_tar.display()));
         args.push(format!("--customize-hook={ENABLE_HOOK}"));
-        if let Some(debs) = debs {
-            args.push(format!(
-                "--customize-hook=sync-out /var/cache/apt/archives {}",
-                debs.display()
-            ));
-        }
-        args.push(RELEASE.to_owned());
-        args.push(output.display().to_string());
-        args.extend(MIRRORS.iter().map(|m| (*m).to_owned()));
+        args.extend(debs.map(debs_sync_out_hook));
+        args.extend(release_and_mirrors(output));
         args
     }
+}
+
+/// mmdebstrap's setup hooks that put the downloads kept in `debs` where
+/// apt looks first, so that a rebuild downloads only what changed.
+pub fn debs_setup_hooks(debs: &Path) -> [String; 2] {
+    [
+        r#"--setup-hook=mkdir -p "$1"/var/cache/apt/archives/"#.to_owned(),
+        format!("--setup-hook=sync-in {} /var/cache/apt/archives/", debs.display()),
+    ]
+}
+
+/// The customize hook that copies this build's downloads back to `debs`
+/// (it needs `--skip=essential/unlink`).
+pub fn debs_sync_out_hook(debs: &Path) -> String {
+    format!("--customize-hook=sync-out /var/cache/apt/archives {}", debs.display())
+}
+
+/// mmdebstrap's last arguments: the release, the output and the mirrors.
+pub fn release_and_mirrors(output: &Path) -> Vec<String> {
+    let mut args = vec![RELEASE.to_owned(), output.display().to_string()];
+    args.extend(MIRRORS.iter().map(|m| (*m).to_owned()));
+    args
 }
 
 /// One package name per line; `#` starts a comment.
@@ -558,11 +572,11 @@ pub fn parse_package_list(text: &str) -> anyhow::Result<Vec<String>> {
 
 /// A base tarball and its installed packages.
 #[derive(Debug)]
-struct Base {
-    tar: PathBuf,
-    sha256: String,
-    packages: Vec<Package>,
-    from_cache: bool,
+pub struct Base {
+    pub tar: PathBuf,
+    pub sha256: String,
+    pub packages: Vec<Package>,
+    pub from_cache: bool,
 }
 
 /// The sidecar of a cached base tarball.
@@ -573,129 +587,184 @@ struct CacheMeta {
     packages: Vec<Package>,
 }
 
-fn obtain_base(sh: &Shell, spec: &BaseSpec, cache_dir: &Path, tree: &Path, policy: BasePolicy) -> anyhow::Result<Base> {
-    fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let name = format!("rootfs-{}", short(&spec.key));
-    let cached_tar = cache_dir.join(format!("{name}.tar"));
-    let cached_meta = cache_dir.join(format!("{name}.json"));
-    if policy == BasePolicy::Cached {
-        if let Some(meta) = read_meta(&cached_meta, &spec.key) {
-            if cached_tar.is_file() {
-                build::say(
-                    "rootfs-base",
-                    &format!("using the cached base {}", cached_tar.display()),
-                );
-                // Mark it used, for pruning.
-                if let Ok(f) = fs::File::options().write(true).open(&cached_tar) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
+/// One mmdebstrap tarball kept in the cache: `<cache>/<prefix>-<key>.tar`,
+/// its sidecar `.json`, and its downloads in `<cache>/<debs>`.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedTarball<'a> {
+    /// The progress lines' stage name.
+    pub stage: &'a str,
+    /// What the cache files' names start with.
+    pub prefix: &'a str,
+    /// A sha256 over everything that decides the tarball's contents.
+    pub key: &'a str,
+    /// `SOURCE_DATE_EPOCH` for mmdebstrap, when the build is to be reproducible.
+    pub epoch: Option<u64>,
+    /// The download cache's folder name inside the cache folder: each
+    /// tarball has its own, since each run prunes what it did not install.
+    pub debs: &'a str,
+    /// How many tarballs of this prefix are kept.
+    pub keep: usize,
+}
+
+impl CachedTarball<'_> {
+    fn name(&self) -> String {
+        format!("{}-{}", self.prefix, short(self.key))
+    }
+
+    /// The tarball from the cache or from mmdebstrap, built in `work`
+    /// (emptied first, on the cache's file system). `args` gets `work`, the
+    /// download cache and the output path, may write inputs into `work`, and
+    /// gives mmdebstrap's arguments.
+    pub fn obtain(
+        &self,
+        sh: &Shell,
+        cache_dir: &Path,
+        work: &Path,
+        policy: BasePolicy,
+        args: impl FnOnce(&Path, &Path, &Path) -> anyhow::Result<Vec<String>>,
+    ) -> anyhow::Result<Base> {
+        fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+        let name = self.name();
+        let cached_tar = cache_dir.join(format!("{name}.tar"));
+        let cached_meta = cache_dir.join(format!("{name}.json"));
+        if policy == BasePolicy::Cached {
+            if let Some(meta) = read_meta(&cached_meta, self.key) {
+                if cached_tar.is_file() {
+                    build::say(self.stage, &format!("using the cached {}", cached_tar.display()));
+                    // Mark it used, for pruning.
+                    if let Ok(f) = fs::File::options().write(true).open(&cached_tar) {
+                        let _ = f.set_modified(std::time::SystemTime::now());
+                    }
+                    return Ok(Base {
+                        tar: cached_tar,
+                        sha256: meta.sha256,
+                        packages: meta.packages,
+                        from_cache: true,
+                    });
                 }
-                return Ok(Base {
-                    tar: cached_tar,
-                    sha256: meta.sha256,
-                    packages: meta.packages,
-                    from_cache: true,
-                });
             }
+            build::say(self.stage, &format!("nothing cached for key {}", short(self.key)));
         }
-        build::say("rootfs-base", &format!("no cached base for key {}", short(&spec.key)));
-    }
 
-    // Build next to the tree (same file system), then move into the cache.
-    let work = tree.with_extension("base");
-    if work.exists() {
-        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    }
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let overlay_tar = work.join("overlay.tar");
-    let file = fs::File::create(&overlay_tar).with_context(|| format!("creating {}", overlay_tar.display()))?;
-    spec.overlay
-        .write_tar(std::io::BufWriter::new(file), spec.epoch.seconds)
-        .and_then(|mut w| std::io::Write::flush(&mut w).context("writing the overlay tar"))?;
-    let debs = cache_dir.join("debs");
-    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    let tmp = work.join("tmp");
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let output = work.join("base.tar");
-    let args = spec.args(&overlay_tar, Some(&debs), &output);
-    build::say(
-        "rootfs-base",
-        &format!(
-            "mmdebstrap {RELEASE} with {} packages (downloads go to {})",
-            spec.packages.len(),
-            debs.display()
-        ),
-    );
-    let mut mmdebstrap = cmd!(sh, "mmdebstrap {args...}").env("TMPDIR", &tmp);
-    mmdebstrap = match spec.epoch.explicit_seconds() {
-        Some(seconds) => mmdebstrap.env("SOURCE_DATE_EPOCH", seconds.to_string()),
-        None => mmdebstrap.env_remove("SOURCE_DATE_EPOCH"),
-    };
-    mmdebstrap.run().context("mmdebstrap failed (see its output above)")?;
+        if work.exists() {
+            fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
+        }
+        fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+        let debs = cache_dir.join(self.debs);
+        fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        let tmp = work.join("tmp");
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let output = work.join("base.tar");
+        let args = args(work, &debs, &output)?;
+        build::say(
+            self.stage,
+            &format!("mmdebstrap {RELEASE} (downloads go to {})", debs.display()),
+        );
+        let mut mmdebstrap = cmd!(sh, "mmdebstrap {args...}").env("TMPDIR", &tmp);
+        mmdebstrap = match self.epoch {
+            Some(seconds) => mmdebstrap.env("SOURCE_DATE_EPOCH", seconds.to_string()),
+            None => mmdebstrap.env_remove("SOURCE_DATE_EPOCH"),
+        };
+        mmdebstrap.run().context("mmdebstrap failed (see its output above)")?;
 
-    let status = capture(cmd!(sh, "tar -xOf {output} {DPKG_STATUS_MEMBER}"))
-        .context("reading the dpkg status of the new base")?;
-    let packages = parse_dpkg_status(&status);
-    prune_debs(&debs, &packages);
-    let sha256 = sha256_file(&output)?;
-    let meta = CacheMeta {
-        key: spec.key.clone(),
-        sha256: sha256.clone(),
-        packages: packages.clone(),
-    };
-    if policy == BasePolicy::Fresh {
-        let tar = work.join(format!("{name}.tar"));
-        fs::rename(&output, &tar).with_context(|| format!("moving the base to {}", tar.display()))?;
-        return Ok(Base {
-            tar,
+        let status = capture(cmd!(sh, "tar -xOf {output} {DPKG_STATUS_MEMBER}"))
+            .context("reading the dpkg status of the new tarball")?;
+        let packages = parse_dpkg_status(&status);
+        prune_debs(&debs, &packages);
+        let sha256 = sha256_file(&output)?;
+        let meta = CacheMeta {
+            key: self.key.to_owned(),
+            sha256: sha256.clone(),
+            packages: packages.clone(),
+        };
+        if policy == BasePolicy::Fresh {
+            let tar = work.join(format!("{name}.tar"));
+            fs::rename(&output, &tar).with_context(|| format!("moving the tarball to {}", tar.display()))?;
+            return Ok(Base {
+                tar,
+                sha256,
+                packages,
+                from_cache: false,
+            });
+        }
+        // Tarball first, then the sidecar that makes it a cache hit.
+        let _ = fs::remove_file(&cached_meta);
+        fs::rename(&output, &cached_tar)
+            .or_else(|_| fs::copy(&output, &cached_tar).map(|_| ()))
+            .with_context(|| format!("storing the tarball as {}", cached_tar.display()))?;
+        let text = serde_json::to_string_pretty(&meta).context("serialising the cache metadata")?;
+        fs::write(&cached_meta, text).with_context(|| format!("writing {}", cached_meta.display()))?;
+        fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
+        self.prune(cache_dir);
+        Ok(Base {
+            tar: cached_tar,
             sha256,
             packages,
             from_cache: false,
-        });
+        })
     }
-    // Tarball first, then the sidecar that makes it a cache hit.
-    let _ = fs::remove_file(&cached_meta);
-    fs::rename(&output, &cached_tar)
-        .or_else(|_| fs::copy(&output, &cached_tar).map(|_| ()))
-        .with_context(|| format!("storing the base as {}", cached_tar.display()))?;
-    let text = serde_json::to_string_pretty(&meta).context("serialising the cache metadata")?;
-    fs::write(&cached_meta, text).with_context(|| format!("writing {}", cached_meta.display()))?;
-    fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    prune_cache(cache_dir, CACHE_KEEP);
-    Ok(Base {
-        tar: cached_tar,
-        sha256,
-        packages,
-        from_cache: false,
-    })
+
+    /// Keeps the `keep` most recently used tarballs of this prefix.
+    fn prune(&self, dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let prefix = format!("{}-", self.prefix);
+        let mut tars: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .and_then(|n| n.strip_suffix(".tar"))
+                    .is_some_and(|key| key.bytes().all(|b| b.is_ascii_hexdigit()))
+            })
+            .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        tars.sort_by_key(|t| std::cmp::Reverse(t.0));
+        for (_, tar) in tars.into_iter().skip(self.keep) {
+            build::say(self.stage, &format!("pruning the old cached {}", tar.display()));
+            let _ = fs::remove_file(tar.with_extension("json"));
+            let _ = fs::remove_file(&tar);
+        }
+    }
+}
+
+fn obtain_base(sh: &Shell, spec: &BaseSpec, cache_dir: &Path, tree: &Path, policy: BasePolicy) -> anyhow::Result<Base> {
+    let job = CachedTarball {
+        stage: "rootfs-base",
+        prefix: "rootfs",
+        key: &spec.key,
+        epoch: spec.epoch.explicit_seconds(),
+        debs: "debs",
+        keep: CACHE_KEEP,
+    };
+    build::say(
+        "rootfs-base",
+        &format!("the base has {} packages and their dependencies", spec.packages.len()),
+    );
+    // Built next to the tree (same file system), then moved into the cache.
+    job.obtain(
+        sh,
+        cache_dir,
+        &tree.with_extension("base"),
+        policy,
+        |work, debs, output| {
+            let overlay_tar = work.join("overlay.tar");
+            let file = fs::File::create(&overlay_tar).with_context(|| format!("creating {}", overlay_tar.display()))?;
+            spec.overlay
+                .write_tar(std::io::BufWriter::new(file), spec.epoch.seconds)
+                .and_then(|mut w| std::io::Write::flush(&mut w).context("writing the overlay tar"))?;
+            Ok(spec.args(&overlay_tar, Some(debs), output))
+        },
+    )
 }
 
 fn read_meta(path: &Path, key: &str) -> Option<CacheMeta> {
     let text = fs::read_to_string(path).ok()?;
     let meta: CacheMeta = serde_json::from_str(&text).ok()?;
     (meta.key == key).then_some(meta)
-}
-
-/// Keeps the `keep` most recently used base tarballs.
-fn prune_cache(dir: &Path, keep: usize) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    let mut tars: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("rootfs-") && n.ends_with(".tar"))
-        })
-        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .collect();
-    tars.sort_by_key(|t| std::cmp::Reverse(t.0));
-    for (_, tar) in tars.into_iter().skip(keep) {
-        build::say("rootfs-base", &format!("pruning the old cached base {}", tar.display()));
-        let _ = fs::remove_file(tar.with_extension("json"));
-        let _ = fs::remove_file(&tar);
-    }
 }
 
 /// Keeps only the downloads of what is installed now.
@@ -816,7 +885,7 @@ pub fn verify(sh: &Shell, tree: &Path) -> anyhow::Result<()> {
 /// The lines of `dpkg --verify` output that are real changes: files left
 /// out on purpose (docs, man pages: the path-exclude options) are not.
 fn changed_files(verify_output: &str) -> Vec<String> {
-    let excluded: Vec<&str> = MMDEBSTRAP_FLAGS
+    let excluded: Vec<&str> = SLIM_FLAGS
         .iter()
         .filter_map(|f| f.strip_prefix("--dpkgopt=path-exclude="))
         .filter_map(|p| p.strip_suffix("/*"))

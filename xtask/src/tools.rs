@@ -114,6 +114,23 @@ pub const IMAGES_STAGE: &[Tool] = &[
     },
 ];
 
+/// What `cargo xtask base-image` needs (and `cargo xtask images`, when a
+/// build starts from the UI base image and it is not cached).
+pub const BASE_IMAGE_STAGE: &[Tool] = &[
+    Tool {
+        name: "mmdebstrap",
+        package: "mmdebstrap",
+        probe: Probe::OnPath("mmdebstrap"),
+        why: "builds the UI base image's Debian 12 layer from Debian's archive",
+    },
+    Tool {
+        name: "tar",
+        package: "tar",
+        probe: Probe::OnPath("tar"),
+        why: "reads the installed packages out of that layer",
+    },
+];
+
 /// What `cargo xtask rootfs` needs (and `cargo xtask iso`, which builds
 /// the rootfs first).
 pub const ROOTFS_STAGE: &[Tool] = &[
@@ -329,6 +346,10 @@ fn apt_install(sh: &Shell, packages: &[&str]) -> anyhow::Result<()> {
 const DOCTOR_STAGES: &[(&str, &[Tool])] = &[
     ("test (cargo xtask test)", TEST_STAGE),
     ("images (cargo xtask images; only for apps with `build`)", IMAGES_STAGE),
+    (
+        "base-image (cargo xtask base-image, and images for the UIs)",
+        BASE_IMAGE_STAGE,
+    ),
     ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
     ("iso (cargo xtask iso)", ISO_STAGE),
     ("e2e (cargo xtask e2e, and cargo xtask test)", E2E_STAGE),

@@ -5,15 +5,17 @@
 //!
 //! Pulls need no host tool (the OCI client is a library); builds need
 //! podman. Downloads land in a content-addressed cache, so a second run
-//! fetches nothing.
+//! fetches nothing. Builds `FROM` the UI base image get it from
+//! `base_image`, loaded into the building podman and checked against its
+//! pin, never from a registry.
 
-mod archive;
+pub(crate) mod archive;
 mod build;
 mod cache;
 #[cfg(test)]
 mod fake_registry;
 mod lock;
-mod oci;
+pub(crate) mod oci;
 mod pull;
 
 use std::fs;
@@ -28,6 +30,8 @@ use clap::ValueEnum;
 use indicatif::HumanBytes;
 use xshell::Shell;
 
+use crate::base_image;
+use crate::rootfs::BasePolicy;
 use crate::tools;
 use cache::Cache;
 use lock::{LockEntry, LockFile, LOCK_FILE};
@@ -78,6 +82,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if apps.iter().any(|m| matches!(m.image, ImageSource::Build { .. })) {
         tools::ensure(&sh, tools::IMAGES_STAGE)?;
     }
+    prepare_base_image(&sh, &apps)?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating the output folder {}", args.out.display()))?;
     let cache = Cache::open(&args.cache)?;
     let epoch = archive::source_date_epoch()?;
@@ -149,6 +154,30 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         lock_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// UIs start `FROM` the base image, which no registry has: it is built
+/// (or taken from the cache) and loaded into the podman that builds them,
+/// its name checked against the digest it pins.
+fn prepare_base_image(sh: &Shell, apps: &[Manifest]) -> anyhow::Result<()> {
+    let mut users = Vec::new();
+    for m in apps {
+        if base_image::used_by(m)? {
+            users.push(m.id.as_str());
+        }
+    }
+    if users.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "images: {} start FROM {}: building or loading it",
+        users.join(", "),
+        base_image::REFERENCE
+    );
+    let root = crate::project_root()?;
+    let dir = crate::build::target_dir(&root).join(base_image::OUT_SUBDIR);
+    let lock = base_image::build(&root, sh, &dir, BasePolicy::Cached)?;
+    base_image::load(sh, &dir, &lock)
 }
 
 fn archive_pulled(
