@@ -80,15 +80,6 @@ pub struct E2eArgs {
     pub agent: Option<PathBuf>,
 }
 
-impl Default for E2eArgs {
-    fn default() -> E2eArgs {
-        E2eArgs {
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
-            agent: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Firmware {
     SeaBios,
@@ -509,7 +500,10 @@ fn serial_first_menu(menu: &str) -> anyhow::Result<String> {
     Ok(menu
         .replacen("set default=0", "set default=1", 1)
         .replacen("set timeout=5", "set timeout=1", 1)
-        .replace("console=ttyS0,115200n8", "console=ttyS0,115200n8 quiet"))
+        .replace(
+            "console=ttyS0,115200n8",
+            "console=ttyS0,115200n8 quiet systemd.show_status=1",
+        ))
 }
 
 fn write_apps(dir: &Path, image: &str, image_v2: &str) -> anyhow::Result<()> {
