@@ -24,6 +24,8 @@ use anyhow::{bail, Context as _};
 
 pub const LABEL: &str = "ARCHY-DATA";
 const FORMAT_PARAM: &str = "archipelago.format=";
+/// Container storage under the data root (rootless and rootful).
+const CONTAINERS_DIR: &str = "containers";
 /// The data root's folder the image may seed (`config/registries.json`).
 const SEED_DIR: &str = "config";
 /// How long udev gets to show a labelled partition after boot.
@@ -225,8 +227,15 @@ fn write_seed(dir: &Path, seed: &[(std::ffi::OsString, Vec<u8>)], owner: Option<
 
 fn own(opts: &Options) -> anyhow::Result<()> {
     if let Some((uid, gid)) = opts.owner {
-        std::os::unix::fs::chown(&opts.mountpoint, Some(uid), Some(gid))
-            .with_context(|| format!("cannot give {} to uid {uid}", opts.mountpoint.display()))?;
+        // The container storage folder too: whoever creates it first owns
+        // it, and a root `podman` run must never take it from the agent's
+        // rootless engine.
+        let containers = opts.mountpoint.join(CONTAINERS_DIR);
+        fs::create_dir_all(&containers).with_context(|| format!("cannot create {}", containers.display()))?;
+        for dir in [&opts.mountpoint, &containers] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to uid {uid}", dir.display()))?;
+        }
     }
     fs::set_permissions(&opts.mountpoint, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("cannot set the mode of {}", opts.mountpoint.display()))

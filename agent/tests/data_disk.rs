@@ -126,6 +126,11 @@ fn the_labelled_disk_is_mounted_given_to_the_agent_user_seeded_and_kept_across_b
     assert!(out.status.success());
     assert!(disk.mounted(), "the data disk is mounted at the data root");
     assert_eq!(owner_of(&disk.mountpoint), (4242, 4243));
+    assert_eq!(
+        owner_of(&disk.mountpoint.join("containers")),
+        (4242, 4243),
+        "container storage belongs to the agent's user before any podman runs"
+    );
     let copied = disk.mountpoint.join("config/registries.json");
     assert_eq!(
         fs::read(&copied).expect("seeded"),

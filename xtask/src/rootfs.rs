@@ -94,7 +94,13 @@ pub const UNITS_DIR: &str = "rootfs/units";
 const NODE_UNITS: &[&str] = &["archy-data.service", "archy-agent.service"];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
 const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
-const ROOT_PODMAN_SOCKET_MASK: &str = "etc/systemd/system/podman.socket";
+const ROOT_PODMAN_UNITS: &[&str] = &[
+    "podman.socket",
+    "podman.service",
+    "podman-restart.service",
+    "podman-auto-update.service",
+    "podman-auto-update.timer",
+];
 /// Which Archipelago a node runs, for people and scripts.
 const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
 
@@ -230,9 +236,14 @@ pub fn build(
                 layer.add_file_with_mode(&installed, &root.join(UNITS_DIR).join(name), FILE_MODE)?;
                 layer.add_symlink(&format!("{NODE_UNIT_WANTS}/{name}"), &format!("/{installed}"))?;
             }
-            // Apps run rootless: root's own API socket, which Debian enables,
-            // is masked (README: the rootful option unmasks it).
-            layer.add_symlink(ROOT_PODMAN_SOCKET_MASK, "/dev/null")?;
+            // Apps run rootless: root's own Podman units, which Debian
+            // enables, are masked (README: the rootful option unmasks
+            // them). podman-restart.service once ran root's podman at boot,
+            // which made /var/lib/archipelago/containers root's and left the
+            // rootless engine unable to start.
+            for unit in ROOT_PODMAN_UNITS {
+                layer.add_symlink(&format!("etc/systemd/system/{unit}"), "/dev/null")?;
+            }
             if let Some(extra) = &args.overlay {
                 layer
                     .add_tree("", extra)

@@ -207,6 +207,15 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         fs::read_link(tree.join("etc/systemd/user/sockets.target.wants/podman.socket")).unwrap(),
         Path::new("/usr/lib/systemd/user/podman.socket")
     );
+    // Root's own Podman never runs on a rootless node: it would take the
+    // container storage folder.
+    for unit in ["podman.socket", "podman.service", "podman-restart.service"] {
+        assert_eq!(
+            fs::read_link(tree.join("etc/systemd/system").join(unit)).unwrap(),
+            Path::new("/dev/null"),
+            "{unit} is masked"
+        );
+    }
     assert_eq!(
         value_in_table(&storage, "storage", "rootless_storage_path").as_deref(),
         Some("\"/var/lib/archipelago/containers/rootless\"")
