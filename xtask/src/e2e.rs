@@ -80,6 +80,15 @@ pub struct E2eArgs {
     pub agent: Option<PathBuf>,
 }
 
+impl Default for E2eArgs {
+    fn default() -> E2eArgs {
+        E2eArgs {
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            agent: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Firmware {
     SeaBios,

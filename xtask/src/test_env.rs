@@ -58,9 +58,19 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     let status = procs::run_forwarding_interrupts(Command::from(test), "cargo test");
     let tests_took = tests_started.elapsed();
 
-    // The QEMU boots (`cargo xtask e2e`) are not part of this command yet:
-    // five boots under TCG do not fit its 30-minute budget on the 2-core
-    // build machines.
+    // The whole run also boots the node (`cargo xtask e2e`), against the
+    // same registries; a run narrowed with cargo arguments is a developer's
+    // loop and leaves it out, saying so.
+    let e2e = if cargo_args.is_empty() {
+        let e2e_started = Instant::now();
+        let result = crate::e2e::check(root, &vars, &crate::e2e::E2eArgs::default());
+        eprintln!("xtask: e2e took {:.1}s", e2e_started.elapsed().as_secs_f64());
+        Some(result)
+    } else {
+        eprintln!("xtask: e2e not run: cargo arguments narrow this run (run `cargo xtask e2e` for it)");
+        None
+    };
+
     let teardown_started = Instant::now();
     let problems = env.teardown();
     eprintln!(
@@ -71,6 +81,10 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     );
     let status = status?;
     bail_if_interrupted()?;
+    if let Some(Err(e)) = e2e {
+        eprintln!("error: {e:#}");
+        return Ok(ExitCode::FAILURE);
+    }
     if !problems.is_empty() {
         bail!("teardown was not clean:\n  {}", problems.join("\n  "));
     }
