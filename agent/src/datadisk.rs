@@ -30,6 +30,7 @@ const CONTAINERS_DIR: &str = "containers";
 const SEED_DIR: &str = "config";
 /// How long udev gets to show a labelled partition after boot.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(10);
+const POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// What the node's kernel command line asks of the data disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -256,33 +257,39 @@ fn say(message: &str) {
     eprintln!("archipelago: {message}");
 }
 
-fn wait_for_path(path: &Path, wait: Duration) {
+/// Asks `find` every quarter second until it finds something or `wait`
+/// has passed (it is always asked at least once).
+fn poll<T>(wait: Duration, mut find: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<Option<T>> {
     let deadline = Instant::now() + wait;
-    while !path.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(250));
+    loop {
+        if let Some(found) = find()? {
+            return Ok(Some(found));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(POLL_EVERY);
     }
+}
+
+fn wait_for_path(path: &Path, wait: Duration) {
+    // Not there in time: `probe` says so.
+    let _ = poll(wait, || Ok(path.exists().then_some(())));
 }
 
 /// The device carrying `label`, found by blkid's own probing: no need to
 /// wait for udev's links (`udevadm settle` cost half a minute at boot).
 /// Waits up to `wait` for it to appear.
 fn wait_for_label(label: &str, wait: Duration) -> anyhow::Result<Option<PathBuf>> {
-    let deadline = Instant::now() + wait;
-    loop {
+    poll(wait, || {
         // blkid exits 2 when no device has the label.
         let output = Command::new("blkid")
             .args(["-L", label])
             .output()
             .context("cannot run blkid (package util-linux)")?;
         let device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        if output.status.success() && !device.is_empty() {
-            return Ok(Some(PathBuf::from(device)));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+        Ok((output.status.success() && !device.is_empty()).then(|| PathBuf::from(device)))
+    })
 }
 
 fn probe(device: &Path) -> anyhow::Result<Found> {

@@ -79,13 +79,7 @@ impl Layer {
     /// Everything under `dir`, placed under `prefix` (`""` for the root).
     /// Only directories, regular files and symlinks are allowed.
     pub fn add_tree(&mut self, prefix: &str, dir: &Path) -> anyhow::Result<()> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("listing {}", dir.display()))?;
-        names.sort();
-        for name in names {
+        for name in sorted_names(dir)? {
             let Some(name) = name.to_str() else {
                 bail!("{} holds a file name that is not UTF-8: {name:?}", dir.display());
             };
@@ -314,6 +308,18 @@ fn refuse_symlinked_parents(root: &Path, path: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The names in `dir`, sorted: a fixed order for everything built from a
+/// folder.
+pub fn sorted_names(dir: &Path) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("listing {}", dir.display()))?;
+    names.sort();
+    Ok(names)
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -42,7 +42,7 @@ const OVERLAY: &str = "xtask/tests/fixtures/e2e/overlay";
 const WORK_DIR: &str = "e2e";
 const DISK_SIZE: &str = "3G";
 const MARKER: &str = "ARCHY-E2E ";
-/// The `SOURCE_DATE_EPOCH` of xtask/tests/{rootfs,iso}_build.rs.
+/// The `SOURCE_DATE_EPOCH` of the build tests (xtask/tests/common/mod.rs).
 const SHARED_EPOCH: &str = "1700000000";
 /// Seconds one boot may take before it counts as hung (TCG is slow).
 const DEFAULT_BOOT_TIMEOUT: u64 = 900;
@@ -600,7 +600,7 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 fn say(message: &str) {
-    eprintln!("xtask: [e2e] {message}");
+    build::say("e2e", message);
 }
 
 #[cfg(test)]

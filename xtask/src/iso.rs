@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-use crate::archive::sha256_file;
+use crate::archive::{sha256_file, sorted_names};
 use crate::build::{self, BuildArgs, Epoch, Progress, StageOutput};
 use crate::procs::capture;
 use crate::report::{Artifact, Report, REPORT_FORMAT};
@@ -507,16 +507,6 @@ impl std::fmt::Display for Difference {
 /// name order; times are left out (the image stamps them all anyway).
 pub fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<Difference>> {
     compare_dirs(a, b, Path::new(""))
-}
-
-fn sorted_names(dir: &Path) -> anyhow::Result<Vec<std::ffi::OsString>> {
-    let mut names: Vec<_> = fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("listing {}", dir.display()))?;
-    names.sort();
-    Ok(names)
 }
 
 fn compare_dirs(a: &Path, b: &Path, rel: &Path) -> anyhow::Result<Option<Difference>> {

@@ -6,28 +6,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use sha2::{Digest as _, Sha256};
-
-/// The same value in rootfs_build.rs, so that both share one cached base.
-const EPOCH: &str = "1700000000";
-
-fn xtask(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .env("SOURCE_DATE_EPOCH", EPOCH)
-        .output()
-        .unwrap();
-    eprintln!(
-        "$ xtask {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
+use common::{sha256_hex, xtask, EPOCH};
 
 fn xorriso(iso: &Path, args: &[&str]) -> String {
     let output = Command::new("xorriso")
@@ -112,7 +97,7 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     assert!(cfg.contains("boot=live"), "{cfg}");
     assert!(cfg.contains("console=ttyS0,115200"), "a serial console entry: {cfg}");
 
-    let sha = format!("{:x}", Sha256::digest(fs::read(&iso).unwrap()));
+    let sha = sha256_hex(&fs::read(&iso).unwrap());
     assert_eq!(
         fs::read_to_string(out.path().join("SHA256SUMS")).unwrap(),
         format!("{sha}  {name}\n")

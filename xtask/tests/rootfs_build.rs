@@ -5,14 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 
-/// The same value in iso_build.rs, so that both share one cached base.
-const EPOCH: &str = "1700000000";
+use common::{sha256_hex, xtask};
 /// Tests that need the base run one at a time: the first builds it, the
 /// others find it in the cache.
 static BASE: Mutex<()> = Mutex::new(());
@@ -36,20 +37,6 @@ fn scratch(prefix: &str) -> tempfile::TempDir {
 /// program that answers `--help`, without minutes of `cargo build --release`.
 fn stand_in_agent() -> PathBuf {
     std::env::current_exe().unwrap()
-}
-
-fn xtask(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .env("SOURCE_DATE_EPOCH", EPOCH)
-        .output()
-        .unwrap();
-    eprintln!(
-        "$ xtask {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 fn chroot(tree: &Path, args: &[&str]) -> String {
@@ -83,11 +70,6 @@ fn var(name: &str) -> String {
         Ok(value) if !value.is_empty() => value,
         _ => panic!("{name} is not set: run the integration tests through `cargo xtask test`"),
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
 fn read_report(path: &Path) -> serde_json::Value {
