@@ -8,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::control::{self, AppBackend};
+use crate::control::{self, AppBackend, ControlClient};
 use crate::engine::Engine;
 use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
-use crate::orchestrator::{self, DevOrchestrator, OrchestratorConfig, OrchestratorError};
+use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
 use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry::{self, commands::RegistryOp};
 
@@ -123,15 +123,15 @@ pub enum Command {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Stop every app with its stop grace period, dependents first, for a system shutdown
+    /// (archy-apps.service). Refused while the agent runs: it would start them again.
+    Shutdown,
     /// Manage the registries images are pulled from, in priority order.
     #[command(subcommand)]
     Registry(RegistryCommand),
     /// Work with the pre-pulled image folder (--images).
     #[command(subcommand)]
     Images(ImagesCommand),
-    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a disk only
-    /// when the kernel command line names it (archipelago.format=/dev/…); warn when there is none.
-    /// Run as root at boot, before the agent.
     /// Probe an address from this process's network namespace (the agent runs it inside the
     /// rootless engine's namespace); prints the detail, exit status 1 when it fails.
     #[command(hide = true)]
@@ -143,6 +143,9 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a disk only
+    /// when the kernel command line names it (archipelago.format=/dev/…); warn when there is none.
+    /// Run as root at boot, before the agent.
     DataDisk {
         /// Give the data root to this uid:gid (the agent's user).
         #[arg(long, value_parser = parse_owner)]
@@ -288,6 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Shutdown => shutdown(&cli.global),
         Command::Install {
             app: None,
             manifest: Some(path),
@@ -317,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Adopt { .. }
                 | Command::Images(_)
                 | Command::DataDisk { .. }
+                | Command::Shutdown
                 | Command::ProbeNet { .. } => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
@@ -329,6 +334,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// `archy-agent shutdown`: stops every app over the engine itself, one
+/// line per app; exit status 1 when any could not be stopped.
+fn shutdown(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        if ControlClient::connect(&global.control).await?.is_some() {
+            anyhow::bail!(
+                "the agent is running (its control socket {} answers): stop archy-agent.service first, \
+                 or it would start the apps again",
+                global.control.display()
+            );
+        }
+        let config = OrchestratorConfig {
+            apps_dir: global.apps_dir(),
+            data_root: global.data.clone(),
+            naming: naming(global),
+            images_dir: global.images.clone(),
+        };
+        let engine = Engine::connect(&global.engine).await?;
+        let outcomes = Orchestrator::new(engine, config).shutdown().await;
+        let mut out = Vec::new();
+        let failed = orchestrator::commands::print_shutdown(&outcomes, global.json, &mut out)?;
+        std::io::stdout().lock().write_all(&out)?;
+        Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    })
 }
 
 type OrchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ExitCode>> + 'a>>;

@@ -16,3 +16,16 @@ pub mod reconcile;
 pub mod registry;
 pub mod secrets;
 pub mod spec;
+
+/// `e` and its causes on one line, `: `-separated, as anyhow's `{:#}`
+/// prints them: for errors reported as text rather than returned.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

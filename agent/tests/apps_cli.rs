@@ -541,3 +541,75 @@ fn a_missing_engine_socket_is_a_clear_error_naming_the_socket() {
         assert!(r.stdout.is_empty(), "{r}");
     }
 }
+
+#[test]
+fn shutdown_stops_dependents_first_holds_nothing_and_reconcile_starts_the_same_containers() {
+    let node = Node::new();
+    let base = app_id("sd-base");
+    let dependent = app_id("sd-dep");
+    let absent = app_id("sd-absent");
+    node.app(&base, SERVE);
+    // The dependent takes a second to stop: were both stopped side by
+    // side, the base would be down first.
+    node.app(
+        &dependent,
+        &format!(
+            "depends_on: [{base}]\ncommand: [\"sh\", \"-c\", \"trap 'sleep 1; exit 0' TERM; \
+             while true; do sleep 0.2; done\"]\n"
+        ),
+    );
+    node.app(&absent, SERVE);
+    ok(&node.run(&["install", &base]));
+    ok(&node.run(&["install", &dependent]));
+    let ids_before = node.podman(&["inspect", "--format", "{{.Id}}", &base, &dependent]);
+
+    let shutdown = node.run(&["shutdown"]);
+    ok(&shutdown);
+    let lines: Vec<&str> = shutdown.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a line per app\n{shutdown}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{dependent}: stopped {dependent} in "))),
+        "{shutdown}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{base}: stopped {base} in "))),
+        "{shutdown}"
+    );
+    assert!(
+        lines.contains(&format!("{absent}: not installed, nothing to stop").as_str()),
+        "{shutdown}"
+    );
+    let finished = |name: &str| {
+        let at = node.podman(&["inspect", "--format", "{{.State.FinishedAt.UnixNano}}", name]);
+        at.trim()
+            .parse::<i128>()
+            .unwrap_or_else(|e| panic!("{name} finished at {at:?}: {e}"))
+    };
+    assert!(
+        finished(&dependent) < finished(&base),
+        "the dependent is down before what it depends on"
+    );
+    for app in [&base, &dependent] {
+        let status = node.run(&["status", app, "--json"]);
+        assert_eq!(status.json()["state"], "stopped", "{status}");
+    }
+    assert!(!node.container_names().contains(&absent), "shutdown installs nothing");
+
+    // No hold marker: the agent's passes start both (the dependent once
+    // its dependency runs, a pass later), the same containers, as after a
+    // reboot.
+    let running = |app: &str| node.run(&["status", app, "--json"]).json()["state"] == "running";
+    let pass = until(&node, &["reconcile", "--once"], Duration::from_secs(60), |_| {
+        running(&base) && running(&dependent)
+    });
+    assert!(running(&base) && running(&dependent), "{pass}");
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.Id}}", &base, &dependent]),
+        ids_before,
+        "started again, not recreated"
+    );
+}

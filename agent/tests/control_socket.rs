@@ -568,3 +568,46 @@ async fn the_cli_goes_through_a_running_agent_and_acts_in_process_without_one() 
         show(&out)
     );
 }
+
+#[tokio::test]
+async fn shutdown_is_refused_while_an_agent_answers_and_stops_the_apps_once_it_is_gone() {
+    let mut node = Node::new();
+    let id = node.app("ctl-shutdown");
+    let server = node.serve(None).await;
+    node.orchestrator().await.install(&id).await.expect("install");
+    let shutdown = || {
+        let mut cmd = agent();
+        cmd.arg("--control")
+            .arg(&node.sock)
+            .arg("--engine")
+            .arg(&node.env.engine_socket)
+            .arg("--apps")
+            .arg(&node.apps)
+            .arg("--data")
+            .arg(&node.data)
+            .arg("shutdown");
+        cmd
+    };
+    let state = || async { node.orchestrator().await.status(&id).await.expect("status").state };
+
+    // A running agent would start the apps again: refuse, touch nothing.
+    let out = run(shutdown()).await;
+    assert!(!out.status.success(), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the agent is running") && stderr.contains(&node.sock.display().to_string()),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(state().await, AppState::Running);
+
+    server.shut_down().await;
+    let out = run(shutdown()).await;
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!("{id}: stopped {id} in ")),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(state().await, AppState::Stopped);
+}

@@ -348,12 +348,27 @@ fn check_first_boot(r: &BootReport) -> anyhow::Result<()> {
         || format!("secrets are not all mode 0600: {secrets:?}"),
     )?;
     r.check(r.fact("pulls")? == "0", || "the agent pulled an image".into())?;
+    check_graceful_shutdown(r)?;
     // One lock entry per app; two apps share an image.
     let imported = r.fact("agent-images")?;
     r.check(
         imported.contains("imported=2") && imported.contains("already_present=1") && imported.contains("skipped=0"),
         || format!("both images should come from the ISO, once each: {imported:?}"),
     )?;
+    Ok(())
+}
+
+/// archy-apps.service stopped every app at power-off, each with its grace
+/// period (it prints a line per app on the console), rather than leaving
+/// them to the user manager's SIGTERM and SIGKILL.
+fn check_graceful_shutdown(r: &BootReport) -> anyhow::Result<()> {
+    let after_probe = r.console.split("ARCHY-E2E done").nth(1).unwrap_or_default();
+    for app in APPS {
+        let line = format!("{app}: stopped {} in ", container_name(app));
+        r.check(after_probe.contains(&line), || {
+            format!("at power-off, archy-apps.service did not report `{line}…`")
+        })?;
+    }
     Ok(())
 }
 
@@ -365,6 +380,7 @@ fn check_second_boot(first: &BootReport, second: &BootReport) -> anyhow::Result<
     second.check(before == after, || {
         format!("containers changed across the reboot:\n  before {before:?}\n  after  {after:?}")
     })?;
+    check_graceful_shutdown(second)?;
     second.check(second.fact("installs")? == "0", || {
         "the agent installed an app again".into()
     })?;

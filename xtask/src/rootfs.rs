@@ -89,9 +89,10 @@ const AGENT_PACKAGE: &str = "archy-agent";
 const AGENT_BIN: &str = "archy-agent";
 const NODE_AGENT_PATH: &str = "usr/bin/archy-agent";
 /// The node's own units, from `rootfs/units/`, each installed and enabled
-/// (multi-user.target): the data disk first, then the agent.
+/// (multi-user.target): the data disk first, then the apps unit (it
+/// stops them at shutdown), then the agent.
 pub const UNITS_DIR: &str = "rootfs/units";
-const NODE_UNITS: &[&str] = &["archy-data.service", "archy-agent.service"];
+const NODE_UNITS: &[&str] = &["archy-data.service", "archy-apps.service", "archy-agent.service"];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
 const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
 const ROOT_PODMAN_UNITS: &[&str] = &[

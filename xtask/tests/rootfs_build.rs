@@ -202,15 +202,17 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         value_in_table(&storage, "storage", "rootless_storage_path").as_deref(),
         Some("\"/var/lib/archipelago/containers/rootless\"")
     );
-    assert_eq!(
-        fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants/archy-data.service")).unwrap(),
-        Path::new("/usr/lib/systemd/system/archy-data.service")
-    );
     // systemd of the rootfs itself parses them: a typo only warns (exit 0),
     // so any output at all fails the test.
     let verify = Command::new("chroot")
         .arg(&tree)
-        .args(["systemd-analyze", "verify", "archy-data.service", "archy-agent.service"])
+        .args([
+            "systemd-analyze",
+            "verify",
+            "archy-data.service",
+            "archy-apps.service",
+            "archy-agent.service",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -219,10 +221,13 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    assert_eq!(
-        fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants/archy-agent.service")).unwrap(),
-        Path::new("/usr/lib/systemd/system/archy-agent.service")
-    );
+    for unit in ["archy-data.service", "archy-apps.service", "archy-agent.service"] {
+        assert_eq!(
+            fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants").join(unit)).unwrap(),
+            Path::new("/usr/lib/systemd/system").join(unit),
+            "{unit} is enabled"
+        );
+    }
     for app in fs::read_dir(project_root().join("manifests")).unwrap() {
         let app = app.unwrap().file_name();
         let copied = tree.join("opt/archipelago/apps").join(&app).join("manifest.yml");

@@ -105,7 +105,7 @@ impl RpcError {
 
     /// Any other failure, with its whole chain of causes.
     pub fn server(e: &(dyn std::error::Error + 'static)) -> RpcError {
-        RpcError::new(SERVER_ERROR, chain(e))
+        RpcError::new(SERVER_ERROR, crate::error_chain(e))
     }
 
     fn invalid_request(message: impl Into<String>) -> RpcError {
@@ -137,18 +137,6 @@ impl RpcError {
         RpcError::new(INVALID_PARAMS, format!("invalid params for {method}: {message}"))
             .with_data(json!({ "param": echo(param), "allowed": allowed }))
     }
-}
-
-/// `e` and its causes, `: `-separated, as anyhow's `{:#}` prints them.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn echo(s: &str) -> String {
@@ -496,7 +484,7 @@ impl Response {
 /// The RPC error for an orchestrator error: a code per typed variant, its
 /// fields in `data`, and the whole chain of causes as the message.
 pub fn from_orchestrator(e: &OrchestratorError) -> RpcError {
-    let message = chain(e);
+    let message = crate::error_chain(e);
     match e {
         OrchestratorError::UnknownApp { app, known } => {
             RpcError::new(UNKNOWN_APP, message).with_data(json!({ "app": app, "known": known }))

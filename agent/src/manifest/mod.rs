@@ -302,6 +302,41 @@ mod humantime_serde_secs {
     }
 }
 
+/// A valid app named `name` that depends on `deps`, for unit tests that
+/// need whole manifests without parsing YAML.
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+pub(crate) fn test_app(name: &str, deps: &[&str]) -> Manifest {
+    let id = |s: &str| AppId::parse(s).expect("test ids are valid");
+    Manifest {
+        id: id(name),
+        name: name.to_owned(),
+        version: "1".to_owned(),
+        kind: AppKind::Service,
+        container_name: None,
+        depends_on: deps.iter().map(|d| id(d)).collect(),
+        image: ImageSource::Build {
+            context: PathBuf::from(format!("/apps/{name}")),
+            containerfile: PathBuf::from("Containerfile"),
+        },
+        entrypoint: None,
+        command: None,
+        user: None,
+        network: "archy-net".to_owned(),
+        ports: Vec::new(),
+        volumes: Vec::new(),
+        env: BTreeMap::new(),
+        secret_env: Vec::new(),
+        secrets: Vec::new(),
+        memory: None,
+        security: Security::default(),
+        health: None,
+        stop_grace_period: Duration::from_secs(30),
+        files: Vec::new(),
+        path: PathBuf::from(format!("/apps/{name}/manifest.yml")),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -239,45 +239,10 @@ fn find_cycles(apps: &[Manifest]) -> Vec<Vec<AppId>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::path::PathBuf;
-    use std::time::Duration;
 
-    use super::super::{AppKind, ImageSource, PortMapping, SecretSpec, Security};
+    use super::super::{AppKind, PortMapping, SecretSpec};
     use super::*;
-
-    fn id(s: &str) -> AppId {
-        AppId::parse(s).expect("test ids are valid")
-    }
-
-    /// A valid app named `name` that depends on `deps`.
-    fn app(name: &str, deps: &[&str]) -> Manifest {
-        Manifest {
-            id: id(name),
-            name: name.to_owned(),
-            version: "1".to_owned(),
-            kind: AppKind::Service,
-            container_name: None,
-            depends_on: deps.iter().map(|d| id(d)).collect(),
-            image: ImageSource::Build {
-                context: PathBuf::from(format!("/apps/{name}")),
-                containerfile: PathBuf::from("Containerfile"),
-            },
-            entrypoint: None,
-            command: None,
-            user: None,
-            network: "archy-net".to_owned(),
-            ports: Vec::new(),
-            volumes: Vec::new(),
-            env: BTreeMap::new(),
-            secret_env: Vec::new(),
-            secrets: Vec::new(),
-            memory: None,
-            security: Security::default(),
-            health: None,
-            stop_grace_period: Duration::from_secs(30),
-            files: Vec::new(),
-            path: PathBuf::from(format!("/apps/{name}/manifest.yml")),
-        }
-    }
+    use crate::manifest::test_app as app;
 
     fn with_port(mut m: Manifest, host: u16, protocol: Protocol) -> Manifest {
         m.ports.push(PortMapping {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{AppState, AppStatus, ContainerOrchestrator, HealthState, InstallReport};
+use super::{AppState, AppStatus, ContainerOrchestrator, HealthState, InstallReport, StopOutcome, Stopped};
 use crate::cli::write_table;
 
 /// One app operation from the command line.
@@ -67,6 +67,35 @@ pub fn print_install(r: &InstallReport, json: bool, out: &mut impl Write) -> any
     let what = if r.created { "installed" } else { "already installed" };
     writeln!(out, "{}: {what} as {} (image {})", r.app, r.container, r.image_id)?;
     Ok(())
+}
+
+/// Prints what `archy-agent shutdown` did, a line per app, each error
+/// with its whole chain. Returns whether any app could not be stopped.
+pub fn print_shutdown(outcomes: &[StopOutcome], json: bool, out: &mut impl Write) -> anyhow::Result<bool> {
+    let mut failed = false;
+    for o in outcomes {
+        let (state, took, error) = match &o.result {
+            Ok(Stopped::Down { took }) => ("stopped", Some(took.as_secs_f64()), None),
+            Ok(Stopped::NotInstalled) => ("not-installed", None, None),
+            Err(e) => {
+                failed = true;
+                ("failed", None, Some(crate::error_chain(e)))
+            }
+        };
+        if json {
+            json_line(
+                out,
+                &serde_json::json!({ "app": o.app, "container": o.container, "state": state, "took_s": took, "error": error }),
+            )?;
+        } else {
+            match (took, error) {
+                (Some(t), _) => writeln!(out, "{}: stopped {} in {t:.1} s", o.app, o.container)?,
+                (None, Some(e)) => writeln!(out, "{}: could not stop {}: {e}", o.app, o.container)?,
+                (None, None) => writeln!(out, "{}: not installed, nothing to stop", o.app)?,
+            }
+        }
+    }
+    Ok(failed)
 }
 
 /// Runs `op` and prints its result. Returns a failing exit status when

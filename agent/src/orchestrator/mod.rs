@@ -10,6 +10,7 @@ mod health;
 mod hold;
 mod install;
 mod locks;
+mod shutdown;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use crate::spec::ContainerSpec;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
 pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
 pub use locks::AppLocks;
+pub use shutdown::{stop_waves, StopOutcome, Stopped};
 pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
 
 /// Suffix of the stopped container an upgrade keeps until the new one is

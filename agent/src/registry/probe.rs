@@ -269,14 +269,7 @@ impl Prober {
         if e.is_timeout() {
             return format!("no answer within {}", humantime::format_duration(self.timeout));
         }
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
+        crate::error_chain(e)
     }
 }
 

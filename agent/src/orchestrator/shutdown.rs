@@ -1,0 +1,166 @@
+//! Stopping every app when the node shuts down (`archy-agent shutdown`, the
+//! `ExecStop` of `archy-apps.service`).
+//!
+//! Without it, systemd's user manager sends SIGTERM to every container's
+//! scope and SIGKILL 90 s later, whatever the app's `stop_grace_period`: a
+//! bitcoind still flushing its chainstate is killed, and a container whose
+//! PID 1 has no SIGTERM handler (the kernel drops the signal for a PID
+//! namespace's init) holds the whole shutdown for those 90 s. Here each app
+//! gets `podman stop` with its own grace period, and only once every app
+//! that depends on it is down, the reverse of the start order.
+//!
+//! No hold marker is written: the next boot starts every app again, as
+//! after a power loss. Adoption is unaffected: a stopped container keeps
+//! its id and is started, never recreated.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use super::{Orchestrator, OrchestratorError, Result};
+use crate::engine::EngineError;
+use crate::manifest::Manifest;
+
+/// What the shutdown did to one app.
+#[derive(Debug)]
+pub struct StopOutcome {
+    pub app: String,
+    pub container: String,
+    pub result: Result<Stopped>,
+}
+
+/// An app the shutdown found and stopped (or found already down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Stopped (or already stopped) within its grace period, or killed at
+    /// its end.
+    Down { took: Duration },
+    /// It has no container: nothing to stop.
+    NotInstalled,
+}
+
+impl Orchestrator {
+    /// Stops every app's container with its grace period, dependents
+    /// before what they depend on, apps of one wave side by side. One
+    /// app's failure never keeps the others running.
+    pub async fn shutdown(&self) -> Vec<StopOutcome> {
+        let mut outcomes = Vec::new();
+        for wave in stop_waves(&self.manifests()) {
+            outcomes.extend(join_all(wave.iter().map(|m| self.stop_for_shutdown(m))).await);
+        }
+        outcomes
+    }
+
+    async fn stop_for_shutdown(&self, m: &Manifest) -> StopOutcome {
+        let app = m.id.to_string();
+        let spec = match self.spec(m) {
+            Ok(spec) => spec,
+            Err(e) => {
+                return StopOutcome {
+                    container: String::new(),
+                    app,
+                    result: Err(e),
+                }
+            }
+        };
+        // An operation of a CLI still in flight finishes first.
+        let _guard = self.locks.lock(&app).await;
+        let started = Instant::now();
+        let result = match self.engine.stop(&spec.name, spec.stop_grace_period).await {
+            Ok(()) => Ok(Stopped::Down {
+                took: started.elapsed(),
+            }),
+            Err(EngineError::NotFound { .. }) => Ok(Stopped::NotInstalled),
+            Err(e) => Err(OrchestratorError::Engine {
+                app: app.clone(),
+                source: e,
+            }),
+        };
+        StopOutcome {
+            app,
+            container: spec.name,
+            result,
+        }
+    }
+}
+
+/// Groups `apps` (in start order) into waves to stop one after the other:
+/// an app's wave comes after the waves of every app that depends on it.
+/// Apps caught in a dependency cycle (start order puts them last) are
+/// stopped with the first wave that reaches them rather than never.
+pub fn stop_waves(apps: &[Manifest]) -> Vec<Vec<Manifest>> {
+    // Walking the start order backwards, every dependent of an app comes
+    // before it (cycles aside), so its wave is already known.
+    let mut wave_of: Vec<usize> = vec![0; apps.len()];
+    for i in (0..apps.len()).rev() {
+        wave_of[i] = apps
+            .iter()
+            .enumerate()
+            .skip(i + 1)
+            .filter(|(_, other)| other.depends_on.contains(&apps[i].id))
+            .map(|(j, _)| wave_of[j] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    let count = wave_of.iter().max().map_or(0, |w| w + 1);
+    let mut waves: Vec<Vec<Manifest>> = vec![Vec::new(); count];
+    for (app, wave) in apps.iter().zip(wave_of) {
+        waves[wave].push(app.clone());
+    }
+    waves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::start_order;
+
+    use crate::manifest::test_app as app;
+
+    fn ids(waves: &[Vec<Manifest>]) -> Vec<Vec<String>> {
+        waves
+            .iter()
+            .map(|w| w.iter().map(|m| m.id.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn dependents_stop_in_a_wave_before_what_they_depend_on() {
+        let apps = start_order(&[
+            app("bitcoin-core", &[]),
+            app("electrs", &["bitcoin-core"]),
+            app("lnd", &["bitcoin-core"]),
+            app("lnd-ui", &["lnd"]),
+            app("electrs-ui", &["electrs"]),
+            app("notes", &[]),
+        ]);
+        assert_eq!(
+            ids(&stop_waves(&apps)),
+            vec![
+                vec!["notes", "electrs-ui", "lnd-ui"],
+                vec!["electrs", "lnd"],
+                vec!["bitcoin-core"]
+            ]
+        );
+    }
+
+    #[test]
+    fn a_chain_stops_one_app_per_wave_from_its_end() {
+        let apps = start_order(&[app("a", &[]), app("b", &["a"]), app("c", &["b"])]);
+        assert_eq!(ids(&stop_waves(&apps)), vec![vec!["c"], vec!["b"], vec!["a"]]);
+    }
+
+    #[test]
+    fn apps_in_a_cycle_are_still_stopped() {
+        let apps = start_order(&[app("x", &["y"]), app("y", &["x"]), app("z", &[])]);
+        let waves = ids(&stop_waves(&apps));
+        let mut all: Vec<String> = waves.into_iter().flatten().collect();
+        all.sort();
+        assert_eq!(all, vec!["x", "y", "z"]);
+    }
+
+    #[test]
+    fn no_apps_no_waves() {
+        assert!(stop_waves(&[]).is_empty());
+    }
+}
