@@ -20,6 +20,7 @@ use crate::build::{self, BuildArgs, Epoch, Progress, StageOutput};
 use crate::procs::capture;
 use crate::report::{Artifact, Report, REPORT_FORMAT};
 use crate::rootfs::{self, BasePolicy};
+use crate::stage_images;
 use crate::tools;
 
 /// The ISO's volume label; live-boot and people both see it.
@@ -130,6 +131,11 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| build::target_dir(root).join("iso"));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let build_args = with_images_stage(root, &args.build)?;
+    let args = &IsoArgs {
+        build: build_args,
+        check_reproducible: args.check_reproducible,
+    };
 
     if !args.check_reproducible {
         let output = build_iso(root, &sh, &args.build, epoch, &out, BasePolicy::from_args(&args.build))?;
@@ -163,6 +169,36 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
         first.work.display(),
         second.work.display()
     );
+}
+
+/// `iso` runs every stage: unless `--images DIR` names images pulled
+/// before or `--no-images` asks for a base OS, the images stage pulls (or
+/// builds) every app's image into target/images first, exactly as
+/// `cargo xtask images` does, and the build embeds them.
+fn with_images_stage(root: &Path, args: &BuildArgs) -> anyhow::Result<BuildArgs> {
+    let Some(out) = images_stage_out(root, args) else {
+        return Ok(args.clone());
+    };
+    stage_images::run(&stage_images::Args {
+        manifests: args.manifests.clone(),
+        registries: args.registries.clone(),
+        out: out.clone(),
+        cache: args.cache_dir(root),
+        arch: stage_images::Arch::Amd64,
+    })
+    .context(
+        "the images stage failed; pass --images DIR for images pulled elsewhere, \
+         or --no-images for a base OS whose agent pulls them at first boot",
+    )?;
+    Ok(BuildArgs {
+        images: Some(out),
+        ..args.clone()
+    })
+}
+
+/// Where the images stage writes, when `iso` has to run it.
+fn images_stage_out(root: &Path, args: &BuildArgs) -> Option<PathBuf> {
+    (!args.no_images && args.images.is_none()).then(|| build::target_dir(root).join(build::IMAGES_SUBDIR))
 }
 
 pub fn remove_work(work: &Path) -> anyhow::Result<()> {
@@ -567,6 +603,28 @@ fn compare_dirs(a: &Path, b: &Path, rel: &Path) -> anyhow::Result<Option<Differe
 mod tests {
     use super::*;
     use std::os::unix::fs::{symlink, PermissionsExt as _};
+
+    fn build_args(args: &[&str]) -> BuildArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            iso: IsoArgs,
+        }
+        <Cli as clap::Parser>::parse_from(std::iter::once("iso").chain(args.iter().copied()))
+            .iso
+            .build
+    }
+
+    #[test]
+    fn iso_runs_the_images_stage_unless_given_images_or_told_not_to() {
+        let root = Path::new("/project");
+        assert_eq!(
+            images_stage_out(root, &build_args(&[])),
+            Some(build::target_dir(root).join("images"))
+        );
+        assert_eq!(images_stage_out(root, &build_args(&["--images", "/elsewhere"])), None);
+        assert_eq!(images_stage_out(root, &build_args(&["--no-images"])), None);
+    }
 
     #[test]
     fn iso_dates_and_grub_uuid_come_from_the_epoch() {

@@ -219,7 +219,8 @@ pub fn build(
                             "inputs",
                             &format!(
                                 "no pre-pulled images ({} does not exist): the node will pull at first boot; \
-                                 run `cargo xtask images` first, or pass --no-images to say this is meant",
+                                 run `cargo xtask images` first (`cargo xtask iso` does), or pass --no-images \
+                                 to say this is meant",
                                 build::target_dir(root).join(build::IMAGES_SUBDIR).display()
                             ),
                         );

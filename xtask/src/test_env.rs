@@ -60,15 +60,20 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
 
     // The whole run also boots the node (`cargo xtask e2e`), against the
     // same registries; a run narrowed with cargo arguments is a developer's
-    // loop and leaves it out, saying so.
-    let e2e = if cargo_args.is_empty() {
+    // loop and leaves it out, saying so. So does a run whose cargo tests
+    // failed: it has failed already, and the boots take most of its time.
+    let tests_passed = matches!(&status, Ok(s) if s.success());
+    let e2e = if !cargo_args.is_empty() {
+        eprintln!("xtask: e2e not run: cargo arguments narrow this run (run `cargo xtask e2e` for it)");
+        None
+    } else if !tests_passed {
+        eprintln!("xtask: e2e not run: the cargo tests failed (run `cargo xtask e2e` for it alone)");
+        None
+    } else {
         let e2e_started = Instant::now();
         let result = crate::e2e::check(root, &vars, &crate::e2e::E2eArgs::default());
         eprintln!("xtask: e2e took {:.1}s", e2e_started.elapsed().as_secs_f64());
         Some(result)
-    } else {
-        eprintln!("xtask: e2e not run: cargo arguments narrow this run (run `cargo xtask e2e` for it)");
-        None
     };
 
     let teardown_started = Instant::now();

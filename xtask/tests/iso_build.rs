@@ -1,8 +1,10 @@
-//! `cargo xtask iso` for real, checked with xorriso: both El Torito boot
-//! entries (BIOS and UEFI), the live system's files, the label, the boot
-//! menu, the checksum file and the build report. Needs root and the
-//! network (for the base rootfs when target/cache lacks it); run through
-//! `cargo xtask test`.
+//! `cargo xtask iso` for real, checked with xorriso: the images stage it
+//! runs itself (an image from the loopback test registry, found in the
+//! squashfs), both El Torito boot entries (BIOS and UEFI), the live
+//! system's files, the label, the boot menu, the checksum file and the
+//! build report. Needs root, the test registry and Debian's archive (for
+//! the base rootfs when target/cache lacks it); run through `cargo xtask
+//! test`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +14,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{sha256_hex, xtask, EPOCH};
+use common::{one_app_from_the_test_registry, sha256_hex, xtask_with_env, TestApp, EPOCH};
 
 fn xorriso(iso: &Path, args: &[&str]) -> String {
     let output = Command::new("xorriso")
@@ -37,16 +39,42 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
         .unwrap();
     // A real glibc-linked program that answers --help stands in for the agent.
     let agent = std::env::current_exe().unwrap();
-    let built = xtask(&[
-        "iso",
-        "--no-images",
-        "--out",
-        out.path().to_str().unwrap(),
-        "--agent",
-        agent.to_str().unwrap(),
-    ]);
+    // Neither --images nor --no-images: `iso` runs the images stage itself,
+    // here for one app from the loopback test registry, into the
+    // target/images of a target folder of the test's own (the base rootfs
+    // still comes from the shared cache).
+    let TestApp {
+        manifests: apps,
+        registries,
+        image,
+    } = one_app_from_the_test_registry(out.path(), "iso-app");
+    let target = out.path().join("target");
+    let shared_cache = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("cache");
+    let built = xtask_with_env(
+        &[
+            "iso",
+            "--manifests",
+            apps.to_str().unwrap(),
+            "--registries",
+            registries.to_str().unwrap(),
+            "--cache",
+            shared_cache.to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+            "--agent",
+            agent.to_str().unwrap(),
+        ],
+        &[("CARGO_TARGET_DIR", target.as_os_str())],
+    );
     assert!(built.status.success(), "cargo xtask iso failed");
     let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(stdout.contains("==> images: done"), "the images stage ran:\n{stdout}");
+    let lock: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(target.join("images/images.lock.json")).unwrap()).unwrap();
+    let digest = image.split_once('@').unwrap().1;
+    assert_eq!(lock["images"][0]["app"], "iso-app", "{lock}");
+    assert_eq!(lock["images"][0]["manifest_digest"], digest, "{lock}");
+    let archive = lock["images"][0]["archive"].as_str().unwrap().to_owned();
 
     let name = format!("archipelago-{}-amd64.iso", env!("CARGO_PKG_VERSION"));
     let iso = out.path().join(&name);
@@ -128,6 +156,30 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
         );
     }
     assert!(report["inputs"]["rootfs_cache_key"].as_str().unwrap().len() == 64);
+    assert_eq!(report["images"][0]["manifest_digest"], digest, "{report}");
+
+    // The pulled image is in the live system, beside its lock.
+    let squashfs = out.path().join("filesystem.squashfs");
+    let extract = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(&iso)
+        .args(["-extract", "/live/filesystem.squashfs"])
+        .arg(&squashfs)
+        .output()
+        .unwrap();
+    assert!(extract.status.success(), "{}", String::from_utf8_lossy(&extract.stderr));
+    let listing = Command::new("unsquashfs")
+        .args(["-l", "-d", ""])
+        .arg(&squashfs)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for file in [
+        format!("/usr/share/archipelago/images/{archive}"),
+        "/usr/share/archipelago/images/images.lock.json".to_owned(),
+    ] {
+        assert!(listing.lines().any(|l| l == file), "{file} is not in the squashfs");
+    }
     assert!(
         !out.path().join("work").exists(),
         "the work folder is removed after a build"

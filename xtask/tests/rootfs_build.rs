@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use common::{sha256_hex, xtask};
+use common::{one_app_from_the_test_registry, sha256_hex, xtask, TestApp};
 /// Tests that need the base run one at a time: the first builds it, the
 /// others find it in the cache.
 static BASE: Mutex<()> = Mutex::new(());
@@ -63,13 +63,6 @@ fn value_in_table(text: &str, table: &str, key: &str) -> Option<String> {
         }
     }
     None
-}
-
-fn var(name: &str) -> String {
-    match std::env::var(name) {
-        Ok(value) if !value.is_empty() => value,
-        _ => panic!("{name} is not set: run the integration tests through `cargo xtask test`"),
-    }
 }
 
 fn read_report(path: &Path) -> serde_json::Value {
@@ -259,24 +252,11 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
 fn pre_pulled_images_and_the_registry_list_land_in_the_rootfs_and_the_report() {
     let _base = BASE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("rootfs-images-");
-    // One app whose image `cargo xtask test` pushed to the plain registry.
-    let manifests = dir.path().join("manifests");
-    fs::create_dir_all(manifests.join("pinned-app")).unwrap();
-    let image = var("ARCHY_TEST_IMAGE");
-    fs::write(
-        manifests.join("pinned-app/manifest.yml"),
-        format!("id: pinned-app\nname: Pinned\nversion: \"1\"\nimage: {image}\n"),
-    )
-    .unwrap();
-    let registries = dir.path().join("registries.json");
-    fs::write(
-        &registries,
-        format!(
-            "{{\"version\": 1, \"registries\": [{{\"name\": \"local\", \"url\": \"http://{}\", \"priority\": 100}}]}}\n",
-            var("ARCHY_TEST_REGISTRY")
-        ),
-    )
-    .unwrap();
+    let TestApp {
+        manifests,
+        registries,
+        image,
+    } = one_app_from_the_test_registry(dir.path(), "pinned-app");
     let images = dir.path().join("images");
     let pulled = xtask(&[
         "images",

@@ -8,7 +8,7 @@
 //! finishes before the agent exits; containers belong to the engine and
 //! outlive the agent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -337,29 +337,45 @@ fn since_kernel_start() -> Option<f64> {
     uptime.split_whitespace().next()?.parse().ok()
 }
 
-/// Every app is running, and healthy if it has a health check.
-fn all_healthy(apps: &[crate::orchestrator::AppStatus]) -> bool {
+/// Running, and healthy if it has a health check.
+fn is_healthy(app: &crate::orchestrator::AppStatus) -> bool {
     use crate::orchestrator::{AppState, HealthState};
-    apps.iter()
-        .all(|a| a.state == AppState::Running && matches!(a.health, None | Some(HealthState::Healthy)))
+    app.state == AppState::Running && matches!(app.health, None | Some(HealthState::Healthy))
 }
 
 /// Prints, once, how long after kernel start every app became healthy:
 /// the figure a node's owner waits for after power on.
+///
+/// Each poll probes only the apps not yet seen healthy: on a rootless node
+/// a probe spawns `podman unshare`, which costs a slow machine dearly while
+/// it is still starting its apps. Once every app has been seen healthy,
+/// one listing of them all confirms it at one moment; an app that has
+/// failed since is probed again from then on.
 async fn announce_all_healthy(orch: Arc<Orchestrator>) {
+    let mut seen_healthy: BTreeSet<String> = BTreeSet::new();
     loop {
-        if let Ok(apps) = orch.list().await {
-            if all_healthy(&apps) {
-                let since = since_kernel_start();
-                let shown = since
-                    .map(|s| format!("{s:.1} s"))
-                    .unwrap_or_else(|| "an unknown time".to_owned());
-                eprintln!(
-                    "archipelago: all {} apps healthy {shown} after kernel start",
-                    apps.len()
-                );
-                tracing::info!(apps = apps.len(), since_kernel_start_s = since, "all apps healthy");
-                return;
+        for m in orch.manifests() {
+            let app = m.id.to_string();
+            if !seen_healthy.contains(&app) && orch.status(&app).await.is_ok_and(|s| is_healthy(&s)) {
+                seen_healthy.insert(app);
+            }
+        }
+        let all_seen = orch.manifests().iter().all(|m| seen_healthy.contains(m.id.as_str()));
+        if all_seen {
+            if let Ok(apps) = orch.list().await {
+                seen_healthy.retain(|app| apps.iter().any(|a| &a.app == app && is_healthy(a)));
+                if apps.iter().all(is_healthy) {
+                    let since = since_kernel_start();
+                    let shown = since
+                        .map(|s| format!("{s:.1} s"))
+                        .unwrap_or_else(|| "an unknown time".to_owned());
+                    eprintln!(
+                        "archipelago: all {} apps healthy {shown} after kernel start",
+                        apps.len()
+                    );
+                    tracing::info!(apps = apps.len(), since_kernel_start_s = since, "all apps healthy");
+                    return;
+                }
             }
         }
         tokio::time::sleep(HEALTHY_POLL).await;
