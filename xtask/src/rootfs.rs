@@ -400,15 +400,28 @@ fn short(key: &str) -> &str {
 }
 
 pub fn build_agent(root: &Path, sh: &Shell) -> anyhow::Result<PathBuf> {
+    let target = build::target_dir(root);
+    agent_build_cmd(root, sh, &target)
+        .run()
+        .context("building the agent with cargo build --release")?;
+    Ok(agent_binary(&target))
+}
+
+/// `cargo build --release` of the agent into the cargo target folder
+/// `target`, with the flags every embedded agent is built with.
+pub fn agent_build_cmd<'a>(root: &Path, sh: &'a Shell, target: &Path) -> xshell::Cmd<'a> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd!(
         sh,
         "{cargo} build --release --package {AGENT_PACKAGE} --bin {AGENT_BIN}"
     )
+    .env("CARGO_TARGET_DIR", target)
     .env("CARGO_ENCODED_RUSTFLAGS", agent_rustflags(root))
-    .run()
-    .context("building the agent with cargo build --release")?;
-    Ok(build::target_dir(root).join("release").join(AGENT_BIN))
+}
+
+/// Where [`agent_build_cmd`] leaves the binary.
+pub fn agent_binary(target: &Path) -> PathBuf {
+    target.join("release").join(AGENT_BIN)
 }
 
 /// The build's own paths (the checkout, cargo's registry) are written into

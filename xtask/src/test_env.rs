@@ -21,24 +21,108 @@
 //! checkout can sit deep in the file system.
 
 use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use xshell::{cmd, Shell};
 
+use crate::build;
 use crate::images::{self, Published};
 use crate::podman::Podman;
 use crate::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
 use crate::registry::{Credentials, Registry};
-use crate::tools;
+use crate::{rootfs, tools};
+
+/// The release agent for the e2e, built in the background by
+/// [`rootfs::agent_build_cmd`] into a cargo target folder of its own
+/// (`target/e2e-agent`: cargo locks a target folder for one build at a
+/// time, and `cargo test` holds `target/`). Its output goes to a log, shown
+/// when it fails. Dropped unfinished (a failed or interrupted run), it is
+/// killed.
+struct AgentBuild {
+    child: Child,
+    log: PathBuf,
+    binary: PathBuf,
+    started: Instant,
+}
+
+impl AgentBuild {
+    fn start(root: &Path, sh: &Shell) -> anyhow::Result<AgentBuild> {
+        let target = build::target_dir(root).join(AGENT_TARGET_SUBDIR);
+        fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        let log = target.join("build.log");
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone().with_context(|| format!("opening {}", log.display()))?;
+        let mut command = Command::from(rootfs::agent_build_cmd(root, sh, &target));
+        // Its own process group: Ctrl-C reaches it only through Drop.
+        command.process_group(0).stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = command.spawn().context("starting cargo build --release of the agent")?;
+        eprintln!(
+            "xtask: building the e2e's release agent in the background (log: {})",
+            log.display()
+        );
+        Ok(AgentBuild {
+            child,
+            log,
+            binary: rootfs::agent_binary(&target),
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the build; the binary, or the log's end in the error.
+    fn finish(mut self) -> anyhow::Result<PathBuf> {
+        let status = self.child.wait().context("waiting for the agent's release build")?;
+        if !status.success() {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            bail!(
+                "the e2e's release agent build failed ({status}); the end of {}:\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+        eprintln!(
+            "xtask: the e2e's release agent was ready {:.1}s after it started",
+            self.started.elapsed().as_secs_f64()
+        );
+        Ok(self.binary.clone())
+    }
+}
+
+impl Drop for AgentBuild {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pgid = Pid::from_raw(self.child.id() as i32);
+            if let Err(e) = killpg(pgid, Signal::SIGKILL) {
+                eprintln!("xtask: could not stop the agent's release build (pid {pgid}): {e}");
+            }
+            if let Err(e) = self.child.wait() {
+                eprintln!("xtask: waiting for the agent's release build (pid {pgid}): {e}");
+            }
+        }
+    }
+}
 
 /// How often teardown tries `podman system reset` before reporting it.
 const RESET_ATTEMPTS: u32 = 3;
 const RESET_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 const DIR_PREFIX: &str = "archy-test-";
+/// The e2e agent's own cargo target folder, under target/.
+const AGENT_TARGET_SUBDIR: &str = "e2e-agent";
 /// Fixed test values: the registry only listens on loopback for one run.
 const AUTH_USER: &str = "archy";
 const AUTH_PASSWORD: &str = "archy-test-password";
@@ -51,6 +135,15 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     let json = write_env_json(root, &vars)?;
     eprintln!("xtask: test environment written to {}", json.display());
 
+    // The whole run also boots the node (`cargo xtask e2e`), against the
+    // same registries; a run narrowed with cargo arguments is a developer's
+    // loop and leaves it out, saying so. The e2e's release agent compiles
+    // meanwhile: the tests mostly wait on Podman, the registries and
+    // Debian's archive, and the build would otherwise hold the boots back
+    // by minutes.
+    let whole_run = cargo_args.is_empty();
+    let agent_build = whole_run.then(|| AgentBuild::start(root, &sh)).transpose()?;
+
     let tests_started = Instant::now();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let test = cmd!(sh, "{cargo} test --workspace {cargo_args...}").envs(&vars);
@@ -58,22 +151,30 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     let status = procs::run_forwarding_interrupts(Command::from(test), "cargo test");
     let tests_took = tests_started.elapsed();
 
-    // The whole run also boots the node (`cargo xtask e2e`), against the
-    // same registries; a run narrowed with cargo arguments is a developer's
-    // loop and leaves it out, saying so. So does a run whose cargo tests
-    // failed: it has failed already, and the boots take most of its time.
+    // A run whose cargo tests failed has failed already; the boots would
+    // take most of its time.
     let tests_passed = matches!(&status, Ok(s) if s.success());
-    let e2e = if !cargo_args.is_empty() {
-        eprintln!("xtask: e2e not run: cargo arguments narrow this run (run `cargo xtask e2e` for it)");
-        None
-    } else if !tests_passed {
-        eprintln!("xtask: e2e not run: the cargo tests failed (run `cargo xtask e2e` for it alone)");
-        None
-    } else {
-        let e2e_started = Instant::now();
-        let result = crate::e2e::check(root, &vars, &crate::e2e::E2eArgs::default());
-        eprintln!("xtask: e2e took {:.1}s", e2e_started.elapsed().as_secs_f64());
-        Some(result)
+    let e2e = match agent_build {
+        None => {
+            eprintln!("xtask: e2e not run: cargo arguments narrow this run (run `cargo xtask e2e` for it)");
+            None
+        }
+        Some(_) if !tests_passed => {
+            eprintln!("xtask: e2e not run: the cargo tests failed (run `cargo xtask e2e` for it alone)");
+            None
+        }
+        Some(build) => {
+            let e2e_started = Instant::now();
+            let result = build.finish().and_then(|agent| {
+                let args = crate::e2e::E2eArgs {
+                    agent: Some(agent),
+                    ..Default::default()
+                };
+                crate::e2e::check(root, &vars, &args)
+            });
+            eprintln!("xtask: e2e took {:.1}s", e2e_started.elapsed().as_secs_f64());
+            Some(result)
+        }
     };
 
     let teardown_started = Instant::now();

@@ -31,6 +31,22 @@ fn xorriso(iso: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// Copies `file` out of the ISO to `to`.
+fn extract(iso: &Path, file: &str, to: &Path) {
+    let output = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(iso)
+        .args(["-extract", file])
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "xorriso -extract {file}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     let out = tempfile::Builder::new()
@@ -113,14 +129,7 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     }
 
     let grub_cfg = out.path().join("grub.cfg");
-    let extract = Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(&iso)
-        .args(["-extract", "/boot/grub/grub.cfg"])
-        .arg(&grub_cfg)
-        .output()
-        .unwrap();
-    assert!(extract.status.success(), "{}", String::from_utf8_lossy(&extract.stderr));
+    extract(&iso, "/boot/grub/grub.cfg", &grub_cfg);
     let cfg = fs::read_to_string(&grub_cfg).unwrap();
     assert!(cfg.contains("boot=live"), "{cfg}");
     assert!(cfg.contains("console=ttyS0,115200"), "a serial console entry: {cfg}");
@@ -160,14 +169,7 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
 
     // The pulled image is in the live system, beside its lock.
     let squashfs = out.path().join("filesystem.squashfs");
-    let extract = Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(&iso)
-        .args(["-extract", "/live/filesystem.squashfs"])
-        .arg(&squashfs)
-        .output()
-        .unwrap();
-    assert!(extract.status.success(), "{}", String::from_utf8_lossy(&extract.stderr));
+    extract(&iso, "/live/filesystem.squashfs", &squashfs);
     let listing = Command::new("unsquashfs")
         .args(["-l", "-d", ""])
         .arg(&squashfs)

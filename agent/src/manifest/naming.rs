@@ -76,29 +76,13 @@ impl Naming {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::path::PathBuf;
-    use std::time::Duration;
-
-    use super::super::{AppId, ImageSource, Protocol, Security};
+    use super::super::Protocol;
     use super::*;
 
     fn app(id: &str, kind: AppKind, container_name: Option<&str>, host_ports: &[u16]) -> Manifest {
         Manifest {
-            id: AppId::parse(id).expect("valid id"),
-            name: id.to_owned(),
-            version: "1".to_owned(),
             kind,
             container_name: container_name.map(str::to_owned),
-            depends_on: Vec::new(),
-            image: ImageSource::Build {
-                context: PathBuf::from("/apps/x"),
-                containerfile: PathBuf::from("Containerfile"),
-            },
-            entrypoint: None,
-            command: None,
-            user: None,
-            network: "archy-net".to_owned(),
             ports: host_ports
                 .iter()
                 .map(|&host| PortMapping {
@@ -107,16 +91,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                 })
                 .collect(),
-            volumes: Vec::new(),
-            env: BTreeMap::new(),
-            secret_env: Vec::new(),
-            secrets: Vec::new(),
-            memory: None,
-            security: Security::default(),
-            health: None,
-            stop_grace_period: Duration::from_secs(30),
-            files: Vec::new(),
-            path: PathBuf::from("/apps/x/manifest.yml"),
+            ..crate::manifest::test_app(id, &[])
         }
     }
 
