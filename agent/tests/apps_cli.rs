@@ -613,3 +613,36 @@ fn shutdown_stops_dependents_first_holds_nothing_and_reconcile_starts_the_same_c
         "started again, not recreated"
     );
 }
+
+#[test]
+fn shutdown_also_stops_an_app_whose_manifest_went_bad_and_nothing_of_other_apps_folders() {
+    let node = Node::new();
+    let broken = app_id("sd-broken");
+    node.app(&broken, SERVE);
+    ok(&node.run(&["install", &broken]));
+    // Another node's app on the same engine: not ours to stop.
+    let other = Node::new();
+    let foreign = app_id("sd-foreign");
+    other.app(&foreign, SERVE);
+    ok(&other.run(&["install", &foreign]));
+    // An edit gone wrong: the manifest no longer validates.
+    fs::write(
+        node.apps.join(&broken).join("manifest.yml"),
+        format!("id: {broken}\nname: {broken}\nversion: \"1.0\"\nimage: busybox:latest\n"),
+    )
+    .expect("break the manifest");
+
+    let shutdown = node.run(&["shutdown"]);
+    ok(&shutdown);
+    assert!(
+        shutdown.stdout.starts_with(&format!("{broken}: stopped {broken} in ")),
+        "{shutdown}"
+    );
+    let state = |name: &str| node.podman(&["inspect", "--format", "{{.State.Status}}", name]);
+    assert_eq!(state(&broken).trim(), "exited", "{shutdown}");
+    assert_eq!(
+        state(&foreign).trim(),
+        "running",
+        "another apps folder's app is left alone"
+    );
+}

@@ -123,6 +123,9 @@ pub struct ContainerInfo {
     pub env: Vec<String>,
     /// How often the engine restarted it; always 0 with restart policy "no".
     pub restart_count: i64,
+    /// How long a stop waits after the stop signal before SIGKILL, as the
+    /// container was created with (`Config.StopTimeout`).
+    pub stop_timeout: Option<std::time::Duration>,
 }
 
 impl ContainerInfo {
@@ -285,6 +288,10 @@ pub(crate) fn parse_inspect(value: &Value, what: &str) -> Result<ContainerInfo> 
         cmd: string_list(config.get("Cmd")).filter(|c| !c.is_empty()),
         env: string_list(config.get("Env")).unwrap_or_default(),
         restart_count: c.get("RestartCount").and_then(Value::as_i64).unwrap_or(0),
+        stop_timeout: config
+            .get("StopTimeout")
+            .and_then(Value::as_u64)
+            .map(std::time::Duration::from_secs),
     })
 }
 
@@ -429,6 +436,7 @@ mod tests {
         assert!(info.started_at.is_some() && info.finished_at.is_some(), "{info:?}");
         assert!(!info.oom_killed);
         assert_eq!(info.restart_count, 0);
+        assert_eq!(info.stop_timeout, Some(std::time::Duration::from_secs(10)));
         assert!(info.image_id.starts_with("sha256:"));
     }
 

@@ -9,17 +9,26 @@
 //! gets `podman stop` with its own grace period, and only once every app
 //! that depends on it is down, the reverse of the start order.
 //!
+//! An app whose manifest has become invalid is stopped too, found by its
+//! container's app label, with the stop timeout the container has.
+//!
 //! No hold marker is written: the next boot starts every app again, as
 //! after a power loss. Adoption is unaffected: a stopped container keeps
 //! its id and is started, never recreated.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
 use super::{Orchestrator, OrchestratorError, Result};
-use crate::engine::EngineError;
+use crate::engine::{ContainerStatus, EngineError};
 use crate::manifest::Manifest;
+use crate::spec::LABEL_APP;
+
+/// A leftover container's grace when it reports no stop timeout: the
+/// manifests' default.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// What the shutdown did to one app.
 #[derive(Debug)]
@@ -48,7 +57,70 @@ impl Orchestrator {
         for wave in stop_waves(&self.manifests()) {
             outcomes.extend(join_all(wave.iter().map(|m| self.stop_for_shutdown(m))).await);
         }
+        outcomes.extend(self.stop_unlisted(&outcomes).await);
         outcomes
+    }
+
+    /// Stops the running containers of apps whose manifest is there but
+    /// invalid now (an edit gone wrong), found by their app label, each
+    /// with the stop timeout it was created with: their data deserves the
+    /// same care as any app's. Only apps of this apps folder: an engine may
+    /// serve other agents too (tests share one).
+    async fn stop_unlisted(&self, done: &[StopOutcome]) -> Vec<StopOutcome> {
+        let invalid: BTreeSet<String> = self
+            .report()
+            .errors
+            .iter()
+            .filter_map(|e| e.file.parent()?.file_name()?.to_str().map(str::to_owned))
+            .collect();
+        if invalid.is_empty() {
+            return Vec::new();
+        }
+        let containers = match self.engine.list().await {
+            Ok(list) => list,
+            Err(e) => {
+                return vec![StopOutcome {
+                    app: "(apps without a valid manifest)".to_owned(),
+                    container: String::new(),
+                    result: Err(OrchestratorError::Engine {
+                        app: "(apps without a valid manifest)".to_owned(),
+                        source: e,
+                    }),
+                }]
+            }
+        };
+        let leftovers: Vec<(String, String)> = containers
+            .into_iter()
+            .filter(|c| c.status == ContainerStatus::Running)
+            .filter(|c| !done.iter().any(|o| o.container == c.name))
+            .filter_map(|c| c.labels.get(LABEL_APP).map(|app| (app.clone(), c.name)))
+            .filter(|(app, _)| invalid.contains(app))
+            .collect();
+        join_all(leftovers.into_iter().map(|(app, name)| async move {
+            let started = Instant::now();
+            let result = match self.engine.inspect(&name).await {
+                Ok(info) => {
+                    let grace = info.stop_timeout.unwrap_or(DEFAULT_GRACE);
+                    self.engine.stop(&name, grace).await.map(|()| Stopped::Down {
+                        took: started.elapsed(),
+                    })
+                }
+                Err(e) => Err(e),
+            };
+            let result = match result {
+                Err(EngineError::NotFound { .. }) => Ok(Stopped::NotInstalled),
+                other => other.map_err(|e| OrchestratorError::Engine {
+                    app: app.clone(),
+                    source: e,
+                }),
+            };
+            StopOutcome {
+                app,
+                container: name,
+                result,
+            }
+        }))
+        .await
     }
 
     async fn stop_for_shutdown(&self, m: &Manifest) -> StopOutcome {
