@@ -98,22 +98,15 @@ impl Orchestrator {
             .collect();
         join_all(leftovers.into_iter().map(|(app, name)| async move {
             let started = Instant::now();
-            let result = match self.engine.inspect(&name).await {
+            let stopped = match self.engine.inspect(&name).await {
                 Ok(info) => {
-                    let grace = info.stop_timeout.unwrap_or(DEFAULT_GRACE);
-                    self.engine.stop(&name, grace).await.map(|()| Stopped::Down {
-                        took: started.elapsed(),
-                    })
+                    self.engine
+                        .stop(&name, info.stop_timeout.unwrap_or(DEFAULT_GRACE))
+                        .await
                 }
                 Err(e) => Err(e),
             };
-            let result = match result {
-                Err(EngineError::NotFound { .. }) => Ok(Stopped::NotInstalled),
-                other => other.map_err(|e| OrchestratorError::Engine {
-                    app: app.clone(),
-                    source: e,
-                }),
-            };
+            let result = stop_result(&app, stopped, started);
             StopOutcome {
                 app,
                 container: name,
@@ -138,21 +131,28 @@ impl Orchestrator {
         // An operation of a CLI still in flight finishes first.
         let _guard = self.locks.lock(&app).await;
         let started = Instant::now();
-        let result = match self.engine.stop(&spec.name, spec.stop_grace_period).await {
-            Ok(()) => Ok(Stopped::Down {
-                took: started.elapsed(),
-            }),
-            Err(EngineError::NotFound { .. }) => Ok(Stopped::NotInstalled),
-            Err(e) => Err(OrchestratorError::Engine {
-                app: app.clone(),
-                source: e,
-            }),
-        };
+        let stopped = self.engine.stop(&spec.name, spec.stop_grace_period).await;
+        let result = stop_result(&app, stopped, started);
         StopOutcome {
             app,
             container: spec.name,
             result,
         }
+    }
+}
+
+/// What one stop, begun at `started`, did to `app`: a container that is
+/// not there had nothing to stop.
+fn stop_result(app: &str, stopped: Result<(), EngineError>, started: Instant) -> Result<Stopped> {
+    match stopped {
+        Ok(()) => Ok(Stopped::Down {
+            took: started.elapsed(),
+        }),
+        Err(EngineError::NotFound { .. }) => Ok(Stopped::NotInstalled),
+        Err(e) => Err(OrchestratorError::Engine {
+            app: app.to_owned(),
+            source: e,
+        }),
     }
 }
 
