@@ -3,22 +3,9 @@
 //! Every stage installs the host tools it needs (see `cargo xtask doctor`),
 //! so a fresh CI machine and a developer's machine run the same steps.
 
-mod archive;
-mod base_image;
 mod bench;
-mod bench_iso;
-mod build;
-mod e2e;
-mod glibc;
-mod images;
-mod iso;
-mod podman;
-mod procs;
-mod registry;
-mod report;
-mod rootfs;
-mod stage_images;
-mod test_env;
+mod harness;
+mod pipeline;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -49,25 +36,25 @@ enum Command {
         cargo_args: Vec<String>,
     },
     /// Pull every app image by digest (or build it), verify it, and write one archive per app plus images.lock.json.
-    Images(stage_images::Args),
+    Images(pipeline::images::Args),
     /// Build the UI base image (Debian 12 essential + nginx, mmdebstrap) as a reproducible
     /// docker-archive pinned by digest (output: target/base-image/ui-base.tar and ui-base.lock.json).
-    BaseImage(base_image::Args),
+    BaseImage(pipeline::base_image::Args),
     /// Build the Debian 12 rootfs: the cached base from mmdebstrap, plus the
     /// agent, manifests and images (output: target/rootfs/tree).
-    Rootfs(build::BuildArgs),
+    Rootfs(pipeline::flags::BuildArgs),
     /// Build the hybrid BIOS/UEFI ISO (output: target/iso/archipelago-<version>-amd64.iso,
     /// SHA256SUMS, build-report.json).
-    Iso(iso::IsoArgs),
+    Iso(pipeline::iso::IsoArgs),
     /// Measure the agent's performance targets against the real Podman service, each with a
     /// baseline from the same run; prints a table and writes target/bench/report.md.
     Bench(bench::BenchArgs),
     /// Boot an ISO with a test app set in QEMU (SeaBIOS and UEFI, no network) and check first
     /// boot, adoption across a reboot and a killed app's restart. Also part of `cargo xtask test`.
-    E2e(e2e::E2eArgs),
+    E2e(harness::e2e::E2eArgs),
     /// Build the ISO cold (fresh base rootfs) and warm (only the agent changed) and report
     /// times, ISO size and squashfs vs tar; prints a table and writes target/bench/iso-report.md.
-    BenchIso(bench_iso::BenchIsoArgs),
+    BenchIso(bench::iso::BenchIsoArgs),
     /// List the host tools each stage needs, whether each is present, and how to install what is missing.
     Doctor,
 }
@@ -90,14 +77,14 @@ fn run() -> anyhow::Result<ExitCode> {
         .with_context(|| format!("changing directory to the project root {}", root.display()))?;
     let cli = Cli::parse();
     match cli.command {
-        Command::Test { cargo_args } => test_env::run(&root, &cargo_args),
-        Command::Rootfs(args) => rootfs::run(&root, &args),
-        Command::Iso(args) => iso::run(&root, &args),
-        Command::Images(args) => stage_images::run(&args),
-        Command::BaseImage(args) => base_image::run(&root, &args),
+        Command::Test { cargo_args } => harness::test_env::run(&root, &cargo_args),
+        Command::Rootfs(args) => pipeline::rootfs::run(&root, &args),
+        Command::Iso(args) => pipeline::iso::run(&root, &args),
+        Command::Images(args) => pipeline::images::run(&args),
+        Command::BaseImage(args) => pipeline::base_image::run(&root, &args),
         Command::Bench(args) => bench::run(&root, &args),
-        Command::E2e(args) => e2e::run(&root, &args),
-        Command::BenchIso(args) => bench_iso::run(&root, &args),
+        Command::E2e(args) => harness::e2e::run(&root, &args),
+        Command::BenchIso(args) => bench::iso::run(&root, &args),
         Command::Doctor => Ok(tools::doctor()),
     }
 }

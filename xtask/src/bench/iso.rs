@@ -40,11 +40,12 @@ use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
 use crate::bench::{self, Row, Unit};
-use crate::build::{self, Arch, BuildArgs, Epoch};
-use crate::iso;
-use crate::procs::capture;
-use crate::report::StageRecord;
-use crate::rootfs::BasePolicy;
+use crate::harness::procs::capture;
+use crate::pipeline::flags::{self, Arch, BuildArgs, Epoch};
+use crate::pipeline::iso;
+use crate::pipeline::progress;
+use crate::pipeline::report::StageRecord;
+use crate::pipeline::rootfs::BasePolicy;
 use crate::tools;
 
 #[derive(Debug, clap::Args)]
@@ -117,12 +118,12 @@ impl Cold {
 }
 
 pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
-    build::require_root("bench-iso")?;
+    flags::require_root("bench-iso")?;
     let sh = Shell::new().context("creating a shell")?;
     for stage in [tools::ROOTFS_STAGE, tools::ISO_STAGE, tools::BENCH_ISO_STAGE] {
         tools::ensure(&sh, stage)?;
     }
-    let target = build::target_dir(root);
+    let target = flags::target_dir(root);
     let dir = target.join(WORK_SUBDIR);
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing the last bench's {}", dir.display()))?;
@@ -209,7 +210,7 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn say(what: &str) {
-    build::say("bench-iso", what);
+    progress::say("bench-iso", what);
 }
 
 /// The table's rows, from what the builds measured.
@@ -294,7 +295,7 @@ fn stage_table(cold: &[StageRecord], warm: &[StageRecord]) -> String {
     let cell = |stages: &[StageRecord], name: &str| -> (String, String) {
         stages.iter().find(|s| s.name == name).map_or_else(
             || ("—".to_owned(), String::new()),
-            |s| (build::human_duration(s.seconds), s.note.clone()),
+            |s| (progress::human_duration(s.seconds), s.note.clone()),
         )
     };
     for name in names {

@@ -108,7 +108,7 @@ mod tests {
     /// The example in docs/images.md has exactly the fields written here.
     #[test]
     fn the_documented_example_has_the_written_fields() {
-        let doc = include_str!("../../../docs/images.md");
+        let doc = include_str!("../../../../docs/images.md");
         let json = doc
             .split("```json\n")
             .nth(1)

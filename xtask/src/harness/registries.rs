@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use xshell::{cmd, Shell};
 
-use crate::podman::http_status;
-use crate::procs::{Service, STOP_GRACE};
+use crate::harness::podman::http_status;
+use crate::harness::procs::{Service, STOP_GRACE};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

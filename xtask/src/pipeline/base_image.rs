@@ -31,11 +31,12 @@ use archy_agent::manifest::{Digest, ImageSource, Manifest};
 use serde::{Deserialize, Serialize};
 use xshell::{cmd, Shell};
 
-use crate::archive::{sha256_file, sha256_hex, Layer};
-use crate::build::{self, Arch};
-use crate::report::Package;
-use crate::rootfs::{self, BasePolicy, CachedTarball};
-use crate::stage_images::archive as image_archive;
+use crate::pipeline::flags::{self, Arch};
+use crate::pipeline::images::archive as image_archive;
+use crate::pipeline::layers::{sha256_file, sha256_hex, Layer};
+use crate::pipeline::progress;
+use crate::pipeline::report::Package;
+use crate::pipeline::rootfs::{self, BasePolicy, CachedTarball};
 use crate::tools;
 
 /// The name UI Containerfiles start `FROM`. It exists only in a local
@@ -125,9 +126,12 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<ExitCode> {
     println!("digest:   {}", lock.config_digest);
     println!("archive:  {}", args.out.join(&lock.archive).display());
     println!("sha256:   {}", lock.archive_sha256);
-    println!("size:     {}", build::human_size(lock.size));
+    println!("size:     {}", progress::human_size(lock.size));
     println!("packages: {}", lock.packages.len());
-    println!("total:    {}", build::human_duration(started.elapsed().as_secs_f64()));
+    println!(
+        "total:    {}",
+        progress::human_duration(started.elapsed().as_secs_f64())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -197,9 +201,9 @@ impl Spec {
 pub fn build(root: &Path, sh: &Shell, out: &Path, policy: BasePolicy) -> anyhow::Result<BaseLock> {
     let epoch = image_archive::source_date_epoch()?;
     let spec = Spec::load(root, epoch)?;
-    let cache_dir = build::target_dir(root).join("cache");
-    build::refuse_whitespace(&cache_dir, "the cache folder")?;
-    build::refuse_whitespace(out, "the output folder")?;
+    let cache_dir = flags::target_dir(root).join("cache");
+    flags::refuse_whitespace(&cache_dir, "the cache folder")?;
+    flags::refuse_whitespace(out, "the output folder")?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let job = CachedTarball {
         stage: STAGE,
@@ -209,7 +213,7 @@ pub fn build(root: &Path, sh: &Shell, out: &Path, policy: BasePolicy) -> anyhow:
         debs: DEBS_DIR,
         keep: CACHE_KEEP,
     };
-    build::say(
+    progress::say(
         STAGE,
         &format!(
             "the Debian layer: essential packages and {} (key {})",
@@ -220,7 +224,7 @@ pub fn build(root: &Path, sh: &Shell, out: &Path, policy: BasePolicy) -> anyhow:
     let debian = job.obtain(sh, &cache_dir, &out.join(".mmdebstrap"), policy, |_, debs, output| {
         // Checked here, when mmdebstrap is really needed: a cached layer
         // needs neither root nor mmdebstrap.
-        build::require_root(STAGE)?;
+        flags::require_root(STAGE)?;
         tools::ensure(sh, tools::BASE_IMAGE_STAGE)?;
         Ok(spec.args(Some(debs), output))
     })?;
@@ -271,12 +275,12 @@ pub fn build(root: &Path, sh: &Shell, out: &Path, policy: BasePolicy) -> anyhow:
     let text = serde_json::to_vec_pretty(&lock).context("serialising the base image lock")?;
     archy_agent::fsutil::write_atomic(&lock_path, &text, 0o644)
         .with_context(|| format!("writing {}", lock_path.display()))?;
-    build::say(
+    progress::say(
         STAGE,
         &format!(
             "{REFERENCE} is {} ({}, Debian layer {})",
             lock.config_digest,
-            build::human_size(lock.size),
+            progress::human_size(lock.size),
             if debian.from_cache { "cached" } else { "built" }
         ),
     );
@@ -316,7 +320,7 @@ fn config_json(diff_ids: &[&Digest], epoch: u64) -> anyhow::Result<Vec<u8>> {
         rootfs: RootFs<'a>,
         history: [History<'a>; 2],
     }
-    let (y, mo, d, h, mi, s) = build::utc(epoch);
+    let (y, mo, d, h, mi, s) = flags::utc(epoch);
     let created = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z");
     let debian = format!("mmdebstrap --variant=essential {} ({})", rootfs::RELEASE, PACKAGES_FILE);
     let config = Config {
@@ -401,7 +405,7 @@ pub fn load(sh: &Shell, dir: &Path, lock: &BaseLock) -> anyhow::Result<()> {
             lock.config_digest
         );
     }
-    build::say(STAGE, &format!("loaded {reference} ({id})"));
+    progress::say(STAGE, &format!("loaded {reference} ({id})"));
     Ok(())
 }
 
@@ -442,7 +446,7 @@ mod tests {
         assert!(value["config"]["ExposedPorts"]["8080/tcp"].is_object());
         assert_eq!(value["rootfs"]["diff_ids"][1], two.to_string());
         // What the images stage's own reader accepts for amd64.
-        crate::stage_images::oci::ImageConfig::parse(&config)
+        crate::pipeline::images::oci::ImageConfig::parse(&config)
             .unwrap()
             .check("linux", "amd64", 2)
             .unwrap();
@@ -461,7 +465,7 @@ mod tests {
     fn the_default_uis_are_unprivileged_and_built_from_the_base_image() {
         use archy_agent::manifest::{AppKind, Naming, Probe};
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let apps = build::load_manifests(&root.join("manifests")).unwrap();
+        let apps = crate::pipeline::payload::load_manifests(&root.join("manifests")).unwrap();
         for (ui, backend, container) in [
             ("bitcoin-ui", "bitcoin-core", "bitcoin"),
             ("electrs-ui", "electrs", "electrs"),

@@ -25,11 +25,13 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use xshell::{cmd, Shell};
 
-use crate::archive::{sha256_file, sha256_hex, Layer, EXEC_MODE, FILE_MODE};
-use crate::build::{self, Arch, BuildArgs, Epoch, Progress, StageOutput};
-use crate::glibc::{self, GlibcVersion};
-use crate::procs::capture;
-use crate::report::{AgentInput, ImageRecord, Inputs, Package, Report, REPORT_FORMAT};
+use crate::harness::procs::capture;
+use crate::pipeline::flags::{self, Arch, BuildArgs, Epoch};
+use crate::pipeline::glibc::{self, GlibcVersion};
+use crate::pipeline::layers::{sha256_file, sha256_hex, Layer, EXEC_MODE, FILE_MODE};
+use crate::pipeline::payload;
+use crate::pipeline::progress::{self, Progress, StageOutput};
+use crate::pipeline::report::{AgentInput, ImageRecord, Inputs, Package, Report, REPORT_FORMAT};
 use crate::tools;
 
 pub const RELEASE: &str = "bookworm";
@@ -145,14 +147,14 @@ pub struct Built {
 /// `cargo xtask rootfs`.
 pub fn run(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     args.arch.check_supported()?;
-    build::require_root("rootfs")?;
+    flags::require_root("rootfs")?;
     let sh = Shell::new().context("creating a shell")?;
     tools::ensure(&sh, tools::ROOTFS_STAGE)?;
     let epoch = Epoch::from_env()?;
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| build::target_dir(root).join("rootfs"));
+        .unwrap_or_else(|| flags::target_dir(root).join("rootfs"));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut progress = Progress::new();
     let built = build(
@@ -166,8 +168,8 @@ pub fn run(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     )?;
     let report = Report {
         format: REPORT_FORMAT,
-        product: build::PRODUCT.into(),
-        version: build::VERSION.into(),
+        product: flags::PRODUCT.into(),
+        version: flags::VERSION.into(),
         arch: args.arch.debian_name().into(),
         release: RELEASE.into(),
         source_date_epoch: epoch.explicit_seconds(),
@@ -182,7 +184,7 @@ pub fn run(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     report.write(&report_path)?;
     println!("rootfs:  {}", built.tree.display());
     println!("report:  {}", report_path.display());
-    println!("total:   {}", build::human_duration(progress.elapsed_seconds()));
+    println!("total:   {}", progress::human_duration(progress.elapsed_seconds()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -197,31 +199,31 @@ pub fn build(
     progress: &mut Progress,
 ) -> anyhow::Result<Built> {
     let cache_dir = args.cache_dir(root);
-    build::refuse_whitespace(&cache_dir, "the cache folder")?;
-    build::refuse_whitespace(tree, "the output folder")?;
+    flags::refuse_whitespace(&cache_dir, "the cache folder")?;
+    flags::refuse_whitespace(tree, "the output folder")?;
 
     // Everything cheap and likely to fail first, before minutes of work.
     let (payload, inputs_partial) =
         progress.stage("inputs", "checking the manifests, images and registry list", || {
-            let apps = build::load_manifests(&args.manifests)?;
+            let apps = payload::load_manifests(&args.manifests)?;
             let mut layer = Layer::new();
-            let manifests = build::add_manifests(&mut layer, &apps)?;
+            let manifests = payload::add_manifests(&mut layer, &apps)?;
             let (images, images_lock_sha256) = match args.images_dir(root)? {
                 Some(dir) => {
-                    let images = build::add_images(&mut layer, &dir, &apps)?;
-                    (images, Some(sha256_file(&dir.join(build::IMAGES_LOCK))?))
+                    let images = payload::add_images(&mut layer, &dir, &apps)?;
+                    (images, Some(sha256_file(&dir.join(flags::IMAGES_LOCK))?))
                 }
                 None => {
                     if !args.no_images {
                         // Not an error: a base OS is a valid build. But the
                         // node then pulls at first boot, so say it.
-                        build::say(
+                        progress::say(
                             "inputs",
                             &format!(
                                 "no pre-pulled images ({} does not exist): the node will pull at first boot; \
                                  run `cargo xtask images` first (`cargo xtask iso` does), or pass --no-images \
                                  to say this is meant",
-                                build::target_dir(root).join(build::IMAGES_SUBDIR).display()
+                                flags::target_dir(root).join(flags::IMAGES_SUBDIR).display()
                             ),
                         );
                     }
@@ -231,7 +233,7 @@ pub fn build(
             let registries_sha256 = args
                 .registries
                 .as_deref()
-                .map(|f| build::add_registries(&mut layer, f))
+                .map(|f| payload::add_registries(&mut layer, f))
                 .transpose()?;
             for name in NODE_UNITS {
                 let installed = format!("{NODE_UNIT_DIR}/{name}");
@@ -254,7 +256,7 @@ pub fn build(
             let unit = root.join(UNIT_FILE);
             let release = format!(
                 "NAME=Archipelago\nVERSION={}\nDEBIAN_RELEASE={RELEASE}\n",
-                build::VERSION
+                flags::VERSION
             );
             layer.add_bytes(NODE_RELEASE_FILE, release.into_bytes(), FILE_MODE)?;
             let note = format!(
@@ -343,7 +345,7 @@ pub fn build(
                     fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
                 }
             }
-            build::say(
+            progress::say(
                 "rootfs",
                 "checking netavark, containers.conf and the agent inside the rootfs",
             );
@@ -351,7 +353,7 @@ pub fn build(
             Ok((
                 (),
                 StageOutput {
-                    bytes: Some(build::tree_size(tree)?),
+                    bytes: Some(progress::tree_size(tree)?),
                     note: String::new(),
                 },
             ))
@@ -359,7 +361,7 @@ pub fn build(
     )?;
 
     let inputs = Inputs {
-        git_commit: crate::report::git_commit(sh),
+        git_commit: crate::pipeline::report::git_commit(sh),
         packages_txt_sha256: spec.packages_txt_sha256.clone(),
         package_list: spec.packages.clone(),
         overlay_sha256: spec.overlay_digest.clone(),
@@ -388,7 +390,7 @@ pub fn build(
 }
 
 struct PartialInputs {
-    manifests: Vec<crate::report::ManifestRecord>,
+    manifests: Vec<crate::pipeline::report::ManifestRecord>,
     images: Vec<ImageRecord>,
     images_lock_sha256: Option<String>,
     registries_sha256: Option<String>,
@@ -400,7 +402,7 @@ fn short(key: &str) -> &str {
 }
 
 pub fn build_agent(root: &Path, sh: &Shell) -> anyhow::Result<PathBuf> {
-    let target = build::target_dir(root);
+    let target = flags::target_dir(root);
     agent_build_cmd(root, sh, &target)
         .run()
         .context("building the agent with cargo build --release")?;
@@ -656,7 +658,7 @@ impl CachedTarball<'_> {
         if policy == BasePolicy::Cached {
             if let Some(meta) = read_meta(&cached_meta, self.key) {
                 if cached_tar.is_file() {
-                    build::say(self.stage, &format!("using the cached {}", cached_tar.display()));
+                    progress::say(self.stage, &format!("using the cached {}", cached_tar.display()));
                     // Mark it used, for pruning.
                     if let Ok(f) = fs::File::options().write(true).open(&cached_tar) {
                         let _ = f.set_modified(std::time::SystemTime::now());
@@ -669,7 +671,7 @@ impl CachedTarball<'_> {
                     });
                 }
             }
-            build::say(self.stage, &format!("nothing cached for key {}", short(self.key)));
+            progress::say(self.stage, &format!("nothing cached for key {}", short(self.key)));
         }
 
         if work.exists() {
@@ -682,7 +684,7 @@ impl CachedTarball<'_> {
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let output = work.join("base.tar");
         let args = args(work, &debs, &output)?;
-        build::say(
+        progress::say(
             self.stage,
             &format!("mmdebstrap {RELEASE} (downloads go to {})", debs.display()),
         );
@@ -750,7 +752,7 @@ impl CachedTarball<'_> {
             .collect();
         tars.sort_by_key(|t| std::cmp::Reverse(t.0));
         for (_, tar) in tars.into_iter().skip(self.keep) {
-            build::say(self.stage, &format!("pruning the old cached {}", tar.display()));
+            progress::say(self.stage, &format!("pruning the old cached {}", tar.display()));
             let _ = fs::remove_file(tar.with_extension("json"));
             let _ = fs::remove_file(&tar);
         }
@@ -766,7 +768,7 @@ fn obtain_base(sh: &Shell, spec: &BaseSpec, cache_dir: &Path, tree: &Path, polic
         debs: "debs",
         keep: CACHE_KEEP,
     };
-    build::say(
+    progress::say(
         "rootfs-base",
         &format!("the base has {} packages and their dependencies", spec.packages.len()),
     );
@@ -843,7 +845,7 @@ fn unpack(sh: &Shell, tar: &Path, tree: &Path) -> anyhow::Result<()> {
         fs::remove_dir_all(tree).with_context(|| format!("removing the old tree {}", tree.display()))?;
     }
     fs::create_dir_all(tree).with_context(|| format!("creating {}", tree.display()))?;
-    build::say(
+    progress::say(
         "rootfs",
         &format!("unpacking {} into {}", tar.display(), tree.display()),
     );
@@ -967,7 +969,7 @@ mod tests {
                 explicit: true,
             },
             None => Epoch {
-                seconds: build::now_seconds(),
+                seconds: flags::now_seconds(),
                 explicit: false,
             },
         };

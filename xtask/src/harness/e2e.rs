@@ -28,8 +28,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use xshell::{cmd, Shell};
 
-use crate::build::{self, BuildArgs};
-use crate::{iso, stage_images, test_env, tools};
+use crate::harness::test_env;
+use crate::pipeline::flags::{self, BuildArgs};
+use crate::pipeline::progress;
+use crate::pipeline::{self, iso};
+use crate::tools;
 
 /// The apps of the test set; their images come from the test registries.
 const API: &str = "e2e-api";
@@ -169,7 +172,7 @@ impl BootReport {
 
 /// `cargo xtask e2e`: starts the test registries, runs [`check`], tears down.
 pub fn run(root: &Path, args: &E2eArgs) -> anyhow::Result<ExitCode> {
-    build::require_root("e2e")?;
+    flags::require_root("e2e")?;
     let sh = Shell::new().context("creating a shell")?;
     tools::ensure(&sh, tools::E2E_STAGE)?;
     let (mut env, vars) = test_env::start()?;
@@ -193,7 +196,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
             .cloned()
             .with_context(|| format!("the test environment has no {name}"))
     };
-    let work = build::target_dir(root).join(WORK_DIR);
+    let work = flags::target_dir(root).join(WORK_DIR);
     if work.exists() {
         fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     }
@@ -213,12 +216,12 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
 
     say("pre-pulling the test images (cargo xtask images)");
     let images = work.join("images");
-    stage_images::run(&stage_images::Args {
+    pipeline::images::run(&pipeline::images::Args {
         manifests: apps.clone(),
         registries: Some(registries),
         out: images.clone(),
-        cache: build::target_dir(root).join("cache"),
-        arch: stage_images::Arch::Amd64,
+        cache: flags::target_dir(root).join("cache"),
+        arch: pipeline::images::Arch::Amd64,
     })
     .context("e2e step `images`")?;
 
@@ -234,7 +237,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
         root,
         &iso::IsoArgs {
             build: BuildArgs {
-                arch: build::Arch::Amd64,
+                arch: flags::Arch::Amd64,
                 manifests: apps,
                 registries: None,
                 no_images: false,
@@ -500,7 +503,7 @@ fn wait(mut child: Child, timeout: Duration) -> anyhow::Result<()> {
             let _ = child.wait();
             bail!("the guest did not power off within {} s", timeout.as_secs());
         }
-        crate::procs::bail_if_interrupted().inspect_err(|_| {
+        crate::harness::procs::bail_if_interrupted().inspect_err(|_| {
             let _ = child.kill();
         })?;
         std::thread::sleep(Duration::from_millis(500));
@@ -628,7 +631,7 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 fn say(message: &str) {
-    build::say("e2e", message);
+    progress::say("e2e", message);
 }
 
 #[cfg(test)]

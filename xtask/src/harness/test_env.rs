@@ -32,12 +32,13 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use xshell::{cmd, Shell};
 
-use crate::build;
-use crate::images::{self, Published};
-use crate::podman::Podman;
-use crate::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
-use crate::registry::{Credentials, Registry};
-use crate::{rootfs, tools};
+use crate::harness::podman::Podman;
+use crate::harness::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
+use crate::harness::registries::{Credentials, Registry};
+use crate::harness::test_images::{self, Published};
+use crate::pipeline::flags;
+use crate::pipeline::rootfs;
+use crate::tools;
 
 /// The release agent for the e2e, built in the background by
 /// [`rootfs::agent_build_cmd`] into a cargo target folder of its own
@@ -54,7 +55,7 @@ struct AgentBuild {
 
 impl AgentBuild {
     fn start(root: &Path, sh: &Shell) -> anyhow::Result<AgentBuild> {
-        let target = build::target_dir(root).join(AGENT_TARGET_SUBDIR);
+        let target = flags::target_dir(root).join(AGENT_TARGET_SUBDIR);
         fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
         let log = target.join("build.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -166,11 +167,11 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
         Some(build) => {
             let e2e_started = Instant::now();
             let result = build.finish().and_then(|agent| {
-                let args = crate::e2e::E2eArgs {
+                let args = crate::harness::e2e::E2eArgs {
                     agent: Some(agent),
                     ..Default::default()
                 };
-                crate::e2e::check(root, &vars, &args)
+                crate::harness::e2e::check(root, &vars, &args)
             });
             eprintln!("xtask: e2e took {:.1}s", e2e_started.elapsed().as_secs_f64());
             Some(result)
@@ -296,7 +297,7 @@ impl TestEnv {
         let [plain, auth] = &self.registries[..] else {
             bail!("expected two registries, have {}", self.registries.len());
         };
-        let images = images::build_and_publish(&self.sh, &self.podman, &self.dir.join("images"), plain, auth)?;
+        let images = test_images::build_and_publish(&self.sh, &self.podman, &self.dir.join("images"), plain, auth)?;
         Ok(self.vars(plain, auth, &creds, &images))
     }
 
@@ -348,7 +349,11 @@ impl TestEnv {
         let mut problems = Vec::new();
         let storage_exists = self.podman.root.exists();
         if storage_exists && self.podman.containers_conf.exists() {
-            if let Err(e) = capture(self.podman.cmd(&self.sh).args(crate::podman::REMOVE_ALL_CONTAINERS)) {
+            if let Err(e) = capture(
+                self.podman
+                    .cmd(&self.sh)
+                    .args(crate::harness::podman::REMOVE_ALL_CONTAINERS),
+            ) {
                 problems.push(format!("{e:#}"));
             }
         }
@@ -373,7 +378,7 @@ impl TestEnv {
                 if attempt > 0 {
                     std::thread::sleep(RESET_RETRY_PAUSE);
                 }
-                match capture(self.podman.cmd(&self.sh).args(crate::podman::RESET_STORAGE)) {
+                match capture(self.podman.cmd(&self.sh).args(crate::harness::podman::RESET_STORAGE)) {
                     Ok(_) => {
                         last = None;
                         break;

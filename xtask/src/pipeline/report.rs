@@ -111,8 +111,8 @@ impl Report {
 /// `git rev-parse HEAD`, with `-dirty` when tracked files changed; None
 /// outside a git checkout.
 pub fn git_commit(sh: &xshell::Shell) -> Option<String> {
-    let head = crate::procs::capture(xshell::cmd!(sh, "git rev-parse HEAD")).ok()?;
-    let dirty = crate::procs::capture(xshell::cmd!(sh, "git status --porcelain --untracked-files=no"))
+    let head = crate::harness::procs::capture(xshell::cmd!(sh, "git rev-parse HEAD")).ok()?;
+    let dirty = crate::harness::procs::capture(xshell::cmd!(sh, "git status --porcelain --untracked-files=no"))
         .map(|s| !s.trim().is_empty())
         .unwrap_or(false);
     Some(format!("{}{}", head.trim(), if dirty { "-dirty" } else { "" }))

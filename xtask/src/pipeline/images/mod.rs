@@ -30,8 +30,8 @@ use clap::ValueEnum;
 use indicatif::HumanBytes;
 use xshell::Shell;
 
-use crate::base_image;
-use crate::rootfs::BasePolicy;
+use crate::pipeline::base_image;
+use crate::pipeline::rootfs::BasePolicy;
 use crate::tools;
 use cache::Cache;
 use lock::{LockEntry, LockFile, LOCK_FILE};
@@ -175,7 +175,7 @@ fn prepare_base_image(sh: &Shell, apps: &[Manifest]) -> anyhow::Result<()> {
         base_image::REFERENCE
     );
     let root = crate::project_root()?;
-    let dir = crate::build::target_dir(&root).join(base_image::OUT_SUBDIR);
+    let dir = crate::pipeline::flags::target_dir(&root).join(base_image::OUT_SUBDIR);
     let lock = base_image::build(&root, sh, &dir, BasePolicy::Cached)?;
     base_image::load(sh, &dir, &lock)
 }

@@ -472,7 +472,7 @@ fn progress_bar(size: u64, message: &str) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage_images::fake_registry::{FakeRegistry, SERVICE};
+    use crate::pipeline::images::fake_registry::{FakeRegistry, SERVICE};
     use archy_agent::registry::{candidates, Credentials, Registry};
 
     const REPOSITORY: &str = "library/fake";

@@ -15,12 +15,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-use crate::archive::{sha256_file, sorted_names};
-use crate::build::{self, BuildArgs, Epoch, Progress, StageOutput};
-use crate::procs::capture;
-use crate::report::{Artifact, Report, REPORT_FORMAT};
-use crate::rootfs::{self, BasePolicy};
-use crate::stage_images;
+use crate::harness::procs::capture;
+use crate::pipeline::flags::{self, BuildArgs, Epoch};
+use crate::pipeline::images;
+use crate::pipeline::layers::{sha256_file, sorted_names};
+use crate::pipeline::progress::{self, Progress, StageOutput};
+use crate::pipeline::report::{Artifact, Report, REPORT_FORMAT};
+use crate::pipeline::rootfs::{self, BasePolicy};
 use crate::tools;
 
 /// The ISO's volume label; live-boot and people both see it.
@@ -112,14 +113,14 @@ pub struct Output {
     pub size: u64,
     pub sha256: String,
     pub work: PathBuf,
-    pub packages: Vec<crate::report::Package>,
-    pub stages: Vec<crate::report::StageRecord>,
+    pub packages: Vec<crate::pipeline::report::Package>,
+    pub stages: Vec<crate::pipeline::report::StageRecord>,
     pub total_seconds: f64,
 }
 
 pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
     args.build.arch.check_supported()?;
-    build::require_root("iso")?;
+    flags::require_root("iso")?;
     let sh = Shell::new().context("creating a shell")?;
     // Both stages' tools, before minutes of work.
     tools::ensure(&sh, tools::ROOTFS_STAGE)?;
@@ -129,7 +130,7 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
         .build
         .out
         .clone()
-        .unwrap_or_else(|| build::target_dir(root).join("iso"));
+        .unwrap_or_else(|| flags::target_dir(root).join("iso"));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let build_args = with_images_stage(root, &args.build)?;
     let args = &IsoArgs {
@@ -179,12 +180,12 @@ fn with_images_stage(root: &Path, args: &BuildArgs) -> anyhow::Result<BuildArgs>
     let Some(out) = images_stage_out(root, args) else {
         return Ok(args.clone());
     };
-    stage_images::run(&stage_images::Args {
+    images::run(&images::Args {
         manifests: args.manifests.clone(),
         registries: args.registries.clone(),
         out: out.clone(),
         cache: args.cache_dir(root),
-        arch: stage_images::Arch::Amd64,
+        arch: images::Arch::Amd64,
     })
     .context(
         "the images stage failed; pass --images DIR for images pulled elsewhere, \
@@ -198,7 +199,7 @@ fn with_images_stage(root: &Path, args: &BuildArgs) -> anyhow::Result<BuildArgs>
 
 /// Where the images stage writes, when `iso` has to run it.
 fn images_stage_out(root: &Path, args: &BuildArgs) -> Option<PathBuf> {
-    (!args.no_images && args.images.is_none()).then(|| build::target_dir(root).join(build::IMAGES_SUBDIR))
+    (!args.no_images && args.images.is_none()).then(|| flags::target_dir(root).join(flags::IMAGES_SUBDIR))
 }
 
 pub fn remove_work(work: &Path) -> anyhow::Result<()> {
@@ -242,7 +243,7 @@ pub fn build_iso(
     let grub_cfg = args.boot_menu.clone().unwrap_or_else(|| root.join(GRUB_CFG));
     progress.stage("bootloader", "GRUB for BIOS and UEFI (grub-mkimage, mtools)", || {
         make_bootloader(sh, &grub_cfg, &staging, &work, epoch)?;
-        let bytes = build::tree_size(&staging.join("boot")).ok();
+        let bytes = progress::tree_size(&staging.join("boot")).ok();
         Ok((
             (),
             StageOutput {
@@ -252,7 +253,7 @@ pub fn build_iso(
         ))
     })?;
 
-    let file = format!("{}-{}-{}.iso", build::PRODUCT, build::VERSION, args.arch.debian_name());
+    let file = format!("{}-{}-{}.iso", flags::PRODUCT, flags::VERSION, args.arch.debian_name());
     let iso = out.join(&file);
     let (size, sha256) = progress.stage(
         "iso",
@@ -281,8 +282,8 @@ pub fn build_iso(
     let total = progress.elapsed_seconds();
     let report = Report {
         format: REPORT_FORMAT,
-        product: build::PRODUCT.into(),
-        version: build::VERSION.into(),
+        product: flags::PRODUCT.into(),
+        version: flags::VERSION.into(),
         arch: args.arch.debian_name().into(),
         release: rootfs::RELEASE.into(),
         source_date_epoch: epoch.explicit_seconds(),
@@ -302,10 +303,10 @@ pub fn build_iso(
     report.write(&report_path)?;
 
     println!("iso:     {}", iso.display());
-    println!("size:    {} ({size} bytes)", build::human_size(size));
+    println!("size:    {} ({size} bytes)", progress::human_size(size));
     println!("sha256:  {sha256}");
     println!("report:  {}", report_path.display());
-    println!("total:   {}", build::human_duration(total));
+    println!("total:   {}", progress::human_duration(total));
     Ok(Output {
         iso,
         size,
@@ -362,13 +363,13 @@ fn copy_kernel(tree: &Path, live: &Path) -> anyhow::Result<()> {
 /// `YYYYMMDDhhmmss00`: xorriso's --modification-date, which is also the
 /// ISO's UUID that GRUB searches for.
 pub fn iso_date(seconds: u64) -> String {
-    let (y, mo, d, h, mi, s) = build::utc(seconds);
+    let (y, mo, d, h, mi, s) = flags::utc(seconds);
     format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}00")
 }
 
 /// The same date as GRUB writes an ISO 9660 UUID: `YYYY-MM-DD-hh-mm-ss-00`.
 pub fn grub_uuid(seconds: u64) -> String {
-    let (y, mo, d, h, mi, s) = build::utc(seconds);
+    let (y, mo, d, h, mi, s) = flags::utc(seconds);
     format!("{y:04}-{mo:02}-{d:02}-{h:02}-{mi:02}-{s:02}-00")
 }
 
@@ -620,7 +621,7 @@ mod tests {
         let root = Path::new("/project");
         assert_eq!(
             images_stage_out(root, &build_args(&[])),
-            Some(build::target_dir(root).join("images"))
+            Some(flags::target_dir(root).join("images"))
         );
         assert_eq!(images_stage_out(root, &build_args(&["--images", "/elsewhere"])), None);
         assert_eq!(images_stage_out(root, &build_args(&["--no-images"])), None);
@@ -700,7 +701,7 @@ mod tests {
             size: 1,
             sha256: String::new(),
             work: work.to_path_buf(),
-            packages: vec![crate::report::Package {
+            packages: vec![crate::pipeline::report::Package {
                 name: "netavark".into(),
                 version: netavark.into(),
                 arch: "amd64".into(),

@@ -9,9 +9,9 @@ use anyhow::{bail, Context as _};
 use archy_agent::manifest::{Digest, PinnedImage};
 use xshell::{cmd, Shell};
 
-use crate::podman::Podman;
-use crate::procs::{bail_if_interrupted, capture};
-use crate::registry::Registry;
+use crate::harness::podman::Podman;
+use crate::harness::procs::{bail_if_interrupted, capture};
+use crate::harness::registries::Registry;
 use crate::tools::STATIC_BUSYBOX;
 
 pub const REPOSITORY: &str = "archy-test/busybox";

@@ -15,6 +15,8 @@
 //! machine, to `target/bench/report.md`. Missed targets are reported, not
 //! fatal: the exit status is 0 unless a measurement could not be made.
 
+pub mod iso;
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
@@ -31,9 +33,9 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use xshell::{cmd, Cmd, Shell};
 
-use crate::podman::{http_status, REMOVE_ALL_CONTAINERS};
-use crate::procs::{bail_if_interrupted, capture, Service, STOP_GRACE};
-use crate::test_env::{self, TestEnv};
+use crate::harness::podman::{http_status, REMOVE_ALL_CONTAINERS};
+use crate::harness::procs::{bail_if_interrupted, capture, Service, STOP_GRACE};
+use crate::harness::test_env::{self, TestEnv};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -1063,7 +1065,7 @@ impl Unit {
             Unit::Millis => format!("{value:.1} ms"),
             Unit::Percent => format!("{value:.2} %"),
             // As the build stages print their times.
-            Unit::Seconds => crate::build::human_duration(value),
+            Unit::Seconds => crate::pipeline::progress::human_duration(value),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use xshell::{cmd, Cmd, Shell};
 
-use crate::procs::Service;
+use crate::harness::procs::Service;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

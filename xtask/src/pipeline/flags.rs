@@ -1,0 +1,231 @@
+//! What the image stages share: their command-line flags, where things
+//! go (the target folder, the node's paths), the build time stamp, and the
+//! preconditions every stage checks (root, paths without whitespace).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use archy_agent::images;
+
+/// The product name in file names and the report.
+pub const PRODUCT: &str = "archipelago";
+/// The workspace version (xtask shares it).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// What `cargo xtask images` writes, relative to the target directory.
+pub const IMAGES_SUBDIR: &str = "images";
+pub const IMAGES_LOCK: &str = images::LOCK_FILE;
+
+/// Where things go on the node.
+pub const NODE_APPS_DIR: &str = "opt/archipelago/apps";
+pub const NODE_IMAGES_DIR: &str = "usr/share/archipelago/images";
+/// The agent reads its registry list from `<data root>/config/`.
+pub const NODE_CONFIG_DIR: &str = "var/lib/archipelago/config";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn debian_name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Only amd64 is built for now.
+    pub fn check_supported(self) -> anyhow::Result<()> {
+        match self {
+            Arch::Amd64 => Ok(()),
+            Arch::Arm64 => bail!(
+                "--arch arm64 is not supported yet: the image pipeline builds amd64 only \
+                 (arm64 needs a cross-architecture mmdebstrap and GRUB for arm64-efi); use --arch amd64"
+            ),
+        }
+    }
+}
+
+/// Flags shared by `cargo xtask rootfs` and `cargo xtask iso`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuildArgs {
+    /// Target architecture; only amd64 for now.
+    #[arg(long, value_enum, default_value_t = Arch::Amd64)]
+    pub arch: Arch,
+    /// The app manifests to embed, one folder per app.
+    #[arg(long, value_name = "DIR", default_value = "manifests")]
+    pub manifests: PathBuf,
+    /// A registry list (docs/registries.md) to install as the node's
+    /// /var/lib/archipelago/config/registries.json.
+    #[arg(long, value_name = "FILE")]
+    pub registries: Option<PathBuf>,
+    /// The pre-pulled images (`cargo xtask images`' output) to embed
+    /// [default: target/images, left out with a note when it does not exist].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_images")]
+    pub images: Option<PathBuf>,
+    /// Leave out the pre-pulled images even when target/images exists: a
+    /// base OS whose agent pulls them at first boot.
+    #[arg(long)]
+    pub no_images: bool,
+    /// Output folder [default: target/rootfs for rootfs, target/iso for iso].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Embed this agent binary instead of building it with `cargo build --release`.
+    #[arg(long, value_name = "FILE")]
+    pub agent: Option<PathBuf>,
+    /// Rebuild the base rootfs with mmdebstrap even when the cache has it.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Extra files laid over the finished rootfs, e.g. a test's probe unit
+    /// (`cargo xtask e2e`). Not part of the cached base.
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Option<PathBuf>,
+    /// `iso`: the GRUB menu to boot with [default: iso/grub.cfg]. It must
+    /// keep `boot=live` and a serial-console entry.
+    #[arg(long, value_name = "FILE")]
+    pub boot_menu: Option<PathBuf>,
+    /// Where base rootfs tarballs and downloaded packages are kept
+    /// [default: target/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+impl BuildArgs {
+    /// The cache folder: `--cache`, else target/cache.
+    pub fn cache_dir(&self, root: &Path) -> PathBuf {
+        self.cache.clone().unwrap_or_else(|| target_dir(root).join("cache"))
+    }
+
+    /// The image folder to embed, if any: `--images` (which must exist),
+    /// else target/images when it exists, nothing with `--no-images`.
+    pub fn images_dir(&self, root: &Path) -> anyhow::Result<Option<PathBuf>> {
+        if self.no_images {
+            return Ok(None);
+        }
+        if let Some(dir) = &self.images {
+            if !dir.is_dir() {
+                bail!(
+                    "--images {}: no such folder; run `cargo xtask images --out {}` first",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            return Ok(Some(dir.clone()));
+        }
+        let default = target_dir(root).join(IMAGES_SUBDIR);
+        Ok(default.is_dir().then_some(default))
+    }
+}
+
+/// The time stamped on everything built: `SOURCE_DATE_EPOCH` when set,
+/// else the start of the build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    pub seconds: u64,
+    /// Set by the caller: the build is meant to be reproducible, and the
+    /// base rootfs is built with it too.
+    pub explicit: bool,
+}
+
+impl Epoch {
+    pub fn from_env() -> anyhow::Result<Epoch> {
+        match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(value) => {
+                let seconds = value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("SOURCE_DATE_EPOCH={value:?} is not a number of seconds since 1970"))?;
+                Ok(Epoch {
+                    seconds,
+                    explicit: true,
+                })
+            }
+            Err(std::env::VarError::NotPresent) => Ok(Epoch {
+                seconds: now_seconds(),
+                explicit: false,
+            }),
+            Err(e) => bail!("reading SOURCE_DATE_EPOCH: {e}"),
+        }
+    }
+
+    /// As `SOURCE_DATE_EPOCH` only when the caller set it.
+    pub fn explicit_seconds(self) -> Option<u64> {
+        self.explicit.then_some(self.seconds)
+    }
+}
+
+pub fn now_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// UTC calendar time of `seconds` since 1970: (year, month, day, hour,
+/// minute, second).
+pub fn utc(seconds: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = i64::try_from(seconds / 86_400).unwrap_or(i64::MAX / 2);
+    let rem = seconds % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        month,
+        day,
+        (rem / 3_600) as u32,
+        (rem % 3_600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// Refuses paths that special hooks and shell-free tools would split.
+pub fn refuse_whitespace(path: &Path, what: &str) -> anyhow::Result<()> {
+    if path.to_string_lossy().chars().any(char::is_whitespace) {
+        bail!(
+            "{what} {} contains whitespace, which mmdebstrap hooks cannot take; use a simpler path",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn require_root(stage: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the {stage} stage must run as root: mmdebstrap builds the rootfs in a chroot and every file must keep its owner"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(utc(1_700_000_000), (2023, 11, 14, 22, 13, 20));
+        assert_eq!(utc(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(utc(4_102_444_799), (2099, 12, 31, 23, 59, 59));
+    }
+
+    #[test]
+    fn arm64_is_refused_with_a_reason() {
+        let err = Arch::Arm64.check_supported().unwrap_err().to_string();
+        assert!(err.contains("arm64 is not supported yet"), "{err}");
+        Arch::Amd64.check_supported().unwrap();
+    }
+}

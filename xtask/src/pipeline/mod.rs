@@ -1,0 +1,15 @@
+//! What builds the product: the images stage, the UI base image, the
+//! rootfs, the squashfs/bootloader/ISO, the build report, deterministic
+//! file layers, the glibc check, and the flags and progress output the
+//! stages share.
+
+pub mod base_image;
+pub mod flags;
+pub mod glibc;
+pub mod images;
+pub mod iso;
+pub mod layers;
+pub mod payload;
+pub mod progress;
+pub mod report;
+pub mod rootfs;
