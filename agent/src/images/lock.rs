@@ -27,6 +27,32 @@ pub struct ImageLock {
     pub images: Vec<LockEntry>,
 }
 
+impl ImageLock {
+    /// A lock in the format version this agent reads, its entries sorted
+    /// by app: what the image stage (`cargo xtask images`) writes.
+    pub fn new(mut images: Vec<LockEntry>) -> ImageLock {
+        images.sort_by(|a, b| a.app.cmp(&b.app));
+        ImageLock {
+            version: LOCK_VERSION,
+            images,
+        }
+    }
+
+    /// The file's bytes (pretty JSON and a final newline), checked by
+    /// [`parse_lock`] first so that no writer can produce a lock the agent
+    /// would refuse; `path` only names the file in errors.
+    pub fn to_file_bytes(&self, path: &Path) -> Result<Vec<u8>, LockError> {
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| LockError::Invalid {
+            path: path.to_path_buf(),
+            field: String::new(),
+            message: format!("cannot be written as JSON: {e}"),
+        })?;
+        bytes.push(b'\n');
+        parse_lock(path, &bytes)?;
+        Ok(bytes)
+    }
+}
+
 /// One archive and the image it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

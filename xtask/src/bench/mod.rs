@@ -27,7 +27,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
-use archy_agent::manifest::{self, LoadOptions, Naming, PinnedImage};
+use archy_agent::images::{ImageLock, LockEntry};
+use archy_agent::manifest::{self, Digest, LoadOptions, Naming, PinnedImage};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -36,6 +37,7 @@ use xshell::{cmd, Cmd, Shell};
 use crate::harness::podman::{http_status, REMOVE_ALL_CONTAINERS};
 use crate::harness::procs::{bail_if_interrupted, capture, Service, STOP_GRACE};
 use crate::harness::test_env::{self, TestEnv};
+use crate::pipeline::images::lock;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -89,8 +91,6 @@ const BETWEEN_KILLS: Duration = Duration::from_secs(1);
 /// without a registry digest, as it does build apps' images.
 const IMPORT_APP: &str = "bench-import";
 const IMPORT_REFERENCE: &str = "localhost/archipelago/bench-import:1";
-/// The image folder's lock (docs/images.md).
-const LOCK_FILE: &str = "images.lock.json";
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let sh = Shell::new().context("creating a shell")?;
@@ -724,21 +724,19 @@ impl Bench<'_> {
         .with_context(|| format!("reading the image ID of {IMPORT_REFERENCE}"))?;
         let id = id.trim().trim_start_matches("sha256:").to_owned();
         let (size, sha256) = hash_file(&archive)?;
-        let lock = serde_json::json!({
-            "version": 1,
-            "images": [{
-                "app": IMPORT_APP,
-                "reference": IMPORT_REFERENCE,
-                "manifest_digest": format!("sha256:{id}"),
-                "config_digest": format!("sha256:{id}"),
-                "archive": format!("{IMPORT_APP}.tar"),
-                "archive_sha256": sha256,
-                "size": size,
-            }],
-        });
-        let lock_path = node.images.join(LOCK_FILE);
-        let text = serde_json::to_string_pretty(&lock).context("serialising the bench's image lock")?;
-        std::fs::write(&lock_path, text + "\n").with_context(|| format!("writing {}", lock_path.display()))?;
+        let digest: Digest = format!("sha256:{id}")
+            .parse()
+            .with_context(|| format!("podman gave {IMPORT_REFERENCE} the image ID {id:?}, not a sha256"))?;
+        let lock = ImageLock::new(vec![LockEntry {
+            app: IMPORT_APP.to_owned(),
+            reference: IMPORT_REFERENCE.to_owned(),
+            manifest_digest: digest.clone(),
+            config_digest: digest,
+            archive: format!("{IMPORT_APP}.tar"),
+            archive_sha256: sha256,
+            size,
+        }]);
+        lock::write(&lock, &node.images).context("writing the bench's image lock")?;
         for scratch in [&payload, &layer] {
             std::fs::remove_file(scratch).with_context(|| format!("removing {}", scratch.display()))?;
         }

@@ -26,6 +26,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
+use archy_agent::registry::{Registry, RegistryStore};
 use xshell::{cmd, Shell};
 
 use crate::harness::test_env;
@@ -205,14 +206,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     say("writing the test app set");
     let apps = work.join("apps");
     write_apps(&apps, &var("ARCHY_TEST_IMAGE")?, &var("ARCHY_TEST_IMAGE_V2")?)?;
-    let registries = work.join("registries.json");
-    write_file(
-        &registries,
-        &format!(
-            "{{\"version\": 1, \"registries\": [{{\"name\": \"test\", \"url\": \"http://{}\", \"priority\": 10}}]}}\n",
-            var("ARCHY_TEST_REGISTRY")?
-        ),
-    )?;
+    let registries = write_registries(&work.join("registry-list"), &var("ARCHY_TEST_REGISTRY")?)?;
 
     say("pre-pulling the test images (cargo xtask images)");
     let images = work.join("images");
@@ -634,10 +628,39 @@ fn say(message: &str) {
     progress::say("e2e", message);
 }
 
+/// The test registry as the only entry of a registry list, written by the
+/// agent's own store under `dir`; returns the file.
+fn write_registries(dir: &Path, host: &str) -> anyhow::Result<PathBuf> {
+    let url = format!("http://{host}");
+    let registry = Registry::new(
+        "test",
+        url.parse().with_context(|| format!("the test registry {url}"))?,
+        10,
+    )
+    .context("the test registry's entry")?;
+    let mut store =
+        RegistryStore::open(dir).with_context(|| format!("opening a registry list in {}", dir.display()))?;
+    store.add(registry).context("writing the test registry list")?;
+    Ok(store.path().to_path_buf())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_test_registry_list_is_one_the_agent_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_registries(&dir.path().join("list"), "127.0.0.1:5000").unwrap();
+        let store = RegistryStore::open_file(&path).unwrap();
+        let [only] = store.registries() else {
+            panic!("one registry expected: {:?}", store.registries());
+        };
+        assert_eq!(only.name, "test");
+        assert_eq!(only.url.to_string(), "http://127.0.0.1:5000");
+        assert_eq!(only.priority, 10);
+    }
 
     #[test]
     fn facts_are_read_from_marked_console_lines() {

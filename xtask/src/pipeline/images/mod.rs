@@ -14,7 +14,7 @@ mod build;
 mod cache;
 #[cfg(test)]
 mod fake_registry;
-mod lock;
+pub mod lock;
 pub(crate) mod oci;
 mod pull;
 
@@ -34,7 +34,7 @@ use crate::pipeline::base_image;
 use crate::pipeline::rootfs::BasePolicy;
 use crate::tools;
 use cache::Cache;
-use lock::{LockEntry, LockFile, LOCK_FILE};
+use lock::{ImageLock, LockEntry, LOCK_FILE};
 use pull::Puller;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -139,8 +139,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             failed.join("\n  ")
         );
     }
-    let lock = LockFile::new(entries);
-    let lock_path = lock.write(&args.out)?;
+    let lock = ImageLock::new(entries);
+    let lock_path = lock::write(&lock, &args.out)?;
     remove_stale(&args.out, &lock)?;
     let stats = puller.stats();
     println!(
@@ -233,8 +233,8 @@ fn write_archive(
     Ok(LockEntry {
         app: app.to_owned(),
         reference,
-        manifest_digest: manifest_digest.to_string(),
-        config_digest: image.config_digest.to_string(),
+        manifest_digest,
+        config_digest: image.config_digest.clone(),
         archive: name,
         archive_sha256: written.sha256,
         size: written.size,
@@ -291,7 +291,7 @@ fn repo_tag(image: &PinnedImage) -> Option<String> {
 
 /// Removes archives of apps that are gone and partial files of runs that
 /// did not finish: the folder holds exactly what the lock names.
-fn remove_stale(out: &Path, lock: &LockFile) -> anyhow::Result<()> {
+fn remove_stale(out: &Path, lock: &ImageLock) -> anyhow::Result<()> {
     let keep: Vec<&str> = lock.images.iter().map(|e| e.archive.as_str()).collect();
     let entries = fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?;
     for entry in entries {
@@ -325,11 +325,11 @@ mod tests {
         for name in ["electrs.tar", "gone.tar", ".lnd.tar.1.partial", "README"] {
             fs::write(dir.path().join(name), b"x").expect("write");
         }
-        let lock = LockFile::new(vec![LockEntry {
+        let lock = ImageLock::new(vec![LockEntry {
             app: "electrs".into(),
             reference: String::new(),
-            manifest_digest: String::new(),
-            config_digest: String::new(),
+            manifest_digest: archy_agent::manifest::Digest::of(b""),
+            config_digest: archy_agent::manifest::Digest::of(b""),
             archive: "electrs.tar".into(),
             archive_sha256: String::new(),
             size: 1,
