@@ -39,7 +39,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-use crate::bench::{self, Row, Unit};
+use crate::bench::table::{self, Row, Unit};
 use crate::harness::procs::capture;
 use crate::pipeline::flags::{self, Arch, BuildArgs, Epoch};
 use crate::pipeline::iso;
@@ -189,21 +189,21 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
     };
     let rows = rows(&measured, &cold_what);
     let stages = stage_table(&cold.stages, &warm.stages);
-    println!("{}\n\n{stages}", bench::render_text(&rows));
+    println!("{}\n\n{stages}", table::render_text(&rows));
 
     let facts = format!(
         "{}. MB = 10⁶ bytes. Cold: {}; warm: {WARM_WHAT}, the base from the cache.",
-        bench::measured_on(&sh),
+        table::measured_on(&sh),
         cold_what.describe().trim_start_matches("cold build: ")
     );
     let report = format!(
         "{}\nEach build's stages:\n\n{stages}\n",
-        bench::render_markdown(&rows, &facts)
+        table::render_markdown(&rows, &facts)
     );
     let path = target.join(REPORT_FILE);
     fs::write(&path, report).with_context(|| format!("writing the bench report {}", path.display()))?;
     println!("report written to {}", path.display());
-    bench::print_missed(&rows);
+    table::print_missed(&rows);
     // The bench's cache is several hundred MB that nothing else reads.
     fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
@@ -421,7 +421,7 @@ impl Drop for AgentEdit {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::bench::Verdict;
+    use crate::bench::table::Verdict;
 
     fn measured(cold: f64, warm: f64, iso: u64) -> Measured {
         Measured {
@@ -476,7 +476,7 @@ mod tests {
     #[test]
     fn the_table_says_what_cold_included_and_compares_with_the_tar() {
         let rows = rows(&measured(400.0, 100.0, 250_000_000), &COLD);
-        let md = bench::render_markdown(&rows, "Measured now.");
+        let md = table::render_markdown(&rows, "Measured now.");
         assert!(
             md.contains("| cold build: agent from scratch, fresh base from mmdebstrap, 180 packages downloaded | 6m40s | — | — | — | — |"),
             "{md}"
