@@ -1,0 +1,174 @@
+//! Checks inside the finished tree: Debian 12's own files, netavark from
+//! Debian's package, and the configuration the agent needs.
+
+use crate::harness::procs::capture;
+use anyhow::{bail, Context as _};
+use std::fs;
+use std::path::Path;
+use xshell::{cmd, Shell};
+
+use super::*;
+
+/// The checks that prove the rootfs is Debian 12's, runs netavark from
+/// Debian's package, and can run the agent.
+pub fn verify(sh: &Shell, tree: &Path) -> anyhow::Result<()> {
+    let debian_version = fs::read_to_string(tree.join("etc/debian_version")).context("reading etc/debian_version")?;
+    if !debian_version.starts_with(DEBIAN_VERSION_PREFIX) {
+        bail!(
+            "the rootfs is Debian {}, not Debian 12 ({RELEASE})",
+            debian_version.trim()
+        );
+    }
+    let owner = capture(cmd!(sh, "chroot {tree} dpkg-query -S {NETAVARK_PATH}"))
+        .with_context(|| format!("no package of the rootfs owns {NETAVARK_PATH}"))?;
+    if owner.trim() != format!("{NETAVARK_PACKAGE}: {NETAVARK_PATH}") {
+        bail!(
+            "{NETAVARK_PATH} belongs to {:?}, not to the {NETAVARK_PACKAGE} package",
+            owner.trim()
+        );
+    }
+    let format = "-f=${Version}";
+    let version = capture(cmd!(sh, "chroot {tree} dpkg-query -W {format} {NETAVARK_PACKAGE}"))?;
+    if !version.starts_with(BOOKWORM_NETAVARK_SERIES) || version.contains("bpo") {
+        bail!(
+            "netavark in the rootfs is {version}, not bookworm's {BOOKWORM_NETAVARK_SERIES}x: it must come from Debian 12 itself"
+        );
+    }
+    // Exit status 1 with a list when anything differs, including the
+    // files left out on purpose; those are filtered below.
+    let verify = cmd!(sh, "chroot {tree} dpkg --verify {VERIFIED_PACKAGES...}")
+        .quiet()
+        .ignore_status()
+        .output()
+        .context("running dpkg --verify in the rootfs")?;
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    if !verify.status.success() && stdout.trim().is_empty() {
+        bail!(
+            "dpkg --verify of the container packages failed ({}): {}",
+            verify.status,
+            String::from_utf8_lossy(&verify.stderr).trim()
+        );
+    }
+    let changed = changed_files(&stdout);
+    if !changed.is_empty() {
+        bail!(
+            "files of Debian's container packages differ from what the packages installed:\n{}",
+            changed.join("\n")
+        );
+    }
+    let conf_path = tree.join(CONTAINERS_CONF);
+    let conf = fs::read_to_string(&conf_path).with_context(|| format!("reading {}", conf_path.display()))?;
+    if toml_value(&conf, "network", "network_backend").as_deref() != Some("\"netavark\"") {
+        bail!("{CONTAINERS_CONF} does not set network_backend = \"netavark\" in [network]");
+    }
+    capture(cmd!(sh, "chroot {tree} /{NODE_AGENT_PATH} --help")).context("the agent does not run inside the rootfs")?;
+    Ok(())
+}
+
+/// The lines of `dpkg --verify` output that are real changes: files left
+/// out on purpose (docs, man pages: the path-exclude options) are not.
+pub(super) fn changed_files(verify_output: &str) -> Vec<String> {
+    let excluded: Vec<&str> = SLIM_FLAGS
+        .iter()
+        .filter_map(|f| f.strip_prefix("--dpkgopt=path-exclude="))
+        .filter_map(|p| p.strip_suffix("/*"))
+        .collect();
+    verify_output
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .filter(|line| {
+            let mut words = line.split_whitespace();
+            let missing = words.next() == Some("missing");
+            let path = words.last().unwrap_or("");
+            let left_out = excluded
+                .iter()
+                .any(|dir| path == *dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')));
+            !(missing && left_out)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The raw value of `key` in `[table]` of a simple TOML file.
+pub fn toml_value(text: &str, table: &str, key: &str) -> Option<String> {
+    let mut current = String::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.trim().to_owned();
+        } else if current == table {
+            if let Some((k, v)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(v.trim().to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overlay_sets_netavark_storage_and_subids() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let overlay = root.join(OVERLAY_DIR);
+        let conf = fs::read_to_string(overlay.join(CONTAINERS_CONF)).unwrap();
+        assert_eq!(
+            toml_value(&conf, "network", "network_backend").as_deref(),
+            Some("\"netavark\"")
+        );
+        assert_eq!(toml_value(&conf, "engine", "exit_command_delay").as_deref(), Some("5"));
+        assert_eq!(
+            toml_value(&conf, "engine", "runtime"),
+            None,
+            "the node keeps Debian's crun"
+        );
+        let storage = fs::read_to_string(overlay.join("etc/containers/storage.conf")).unwrap();
+        let graphroot = toml_value(&storage, "storage", "graphroot").unwrap();
+        assert!(graphroot.starts_with("\"/var/lib/archipelago/"), "{graphroot}");
+        for file in ["etc/subuid", "etc/subgid"] {
+            assert_eq!(
+                fs::read_to_string(overlay.join(file)).unwrap(),
+                "archipelago:100000:65536\n"
+            );
+        }
+    }
+
+    #[test]
+    fn dpkg_verify_ignores_only_the_files_left_out_on_purpose() {
+        let output = "missing     /usr/share/man/man1/podman.1.gz\n\
+                      missing     /usr/share/man/man1\n\
+                      missing     /usr/share/doc/crun/README.md.gz\n\
+                      missing     /usr/lib/podman/rootlessport\n\
+                      ??5??????   /usr/lib/podman/netavark\n\
+                      ??5?????? c /etc/containers/registries.conf\n\
+                      missing     /usr/share/documentation\n";
+        assert_eq!(
+            changed_files(output),
+            [
+                "missing     /usr/lib/podman/rootlessport",
+                "??5??????   /usr/lib/podman/netavark",
+                "??5?????? c /etc/containers/registries.conf",
+                "missing     /usr/share/documentation",
+            ]
+        );
+    }
+
+    #[test]
+    fn toml_values_are_found_in_their_table_only() {
+        let text = "[engine]\nnetwork_backend = \"cni\"\n[network]\n# network_backend = \"x\"\nnetwork_backend = \"netavark\" # here\n";
+        assert_eq!(
+            toml_value(text, "network", "network_backend").as_deref(),
+            Some("\"netavark\"")
+        );
+        assert_eq!(
+            toml_value(text, "engine", "network_backend").as_deref(),
+            Some("\"cni\"")
+        );
+        assert_eq!(toml_value(text, "storage", "network_backend"), None);
+    }
+}

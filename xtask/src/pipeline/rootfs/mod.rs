@@ -1,0 +1,450 @@
+//! `cargo xtask rootfs`: the Debian 12 root filesystem of a node.
+//!
+//! Two layers, so that the slow part is cached under the right key:
+//!
+//! 1. The **base**: mmdebstrap of `rootfs/packages.txt` from Debian's
+//!    archive, with the files of `rootfs/overlay/`, the `archipelago` user
+//!    and the enabled services. Cached as `target/cache/rootfs-<key>.tar`,
+//!    the key being a sha256 over the package list, the overlay's contents,
+//!    the release, the mirrors, the mmdebstrap flags and (when set)
+//!    `SOURCE_DATE_EPOCH`.
+//! 2. The **payload**, added to a fresh copy of the base at every build:
+//!    the agent binary and its unit, the manifests, the pre-pulled images
+//!    and a registry list. Changing only these reuses the cached base.
+//!
+//! Nothing comes from the build host: the base is Debian 12's packages, and
+//! the agent binary, the one thing we build, is refused when it needs a
+//! newer glibc than the base ships.
+
+mod base;
+mod checks;
+
+pub use base::{
+    debs_setup_hooks, debs_sync_out_hook, parse_package_list, release_and_mirrors, BaseSpec, CachedTarball,
+};
+use base::{obtain_base, unpack};
+pub use checks::verify;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use xshell::{cmd, Shell};
+
+use crate::pipeline::flags::{self, BuildArgs, Epoch};
+use crate::pipeline::glibc::{self, GlibcVersion};
+use crate::pipeline::layers::{sha256_file, Layer, EXEC_MODE, FILE_MODE};
+use crate::pipeline::payload;
+use crate::pipeline::progress::{self, Progress, StageOutput};
+use crate::pipeline::report::{AgentInput, ImageRecord, Inputs, Package, Report, REPORT_FORMAT};
+use crate::tools;
+
+pub const RELEASE: &str = "bookworm";
+/// What `/etc/debian_version` of a bookworm rootfs starts with.
+const DEBIAN_VERSION_PREFIX: &str = "12.";
+pub const PACKAGES_FILE: &str = "rootfs/packages.txt";
+pub const OVERLAY_DIR: &str = "rootfs/overlay";
+pub const UNIT_FILE: &str = "rootfs/units/archy-agent.service";
+
+/// Debian 12 and its updates. Security updates come from their own archive.
+pub const MIRRORS: &[&str] = &[
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://security.debian.org/debian-security bookworm-security main",
+];
+
+/// mmdebstrap's flags; every one of them is part of the cache key.
+const MMDEBSTRAP_FLAGS: &[&str] = &["--mode=root", "--variant=minbase", "--format=tar"];
+
+/// What every tree mmdebstrap makes for us leaves out (also the UI base
+/// image's): recommends, suggests, and files nobody reads on a node.
+pub const SLIM_FLAGS: &[&str] = &[
+    r#"--aptopt=APT::Install-Recommends "false""#,
+    r#"--aptopt=APT::Install-Suggests "false""#,
+    // Documentation, man pages and translations are left out, now and for
+    // every package installed later (the options stay in the image).
+    // Copyright files stay.
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/info/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+    "--dpkgopt=path-exclude=/usr/share/lintian/*",
+    // Keep downloaded packages until the customize hooks have copied them
+    // to the download cache (target/cache/debs).
+    "--skip=essential/unlink",
+];
+
+/// The user apps' rootless containers map to (subuid/subgid 100000:65536
+/// come from the overlay).
+const USER_HOOK: &str = r#"chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/bash archipelago"#;
+/// Services Debian does not enable by itself.
+/// Rootless: the archipelago user's Podman socket starts with its systemd
+/// (which lingering starts at boot).
+const ENABLE_HOOK: &str =
+    r#"chroot "$1" systemctl enable systemd-networkd.service && chroot "$1" systemctl --global enable podman.socket"#;
+
+/// The netavark binary podman runs, and the series bookworm ships.
+const NETAVARK_PATH: &str = "/usr/lib/podman/netavark";
+const NETAVARK_PACKAGE: &str = "netavark";
+const BOOKWORM_NETAVARK_SERIES: &str = "1.4.";
+/// Checked with `dpkg --verify`: their files are exactly what Debian shipped.
+const VERIFIED_PACKAGES: &[&str] = &["netavark", "aardvark-dns", "podman", "crun", "conmon"];
+const CONTAINERS_CONF: &str = "etc/containers/containers.conf";
+
+const AGENT_PACKAGE: &str = "archy-agent";
+const AGENT_BIN: &str = "archy-agent";
+const NODE_AGENT_PATH: &str = "usr/bin/archy-agent";
+/// The node's own units, from `rootfs/units/`, each installed and enabled
+/// (multi-user.target): the data disk first, then the apps unit (it
+/// stops them at shutdown), then the agent.
+pub const UNITS_DIR: &str = "rootfs/units";
+const NODE_UNITS: &[&str] = &["archy-data.service", "archy-apps.service", "archy-agent.service"];
+const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
+const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
+const ROOT_PODMAN_UNITS: &[&str] = &[
+    "podman.socket",
+    "podman.service",
+    "podman-restart.service",
+    "podman-auto-update.service",
+    "podman-auto-update.timer",
+];
+/// Which Archipelago a node runs, for people and scripts.
+const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
+
+const CACHE_FORMAT: u32 = 1;
+/// Base tarballs kept in target/cache (each is several hundred MB).
+const CACHE_KEEP: usize = 3;
+const TAR_EXTRACT_FLAGS: &[&str] = &["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"];
+const DPKG_STATUS_MEMBER: &str = "./var/lib/dpkg/status";
+
+/// How the base layer is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// From the cache, building and caching it on a miss.
+    Cached,
+    /// Built again, replacing the cached copy.
+    Refresh,
+    /// Built again into the work folder, the cache neither read nor written
+    /// (`--check-reproducible`'s second build).
+    Fresh,
+}
+
+impl BasePolicy {
+    pub fn from_args(args: &BuildArgs) -> BasePolicy {
+        if args.no_cache {
+            BasePolicy::Refresh
+        } else {
+            BasePolicy::Cached
+        }
+    }
+}
+
+/// An assembled rootfs tree and what the report says about it.
+#[derive(Debug)]
+pub struct Built {
+    pub tree: PathBuf,
+    pub packages: Vec<Package>,
+    pub inputs: Inputs,
+    pub images: Vec<ImageRecord>,
+}
+
+/// `cargo xtask rootfs`.
+pub fn run(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    args.arch.check_supported()?;
+    flags::require_root("rootfs")?;
+    let sh = Shell::new().context("creating a shell")?;
+    tools::ensure(&sh, tools::ROOTFS_STAGE)?;
+    let epoch = Epoch::from_env()?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| flags::target_dir(root).join("rootfs"));
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut progress = Progress::new();
+    let built = build(
+        root,
+        &sh,
+        args,
+        epoch,
+        &out.join("tree"),
+        BasePolicy::from_args(args),
+        &mut progress,
+    )?;
+    let report = Report {
+        format: REPORT_FORMAT,
+        product: flags::PRODUCT.into(),
+        version: flags::VERSION.into(),
+        arch: args.arch.debian_name().into(),
+        release: RELEASE.into(),
+        source_date_epoch: epoch.explicit_seconds(),
+        artifact: None,
+        inputs: built.inputs,
+        packages: built.packages,
+        images: built.images,
+        stages: progress.stages.clone(),
+        total_seconds: (progress.elapsed_seconds() * 10.0).round() / 10.0,
+    };
+    let report_path = out.join("rootfs-report.json");
+    report.write(&report_path)?;
+    println!("rootfs:  {}", built.tree.display());
+    println!("report:  {}", report_path.display());
+    println!("total:   {}", progress::human_duration(progress.elapsed_seconds()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the rootfs tree at `tree` (replacing what is there).
+pub fn build(
+    root: &Path,
+    sh: &Shell,
+    args: &BuildArgs,
+    epoch: Epoch,
+    tree: &Path,
+    policy: BasePolicy,
+    progress: &mut Progress,
+) -> anyhow::Result<Built> {
+    let cache_dir = args.cache_dir(root);
+    flags::refuse_whitespace(&cache_dir, "the cache folder")?;
+    flags::refuse_whitespace(tree, "the output folder")?;
+
+    // Everything cheap and likely to fail first, before minutes of work.
+    let (payload, inputs_partial) =
+        progress.stage("inputs", "checking the manifests, images and registry list", || {
+            let apps = payload::load_manifests(&args.manifests)?;
+            let mut layer = Layer::new();
+            let manifests = payload::add_manifests(&mut layer, &apps)?;
+            let (images, images_lock_sha256) = match args.images_dir(root)? {
+                Some(dir) => {
+                    let images = payload::add_images(&mut layer, &dir, &apps)?;
+                    (images, Some(sha256_file(&dir.join(flags::IMAGES_LOCK))?))
+                }
+                None => {
+                    if !args.no_images {
+                        // Not an error: a base OS is a valid build. But the
+                        // node then pulls at first boot, so say it.
+                        progress::say(
+                            "inputs",
+                            &format!(
+                                "no pre-pulled images ({} does not exist): the node will pull at first boot; \
+                                 run `cargo xtask images` first (`cargo xtask iso` does), or pass --no-images \
+                                 to say this is meant",
+                                flags::target_dir(root).join(flags::IMAGES_SUBDIR).display()
+                            ),
+                        );
+                    }
+                    (Vec::new(), None)
+                }
+            };
+            let registries_sha256 = args
+                .registries
+                .as_deref()
+                .map(|f| payload::add_registries(&mut layer, f))
+                .transpose()?;
+            for name in NODE_UNITS {
+                let installed = format!("{NODE_UNIT_DIR}/{name}");
+                layer.add_file_with_mode(&installed, &root.join(UNITS_DIR).join(name), FILE_MODE)?;
+                layer.add_symlink(&format!("{NODE_UNIT_WANTS}/{name}"), &format!("/{installed}"))?;
+            }
+            // Apps run rootless: root's own Podman units, which Debian
+            // enables, are masked (README: the rootful option unmasks
+            // them). podman-restart.service once ran root's podman at boot,
+            // which made /var/lib/archipelago/containers root's and left the
+            // rootless engine unable to start.
+            for unit in ROOT_PODMAN_UNITS {
+                layer.add_symlink(&format!("etc/systemd/system/{unit}"), "/dev/null")?;
+            }
+            if let Some(extra) = &args.overlay {
+                layer
+                    .add_tree("", extra)
+                    .with_context(|| format!("adding the overlay {}", extra.display()))?;
+            }
+            let unit = root.join(UNIT_FILE);
+            let release = format!(
+                "NAME=Archipelago\nVERSION={}\nDEBIAN_RELEASE={RELEASE}\n",
+                flags::VERSION
+            );
+            layer.add_bytes(NODE_RELEASE_FILE, release.into_bytes(), FILE_MODE)?;
+            let note = format!(
+                "{} app{}, {} image{}{}",
+                apps.len(),
+                if apps.len() == 1 { "" } else { "s" },
+                images.len(),
+                if images.len() == 1 { "" } else { "s" },
+                if registries_sha256.is_some() {
+                    ", a registry list"
+                } else {
+                    ""
+                }
+            );
+            let partial = PartialInputs {
+                manifests,
+                images,
+                images_lock_sha256,
+                registries_sha256,
+                unit_sha256: sha256_file(&unit)?,
+            };
+            let bytes = layer.size()?;
+            Ok((
+                (layer, partial),
+                StageOutput {
+                    bytes: Some(bytes),
+                    note,
+                },
+            ))
+        })?;
+    let mut payload = payload;
+
+    let what = match &args.agent {
+        Some(path) => format!("using the agent binary {}", path.display()),
+        None => "building the agent (cargo build --release)".to_owned(),
+    };
+    let (agent_path, agent_source) = progress.stage("agent", &what, || {
+        let (path, source) = match &args.agent {
+            Some(path) => (path.clone(), format!("--agent {}", path.display())),
+            None => (build_agent(root, sh)?, "cargo build --release".to_owned()),
+        };
+        let bytes = fs::metadata(&path)
+            .with_context(|| format!("the agent binary {}", path.display()))?
+            .len();
+        Ok((
+            (path, source),
+            StageOutput {
+                bytes: Some(bytes),
+                note: String::new(),
+            },
+        ))
+    })?;
+    let needs = glibc::needs_of_file(&agent_path)?;
+
+    let spec = BaseSpec::load(root, args.arch, epoch)?;
+    let base = progress.stage("rootfs-base", "the Debian 12 base (mmdebstrap, or the cache)", || {
+        let base = obtain_base(sh, &spec, &cache_dir, tree, policy)?;
+        let bytes = fs::metadata(&base.tar).map(|m| m.len()).ok();
+        let note = if base.from_cache {
+            format!("cached, key {}", short(&spec.key))
+        } else {
+            format!("built, key {}", short(&spec.key))
+        };
+        Ok((base, StageOutput { bytes, note }))
+    })?;
+
+    let libc = base
+        .packages
+        .iter()
+        .find(|p| p.name == "libc6")
+        .context("the base rootfs has no libc6 package")?;
+    let available = GlibcVersion::from_debian(&libc.version)
+        .with_context(|| format!("cannot read a glibc version from libc6 {}", libc.version))?;
+    glibc::check(&agent_path, &needs, &available, &format!("libc6 {}", libc.version))?;
+    payload.add_file_with_mode(NODE_AGENT_PATH, &agent_path, EXEC_MODE)?;
+
+    progress.stage(
+        "rootfs",
+        "unpacking the base and adding the agent, manifests and images",
+        || {
+            unpack(sh, &base.tar, tree)?;
+            payload.install_into(tree, Some((0, 0)))?;
+            if policy == BasePolicy::Fresh {
+                // A fresh base lives in its work folder only.
+                if let Some(work) = base.tar.parent() {
+                    fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()))?;
+                }
+            }
+            progress::say(
+                "rootfs",
+                "checking netavark, containers.conf and the agent inside the rootfs",
+            );
+            verify(sh, tree)?;
+            Ok((
+                (),
+                StageOutput {
+                    bytes: Some(progress::tree_size(tree)?),
+                    note: String::new(),
+                },
+            ))
+        },
+    )?;
+
+    let inputs = Inputs {
+        git_commit: crate::pipeline::report::git_commit(sh),
+        packages_txt_sha256: spec.packages_txt_sha256.clone(),
+        package_list: spec.packages.clone(),
+        overlay_sha256: spec.overlay_digest.clone(),
+        mirrors: MIRRORS.iter().map(|m| (*m).to_owned()).collect(),
+        mmdebstrap_args: spec.keyed_args(),
+        rootfs_cache_key: spec.key.clone(),
+        rootfs_base_sha256: base.sha256.clone(),
+        agent: AgentInput {
+            source: agent_source,
+            sha256: sha256_file(&agent_path)?,
+            glibc_needed: needs.newest()?.map(|v| v.to_string()),
+            glibc_available: available.to_string(),
+        },
+        unit_sha256: inputs_partial.unit_sha256,
+        manifests: inputs_partial.manifests,
+        registries_sha256: inputs_partial.registries_sha256,
+        images_lock_sha256: inputs_partial.images_lock_sha256,
+        grub_cfg_sha256: None,
+    };
+    Ok(Built {
+        tree: tree.to_path_buf(),
+        packages: base.packages,
+        inputs,
+        images: inputs_partial.images,
+    })
+}
+
+struct PartialInputs {
+    manifests: Vec<crate::pipeline::report::ManifestRecord>,
+    images: Vec<ImageRecord>,
+    images_lock_sha256: Option<String>,
+    registries_sha256: Option<String>,
+    unit_sha256: String,
+}
+
+fn short(key: &str) -> &str {
+    &key[..key.len().min(16)]
+}
+
+pub fn build_agent(root: &Path, sh: &Shell) -> anyhow::Result<PathBuf> {
+    let target = flags::target_dir(root);
+    agent_build_cmd(root, sh, &target)
+        .run()
+        .context("building the agent with cargo build --release")?;
+    Ok(agent_binary(&target))
+}
+
+/// `cargo build --release` of the agent into the cargo target folder
+/// `target`, with the flags every embedded agent is built with.
+pub fn agent_build_cmd<'a>(root: &Path, sh: &'a Shell, target: &Path) -> xshell::Cmd<'a> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    cmd!(
+        sh,
+        "{cargo} build --release --package {AGENT_PACKAGE} --bin {AGENT_BIN}"
+    )
+    .env("CARGO_TARGET_DIR", target)
+    .env("CARGO_ENCODED_RUSTFLAGS", agent_rustflags(root))
+}
+
+/// Where [`agent_build_cmd`] leaves the binary.
+pub fn agent_binary(target: &Path) -> PathBuf {
+    target.join("release").join(AGENT_BIN)
+}
+
+/// The build's own paths (the checkout, cargo's registry) are written into
+/// the binary's panic messages; mapped to fixed names, the same sources
+/// give the same binary in any checkout. RUSTFLAGS, if set, still apply.
+fn agent_rustflags(root: &Path) -> String {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let mut flags: Vec<String> = std::env::var("RUSTFLAGS")
+        .map(|f| f.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    flags.push(format!("--remap-path-prefix={}=/build/archipelago", root.display()));
+    if let Some(home) = cargo_home {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    }
+    flags.join("\u{1f}")
+}
