@@ -320,8 +320,7 @@ fn config_json(diff_ids: &[&Digest], epoch: u64) -> anyhow::Result<Vec<u8>> {
         rootfs: RootFs<'a>,
         history: [History<'a>; 2],
     }
-    let (y, mo, d, h, mi, s) = flags::utc(epoch);
-    let created = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z");
+    let created = flags::rfc3339(epoch)?;
     let debian = format!("mmdebstrap --variant=essential {} ({})", rootfs::RELEASE, PACKAGES_FILE);
     let config = Config {
         architecture: ARCH.debian_name(),

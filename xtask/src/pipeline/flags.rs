@@ -3,7 +3,7 @@
 //! preconditions every stage checks (root, paths without whitespace).
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use archy_agent::images;
@@ -137,6 +137,7 @@ impl Epoch {
                     .trim()
                     .parse()
                     .with_context(|| format!("SOURCE_DATE_EPOCH={value:?} is not a number of seconds since 1970"))?;
+                rfc3339(seconds).with_context(|| format!("SOURCE_DATE_EPOCH={value:?}"))?;
                 Ok(Epoch {
                     seconds,
                     explicit: true,
@@ -160,29 +161,16 @@ pub fn now_seconds() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// UTC calendar time of `seconds` since 1970: (year, month, day, hour,
-/// minute, second).
-pub fn utc(seconds: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = i64::try_from(seconds / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = seconds % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        month,
-        day,
-        (rem / 3_600) as u32,
-        (rem % 3_600 / 60) as u32,
-        (rem % 60) as u32,
-    )
+/// The last second a build can be stamped with, 9999-12-31T23:59:59Z:
+/// RFC 3339 and ISO 9660 dates have four-digit years.
+pub const LAST_SECOND: u64 = 253_402_300_799;
+
+/// `YYYY-MM-DDThh:mm:ssZ`: `seconds` since 1970 as an RFC 3339 UTC time.
+pub fn rfc3339(seconds: u64) -> anyhow::Result<String> {
+    if seconds > LAST_SECOND {
+        bail!("{seconds} seconds since 1970 is after 9999-12-31T23:59:59Z, the last time a build can be stamped with");
+    }
+    Ok(humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string())
 }
 
 pub fn target_dir(root: &Path) -> PathBuf {
@@ -216,10 +204,13 @@ mod tests {
 
     #[test]
     fn utc_dates() {
-        assert_eq!(utc(0), (1970, 1, 1, 0, 0, 0));
-        assert_eq!(utc(1_700_000_000), (2023, 11, 14, 22, 13, 20));
-        assert_eq!(utc(951_782_400), (2000, 2, 29, 0, 0, 0));
-        assert_eq!(utc(4_102_444_799), (2099, 12, 31, 23, 59, 59));
+        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000).unwrap(), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400).unwrap(), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799).unwrap(), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339(LAST_SECOND).unwrap(), "9999-12-31T23:59:59Z");
+        let err = rfc3339(LAST_SECOND + 1).unwrap_err().to_string();
+        assert!(err.contains("after 9999-12-31T23:59:59Z"), "{err}");
     }
 
     #[test]

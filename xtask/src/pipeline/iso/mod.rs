@@ -339,24 +339,29 @@ fn copy_kernel(tree: &Path, live: &Path) -> anyhow::Result<()> {
 
 /// `YYYYMMDDhhmmss00`: xorriso's --modification-date, which is also the
 /// ISO's UUID that GRUB searches for.
-pub fn iso_date(seconds: u64) -> String {
-    let (y, mo, d, h, mi, s) = flags::utc(seconds);
-    format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}00")
+pub fn iso_date(seconds: u64) -> anyhow::Result<String> {
+    let digits: String = flags::rfc3339(seconds)?.chars().filter(char::is_ascii_digit).collect();
+    Ok(format!("{digits}00"))
 }
 
 /// The same date as GRUB writes an ISO 9660 UUID: `YYYY-MM-DD-hh-mm-ss-00`.
-pub fn grub_uuid(seconds: u64) -> String {
-    let (y, mo, d, h, mi, s) = flags::utc(seconds);
-    format!("{y:04}-{mo:02}-{d:02}-{h:02}-{mi:02}-{s:02}-00")
+pub fn grub_uuid(seconds: u64) -> anyhow::Result<String> {
+    let time = flags::rfc3339(seconds)?;
+    let fields: String = time
+        .trim_end_matches('Z')
+        .chars()
+        .map(|c| if c.is_ascii_digit() { c } else { '-' })
+        .collect();
+    Ok(format!("{fields}-00"))
 }
 
 /// The configuration built into both core images: find this ISO (on a
 /// CD or a USB stick) and read /boot/grub/grub.cfg from it.
-pub fn embedded_config(seconds: u64) -> String {
-    format!(
+pub fn embedded_config(seconds: u64) -> anyhow::Result<String> {
+    Ok(format!(
         "search --no-floppy --fs-uuid --set=root {}\nset prefix=($root)/boot/grub\n",
-        grub_uuid(seconds)
-    )
+        grub_uuid(seconds)?
+    ))
 }
 
 fn make_bootloader(sh: &Shell, grub_cfg: &Path, staging: &Path, work: &Path, epoch: Epoch) -> anyhow::Result<()> {
@@ -374,7 +379,7 @@ fn make_bootloader(sh: &Shell, grub_cfg: &Path, staging: &Path, work: &Path, epo
         copy_grub_modules(&Path::new(GRUB_LIB).join(platform), &grub_dir.join(platform))?;
     }
     let embedded = work.join("embedded.cfg");
-    fs::write(&embedded, embedded_config(epoch.seconds)).context("writing GRUB's embedded config")?;
+    fs::write(&embedded, embedded_config(epoch.seconds)?).context("writing GRUB's embedded config")?;
     let time = epoch.seconds.to_string();
 
     let bios_dir = Path::new(GRUB_LIB).join(BIOS_PLATFORM);
@@ -422,8 +427,8 @@ fn make_iso(sh: &Shell, staging: &Path, iso: &Path, epoch: Epoch) -> anyhow::Res
     let _ = fs::remove_file(&partial);
     let time = epoch.seconds.to_string();
     // SOURCE_DATE_EPOCH alone leaves files with their mtimes from disk.
-    let date = format!("--modification-date={}", iso_date(epoch.seconds));
-    let file_dates = iso_date(epoch.seconds);
+    let date = format!("--modification-date={}", iso_date(epoch.seconds)?);
+    let file_dates = iso_date(epoch.seconds)?;
     capture(
         cmd!(sh, "xorriso -as mkisofs {XORRISO_FS_FLAGS...} -volid {VOLUME_ID} {date} --set_all_file_dates {file_dates} {XORRISO_BOOT_FLAGS...} -o {partial} {staging}")
             .env("SOURCE_DATE_EPOCH", &time),
@@ -492,9 +497,9 @@ mod tests {
 
     #[test]
     fn iso_dates_and_grub_uuid_come_from_the_epoch() {
-        assert_eq!(iso_date(1_700_000_000), "2023111422132000");
-        assert_eq!(grub_uuid(1_700_000_000), "2023-11-14-22-13-20-00");
-        let cfg = embedded_config(0);
+        assert_eq!(iso_date(1_700_000_000).unwrap(), "2023111422132000");
+        assert_eq!(grub_uuid(1_700_000_000).unwrap(), "2023-11-14-22-13-20-00");
+        let cfg = embedded_config(0).unwrap();
         assert!(cfg.contains("--fs-uuid --set=root 1970-01-01-00-00-00-00\n"), "{cfg}");
         assert!(cfg.contains("set prefix=($root)/boot/grub"), "{cfg}");
     }
