@@ -18,10 +18,6 @@ use super::*;
 /// with a `±HH:MM` offset).
 pub(super) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     let (date, time) = text.split_once('T')?;
-    let mut ymd = date.splitn(3, '-');
-    let year: i64 = ymd.next()?.parse().ok()?;
-    let month: i64 = ymd.next()?.parse().ok()?;
-    let day: i64 = ymd.next()?.parse().ok()?;
     let (clock, offset) = match time.strip_suffix('Z') {
         Some(clock) => (clock, 0),
         None => {
@@ -35,29 +31,15 @@ pub(super) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
             )
         }
     };
-    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut parts = hms.splitn(3, ':');
-    let hour: i64 = parts.next()?.parse().ok()?;
-    let minute: i64 = parts.next()?.parse().ok()?;
-    let second: i64 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits: String = fraction.chars().chain(std::iter::repeat('0')).take(9).collect();
-    let nanos: u32 = digits.parse().ok()?;
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// `days_from_civil`).
-pub(super) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    // humantime reads UTC (`Z`) only, and nothing before 1970.
+    let local = humantime::parse_rfc3339(&format!("{date}T{clock}Z")).ok()?;
+    let shift = Duration::from_secs(offset.unsigned_abs());
+    let utc = if offset >= 0 {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    };
+    utc.filter(|t| *t >= SystemTime::UNIX_EPOCH)
 }
 
 // --- The engine's API, by hand: nothing between the bench and the socket.
