@@ -192,7 +192,7 @@ fn valid_host_name(host: &str) -> bool {
 /// Whether `host` (as kept in [`RegistryUrl`]) is a loopback address.
 /// Only addresses and `localhost` count: any other name could resolve
 /// anywhere.
-pub(crate) fn is_loopback(host: &str) -> bool {
+pub fn is_loopback(host: &str) -> bool {
     if host.eq_ignore_ascii_case("localhost") {
         return true;
     }

@@ -348,7 +348,7 @@ impl Bench<'_> {
         std::io::copy(&mut random, &mut out)
             .with_context(|| format!("writing random bytes to {}", payload.display()))?;
         let layer = node.dir.join("layer.tar");
-        capture(cmd!(self.sh, "tar {TAR_FLAGS...} -C {rootfs} -cf {layer} ."))
+        capture(cmd!(self.sh, "tar {ROOT_OWNED_TAR_FLAGS...} -C {rootfs} -cf {layer} ."))
             .with_context(|| format!("packing {}", rootfs.display()))?;
         capture(
             self.podman()

@@ -45,7 +45,7 @@ use crate::pipeline::flags::{self, Arch, BuildArgs, Epoch};
 use crate::pipeline::iso;
 use crate::pipeline::progress;
 use crate::pipeline::report::StageRecord;
-use crate::pipeline::rootfs::BasePolicy;
+use crate::pipeline::rootfs::{BasePolicy, TREE_TAR_FLAGS};
 use crate::tools;
 
 #[derive(Debug, clap::Args)]
@@ -63,12 +63,11 @@ const AGENT_EDIT_FILE: &str = "agent/src/reconcile/daemon.rs";
 const AGENT_EDIT_LINE: &str = "// cargo xtask bench-iso: the warm build's edit; the bench removes this line.\n";
 const WARM_WHAT: &str = "a line added to agent/src/reconcile/daemon.rs";
 const WORK_SUBDIR: &str = "bench/iso";
+/// The stage name in progress lines.
+const STAGE: &str = "bench-iso";
 const REPORT_FILE: &str = "bench/iso-report.md";
 const ISO_MAX_BYTES: f64 = 300e6;
 const WARM_MAX_RATIO: f64 = 0.25;
-/// A plain tar of the rootfs tree, as the base is cached: owners, modes
-/// and xattrs kept.
-const TAR_FLAGS: &[&str] = &["--numeric-owner", "--xattrs", "--xattrs-include=*", "-C"];
 /// The squashfs's zstd level, on every core, so that only the container
 /// format differs.
 const ZSTD_FLAGS: &[&str] = &["-9", "-T0", "-q", "-f"];
@@ -155,7 +154,10 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
     // go to the bench's own target folder (this process runs nothing else).
     std::env::set_var("CARGO_TARGET_DIR", dir.join("cargo"));
 
-    say("build 1 of 2, cold: the agent from scratch, a fresh base from mmdebstrap");
+    progress::say(
+        STAGE,
+        "build 1 of 2, cold: the agent from scratch, a fresh base from mmdebstrap",
+    );
     let cold = iso::build_iso(root, &sh, &build_args, epoch, &dir.join("cold"), BasePolicy::Cached)?;
     expect_base(&cold.stages, "built")?;
     let downloaded_debs = count_debs(&debs)?.saturating_sub(reused_debs);
@@ -164,11 +166,11 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
         downloaded_debs,
     };
     let squashfs_bytes = file_size(&cold.work.join("iso/live/filesystem.squashfs"))?;
-    say("comparing the squashfs with a tar of the same rootfs tree");
+    progress::say(STAGE, "comparing the squashfs with a tar of the same rootfs tree");
     let (tar_bytes, tar_zst_bytes, tar_zst_seconds) = tarballs(&sh, &cold.work.join("rootfs"), &dir)?;
     iso::remove_work(&cold.work)?;
 
-    say(&format!("build 2 of 2, warm: {WARM_WHAT}"));
+    progress::say(STAGE, &format!("build 2 of 2, warm: {WARM_WHAT}"));
     let edit = AgentEdit::apply(&root.join(AGENT_EDIT_FILE))?;
     let warm = iso::build_iso(root, &sh, &build_args, epoch, &dir.join("warm"), BasePolicy::Cached)?;
     edit.undo()?;
@@ -207,10 +209,6 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
     // The bench's cache is several hundred MB that nothing else reads.
     fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn say(what: &str) {
-    progress::say("bench-iso", what);
 }
 
 /// The table's rows, from what the builds measured.
@@ -355,7 +353,7 @@ fn tarballs(sh: &Shell, tree: &Path, dir: &Path) -> anyhow::Result<(u64, u64, f6
     let tar: PathBuf = dir.join("rootfs.tar");
     let zst: PathBuf = dir.join("rootfs.tar.zst");
     let started = Instant::now();
-    capture(cmd!(sh, "tar {TAR_FLAGS...} {tree} -cf {tar} ."))
+    capture(cmd!(sh, "tar {TREE_TAR_FLAGS...} -C {tree} -cf {tar} ."))
         .with_context(|| format!("making a tar of {}", tree.display()))?;
     capture(cmd!(sh, "zstd {ZSTD_FLAGS...} {tar} -o {zst}"))
         .with_context(|| format!("compressing {}", tar.display()))?;

@@ -38,6 +38,8 @@ use xshell::{cmd, Cmd, Shell};
 use crate::harness::podman::REMOVE_ALL_CONTAINERS;
 use crate::harness::procs::{bail_if_interrupted, capture, Service};
 use crate::harness::test_env::{self, TestEnv};
+use crate::harness::test_images::ROOT_OWNED_TAR_FLAGS;
+use crate::pipeline::flags::target_dir;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -77,7 +79,6 @@ const BOOT: &[&str] = &["boot"];
 const RECONCILE_ONCE: &[&str] = &["reconcile", "--once", "--json"];
 const IMAGES_IMPORT: &[&str] = &["images", "import", "--json"];
 const PODMAN_PULL: &[&str] = &["pull", "--quiet", "--tls-verify=false"];
-const TAR_FLAGS: &[&str] = &["--numeric-owner", "--owner=0", "--group=0"];
 
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(180);
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,10 +152,6 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 /// `cargo build --release -p archy-agent` (the release profile strips).

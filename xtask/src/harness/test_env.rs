@@ -453,7 +453,7 @@ fn clean_up_stale_runs() {
 }
 
 fn write_env_json(root: &Path, vars: &BTreeMap<String, String>) -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = flags::target_dir(root);
     let dir = target.join("test-env");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("env.json");

@@ -19,7 +19,9 @@ pub const REPOSITORY: &str = "archy-test/busybox";
 pub const RELEASE_FILE: &str = "etc/archy-test-release";
 
 const DEFAULT_CMD: &str = r#"CMD ["/bin/sh"]"#;
-const TAR_FLAGS: &[&str] = &["--numeric-owner", "--owner=0", "--group=0"];
+/// GNU tar flags for an image layer whose files all belong to root,
+/// whoever packs it.
+pub const ROOT_OWNED_TAR_FLAGS: &[&str] = &["--numeric-owner", "--owner=0", "--group=0"];
 const EMPTY_DIRS: &[&str] = &["dev", "proc", "sys", "etc", "root", "run", "var", "usr", "home"];
 /// Shebangs and scripts name tools under any of these.
 const BIN_ALIASES: &[(&str, &str)] = &[("sbin", "bin"), ("usr/bin", "../bin"), ("usr/sbin", "../bin")];
@@ -79,7 +81,7 @@ fn build_and_push(
     let rootfs = work.join(tag).join("rootfs");
     stage_rootfs(&rootfs, applets, tag).with_context(|| format!("staging the rootfs of test image {tag}"))?;
     let tarball = work.join(format!("{tag}.tar"));
-    capture(cmd!(sh, "tar {TAR_FLAGS...} -C {rootfs} -cf {tarball} ."))
+    capture(cmd!(sh, "tar {ROOT_OWNED_TAR_FLAGS...} -C {rootfs} -cf {tarball} ."))
         .with_context(|| format!("packing test image {tag}"))?;
 
     let local = format!("localhost/{REPOSITORY}:{tag}");

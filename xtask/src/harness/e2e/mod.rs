@@ -40,6 +40,8 @@ use crate::pipeline::{self, iso};
 use crate::tools;
 
 /// The apps of the test set; their images come from the test registries.
+/// The stage name in progress lines.
+const STAGE: &str = "e2e";
 const API: &str = "e2e-api";
 const UI: &str = "e2e-ui";
 const WORKER: &str = "e2e-worker";
@@ -131,12 +133,12 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     }
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    say("writing the test app set");
+    progress::say(STAGE, "writing the test app set");
     let apps = work.join("apps");
     write_apps(&apps, &var("ARCHY_TEST_IMAGE")?, &var("ARCHY_TEST_IMAGE_V2")?)?;
     let registries = write_registries(&work.join("registry-list"), &var("ARCHY_TEST_REGISTRY")?)?;
 
-    say("pre-pulling the test images (cargo xtask images)");
+    progress::say(STAGE, "pre-pulling the test images (cargo xtask images)");
     let images = work.join("images");
     pipeline::images::run(&pipeline::images::Args {
         manifests: apps.clone(),
@@ -147,7 +149,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     })
     .context("e2e step `images`")?;
 
-    say("building the ISO (cargo xtask iso)");
+    progress::say(STAGE, "building the ISO (cargo xtask iso)");
     if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
         // The rootfs and ISO tests' epoch: one cached base serves them all.
         std::env::set_var("SOURCE_DATE_EPOCH", SHARED_EPOCH);
@@ -222,12 +224,15 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
             r.wall.as_secs_f64()
         );
     }
-    say(&format!(
-        "passed: {} boots in {:.0} s; consoles in {}",
-        reports.len(),
-        started.elapsed().as_secs_f64(),
-        work.display()
-    ));
+    progress::say(
+        STAGE,
+        &format!(
+            "passed: {} boots in {:.0} s; consoles in {}",
+            reports.len(),
+            started.elapsed().as_secs_f64(),
+            work.display()
+        ),
+    );
     Ok(())
 }
 
@@ -335,11 +340,10 @@ fn check_kill(r: &BootReport) -> anyhow::Result<()> {
     r.check(r.fact("restarted")? == "yes", || {
         format!("the agent did not restart {KILLED} after its process was killed")
     })?;
-    say(&format!(
-        "{}: {KILLED} killed, restarted in {} ms",
-        r.step,
-        r.fact("restart-ms")?
-    ));
+    progress::say(
+        STAGE,
+        &format!("{}: {KILLED} killed, restarted in {} ms", r.step, r.fact("restart-ms")?),
+    );
     Ok(())
 }
 
@@ -437,10 +441,6 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-fn say(message: &str) {
-    progress::say("e2e", message);
 }
 
 /// The test registry as the only entry of a registry list, written by the

@@ -100,7 +100,7 @@ pub(super) fn boot(
     timeout: Duration,
 ) -> anyhow::Result<BootReport> {
     let step = format!("{which} boot ({})", firmware.name());
-    say(&format!("{step}: booting (up to {} s)", timeout.as_secs()));
+    progress::say(STAGE, &format!("{step}: booting (up to {} s)", timeout.as_secs()));
     let console = work.join(format!("console-{which}-{}.log", firmware.name()));
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(QEMU_FLAGS)
@@ -145,7 +145,7 @@ pub(super) fn boot(
     report.check(report.facts.contains_key("done"), || {
         "the guest powered off before the probe finished".into()
     })?;
-    say(&format!("{step}: done in {:.0} s", report.wall.as_secs_f64()));
+    progress::say(STAGE, &format!("{step}: done in {:.0} s", report.wall.as_secs_f64()));
     Ok(report)
 }
 

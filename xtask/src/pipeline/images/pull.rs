@@ -9,7 +9,6 @@
 //! which do not match their digest stops the build.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -449,14 +448,15 @@ fn short(digest: &Digest) -> String {
     format!("sha256:{}", &digest.hex()[..12])
 }
 
-/// Loopback hosts, as Docker treats them: plain HTTP by default.
+/// Loopback hosts, as Docker treats them: plain HTTP by default. The
+/// agent's rule ([`archy_agent::registry::is_loopback`]) on the host
+/// without its port.
 fn is_loopback(host_port: &str) -> bool {
     let host = match host_port.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host_port,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    archy_agent::registry::is_loopback(host)
 }
 
 /// A download bar; indicatif draws nothing when stderr is not a terminal.

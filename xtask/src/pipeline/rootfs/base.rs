@@ -427,7 +427,7 @@ pub(super) fn unpack(sh: &Shell, tar: &Path, tree: &Path) -> anyhow::Result<()> 
         "rootfs",
         &format!("unpacking {} into {}", tar.display(), tree.display()),
     );
-    capture(cmd!(sh, "tar {TAR_EXTRACT_FLAGS...} {tar} -C {tree}"))
+    capture(cmd!(sh, "tar {TREE_TAR_FLAGS...} -xpf {tar} -C {tree}"))
         .with_context(|| format!("unpacking {}", tar.display()))?;
     Ok(())
 }

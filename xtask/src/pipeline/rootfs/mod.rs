@@ -116,7 +116,9 @@ const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
 const CACHE_FORMAT: u32 = 1;
 /// Base tarballs kept in target/cache (each is several hundred MB).
 const CACHE_KEEP: usize = 3;
-const TAR_EXTRACT_FLAGS: &[&str] = &["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"];
+/// GNU tar flags that keep a rootfs tree as it is: numeric owners, modes
+/// and extended attributes (file capabilities).
+pub const TREE_TAR_FLAGS: &[&str] = &["--numeric-owner", "--xattrs", "--xattrs-include=*"];
 const DPKG_STATUS_MEMBER: &str = "./var/lib/dpkg/status";
 
 /// How the base layer is obtained.
