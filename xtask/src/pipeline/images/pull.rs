@@ -166,7 +166,7 @@ impl Puller {
         let client = match self.clients.get(&host) {
             Some(client) => client.clone(),
             None => {
-                let insecure = candidate.insecure || (candidate.registry.is_none() && is_loopback(&host));
+                let insecure = candidate.insecure || (candidate.registry.is_none() && is_loopback_host_port(&host));
                 let config = ClientConfig {
                     protocol: if insecure {
                         ClientProtocol::Http
@@ -451,7 +451,7 @@ fn short(digest: &Digest) -> String {
 /// Loopback hosts, as Docker treats them: plain HTTP by default. The
 /// agent's rule ([`archy_agent::registry::is_loopback`]) on the host
 /// without its port.
-fn is_loopback(host_port: &str) -> bool {
+fn is_loopback_host_port(host_port: &str) -> bool {
     let host = match host_port.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host_port,
@@ -637,10 +637,10 @@ mod tests {
     #[test]
     fn loopback_hosts_are_recognised_with_and_without_ports() {
         for yes in ["127.0.0.1:5000", "127.1.2.3", "localhost:80", "[::1]:5000", "LOCALHOST"] {
-            assert!(is_loopback(yes), "{yes}");
+            assert!(is_loopback_host_port(yes), "{yes}");
         }
         for no in ["docker.io", "10.0.0.1:5000", "mirror.lan", "[::2]:1"] {
-            assert!(!is_loopback(no), "{no}");
+            assert!(!is_loopback_host_port(no), "{no}");
         }
     }
 }
