@@ -1,18 +1,19 @@
 //! The engine's API by hand (nothing between the bench and the socket), its
 //! time stamps, and what `/proc` says about a process.
 
-use crate::harness::podman::http_status;
-use crate::harness::procs::capture;
-use anyhow::{bail, Context as _};
-use serde_json::Value;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
 use xshell::{cmd, Shell};
 
-use super::*;
+use super::{file_size, HTTP_TIMEOUT};
+use crate::harness::podman::http_status;
+use crate::harness::procs::capture;
 
 /// Parses the engine's `StartedAt` (`2026-11-26T21:35:13.155781398Z`, or
 /// with a `±HH:MM` offset).

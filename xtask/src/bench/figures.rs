@@ -1,24 +1,29 @@
 //! The four measurements, each beside its baseline from the same run: a no-op
 //! pass, kill-to-start, idle use and image import.
 
-use crate::harness::procs::{bail_if_interrupted, capture, Service, STOP_GRACE};
-use crate::pipeline::images::lock;
+use std::fs::File;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime};
+
 use anyhow::{bail, Context as _};
 use archy_agent::images::{ImageLock, LockEntry};
 use archy_agent::manifest::Digest;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-use std::fs::File;
-use std::io::Read as _;
-use std::path::{Path, PathBuf};
-use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime};
 use xshell::cmd;
 
-use super::*;
+use super::{
+    file_size, Bench, Node, Row, Unit, API, BETWEEN_KILLS, BOOT, BOOT_EVENTS_ONLY, IDLE_APPS, IMAGES_IMPORT,
+    IMPORT_APP, IMPORT_PAYLOAD_BYTES, IMPORT_REFERENCE, IMPORT_RUNS, INSTALL_TIMEOUT, KILL_REFERENCE, KILL_RUNS,
+    LIBPOD_API, NOOP_APPS, RECONCILE_ONCE, RESTART_TIMEOUT, ROOT_OWNED_TAR_FLAGS, SLEEP, STATE_POLL,
+};
 use crate::bench::engine::{clock_ticks, get_json, parse_rfc3339, post, request, request_with_body, ProcSample, Usage};
 use crate::bench::table::median;
+use crate::harness::procs::{bail_if_interrupted, capture, Service, STOP_GRACE};
+use crate::pipeline::images::lock;
 
 impl Bench<'_> {
     /// Figure 2: the median `duration_ms` of `reconcile --once` with 50

@@ -1,8 +1,9 @@
 //! The table `bench` and `bench-iso` share: rows of measured figures beside
 //! their baselines and targets, as text and as a markdown report.
 
-use crate::harness::procs::capture;
 use xshell::{cmd, Shell};
+
+use crate::harness::procs::capture;
 
 // --- The table
 

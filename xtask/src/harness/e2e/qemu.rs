@@ -1,16 +1,17 @@
 //! One QEMU boot of the ISO (TCG, no network, SeaBIOS or OVMF) with a data
 //! disk, and what its probe printed on the serial console.
 
-use crate::tools;
-use anyhow::{bail, Context as _};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-use super::*;
+use super::{progress, DISK_SIZE, MARKER, QEMU_FLAGS, STAGE, TAIL_LINES};
+use crate::tools;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Firmware {

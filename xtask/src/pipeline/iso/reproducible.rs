@@ -2,16 +2,17 @@
 //! base rootfs, give the same ISO byte for byte, or the error says why: the
 //! Debian archive changed, or the first file that differs.
 
-use crate::pipeline::flags::{BuildArgs, Epoch};
-use crate::pipeline::layers::{sha256_file, sorted_names};
-use crate::pipeline::rootfs::BasePolicy;
-use anyhow::{bail, Context as _};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
 use xshell::Shell;
 
-use super::*;
+use super::{build_iso, remove_work, Output, CHECK_DIR};
+use crate::pipeline::flags::{BuildArgs, Epoch};
+use crate::pipeline::layers::{sha256_file, sorted_names};
+use crate::pipeline::rootfs::BasePolicy;
 
 /// `--check-reproducible`: two builds with the same epoch, the second on a
 /// fresh base rootfs, must give the same ISO byte for byte.

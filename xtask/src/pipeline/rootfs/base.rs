@@ -1,19 +1,23 @@
 //! The base layer: Debian 12 from mmdebstrap, cached as a tarball under a key
 //! over everything it is made from (packages, mirrors, flags, overlay, epoch).
 
-use crate::harness::procs::capture;
-use crate::pipeline::flags::{Arch, Epoch};
-use crate::pipeline::layers::{sha256_file, sha256_hex, Layer};
-use crate::pipeline::progress::{self};
-use crate::pipeline::report::Package;
-use anyhow::{bail, Context as _};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
 use xshell::{cmd, Shell};
 
-use super::*;
+use super::{
+    short, BasePolicy, CACHE_FORMAT, CACHE_KEEP, DPKG_STATUS_MEMBER, ENABLE_HOOK, MIRRORS, MMDEBSTRAP_FLAGS,
+    OVERLAY_DIR, PACKAGES_FILE, RELEASE, SLIM_FLAGS, TREE_TAR_FLAGS, USER_HOOK,
+};
+use crate::harness::procs::capture;
+use crate::pipeline::flags::{Arch, Epoch};
+use crate::pipeline::layers::{sha256_file, sha256_hex, Layer};
+use crate::pipeline::progress;
+use crate::pipeline::report::Package;
 
 /// Everything the base layer is made from, and its cache key.
 #[derive(Debug)]
@@ -435,6 +439,7 @@ pub(super) fn unpack(sh: &Shell, tar: &Path, tree: &Path) -> anyhow::Result<()> 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::super::{flags, FILE_MODE};
     use super::*;
 
     fn spec(packages: &[&str], overlay: &[(&str, &str)], epoch: Option<u64>) -> BaseSpec {

@@ -1,13 +1,17 @@
 //! Checks inside the finished tree: Debian 12's own files, netavark from
 //! Debian's package, and the configuration the agent needs.
 
-use crate::harness::procs::capture;
-use anyhow::{bail, Context as _};
 use std::fs;
 use std::path::Path;
+
+use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
-use super::*;
+use super::{
+    BOOKWORM_NETAVARK_SERIES, CONTAINERS_CONF, DEBIAN_VERSION_PREFIX, NETAVARK_PACKAGE, NETAVARK_PATH, NODE_AGENT_PATH,
+    RELEASE, SLIM_FLAGS, VERIFIED_PACKAGES,
+};
+use crate::harness::procs::capture;
 
 /// The checks that prove the rootfs is Debian 12's, runs netavark from
 /// Debian's package, and can run the agent.
@@ -110,6 +114,7 @@ pub fn toml_value(text: &str, table: &str, key: &str) -> Option<String> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::super::OVERLAY_DIR;
     use super::*;
 
     #[test]
