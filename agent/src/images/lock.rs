@@ -267,6 +267,27 @@ mod tests {
     }
 
     #[test]
+    fn a_new_lock_is_sorted_and_its_bytes_read_back_the_same() {
+        let lock = parse(&lock_json(vec![entry_json("lnd"), entry_json("electrs")])).expect("valid");
+        let built = ImageLock::new(lock.images.clone());
+        assert_eq!(built.version, LOCK_VERSION);
+        let apps: Vec<&str> = built.images.iter().map(|e| e.app.as_str()).collect();
+        assert_eq!(apps, ["electrs", "lnd"]);
+        let path = Path::new("/x/images.lock.json");
+        let bytes = built.to_file_bytes(path).expect("writable");
+        assert!(bytes.ends_with(b"}\n"), "one final newline");
+        assert_eq!(parse_lock(path, &bytes).expect("reads back"), built);
+
+        let mut bad = built;
+        bad.images[0].archive_sha256 = "not hex".into();
+        let err = bad.to_file_bytes(path).expect_err("refused");
+        assert!(
+            matches!(&err, LockError::Invalid { field, .. } if field == "images[0].archive_sha256"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn a_build_apps_local_tag_is_a_valid_reference() {
         let mut e = entry_json("wallet-ui");
         e["reference"] = "localhost/archipelago/wallet-ui:0123456789abcdef".into();
