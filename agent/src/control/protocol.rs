@@ -505,9 +505,10 @@ pub fn from_orchestrator(e: &OrchestratorError) -> RpcError {
             RpcError::new(ALREADY_EXISTS, message).with_data(json!({ "app": app, "container": container }))
         }
         OrchestratorError::DevOnly => RpcError::new(DEV_ONLY, message),
-        OrchestratorError::Naming(_) | OrchestratorError::Engine { .. } | OrchestratorError::Other(_) => {
-            RpcError::new(SERVER_ERROR, message)
-        }
+        OrchestratorError::Held { .. }
+        | OrchestratorError::Naming(_)
+        | OrchestratorError::Engine { .. }
+        | OrchestratorError::Other(_) => RpcError::new(SERVER_ERROR, message),
     }
 }
 
