@@ -13,7 +13,7 @@ use crate::engine::Engine;
 use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
-use crate::orchestrator::{self, DevOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
+use crate::orchestrator::{self, Orchestrator, OrchestratorConfig, OrchestratorError};
 use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry::{self, commands::RegistryOp};
 
@@ -63,7 +63,7 @@ impl GlobalOpts {
     pub fn apps_dir(&self) -> PathBuf {
         match (&self.apps, self.dev) {
             (Some(dir), _) => dir.clone(),
-            (None, true) => DevOrchestrator::apps_dir(&self.data),
+            (None, true) => Orchestrator::dev_apps_dir(&self.data),
             (None, false) => PathBuf::from(DEFAULT_APPS_DIR),
         }
     }

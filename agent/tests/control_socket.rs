@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use archy_agent::control::{self, protocol, ControlClient, ControlHandler, OrchestratorHandler, RemoteOrchestrator};
 use archy_agent::engine::Engine;
-use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorError, ProdOrchestrator};
+use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorError};
 use archy_agent::registry::RegistryStore;
 use common::{env, unique_name, Cleanup, TestEnv};
 use serde_json::{json, Value};
@@ -76,7 +76,7 @@ impl Node {
 
     async fn orchestrator(&self) -> Arc<Orchestrator> {
         let engine = Engine::connect(&self.env.engine_socket).await.expect("engine");
-        Arc::new(ProdOrchestrator::open(engine, &self.apps, &self.data))
+        Arc::new(Orchestrator::prod(engine, &self.apps, &self.data))
     }
 
     /// Serves the control socket over a fresh orchestrator until the

@@ -65,8 +65,11 @@
 mod build;
 mod create;
 mod error;
+mod exec;
+mod images;
 mod load;
 pub(crate) mod model;
+mod network;
 mod pause;
 mod raw;
 
@@ -75,23 +78,19 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
-use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{ExecConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
-    KillContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::{Stream, StreamExt as _};
-use serde_json::Value;
 
-use crate::manifest::PinnedImage;
 use crate::spec::ContainerSpec;
 
 pub use error::{BoxError, EngineError};
+pub use exec::ExecOutput;
+pub use images::{ImageInfo, RegistryAuth};
 pub use model::{ContainerInfo, ContainerStatus, ContainerSummary, EngineEvent, EventKind};
 
 use raw::{encode, RawClient};
@@ -103,29 +102,15 @@ pub const API_VERSION: ClientVersion = ClientVersion {
 };
 /// The same, as a path prefix for the raw client.
 const API_PREFIX: &str = "/v1.41";
-/// Podman's own API, for what the Docker API does not say (a network's
-/// DNS flag). Podman 4.x serves it under any 4.x version.
-const LIBPOD_PREFIX: &str = "/v4.0.0/libpod";
 
 /// Per request, until the answer's headers arrive; a pull's progress
 /// stream is not limited by it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a load may take until the engine answers: it answers only
-/// after storing every layer, and archives run to gigabytes.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Added to a stop's grace period: the engine answers only once the
 /// container is down.
 const STOP_SLACK: Duration = Duration::from_secs(30);
-/// Output an exec keeps; the rest is read and dropped, so that a chatty
-/// command cannot exhaust the agent's memory.
-const MAX_EXEC_OUTPUT: usize = 1 << 20;
-/// Between polls for an exec's exit code, which Podman may set a moment
-/// after the output ends.
-const EXEC_POLL: Duration = Duration::from_millis(50);
 /// What `force_remove` sends first.
 const KILL_SIGNAL: &str = "KILL";
-/// The driver of the networks the agent creates: the only one with DNS.
-const NETWORK_DRIVER: &str = "bridge";
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -141,22 +126,6 @@ pub struct Engine {
     socket: PathBuf,
 }
 
-/// Registry credentials for a pull.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RegistryAuth {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for RegistryAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryAuth")
-            .field("username", &self.username)
-            .field("password", &"<hidden>")
-            .finish()
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineVersion {
     /// Product version, e.g. `4.3.1`.
@@ -165,24 +134,6 @@ pub struct EngineVersion {
     pub api_version: String,
     /// Whether the engine says it is Podman.
     pub podman: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    /// `sha256:…` of the image config.
-    pub id: String,
-    /// `host/repo@sha256:…` references the image was pulled by.
-    pub repo_digests: Vec<String>,
-    pub repo_tags: Vec<String>,
-}
-
-/// What a command run in a container printed, and how it ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    pub exit_code: i64,
-    /// stdout and stderr interleaved as they came, lossily decoded, cut
-    /// after 1 MiB.
-    pub output: String,
 }
 
 impl Engine {
@@ -232,204 +183,6 @@ impl Engine {
             api_version: v.api_version.unwrap_or_default(),
             podman,
         })
-    }
-
-    // ---- images ----------------------------------------------------------
-
-    /// Pulls `image` by digest (never by tag) and returns it as stored.
-    pub async fn pull(&self, image: &PinnedImage, auth: Option<&RegistryAuth>) -> Result<ImageInfo> {
-        let reference = image.by_digest();
-        let options = CreateImageOptionsBuilder::new().from_image(&reference).build();
-        let credentials = auth.map(|a| DockerCredentials {
-            username: Some(a.username.clone()),
-            password: Some(a.password.clone()),
-            serveraddress: Some(image.registry().to_owned()),
-            ..Default::default()
-        });
-        let mut progress = self.docker.create_image(Some(options), None, credentials);
-        while let Some(event) = progress.next().await {
-            match event {
-                Ok(info) => tracing::debug!(image = %reference, status = ?info.status, id = ?info.id, "pull progress"),
-                Err(BollardError::DockerStreamError { error }) => {
-                    return Err(EngineError::PullFailed {
-                        image: reference,
-                        message: error,
-                    })
-                }
-                Err(err) => return Err(self.classify(|| format!("image {reference}"))(err)),
-            }
-        }
-        match self.inspect_image(image).await {
-            Err(EngineError::NotFound { .. }) => Err(EngineError::PullFailed {
-                image: reference,
-                message: "the engine reported no error, but the image is not in its store".into(),
-            }),
-            other => other,
-        }
-    }
-
-    /// The stored image named by `image`'s digest reference.
-    pub async fn inspect_image(&self, image: &PinnedImage) -> Result<ImageInfo> {
-        self.inspect_image_ref(&image.by_digest()).await
-    }
-
-    /// The stored image named by any reference (tag, digest reference) or
-    /// image id; `NotFound` when the engine has none.
-    pub async fn inspect_image_ref(&self, reference: &str) -> Result<ImageInfo> {
-        let found = self
-            .docker
-            .inspect_image(reference)
-            .await
-            .map_err(self.classify(|| format!("image {reference}")))?;
-        Ok(ImageInfo {
-            id: found.id.unwrap_or_default(),
-            repo_digests: found.repo_digests.unwrap_or_default(),
-            repo_tags: found.repo_tags.unwrap_or_default(),
-        })
-    }
-
-    /// Whether the store holds the image whose config digest (image ID) is
-    /// `id` (`sha256:…`). Asked by ID, never by name: a name can point at
-    /// other content, an ID cannot.
-    pub async fn has_image(&self, id: &str) -> Result<bool> {
-        match self.inspect_image_ref(id).await {
-            Ok(info) => Ok(strip_sha256(&info.id) == strip_sha256(id)),
-            Err(EngineError::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Loads a `docker-archive` tarball (what `podman save` writes) into
-    /// the store, streaming the file as the request body, and returns the
-    /// names the engine reports for what it loaded (tags, or an image ID
-    /// for an untagged image). The caller confirms what arrived by config
-    /// digest ([`Engine::has_image`]): the names say nothing about content.
-    pub async fn load_image(&self, archive: &Path) -> Result<Vec<String>> {
-        let unreadable = |source: std::io::Error| EngineError::Archive {
-            archive: archive.to_path_buf(),
-            source,
-        };
-        let failed = |message: String| EngineError::LoadFailed {
-            archive: archive.to_path_buf(),
-            message,
-        };
-        let file = tokio::fs::File::open(archive).await.map_err(unreadable)?;
-        let read_error = load::ReadErrorSlot::default();
-        let body = load::body(file, read_error.clone());
-        let options = ImportImageOptionsBuilder::new().build();
-        let docker = self.docker.clone().with_timeout(LOAD_TIMEOUT);
-        let mut answer = docker.import_image_stream(options, body, None);
-        let mut names = Vec::new();
-        let mut outcome = Ok(());
-        while let Some(event) = answer.next().await {
-            match event {
-                Ok(info) => {
-                    if let Some(line) = info.stream.as_deref() {
-                        tracing::debug!(archive = %archive.display(), line = line.trim_end(), "load");
-                        names.extend(load::loaded_names(line));
-                    }
-                }
-                Err(BollardError::DockerStreamError { error }) => {
-                    outcome = Err(failed(error.trim_end().to_owned()));
-                    break;
-                }
-                Err(BollardError::DockerResponseServerError { status_code, message }) => {
-                    outcome = Err(failed(format!("HTTP {status_code}: {}", message.trim_end())));
-                    break;
-                }
-                Err(err) => {
-                    outcome = Err(self.classify(|| format!("image archive {}", archive.display()))(err));
-                    break;
-                }
-            }
-        }
-        // A file that fails while being sent breaks the connection; the
-        // archive is what to report, not the engine.
-        if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(unreadable(e));
-        }
-        outcome.map(|()| names)
-    }
-
-    /// Removes the image by its digest reference; fails with `Conflict` while
-    /// a container uses it.
-    pub async fn remove_image(&self, image: &PinnedImage) -> Result<()> {
-        let reference = image.by_digest();
-        let options = RemoveImageOptionsBuilder::new().build();
-        self.docker
-            .remove_image(&reference, Some(options), None)
-            .await
-            .map_err(self.classify(|| format!("image {reference}")))?;
-        Ok(())
-    }
-
-    /// Builds `context` (a folder, packed deterministically) with
-    /// `containerfile` (relative to the context, or an absolute path inside
-    /// it) and tags the result `tag`. The base image is used if present and
-    /// pulled otherwise. A failing build is `BuildFailed` naming the
-    /// context, with the engine's last words.
-    pub async fn build_image(&self, context: &Path, containerfile: &Path, tag: &str) -> Result<ImageInfo> {
-        let failed = |message: String| EngineError::BuildFailed {
-            context: context.to_path_buf(),
-            tag: tag.to_owned(),
-            message,
-        };
-        let dockerfile = build::containerfile_in_context(context, containerfile)
-            .and_then(|p| p.to_str().map(str::to_owned))
-            .ok_or_else(|| {
-                failed(format!(
-                    "the Containerfile {} is not inside the context",
-                    containerfile.display()
-                ))
-            })?;
-        let folder = context.to_path_buf();
-        let packed = tokio::task::spawn_blocking(move || build::pack_context(&folder))
-            .await
-            .map_err(|e| EngineError::BuildContext {
-                context: context.to_path_buf(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| EngineError::BuildContext {
-                context: context.to_path_buf(),
-                source,
-            })?;
-        let options = BuildImageOptionsBuilder::new()
-            .dockerfile(&dockerfile)
-            .t(tag)
-            .rm(true)
-            .forcerm(true)
-            .build();
-        let mut progress = self
-            .docker
-            .build_image(options, None, Some(bollard::body_full(packed.into())));
-        let mut last_lines: Vec<String> = Vec::new();
-        while let Some(event) = progress.next().await {
-            match event {
-                Ok(info) => {
-                    if let Some(line) = info.stream.as_deref().map(str::trim_end).filter(|l| !l.is_empty()) {
-                        tracing::debug!(context = %context.display(), %tag, line, "build");
-                        // Kept to explain a failure the engine reports
-                        // without a message.
-                        if last_lines.len() == 5 {
-                            last_lines.remove(0);
-                        }
-                        last_lines.push(line.to_owned());
-                    }
-                }
-                Err(BollardError::DockerStreamError { error }) => return Err(failed(error.trim_end().to_owned())),
-                Err(BollardError::DockerResponseServerError { status_code, message }) if status_code != 404 => {
-                    return Err(failed(format!("HTTP {status_code}: {message}")))
-                }
-                Err(err) => return Err(self.classify(|| format!("build of {tag}"))(err)),
-            }
-        }
-        match self.inspect_image_ref(tag).await {
-            Err(EngineError::NotFound { .. }) => Err(failed(format!(
-                "the engine reported no error, but no image is tagged {tag}; last output: {}",
-                last_lines.join(" | ")
-            ))),
-            other => other,
-        }
     }
 
     // ---- containers ------------------------------------------------------
@@ -564,134 +317,6 @@ impl Engine {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Runs `cmd` in the running container and waits for it, at most
-    /// `timeout` (`ExecTimeout`; the process may live on, as the API cannot
-    /// kill it).
-    pub async fn exec(&self, name: &str, cmd: &[String], timeout: Duration) -> Result<ExecOutput> {
-        tokio::time::timeout(timeout, self.exec_to_end(name, cmd))
-            .await
-            .map_err(|_| EngineError::ExecTimeout {
-                container: name.to_owned(),
-                timeout,
-            })?
-    }
-
-    async fn exec_to_end(&self, name: &str, cmd: &[String]) -> Result<ExecOutput> {
-        let what = || format!("container {name}");
-        let config = ExecConfig {
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            cmd: Some(cmd.to_vec()),
-            ..Default::default()
-        };
-        let created = self
-            .docker
-            .create_exec(name, config)
-            .await
-            .map_err(self.classify(what))?;
-        let options = StartExecOptions {
-            detach: false,
-            tty: false,
-            output_capacity: None,
-        };
-        let started = self
-            .docker
-            .start_exec(&created.id, Some(options))
-            .await
-            .map_err(self.classify(what))?;
-        let mut output = Vec::new();
-        if let StartExecResults::Attached { output: mut chunks, .. } = started {
-            while let Some(chunk) = chunks.next().await {
-                let chunk = chunk.map_err(self.classify(what))?.into_bytes();
-                let room = MAX_EXEC_OUTPUT.saturating_sub(output.len());
-                output.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-        }
-        // The caller's timeout bounds this wait.
-        loop {
-            let inspected = match self.docker.inspect_exec(&created.id).await {
-                Ok(inspected) => inspected,
-                Err(err) => {
-                    return Err(match self.classify(what)(err) {
-                        // Podman removes an ended exec session after
-                        // containers.conf's exit_command_delay.
-                        EngineError::NotFound { .. } => EngineError::Api {
-                            status: 404,
-                            message: format!(
-                                "the exec session in container {name} was removed before its exit code was read \
-                                 (is exit_command_delay 0 in containers.conf?)"
-                            ),
-                        },
-                        other => other,
-                    });
-                }
-            };
-            match (inspected.running, inspected.exit_code) {
-                (Some(true), _) | (_, None) => tokio::time::sleep(EXEC_POLL).await,
-                (_, Some(exit_code)) => {
-                    return Ok(ExecOutput {
-                        exit_code,
-                        output: String::from_utf8_lossy(&output).into_owned(),
-                    })
-                }
-            }
-        }
-    }
-
-    // ---- networks --------------------------------------------------------
-
-    /// Creates bridge network `name`, with DNS between its containers, if
-    /// there is none; true when it created it. An existing network with DNS
-    /// off is `NetworkWithoutDns`: apps on it could not reach each other by
-    /// name.
-    pub async fn ensure_network(&self, name: &str) -> Result<bool> {
-        match self.network_has_dns(name).await {
-            Ok(true) => return Ok(false),
-            Ok(false) => {
-                return Err(EngineError::NetworkWithoutDns {
-                    network: name.to_owned(),
-                })
-            }
-            Err(EngineError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        // The Docker API's create turns DNS on for bridge networks.
-        let request = NetworkCreateRequest {
-            name: name.to_owned(),
-            driver: Some(NETWORK_DRIVER.to_owned()),
-            ..Default::default()
-        };
-        match self.docker.create_network(request).await {
-            Ok(created) => {
-                if !created.warning.is_empty() {
-                    tracing::warn!(network = name, warning = %created.warning, "engine warning on network create");
-                }
-                Ok(true)
-            }
-            Err(err) => match self.classify(|| format!("network {name}"))(err) {
-                // Someone else created it in between: theirs must do.
-                EngineError::Conflict { .. } => match self.network_has_dns(name).await? {
-                    true => Ok(false),
-                    false => Err(EngineError::NetworkWithoutDns {
-                        network: name.to_owned(),
-                    }),
-                },
-                other => Err(other),
-            },
-        }
-    }
-
-    /// Whether network `name` resolves container names. Only Podman's own
-    /// API says so (`dns_enabled`).
-    async fn network_has_dns(&self, name: &str) -> Result<bool> {
-        let what = format!("network {name}");
-        let value = self
-            .raw
-            .get_json(&format!("{LIBPOD_PREFIX}/networks/{}/json", encode(name)), &what)
-            .await?;
-        Ok(value.get("dns_enabled").and_then(Value::as_bool).unwrap_or(false))
-    }
-
     // ---- events ----------------------------------------------------------
 
     /// The engine's events from now on, filtered the Docker way (`type`,
@@ -710,9 +335,4 @@ impl Engine {
             lines.map(|line| line.and_then(|value| model::parse_event(&value))),
         ))
     }
-}
-
-/// An image ID without its `sha256:` prefix, as engines write it either way.
-fn strip_sha256(id: &str) -> &str {
-    id.strip_prefix("sha256:").unwrap_or(id)
 }

@@ -143,7 +143,7 @@ pub async fn import_all(engine: &Engine, dir: &Path, data_root: &Path) -> Import
             return report;
         }
         Err(e) => {
-            let message = format!("{:#}", anyhow::Error::from(e));
+            let message = crate::error_chain(&e);
             tracing::error!(error = %message, "image lock unusable; nothing imported");
             report.error = Some(message);
             return report;
@@ -213,10 +213,7 @@ async fn import_one(engine: &Engine, dir: &Path, entry: &LockEntry) -> (Outcome,
         Ok(true) => return (Outcome::AlreadyPresent, Some(true)),
         Ok(false) => {}
         Err(e) => {
-            let reason = format!(
-                "cannot ask the engine's store for {digest}: {:#}",
-                anyhow::Error::from(e)
-            );
+            let reason = format!("cannot ask the engine's store for {digest}: {}", crate::error_chain(&e));
             return (skipped(reason), None);
         }
     }
@@ -227,7 +224,7 @@ async fn import_one(engine: &Engine, dir: &Path, entry: &LockEntry) -> (Outcome,
     }
     let names = match engine.load_image(&path).await {
         Ok(names) => names,
-        Err(e) => return (skipped(format!("{:#}", anyhow::Error::from(e))), Some(false)),
+        Err(e) => return (skipped(crate::error_chain(&e)), Some(false)),
     };
     match engine.has_image(digest).await {
         Ok(true) => {
@@ -247,8 +244,8 @@ async fn import_one(engine: &Engine, dir: &Path, entry: &LockEntry) -> (Outcome,
         ),
         Err(e) => (
             skipped(format!(
-                "loaded, but cannot ask the engine's store for {digest}: {:#}",
-                anyhow::Error::from(e)
+                "loaded, but cannot ask the engine's store for {digest}: {}",
+                crate::error_chain(&e)
             )),
             None,
         ),

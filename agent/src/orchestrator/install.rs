@@ -151,7 +151,7 @@ async fn imported_image(orch: &Orchestrator, app: &str, image: &PinnedImage) -> 
         Ok(lock) => lock,
         Err(LockError::Missing { .. }) => return None,
         Err(e) => {
-            let error = format!("{:#}", anyhow::Error::from(e));
+            let error = crate::error_chain(&e);
             tracing::warn!(app, error, "image lock unusable, pulling instead");
             return None;
         }
@@ -167,7 +167,7 @@ async fn imported_image(orch: &Orchestrator, app: &str, image: &PinnedImage) -> 
             None
         }
         Err(e) => {
-            let error = format!("{:#}", anyhow::Error::from(e));
+            let error = crate::error_chain(&e);
             tracing::warn!(
                 app,
                 error,
@@ -203,7 +203,7 @@ async fn pull_with_fallback(orch: &Orchestrator, app: &str, image: &PinnedImage)
         let started = Instant::now();
         let outcome = match tokio::time::timeout(PULL_TIMEOUT, orch.engine.pull(&c.image, auth.as_ref())).await {
             Err(_) => Err(format!("timed out after {}s", PULL_TIMEOUT.as_secs())),
-            Ok(Err(e)) => Err(format!("{:#}", anyhow::Error::from(e))),
+            Ok(Err(e)) => Err(crate::error_chain(&e)),
             Ok(Ok(info)) if pinned_matches(&info.repo_digests, image) => Ok(info.id),
             Ok(Ok(info)) => {
                 // Never keep what we did not ask for.
@@ -401,8 +401,8 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
 
     // 3. Create and start the new one, and wait for it to be healthy.
     let outcome = match create_and_start(orch, app, &spec, &image_id).await {
-        Ok(()) => orch.wait_healthy(m).await,
-        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+        Ok(()) => orch.wait_healthy(m).await.map_err(|e| crate::error_chain(&e)),
+        Err(e) => Err(crate::error_chain(&e)),
     };
     match outcome {
         Ok(()) => {

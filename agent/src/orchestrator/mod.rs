@@ -3,8 +3,11 @@
 //!
 //! Effects go through [`Engine`]; what a container should look like comes
 //! from [`ContainerSpec::from_manifest`], the one place that decides it.
-//! Every mutating operation holds its app's lock ([`locks::AppLocks`]).
+//! Every mutating operation goes through [`Orchestrator::with_app`]: the
+//! app's lock ([`locks::AppLocks`]), the owner's hold ([`HoldPolicy`]),
+//! then the act.
 
+mod act;
 pub mod commands;
 mod health;
 mod hold;
@@ -25,6 +28,7 @@ use crate::engine::{Engine, EngineError};
 use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
 use crate::spec::ContainerSpec;
 
+pub use act::HoldPolicy;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
 pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
 pub use locks::AppLocks;
@@ -58,6 +62,10 @@ pub enum OrchestratorError {
         reason: String,
         rolled_back: bool,
     },
+    /// The owner stopped the app, and the act respects that
+    /// ([`HoldPolicy::Respect`]): nothing was done.
+    #[error("{app} is stopped by its owner; left alone")]
+    Held { app: String },
     #[error(transparent)]
     Naming(#[from] NamingError),
     #[error("{app}: engine request failed")]
@@ -116,8 +124,25 @@ pub struct OrchestratorConfig {
     pub images_dir: PathBuf,
 }
 
-/// The orchestrator over a real engine. [`ProdOrchestrator`] and
-/// [`DevOrchestrator`] build it with their rules.
+/// Why an app did not become healthy (see [`Orchestrator::wait_healthy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NotHealthy {
+    /// Without a health check: the container stopped right after starting.
+    #[error("the container is {state} after starting")]
+    NotRunning { state: AppState },
+    /// The container stopped while its probe was awaited.
+    #[error("the container is {state} while waiting for health")]
+    Stopped { state: AppState },
+    #[error("not healthy within its start period and retries; last probe: {last}")]
+    TimedOut { last: String },
+    /// Its status could not be read.
+    #[error(transparent)]
+    Status(#[from] OrchestratorError),
+}
+
+/// The orchestrator over a real engine. [`Orchestrator::prod`] and
+/// [`Orchestrator::dev`] build it with their rules, [`Orchestrator::new`]
+/// from a config that already says which.
 pub struct Orchestrator {
     engine: Engine,
     config: OrchestratorConfig,
@@ -125,12 +150,10 @@ pub struct Orchestrator {
     locks: AppLocks,
 }
 
-/// Production rules: manifests from the apps folder
-/// (`/opt/archipelago/apps` by default), names and ports as written.
-pub struct ProdOrchestrator;
-
-impl ProdOrchestrator {
-    pub fn open(engine: Engine, apps_dir: &Path, data_root: &Path) -> Orchestrator {
+impl Orchestrator {
+    /// Production rules: manifests from the apps folder
+    /// (`/opt/archipelago/apps` by default), names and ports as written.
+    pub fn prod(engine: Engine, apps_dir: &Path, data_root: &Path) -> Orchestrator {
         Orchestrator::new(
             engine,
             OrchestratorConfig {
@@ -141,32 +164,27 @@ impl ProdOrchestrator {
             },
         )
     }
-}
 
-/// Dev rules: manifests under `<data>/apps`, container names with `-dev`,
-/// host ports shifted by the offset, and installs from any manifest path.
-pub struct DevOrchestrator;
-
-impl DevOrchestrator {
     /// The dev apps folder under a data root.
-    pub fn apps_dir(data_root: &Path) -> PathBuf {
+    pub fn dev_apps_dir(data_root: &Path) -> PathBuf {
         data_root.join("apps")
     }
 
-    pub fn open(engine: Engine, data_root: &Path, port_offset: u16) -> Orchestrator {
+    /// Dev rules: manifests under `<data>/apps`, container names with
+    /// `-dev`, host ports shifted by the offset, and installs from any
+    /// manifest path.
+    pub fn dev(engine: Engine, data_root: &Path, port_offset: u16) -> Orchestrator {
         Orchestrator::new(
             engine,
             OrchestratorConfig {
-                apps_dir: Self::apps_dir(data_root),
+                apps_dir: Self::dev_apps_dir(data_root),
                 data_root: data_root.to_path_buf(),
                 naming: Naming::Dev { port_offset },
                 images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
             },
         )
     }
-}
 
-impl Orchestrator {
     pub fn new(engine: Engine, config: OrchestratorConfig) -> Orchestrator {
         let orch = Orchestrator {
             engine,
@@ -345,30 +363,25 @@ impl Orchestrator {
     /// Waits until `app` is healthy: its probe passes, or, without a health
     /// check, it is still running after a short settling time. Gives up
     /// after the start period plus `retries` intervals.
-    pub async fn wait_healthy(&self, m: &Manifest) -> Result<(), String> {
+    pub async fn wait_healthy(&self, m: &Manifest) -> Result<(), NotHealthy> {
         let Some(h) = &m.health else {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            return match self.status_of(m).await {
-                Ok((s, _)) if s.state == AppState::Running => Ok(()),
-                Ok((s, _)) => Err(format!("the container is {} after starting", s.state)),
-                Err(e) => Err(format!("{e:#}")),
+            return match self.status_of(m).await? {
+                (s, _) if s.state == AppState::Running => Ok(()),
+                (s, _) => Err(NotHealthy::NotRunning { state: s.state }),
             };
         };
         let deadline = Instant::now() + h.start_period + h.interval * h.retries;
         let poll = h.interval.min(Duration::from_secs(1));
         loop {
             let last = match self.status_of(m).await {
-                Ok((s, _)) if s.state != AppState::Running => {
-                    return Err(format!("the container is {} while waiting for health", s.state))
-                }
-                Ok((s, probe)) if s.health == Some(HealthState::Healthy) => return Ok(()).map(|()| drop(probe)),
+                Ok((s, _)) if s.state != AppState::Running => return Err(NotHealthy::Stopped { state: s.state }),
+                Ok((s, _)) if s.health == Some(HealthState::Healthy) => return Ok(()),
                 Ok((_, probe)) => probe.map(|p| format!("{}: {}", p.target, p.detail)).unwrap_or_default(),
-                Err(e) => format!("{e:#}"),
+                Err(e) => crate::error_chain(&e),
             };
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "not healthy within its start period and retries; last probe: {last}"
-                ));
+                return Err(NotHealthy::TimedOut { last });
             }
             tokio::time::sleep(poll).await;
         }
@@ -390,88 +403,49 @@ fn within_start_period(started_at: Option<&str>, period: Duration) -> bool {
 #[async_trait]
 impl ContainerOrchestrator for Orchestrator {
     async fn install(&self, app: &str) -> Result<InstallReport> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
-        self.set_held(app, false)?;
-        install::install(self, &m).await
+        self.install_app(app, HoldPolicy::Release).await
     }
 
     async fn start(&self, app: &str) -> Result<()> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
-        self.set_held(app, false)?;
-        let spec = self.spec(&m)?;
-        let container = spec.name.clone();
-        self.start_with_files(&m, &spec, |e| match e {
-            EngineError::NotFound { .. } => OrchestratorError::NotInstalled {
-                app: app.to_owned(),
-                container: container.clone(),
-            },
-            e => Self::engine_err(app)(e),
+        self.start_app(app, HoldPolicy::Release).await
+    }
+
+    async fn stop(&self, app: &str) -> Result<()> {
+        self.with_app(app, HoldPolicy::Place, |m| async move {
+            let spec = self.spec(&m)?;
+            self.engine
+                .stop(&spec.name, spec.stop_grace_period)
+                .await
+                .map_err(Self::not_installed(app, &spec.name))
         })
         .await
     }
 
-    async fn stop(&self, app: &str) -> Result<()> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
-        let spec = self.spec(&m)?;
-        // Held first: a reconcile pass between the stop and the marker
-        // would start the app again.
-        self.set_held(app, true)?;
-        match self.engine.stop(&spec.name, spec.stop_grace_period).await {
-            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
-                app: app.to_owned(),
-                container: spec.name,
-            }),
-            other => other.map_err(Self::engine_err(app)),
-        }
-    }
-
     async fn restart(&self, app: &str) -> Result<()> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
-        self.set_held(app, false)?;
-        let spec = self.spec(&m)?;
-        let not_installed = |e: EngineError| match e {
-            EngineError::NotFound { .. } => OrchestratorError::NotInstalled {
-                app: app.to_owned(),
-                container: spec.name.clone(),
-            },
-            e => Self::engine_err(app)(e),
-        };
-        self.engine
-            .stop(&spec.name, spec.stop_grace_period)
-            .await
-            .map_err(not_installed)?;
-        self.render_files(&m)?;
-        self.engine.start(&spec.name).await.map_err(not_installed)
+        self.restart_app(app, HoldPolicy::Release).await
     }
 
     async fn remove(&self, app: &str) -> Result<()> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
         // Removed on purpose: reconcile must not install it again.
-        self.set_held(app, true)?;
-        let spec = self.spec(&m)?;
-        if self.inspect(app, &spec.name).await?.is_none() {
-            return Err(OrchestratorError::NotInstalled {
-                app: app.to_owned(),
-                container: spec.name,
-            });
-        }
-        self.engine
-            .stop(&spec.name, spec.stop_grace_period)
-            .await
-            .map_err(Self::engine_err(app))?;
-        self.engine.remove(&spec.name).await.map_err(Self::engine_err(app))
+        self.with_app(app, HoldPolicy::Place, |m| async move {
+            let spec = self.spec(&m)?;
+            if self.inspect(app, &spec.name).await?.is_none() {
+                return Err(OrchestratorError::NotInstalled {
+                    app: app.to_owned(),
+                    container: spec.name,
+                });
+            }
+            self.engine
+                .stop(&spec.name, spec.stop_grace_period)
+                .await
+                .map_err(Self::engine_err(app))?;
+            self.engine.remove(&spec.name).await.map_err(Self::engine_err(app))
+        })
+        .await
     }
 
     async fn upgrade(&self, app: &str) -> Result<UpgradeReport> {
-        let m = self.manifest(app)?;
-        let _guard = self.locks.lock(app).await;
-        self.set_held(app, false)?;
-        install::upgrade(self, &m).await
+        self.upgrade_app(app, HoldPolicy::Release).await
     }
 
     async fn status(&self, app: &str) -> Result<AppStatus> {
@@ -490,13 +464,10 @@ impl ContainerOrchestrator for Orchestrator {
     async fn logs(&self, app: &str, tail: Option<usize>) -> Result<String> {
         let m = self.manifest(app)?;
         let spec = self.spec(&m)?;
-        match self.engine.logs(&spec.name, tail).await {
-            Err(EngineError::NotFound { .. }) => Err(OrchestratorError::NotInstalled {
-                app: app.to_owned(),
-                container: spec.name,
-            }),
-            other => other.map_err(Self::engine_err(app)),
-        }
+        self.engine
+            .logs(&spec.name, tail)
+            .await
+            .map_err(Self::not_installed(app, &spec.name))
     }
 
     async fn health(&self, app: &str) -> Result<HealthReport> {

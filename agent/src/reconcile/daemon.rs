@@ -150,7 +150,7 @@ async fn connect_until(config: &AgentConfig, shutdown: &mut (impl Future<Output 
         match Engine::connect(&config.engine).await {
             Ok(engine) => return Some(engine),
             Err(e) => {
-                tracing::warn!(engine = %config.engine.display(), error = %format!("{:#}", anyhow::Error::from(e)), retry_in_s = delay.as_secs(), "engine not reachable");
+                tracing::warn!(engine = %config.engine.display(), error = %crate::error_chain(&e), retry_in_s = delay.as_secs(), "engine not reachable");
             }
         }
         tokio::select! {
@@ -327,7 +327,7 @@ async fn print_console_summary(orch: &Orchestrator) {
                 );
             }
         }
-        Err(e) => eprintln!("archipelago: cannot list the apps: {:#}", anyhow::Error::from(e)),
+        Err(e) => eprintln!("archipelago: cannot list the apps: {}", crate::error_chain(&e)),
     }
 }
 

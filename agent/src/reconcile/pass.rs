@@ -17,7 +17,7 @@ use super::state;
 use crate::engine::{ContainerSummary, EngineError};
 use crate::files;
 use crate::manifest::{AppId, LoadReport, Manifest};
-use crate::orchestrator::{Orchestrator, BACKUP_SUFFIX};
+use crate::orchestrator::{HoldPolicy, Orchestrator, OrchestratorError, BACKUP_SUFFIX};
 use crate::spec::LABEL_MANAGED_BY;
 
 /// One app in a pass report.
@@ -168,7 +168,7 @@ impl Reconciler {
                     apps: Vec::new(),
                     unmatched: Vec::new(),
                     manifest_errors,
-                    error: Some(format!("{:#}", anyhow::Error::from(e))),
+                    error: Some(crate::error_chain(&e)),
                 }
             }
         };
@@ -192,7 +192,7 @@ impl Reconciler {
                 let orch = self.orch.clone();
                 let (app, action) = (p.app.clone(), action.clone());
                 tasks.push(async move {
-                    let result = act(&orch, &app, &action).await;
+                    let result = act(&orch, &app, &action).await.map_err(|e| crate::error_chain(&e));
                     if let Err(e) = &result {
                         tracing::warn!(app, action = ?action, error = %e, "reconcile action failed");
                     } else {
@@ -331,17 +331,22 @@ fn elapsed_ms(started: StdInstant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Carries out one app's action through the orchestrator.
-async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), String> {
+/// Carries out one app's action through the orchestrator. An app its
+/// owner stopped since the plan is left alone, and that is no failure.
+async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), OrchestratorError> {
+    let hold = HoldPolicy::Respect;
     let result = match action {
-        Action::Install => orch.install_unheld(app).await,
-        Action::Start => orch.start_unheld(app).await,
-        Action::Unpause => orch.unpause(app).await,
-        Action::Restart { .. } => orch.restart_unheld(app).await,
-        Action::Recreate { .. } => orch.upgrade_unheld(app).await,
-        Action::Rebuild { .. } => orch.rebuild(app).await,
+        Action::Install => orch.install_app(app, hold).await.map(drop),
+        Action::Start => orch.start_app(app, hold).await,
+        Action::Unpause => orch.unpause(app, hold).await,
+        Action::Restart { .. } => orch.restart_app(app, hold).await,
+        Action::Recreate { .. } => orch.upgrade_app(app, hold).await.map(drop),
+        Action::Rebuild { .. } => orch.rebuild(app, hold).await,
         // Claiming is bookkeeping only: adoption never touches a container.
         Action::Adopt { .. } => Ok(()),
     };
-    result.map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+    match result {
+        Err(OrchestratorError::Held { .. }) => Ok(()),
+        other => other,
+    }
 }
