@@ -310,4 +310,144 @@ mod tests {
             Some("store-db")
         );
     }
+
+    /// The repository's root (the agent crate's parent).
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    fn read(rel: &str) -> String {
+        std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))
+    }
+
+    /// Every file under `dir`, recursively, relative to `dir`.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![PathBuf::new()];
+        while let Some(rel) = todo.pop() {
+            for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
+                let entry = entry.unwrap();
+                let rel = rel.join(entry.file_name());
+                if entry.file_type().unwrap().is_dir() {
+                    todo.push(rel);
+                } else {
+                    out.push(rel);
+                }
+            }
+        }
+        out
+    }
+
+    /// `key = "value"` in an INI/TOML-like file, the value unquoted.
+    fn setting<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+        text.lines().find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"'))
+        })
+    }
+
+    /// The data root's paths the files outside Rust may name.
+    fn known_paths(d: &DataRoot) -> Vec<PathBuf> {
+        vec![
+            d.path().to_path_buf(),
+            d.dev_apps_dir(),
+            d.config_dir(),
+            d.registries(),
+            d.containers_dir(),
+            d.rootful_storage(),
+            d.rootless_storage(),
+            d.secrets_dir(),
+            d.state_dir(),
+            d.agent_state(),
+            d.images_ledger(),
+            d.held_dir(),
+        ]
+    }
+
+    /// Container storage and the units name the data root in files that
+    /// are not Rust: they must name the paths `DataRoot` gives, or the
+    /// engine would keep its images where the data disk is not.
+    #[test]
+    fn the_files_outside_rust_name_the_data_roots_paths() {
+        let d = DataRoot::default();
+        let storage = read("rootfs/overlay/etc/containers/storage.conf");
+        assert_eq!(
+            setting(&storage, "graphroot").map(PathBuf::from),
+            Some(d.rootful_storage()),
+            "storage.conf's graphroot"
+        );
+        assert_eq!(
+            setting(&storage, "rootless_storage_path").map(PathBuf::from),
+            Some(d.rootless_storage()),
+            "storage.conf's rootless_storage_path"
+        );
+        let unit = read("rootfs/units/archy-data.service");
+        let exec = setting(&unit, "ExecStart").expect("archy-data.service has an ExecStart");
+        let words: Vec<&str> = exec.split_whitespace().collect();
+        let data = words.windows(2).find(|w| w[0] == "--data").map(|w| Path::new(w[1]));
+        assert_eq!(
+            data,
+            Some(d.path()),
+            "archy-data.service mounts the disk at the data root: {exec}"
+        );
+    }
+
+    /// Anywhere in `rootfs/` and `iso/`, a path under the default data
+    /// root is one `DataRoot` knows, and the overlay puts files under the
+    /// data root only in the seed folder (the mounted disk hides the rest).
+    #[test]
+    fn every_data_root_path_in_the_image_files_is_a_known_one() {
+        let d = DataRoot::default();
+        let known = known_paths(&d);
+        let prefix = DEFAULT_DATA_ROOT;
+        let mut seen = 0;
+        for top in ["rootfs", "iso"] {
+            let dir = repo().join(top);
+            for rel in files_under(&dir) {
+                let shown = Path::new(top).join(&rel);
+                let in_image = Path::new("/").join(rel.strip_prefix("overlay").unwrap_or(&rel));
+                assert!(
+                    !in_image.starts_with(prefix) || in_image.starts_with(d.seed_dir()),
+                    "{}: the mounted data disk hides what the image has under the data root; \
+                     only the seed folder {} is copied onto it",
+                    shown.display(),
+                    d.seed_dir().display()
+                );
+                let Ok(text) = std::fs::read_to_string(dir.join(&rel)) else {
+                    continue;
+                };
+                for (at, _) in text.match_indices(prefix) {
+                    let path: String = text[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'))
+                        .collect();
+                    let path = PathBuf::from(path.trim_end_matches(['.', '/']));
+                    assert!(
+                        known.contains(&path),
+                        "{} names {}, which is not a path of DataRoot (agent/src/dataroot.rs): {:?}",
+                        shown.display(),
+                        path.display(),
+                        known
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        // storage.conf's two, the data unit's two, at least.
+        assert!(
+            seen >= 4,
+            "only {seen} mentions of {prefix} found: is this the repository?"
+        );
+    }
+
+    #[test]
+    fn docs_describe_every_top_level_entry() {
+        let doc = read("docs/data-root.md");
+        for name in DataRoot::RESERVED_NAMES {
+            assert!(
+                doc.contains(&format!("`{name}/`")),
+                "docs/data-root.md does not describe `{name}/`"
+            );
+        }
+    }
 }
