@@ -4,7 +4,7 @@
 //! writer.
 //!
 //! The names directly under the root are declared once, in the table of
-//! [`top_level!`]: the path methods are built on them, and the names an app
+//! `top_level!`: the path methods are built on them, and the names an app
 //! id may not take ([`DataRoot::RESERVED_NAMES`]) are that same table, so
 //! an entry added there is reserved the moment it exists. To add an entry:
 //! a row in the table if it needs a new top-level name, and a method below
@@ -41,20 +41,19 @@ top_level! {
     CONFIG = "config",
     /// Container storage, rootless and rootful (`/etc/containers/storage.conf`).
     CONTAINERS = "containers",
-    /// Reserved, not used yet: kept from apps for the node's own images.
+    /// Reserved since manifests were first checked; nothing uses it yet.
     IMAGES = "images",
     /// The node's secrets and each app's copies of them.
     SECRETS = "secrets",
     /// What the agent remembers across restarts.
     STATE = "state",
-    /// Reserved, not used yet: kept from apps for the node's own storage.
+    /// Reserved since manifests were first checked; nothing uses it yet.
     STORAGE = "storage",
 }
 
-/// The registry list's file name, also where the list is kept outside a
-/// data root (the image builder's `--registries FILE`).
+/// The registry list's file name in `config/`.
 pub const REGISTRIES_FILE: &str = "registries.json";
-/// File and folder names below the top level.
+// File and folder names below the top level.
 const AGENT_STATE_FILE: &str = "agent.json";
 const IMAGES_LEDGER_FILE: &str = "images.json";
 const HELD_DIR: &str = "held";
@@ -207,12 +206,6 @@ impl From<&Path> for DataRoot {
 impl From<OsString> for DataRoot {
     fn from(root: OsString) -> Self {
         DataRoot(root.into())
-    }
-}
-
-impl AsRef<Path> for DataRoot {
-    fn as_ref(&self) -> &Path {
-        &self.0
     }
 }
 
