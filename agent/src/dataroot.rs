@@ -385,7 +385,7 @@ mod tests {
         );
     }
 
-    /// Anywhere in `rootfs/` and `iso/`, a path under the default data
+    /// Anywhere in `rootfs/`, `iso/` and the e2e overlay, a path under the default data
     /// root is one `DataRoot` knows, and the overlay puts files under the
     /// data root only in the seed folder (the mounted disk hides the rest).
     #[test]
@@ -394,7 +394,8 @@ mod tests {
         let known = known_paths(&d);
         let prefix = DEFAULT_DATA_ROOT;
         let mut seen = 0;
-        for top in ["rootfs", "iso"] {
+        // The node's image files, and the test image's (the e2e probe).
+        for top in ["rootfs", "iso", "xtask/tests/fixtures/e2e/overlay"] {
             let dir = repo().join(top);
             for rel in files_under(&dir) {
                 let shown = Path::new(top).join(&rel);
@@ -426,9 +427,9 @@ mod tests {
                 }
             }
         }
-        // storage.conf's two, the data unit's two, at least.
+        // storage.conf's two, the data unit's two, the probe's two, at least.
         assert!(
-            seen >= 4,
+            seen >= 6,
             "only {seen} mentions of {prefix} found: is this the repository?"
         );
     }
