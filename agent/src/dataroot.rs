@@ -443,5 +443,12 @@ mod tests {
                 "docs/data-root.md does not describe `{name}/`"
             );
         }
+        // The manifest format lists the names an id may not take.
+        let listed: Vec<String> = DataRoot::RESERVED_NAMES.iter().map(|n| format!("`{n}`")).collect();
+        let listed = format!("({})", listed.join(", "));
+        assert!(
+            read("docs/manifest.md").contains(&listed),
+            "docs/manifest.md's `id` row does not list {listed}"
+        );
     }
 }
