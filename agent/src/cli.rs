@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::control::{self, AppBackend, ControlClient};
+use crate::dataroot::{DataRoot, DEFAULT_DATA_ROOT};
 use crate::engine::Engine;
 use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
@@ -38,8 +39,8 @@ pub struct GlobalOpts {
     #[arg(long, global = true, env = "ARCHY_APPS")]
     pub apps: Option<PathBuf>,
     /// Data root: app data, secrets and agent state.
-    #[arg(long, global = true, env = "ARCHY_DATA", default_value = manifest::DEFAULT_DATA_ROOT)]
-    pub data: PathBuf,
+    #[arg(long, global = true, env = "ARCHY_DATA", default_value = DEFAULT_DATA_ROOT)]
+    pub data: DataRoot,
     /// Engine API socket (Podman's Docker-compatible API).
     #[arg(long, global = true, env = "ARCHY_ENGINE", default_value = DEFAULT_ENGINE_SOCKET)]
     pub engine: PathBuf,
@@ -63,7 +64,7 @@ impl GlobalOpts {
     pub fn apps_dir(&self) -> PathBuf {
         match (&self.apps, self.dev) {
             (Some(dir), _) => dir.clone(),
-            (None, true) => Orchestrator::dev_apps_dir(&self.data),
+            (None, true) => self.data.dev_apps_dir(),
             (None, false) => PathBuf::from(DEFAULT_APPS_DIR),
         }
     }
@@ -283,7 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait_secs,
         } => {
             crate::datadisk::run(&crate::datadisk::Options {
-                mountpoint: cli.global.data.clone(),
+                mountpoint: cli.global.data.path().to_path_buf(),
                 label,
                 wait: Duration::from_secs(wait_secs),
                 owner,

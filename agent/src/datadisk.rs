@@ -22,12 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::dataroot::DataRoot;
+
 pub const LABEL: &str = "ARCHY-DATA";
 const FORMAT_PARAM: &str = "archipelago.format=";
-/// Container storage under the data root (rootless and rootful).
-const CONTAINERS_DIR: &str = "containers";
-/// The data root's folder the image may seed (`config/registries.json`).
-const SEED_DIR: &str = "config";
 /// How long udev gets to show a labelled partition after boot.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(10);
 const POLL_EVERY: Duration = Duration::from_millis(250);
@@ -141,7 +139,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     // What the image ships under the data root (the registry list of
     // `cargo xtask iso --registries`) is hidden once the disk is mounted
     // over it: read it first, and give it to a disk that lacks it.
-    let seed = read_seed(&opts.mountpoint.join(SEED_DIR))?;
+    let seed = read_seed(&DataRoot::new(&opts.mountpoint).seed_dir())?;
     if is_mountpoint(&opts.mountpoint)? {
         say(&format!("{} is already mounted", opts.mountpoint.display()));
     } else if let Some(device) = wait_for_label(&opts.label, opts.wait)? {
@@ -172,11 +170,11 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     } else {
         warn_in_ram(&opts.mountpoint, &opts.label);
         own(opts)?;
-        write_seed(&opts.mountpoint.join(SEED_DIR), &seed, opts.owner)?;
+        write_seed(&DataRoot::new(&opts.mountpoint).seed_dir(), &seed, opts.owner)?;
         return Ok(false);
     }
     own(opts)?;
-    write_seed(&opts.mountpoint.join(SEED_DIR), &seed, opts.owner)?;
+    write_seed(&DataRoot::new(&opts.mountpoint).seed_dir(), &seed, opts.owner)?;
     say(&format!(
         "data disk {} mounted at {}",
         opts.label,
@@ -231,7 +229,7 @@ fn own(opts: &Options) -> anyhow::Result<()> {
         // The container storage folder too: whoever creates it first owns
         // it, and a root `podman` run must never take it from the agent's
         // rootless engine.
-        let containers = opts.mountpoint.join(CONTAINERS_DIR);
+        let containers = DataRoot::new(&opts.mountpoint).containers_dir();
         fs::create_dir_all(&containers).with_context(|| format!("cannot create {}", containers.display()))?;
         for dir in [&opts.mountpoint, &containers] {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))

@@ -14,12 +14,12 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
+use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::template::{self, template_key, Facts};
 use crate::manifest::{Manifest, Naming};
 use crate::ownership::Ownership;
 use crate::secrets::{ensure_secret, read_secret};
-use crate::spec::{app_data_dir, secrets_dir};
 
 /// The kernel's host name, for `facts.hostname`.
 const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
@@ -71,7 +71,7 @@ pub fn facts(m: &Manifest, all: &[Manifest], naming: &Naming) -> anyhow::Result<
 /// `generate`, secrets not there yet are generated (as install does);
 /// without it, a missing secret is an error and nothing is written.
 pub fn render_app(
-    data_root: &Path,
+    data_root: &DataRoot,
     m: &Manifest,
     all: &[Manifest],
     naming: &Naming,
@@ -81,7 +81,7 @@ pub fn render_app(
         return Ok(Vec::new());
     }
     let facts = facts(m, all, naming)?;
-    let app_dir = app_data_dir(data_root, &m.id);
+    let app_dir = data_root.app_dir(&m.id);
     let owner = m.owner();
     let mut out = Vec::new();
     for (i, file) in m.files.iter().enumerate() {
@@ -95,7 +95,7 @@ pub fn render_app(
             let path = if generate {
                 ensure_secret(data_root, spec)?
             } else {
-                secrets_dir(data_root).join(name)
+                data_root.secret(name)
             };
             values.insert(name.clone(), read_secret(&path)?);
         }
@@ -183,8 +183,8 @@ fn confined_parent(app_dir: &Path, path: &Path, owner: Option<(u32, u32)>) -> an
 /// Writes what `render_app` found changed: new bytes atomically, with mode
 /// and owner set before the file takes its name; a changed mode or owner
 /// alone is set in place.
-pub fn apply(data_root: &Path, m: &Manifest, rendered: &[Rendered]) -> anyhow::Result<()> {
-    let app_dir = app_data_dir(data_root, &m.id);
+pub fn apply(data_root: &DataRoot, m: &Manifest, rendered: &[Rendered]) -> anyhow::Result<()> {
+    let app_dir = data_root.app_dir(&m.id);
     let ownership = Ownership::current()?;
     for r in rendered {
         match r.change {
@@ -222,7 +222,7 @@ pub fn apply(data_root: &Path, m: &Manifest, rendered: &[Rendered]) -> anyhow::R
 
 /// Renders and writes `m`'s files, generating missing secrets. Returns the
 /// files whose bytes changed, as the manifest names them.
-pub fn sync(data_root: &Path, m: &Manifest, all: &[Manifest], naming: &Naming) -> anyhow::Result<Vec<String>> {
+pub fn sync(data_root: &DataRoot, m: &Manifest, all: &[Manifest], naming: &Naming) -> anyhow::Result<Vec<String>> {
     let rendered = render_app(data_root, m, all, naming, true)?;
     apply(data_root, m, &rendered)?;
     Ok(changed(&rendered))
@@ -258,7 +258,7 @@ mod tests {
         );
         fs::write(dir.join("manifest.yml"), yaml).unwrap();
         let opts = LoadOptions {
-            data_root: tmp.join("data"),
+            data_root: DataRoot::new(tmp.join("data")),
         };
         load_file(&dir.join("manifest.yml"), &opts).unwrap()
     }
@@ -269,19 +269,28 @@ mod tests {
         let data = tmp.path().join("data");
         let m = app(tmp.path(), "pw={{ secrets.pw }}\n");
         let all = [m.clone()];
-        assert_eq!(sync(&data, &m, &all, &Naming::Prod).unwrap(), ["data/app.conf"]);
+        assert_eq!(
+            sync(&DataRoot::new(&data), &m, &all, &Naming::Prod).unwrap(),
+            ["data/app.conf"]
+        );
         let path = data.join("conf/data/app.conf");
         let first = fs::read_to_string(&path).unwrap();
-        let secret = read_secret(&secrets_dir(&data).join("pw")).unwrap();
+        let secret = read_secret(&DataRoot::new(&data).secret("pw")).unwrap();
         assert_eq!(first, format!("pw={secret}\n"));
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o600);
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
 
-        assert!(sync(&data, &m, &all, &Naming::Prod).unwrap().is_empty(), "unchanged");
+        assert!(
+            sync(&DataRoot::new(&data), &m, &all, &Naming::Prod).unwrap().is_empty(),
+            "unchanged"
+        );
         assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime, "not touched");
 
-        fs::write(secrets_dir(&data).join("pw"), "0123456789abcdef0123456789abcdef").unwrap();
-        assert_eq!(sync(&data, &m, &all, &Naming::Prod).unwrap(), ["data/app.conf"]);
+        fs::write(DataRoot::new(&data).secret("pw"), "0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(
+            sync(&DataRoot::new(&data), &m, &all, &Naming::Prod).unwrap(),
+            ["data/app.conf"]
+        );
         assert_eq!(
             fs::read_to_string(&path).unwrap(),
             "pw=0123456789abcdef0123456789abcdef\n"
@@ -293,10 +302,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let m = app(tmp.path(), "static\n");
-        sync(&data, &m, std::slice::from_ref(&m), &Naming::Prod).unwrap();
+        sync(&DataRoot::new(&data), &m, std::slice::from_ref(&m), &Naming::Prod).unwrap();
         let path = data.join("conf/data/app.conf");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(sync(&data, &m, std::slice::from_ref(&m), &Naming::Prod)
+        assert!(sync(&DataRoot::new(&data), &m, std::slice::from_ref(&m), &Naming::Prod)
             .unwrap()
             .is_empty());
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o600);
@@ -312,7 +321,7 @@ mod tests {
         // The container replaced its volume folder with a link out.
         symlink(&outside, data.join("conf/data")).unwrap();
         let m = app(tmp.path(), "static\n");
-        let err = sync(&data, &m, std::slice::from_ref(&m), &Naming::Prod).unwrap_err();
+        let err = sync(&DataRoot::new(&data), &m, std::slice::from_ref(&m), &Naming::Prod).unwrap_err();
         assert!(format!("{err:#}").contains("not a plain folder"), "{err:#}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
     }
@@ -327,7 +336,7 @@ mod tests {
         symlink(&target, data.join("conf/data/app.conf")).unwrap();
         let m = app(tmp.path(), "static\n");
         assert_eq!(
-            sync(&data, &m, std::slice::from_ref(&m), &Naming::Prod).unwrap(),
+            sync(&DataRoot::new(&data), &m, std::slice::from_ref(&m), &Naming::Prod).unwrap(),
             ["data/app.conf"]
         );
         assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
@@ -341,8 +350,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let m = app(tmp.path(), "pw={{ secrets.pw }}\n");
-        assert!(render_app(&data, &m, std::slice::from_ref(&m), &Naming::Prod, false).is_err());
-        assert!(!secrets_dir(&data).join("pw").exists());
+        assert!(render_app(
+            &DataRoot::new(&data),
+            &m,
+            std::slice::from_ref(&m),
+            &Naming::Prod,
+            false
+        )
+        .is_err());
+        assert!(!DataRoot::new(&data).secret("pw").exists());
         assert!(!data.join("conf/data/app.conf").exists());
     }
 

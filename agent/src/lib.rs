@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod control;
 pub mod datadisk;
+pub mod dataroot;
 pub mod engine;
 pub mod files;
 pub mod fsutil;

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
+use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::{AppId, SecretKind, SecretSpec};
-use crate::spec::{app_secret_path, secrets_dir};
 
 /// Creates `dir` with mode 0700, or tightens it to 0700.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -31,10 +31,9 @@ fn random_hex(kind: SecretKind) -> anyhow::Result<String> {
 /// Makes sure the node's secret `spec` exists, generating it the first
 /// time. Returns its path. An existing secret is never changed; one of the
 /// wrong shape is an error, not a reason to replace it.
-pub fn ensure_secret(data_root: &Path, spec: &SecretSpec) -> anyhow::Result<PathBuf> {
-    let dir = secrets_dir(data_root);
-    private_dir(&dir)?;
-    let path = dir.join(&spec.name);
+pub fn ensure_secret(data_root: &DataRoot, spec: &SecretSpec) -> anyhow::Result<PathBuf> {
+    private_dir(&data_root.secrets_dir())?;
+    let path = data_root.secret(&spec.name);
     if !path.exists() {
         let value = random_hex(spec.kind)?;
         // Never replaces a secret, even one another process wrote meanwhile.
@@ -73,7 +72,7 @@ pub fn read_secret(path: &Path) -> anyhow::Result<String> {
 /// `owner` (host uid and gid) with mode 0400, refreshed when the canonical
 /// value changed. Returns whether any copy changed.
 pub fn provision_app_secrets(
-    data_root: &Path,
+    data_root: &DataRoot,
     app: &AppId,
     secrets: &[SecretSpec],
     owner: Option<(u32, u32)>,
@@ -82,7 +81,7 @@ pub fn provision_app_secrets(
     for spec in secrets {
         let canonical = ensure_secret(data_root, spec)?;
         let value = read_secret(&canonical)?;
-        let copy = app_secret_path(data_root, app, &spec.name);
+        let copy = data_root.app_secret(app, &spec.name);
         let dir = copy.parent().context("an app secret path has a parent folder")?;
         // `secrets/apps` as well as the app's own folder stay 0700.
         if let Some(apps) = dir.parent() {
@@ -116,18 +115,18 @@ mod tests {
     #[test]
     fn secret_is_generated_once_with_private_modes() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = ensure_secret(tmp.path(), &spec("rpc", SecretKind::Hex32)).expect("generate");
+        let path = ensure_secret(&DataRoot::new(tmp.path()), &spec("rpc", SecretKind::Hex32)).expect("generate");
         let first = fs::read_to_string(&path).expect("read");
         assert_eq!(first.len(), 64);
         assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
-        let dir_mode = fs::metadata(secrets_dir(tmp.path()))
+        let dir_mode = fs::metadata(DataRoot::new(tmp.path()).secrets_dir())
             .expect("meta")
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(dir_mode, 0o700);
-        ensure_secret(tmp.path(), &spec("rpc", SecretKind::Hex32)).expect("again");
+        ensure_secret(&DataRoot::new(tmp.path()), &spec("rpc", SecretKind::Hex32)).expect("again");
         assert_eq!(fs::read_to_string(&path).expect("read"), first, "never overwritten");
     }
 
@@ -135,8 +134,8 @@ mod tests {
     fn hex16_secret_has_32_hex_characters_and_differs_per_generation() {
         let a = tempfile::tempdir().expect("tempdir");
         let b = tempfile::tempdir().expect("tempdir");
-        let pa = ensure_secret(a.path(), &spec("s", SecretKind::Hex16)).expect("a");
-        let pb = ensure_secret(b.path(), &spec("s", SecretKind::Hex16)).expect("b");
+        let pa = ensure_secret(&DataRoot::new(a.path()), &spec("s", SecretKind::Hex16)).expect("a");
+        let pb = ensure_secret(&DataRoot::new(b.path()), &spec("s", SecretKind::Hex16)).expect("b");
         let (va, vb) = (read_secret(&pa).expect("a"), read_secret(&pb).expect("b"));
         assert_eq!(va.len(), 32);
         assert_ne!(va, vb, "random per node");
@@ -145,10 +144,10 @@ mod tests {
     #[test]
     fn malformed_existing_secret_is_kept_and_reported_without_its_value() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = secrets_dir(tmp.path());
+        let dir = DataRoot::new(tmp.path()).secrets_dir();
         fs::create_dir_all(&dir).expect("mkdir");
         fs::write(dir.join("rpc"), "hunter2").expect("write");
-        let err = ensure_secret(tmp.path(), &spec("rpc", SecretKind::Hex32)).expect_err("malformed");
+        let err = ensure_secret(&DataRoot::new(tmp.path()), &spec("rpc", SecretKind::Hex32)).expect_err("malformed");
         let msg = format!("{err:#}");
         assert!(msg.contains("is not 64 hex characters"), "{msg}");
         assert!(!msg.contains("hunter2"), "the value never appears in errors: {msg}");
@@ -160,17 +159,17 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let app = AppId::parse("electrs").expect("id");
         let secrets = [spec("rpc", SecretKind::Hex16)];
-        assert!(provision_app_secrets(tmp.path(), &app, &secrets, None).expect("first"));
+        assert!(provision_app_secrets(&DataRoot::new(tmp.path()), &app, &secrets, None).expect("first"));
         assert!(
-            !provision_app_secrets(tmp.path(), &app, &secrets, None).expect("same"),
+            !provision_app_secrets(&DataRoot::new(tmp.path()), &app, &secrets, None).expect("same"),
             "unchanged"
         );
-        let copy = app_secret_path(tmp.path(), &app, "rpc");
+        let copy = DataRoot::new(tmp.path()).app_secret(&app, "rpc");
         assert_eq!(fs::metadata(&copy).expect("meta").permissions().mode() & 0o777, 0o400);
         // Rotating the canonical secret by hand reaches the app's copy.
-        let canonical = secrets_dir(tmp.path()).join("rpc");
+        let canonical = DataRoot::new(tmp.path()).secrets_dir().join("rpc");
         fs::write(&canonical, "0123456789abcdef0123456789abcdef").expect("rotate");
-        assert!(provision_app_secrets(tmp.path(), &app, &secrets, None).expect("rotated"));
+        assert!(provision_app_secrets(&DataRoot::new(tmp.path()), &app, &secrets, None).expect("rotated"));
         assert_eq!(read_secret(&copy).expect("copy"), "0123456789abcdef0123456789abcdef");
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::dataroot::DataRoot;
 use crate::manifest::{
     AppId, ImageSource, Manifest, Naming, NamingError, PortMapping, SecretKind, Security, VolumeSource, DEFAULT_NETWORK,
 };
@@ -82,23 +83,13 @@ pub struct ContainerSpec {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Folder of the node's canonical secrets.
-pub fn secrets_dir(data_root: &Path) -> PathBuf {
-    data_root.join("secrets")
-}
-
-/// Folder of an app's data.
-pub fn app_data_dir(data_root: &Path, app: &AppId) -> PathBuf {
-    data_root.join(app.as_str())
-}
-
 impl ContainerSpec {
     /// Derives the container for `app`. `built_image` is the local image
     /// reference for apps with `build`, which only the builder knows.
     pub fn from_manifest(
         app: &Manifest,
         naming: &Naming,
-        data_root: &Path,
+        data_root: &DataRoot,
         built_image: Option<&str>,
     ) -> Result<ContainerSpec, NamingError> {
         let image = match (&app.image, built_image) {
@@ -106,7 +97,7 @@ impl ContainerSpec {
             (ImageSource::Build { .. }, Some(built)) => built.to_owned(),
             (ImageSource::Build { .. }, None) => build_tag(&app.id, "unbuilt"),
         };
-        let app_dir = app_data_dir(data_root, &app.id);
+        let app_dir = data_root.app_dir(&app.id);
         let mounts = app
             .volumes
             .iter()
@@ -129,7 +120,7 @@ impl ContainerSpec {
             secrets.push(SecretMount {
                 name: s.name.clone(),
                 kind: s.kind,
-                host: app_secret_path(data_root, &app.id, &s.name),
+                host: data_root.app_secret(&app.id, &s.name),
                 target: format!("{SECRETS_MOUNT_DIR}/{}", s.name),
             });
         }
@@ -242,11 +233,6 @@ impl ContainerSpec {
         let bytes = serde_json::to_vec(&hashed).unwrap_or_default();
         format!("{:x}", Sha256::digest(bytes))
     }
-}
-
-/// Where an app's own copy of a secret lives (owned by the app's user).
-pub fn app_secret_path(data_root: &Path, app: &AppId, secret: &str) -> PathBuf {
-    secrets_dir(data_root).join("apps").join(app.as_str()).join(secret)
 }
 
 /// Local tag for an image built from an app's context: content-addressed by

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use archy_agent::control::{self, protocol, ControlClient, ControlHandler, OrchestratorHandler, RemoteOrchestrator};
+use archy_agent::dataroot::DataRoot;
 use archy_agent::engine::Engine;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorError};
 use archy_agent::registry::RegistryStore;
@@ -76,7 +77,7 @@ impl Node {
 
     async fn orchestrator(&self) -> Arc<Orchestrator> {
         let engine = Engine::connect(&self.env.engine_socket).await.expect("engine");
-        Arc::new(Orchestrator::prod(engine, &self.apps, &self.data))
+        Arc::new(Orchestrator::prod(engine, &self.apps, &DataRoot::new(&self.data)))
     }
 
     /// Serves the control socket over a fresh orchestrator until the
@@ -258,11 +259,11 @@ async fn registry_add_and_list_over_the_socket_never_return_the_password() {
     );
     assert_eq!(
         listing["file"],
-        json!(RegistryStore::file_path(&node.data).display().to_string())
+        json!(DataRoot::new(&node.data).registries().display().to_string())
     );
     assert!(!listing.to_string().contains(PASSWORD), "{listing}");
     // Stored with the login, where the agent's pulls find it.
-    let store = RegistryStore::open(&node.data).expect("store");
+    let store = RegistryStore::open(&DataRoot::new(&node.data)).expect("store");
     let creds = store
         .get("lan")
         .and_then(|r| r.credentials.clone())
@@ -532,7 +533,10 @@ async fn the_cli_goes_through_a_running_agent_and_acts_in_process_without_one() 
         .args(["registry", "add", "lan", "https://mirror.lan:5000"]);
     let out = run(add).await;
     assert!(out.status.success(), "{}", show(&out));
-    assert!(RegistryStore::open(&node.data).expect("store").get("lan").is_some());
+    assert!(RegistryStore::open(&DataRoot::new(&node.data))
+        .expect("store")
+        .get("lan")
+        .is_some());
     assert!(!elsewhere.exists(), "nothing is written beside the agent");
 
     server.shut_down().await;

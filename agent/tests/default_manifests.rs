@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::files;
 use archy_agent::manifest::{load_dir, LoadOptions, LoadReport, Manifest, Naming, Probe, VolumeSource};
 
@@ -114,8 +115,9 @@ fn the_rendered_configs_share_the_rpc_password_and_bitcoind_gets_its_rpcauth_has
     let render = |id: &str| -> String {
         let m = app(&report, id);
         // No generation: only the fixed secrets above may be used.
-        let rendered = files::render_app(data, m, &report.apps, &Naming::Prod, false).unwrap();
-        files::apply(data, m, &rendered).unwrap();
+        let root = DataRoot::new(data);
+        let rendered = files::render_app(&root, m, &report.apps, &Naming::Prod, false).unwrap();
+        files::apply(&root, m, &rendered).unwrap();
         fs::read_to_string(data.join(id).join(&m.files[0].path)).unwrap()
     };
 

@@ -9,10 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::engine::{Engine, EngineError};
-use archy_agent::images::{
-    self, import_all, EntryOutcome, ImageLock, ImportReport, Ledger, LockEntry, Outcome, LOCK_FILE,
-};
+use archy_agent::images::{import_all, EntryOutcome, ImageLock, ImportReport, Ledger, LockEntry, Outcome, LOCK_FILE};
 use archy_agent::manifest::{Digest, Naming};
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
 use common::{env, unique_name, Cleanup, TestEnv};
@@ -147,11 +146,11 @@ impl Node {
 
     async fn import(&self) -> ImportReport {
         let engine = common::engine(&self.env).await;
-        import_all(&engine, &self.images, &self.data).await
+        import_all(&engine, &self.images, &DataRoot::new(&self.data)).await
     }
 
     fn ledger(&self) -> Ledger {
-        let bytes = fs::read(images::ledger_path(&self.data)).expect("the ledger exists");
+        let bytes = fs::read(DataRoot::new(&self.data).images_ledger()).expect("the ledger exists");
         serde_json::from_slice(&bytes).expect("the ledger is valid JSON")
     }
 }
@@ -200,7 +199,7 @@ async fn a_second_import_reads_no_archive_and_reports_every_entry_already_presen
     node.write_lock(&[&a.entry, &b.entry]);
     let first = node.import().await;
     assert!(first.is_clean(), "{first:#?}");
-    let ledger_before = fs::read(images::ledger_path(&node.data)).expect("ledger");
+    let ledger_before = fs::read(DataRoot::new(&node.data).images_ledger()).expect("ledger");
 
     // Had the second run opened an archive, it would have failed to.
     fs::remove_file(&a.path).expect("remove archive");
@@ -212,7 +211,7 @@ async fn a_second_import_reads_no_archive_and_reports_every_entry_already_presen
         assert_eq!(e.outcome, Outcome::AlreadyPresent, "{e:?}");
     }
     assert_eq!(
-        fs::read(images::ledger_path(&node.data)).expect("ledger"),
+        fs::read(DataRoot::new(&node.data).images_ledger()).expect("ledger"),
         ledger_before,
         "nothing new to record, so the ledger keeps its import times"
     );
@@ -290,7 +289,7 @@ async fn a_corrupt_ledger_is_moved_aside_and_rebuilt_from_the_engine() {
     let a = node.archive("alpha", None);
     node.write_lock(&[&a.entry]);
     assert!(node.import().await.is_clean());
-    let path = images::ledger_path(&node.data);
+    let path = DataRoot::new(&node.data).images_ledger();
     fs::write(&path, b"{\"version\": 1, \"images\": [ truncated").expect("corrupt the ledger");
 
     let report = node.import().await;
@@ -331,7 +330,7 @@ async fn a_missing_folder_or_lock_is_an_empty_report_with_a_note_and_an_unusable
     let engine = common::engine(&node.env).await;
 
     let nowhere = node.tmp.path().join("no-such-folder");
-    let report = import_all(&engine, &nowhere, &node.data).await;
+    let report = import_all(&engine, &nowhere, &DataRoot::new(&node.data)).await;
     assert!(report.entries.is_empty() && report.error.is_none(), "{report:#?}");
     assert!(
         report.notes.iter().any(|n| n.contains("no image folder at")),
@@ -339,7 +338,7 @@ async fn a_missing_folder_or_lock_is_an_empty_report_with_a_note_and_an_unusable
     );
     assert!(report.is_clean());
 
-    let report = import_all(&engine, &node.images, &node.data).await;
+    let report = import_all(&engine, &node.images, &DataRoot::new(&node.data)).await;
     assert!(
         report.notes.iter().any(|n| n.contains("no images.lock.json in")),
         "{report:#?}"
@@ -347,7 +346,7 @@ async fn a_missing_folder_or_lock_is_an_empty_report_with_a_note_and_an_unusable
     assert!(report.is_clean());
 
     fs::write(node.images.join(LOCK_FILE), r#"{"version": 2, "images": []}"#).expect("lock");
-    let report = import_all(&engine, &node.images, &node.data).await;
+    let report = import_all(&engine, &node.images, &DataRoot::new(&node.data)).await;
     let error = report.error.as_deref().expect("an unusable lock is an error");
     assert!(
         error.contains("images.lock.json: version: 2 is not supported"),
@@ -355,7 +354,7 @@ async fn a_missing_folder_or_lock_is_an_empty_report_with_a_note_and_an_unusable
     );
     assert!(!report.is_clean());
     assert!(
-        !images::ledger_path(&node.data).exists(),
+        !DataRoot::new(&node.data).images_ledger().exists(),
         "nothing imported, nothing recorded"
     );
 }
@@ -407,7 +406,7 @@ async fn the_orchestrator_installs_from_an_imported_archive_without_pulling() {
         engine,
         OrchestratorConfig {
             apps_dir: node.apps.clone(),
-            data_root: node.data.clone(),
+            data_root: DataRoot::new(&node.data),
             naming: Naming::Prod,
             images_dir: node.images.clone(),
         },

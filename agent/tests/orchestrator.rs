@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, HealthState, OrchestratorError};
 use archy_agent::registry::{Credentials, Registry, RegistryStore, RegistryUrl};
 use common::node::{app_id, free_port, push_unique_image, Node, SERVE};
@@ -142,7 +143,7 @@ async fn a_registry_that_is_down_falls_through_to_the_next() {
         .expect("pinned")
         .with_registry(&dead);
     node.app(&id, &image.to_string(), "command: [\"sleep\", \"300\"]\n");
-    let mut store = RegistryStore::open(&node.data).expect("store");
+    let mut store = RegistryStore::open(&DataRoot::new(&node.data)).expect("store");
     let url: RegistryUrl = format!("http://{}", node.env.registry).parse().expect("url");
     store
         .add(Registry::new("fallback", url, 200).expect("registry"))
@@ -175,7 +176,7 @@ async fn the_auth_registry_refuses_without_credentials_and_serves_with_them() {
     }
     assert_eq!(orch.status(&id).await.expect("status").state, AppState::Missing);
 
-    let mut store = RegistryStore::open(&node.data).expect("store");
+    let mut store = RegistryStore::open(&DataRoot::new(&node.data)).expect("store");
     let url: RegistryUrl = format!("http://{}", node.env.auth_registry).parse().expect("url");
     let creds = Credentials::new(&node.env.auth.username, &node.env.auth.password).expect("creds");
     store

@@ -6,6 +6,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::manifest::Naming;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator};
 use archy_agent::reconcile::daemon::{self, AgentConfig};
@@ -248,7 +249,7 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
     let config = AgentConfig {
         engine: node.env.engine_socket.clone(),
         apps_dir: node.apps.clone(),
-        data_root: node.data.clone(),
+        data_root: DataRoot::new(&node.data),
         images_dir: node.data.join("no-images"),
         naming: Naming::Prod,
         // Far beyond the test: only events can explain a quick restart.
@@ -438,7 +439,7 @@ async fn the_agent_survives_the_engine_going_away_and_converges_when_it_returns(
     let config = AgentConfig {
         engine: socket,
         apps_dir: node.apps.clone(),
-        data_root: node.data.clone(),
+        data_root: DataRoot::new(&node.data),
         images_dir: node.data.join("no-images"),
         naming: Naming::Prod,
         resync: Duration::from_secs(2),

@@ -362,7 +362,7 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
     let data = dir.path().join("data");
     fs::create_dir_all(&data).unwrap();
     let engine = Engine::connect(Path::new(&var("ARCHY_TEST_ENGINE"))).await.unwrap();
-    let imported = archy_agent::images::import_all(&engine, &out, &data).await;
+    let imported = archy_agent::images::import_all(&engine, &out, &archy_agent::dataroot::DataRoot::new(&data)).await;
     assert!(imported.is_clean(), "{imported:?}");
     assert!(imported.imported() >= UIS.len(), "{imported:?}");
 
@@ -371,7 +371,7 @@ async fn each_ui_serves_its_page_and_proxies_to_its_backend_by_name() {
         engine,
         OrchestratorConfig {
             apps_dir: manifests.clone(),
-            data_root: data.clone(),
+            data_root: data.clone().into(),
             naming: Naming::Prod,
             images_dir: out.clone(),
         },

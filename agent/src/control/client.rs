@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 
 use super::protocol::{self, Response, RpcError, TRANSPORT_ERROR};
 use super::server::{read_line_limited, LineRead};
+use crate::dataroot::DataRoot;
 use crate::engine::Engine;
 use crate::orchestrator::{
     self, AppStatus, ContainerOrchestrator, HealthReport, InstallReport, Orchestrator, OrchestratorConfig,
@@ -367,11 +368,11 @@ impl RegistryOps for RemoteRegistries {
 
 /// Where `archy-agent registry …` runs: through the agent when one answers
 /// on `control`, else on the list under `data_root`.
-pub async fn registry_backend(control: &Path, data_root: &Path) -> anyhow::Result<Box<dyn RegistryOps>> {
+pub async fn registry_backend(control: &Path, data_root: &DataRoot) -> anyhow::Result<Box<dyn RegistryOps>> {
     Ok(match ControlClient::connect(control).await? {
         Some(client) => Box::new(RemoteRegistries::new(client)),
         None => Box::new(LocalRegistries {
-            data_root: data_root.to_owned(),
+            data_root: data_root.clone(),
         }),
     })
 }

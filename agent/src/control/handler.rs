@@ -1,7 +1,6 @@
 //! [`OrchestratorHandler`]: the agent's answers to control calls, from its
 //! orchestrator (and therefore its per-app locks) and its registry list.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,6 +12,7 @@ use super::protocol::{
     self, params_of, Call, InstallTarget, RpcError, INTERNAL_ERROR, SERVER_ERROR, UNAVAILABLE, UNKNOWN_REGISTRY,
 };
 use super::ControlHandler;
+use crate::dataroot::DataRoot;
 use crate::orchestrator::{ContainerOrchestrator, Orchestrator, OrchestratorError};
 use crate::registry::commands::{self as registry_commands, AddError, TestError};
 use crate::registry::{RegistryError, StoreError};
@@ -54,7 +54,7 @@ pub fn reconcile_bridge<R: Serialize + Send + 'static>(loop_tx: mpsc::Sender<one
 pub struct OrchestratorHandler {
     pub orch: Arc<Orchestrator>,
     /// Where the registry list lives (`<data>/config/registries.json`).
-    pub data_root: PathBuf,
+    pub data_root: DataRoot,
     /// `None` when nothing reconciles (then `reconcile-now` is refused).
     pub reconcile_now: Option<ReconcileNow>,
     /// Registry changes read, modify and rewrite one file: two at once

@@ -5,27 +5,19 @@
 
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::Digest;
 
-/// The ledger's name inside `<data>/state/`.
-pub const LEDGER_FILE: &str = "images.json";
-/// The agent's state folder inside the data root.
-pub const STATE_DIR: &str = "state";
 const LEDGER_VERSION: u32 = 1;
 /// Far more than any real ledger; a bigger file is not one.
 const MAX_LEDGER_BYTES: u64 = 16 << 20;
 /// Not a secret: what was imported when.
 const LEDGER_MODE: u32 = 0o644;
-
-/// The ledger's path under a data root.
-pub fn ledger_path(data_root: &Path) -> PathBuf {
-    data_root.join(STATE_DIR).join(LEDGER_FILE)
-}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,8 +54,8 @@ pub(crate) struct Loaded {
 /// Reads the ledger. A missing file is an empty ledger; a corrupt one is
 /// moved aside (`images.json.corrupt-<unix seconds>`) with a warning, and
 /// the caller rebuilds it from the engine.
-pub(crate) fn load(data_root: &Path) -> Loaded {
-    let path = ledger_path(data_root);
+pub(crate) fn load(data_root: &DataRoot) -> Loaded {
+    let path = data_root.images_ledger();
     let empty = |note: Option<String>, rewrite: bool| Loaded {
         ledger: Ledger {
             version: LEDGER_VERSION,
@@ -153,10 +145,10 @@ fn parse(bytes: &[u8]) -> Result<Ledger, String> {
 }
 
 /// Writes the ledger atomically (temporary file, fsync, rename).
-pub(crate) fn save(data_root: &Path, ledger: &Ledger) -> io::Result<()> {
+pub(crate) fn save(data_root: &DataRoot, ledger: &Ledger) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(ledger).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    fsutil::write_atomic(&ledger_path(data_root), &bytes, LEDGER_MODE)
+    fsutil::write_atomic(&data_root.images_ledger(), &bytes, LEDGER_MODE)
 }
 
 #[cfg(test)]
@@ -182,33 +174,33 @@ mod tests {
             version: LEDGER_VERSION,
             images: vec![record("a"), record("b")],
         };
-        save(data.path(), &ledger).expect("save");
-        let loaded = load(data.path());
+        save(&DataRoot::new(data.path()), &ledger).expect("save");
+        let loaded = load(&DataRoot::new(data.path()));
         assert_eq!(loaded.ledger, ledger);
         assert!(loaded.note.is_none() && !loaded.rewrite);
-        let names: Vec<_> = fs::read_dir(data.path().join(STATE_DIR))
+        let names: Vec<_> = fs::read_dir(DataRoot::new(data.path()).state_dir())
             .expect("state dir")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(names, vec![LEDGER_FILE]);
+        assert_eq!(names, vec!["images.json"]);
     }
 
     #[test]
     fn a_missing_ledger_is_empty_and_creates_nothing() {
         let data = tempfile::tempdir().expect("tempdir");
-        let loaded = load(data.path());
+        let loaded = load(&DataRoot::new(data.path()));
         assert!(loaded.ledger.images.is_empty() && loaded.note.is_none() && !loaded.rewrite);
-        assert!(!data.path().join(STATE_DIR).exists());
+        assert!(!DataRoot::new(data.path()).state_dir().exists());
     }
 
     #[test]
     fn a_corrupt_ledger_is_moved_aside_with_a_note_and_marked_for_rewrite() {
         for garbage in [&b"{ not json"[..], br#"{"version": 9, "images": []}"#] {
             let data = tempfile::tempdir().expect("tempdir");
-            let path = ledger_path(data.path());
+            let path = DataRoot::new(data.path()).images_ledger();
             fs::create_dir_all(path.parent().expect("parent")).expect("state dir");
             fs::write(&path, garbage).expect("write");
-            let loaded = load(data.path());
+            let loaded = load(&DataRoot::new(data.path()));
             assert!(loaded.ledger.images.is_empty() && loaded.rewrite);
             let note = loaded.note.expect("a note");
             assert!(note.contains("was corrupt") && note.contains(".corrupt-"), "{note}");

@@ -21,10 +21,11 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::dataroot::DataRoot;
 use crate::engine::Engine;
 use crate::manifest::{Digest, PinnedImage};
 
-pub use ledger::{ledger_path, Ledger, LedgerRecord, LEDGER_FILE, STATE_DIR};
+pub use ledger::{Ledger, LedgerRecord};
 pub use lock::{load_lock, parse_lock, ImageLock, LockEntry, LockError, LOCK_FILE, LOCK_VERSION};
 
 /// Where a node's image folder is, unless `--images` or `ARCHY_IMAGES`
@@ -122,7 +123,7 @@ impl ImportReport {
 /// records what the store holds in `<data_root>/state/images.json`. Never
 /// fails as a whole: a missing folder or lock is a note, an unusable lock
 /// is `error`, and each entry has its own outcome.
-pub async fn import_all(engine: &Engine, dir: &Path, data_root: &Path) -> ImportReport {
+pub async fn import_all(engine: &Engine, dir: &Path, data_root: &DataRoot) -> ImportReport {
     let mut report = ImportReport {
         dir: dir.to_path_buf(),
         ..ImportReport::default()
@@ -194,7 +195,7 @@ pub async fn import_all(engine: &Engine, dir: &Path, data_root: &Path) -> Import
     }
     if loaded.rewrite || ledger != old {
         if let Err(e) = ledger::save(data_root, &ledger) {
-            let path = ledger_path(data_root);
+            let path = data_root.images_ledger();
             tracing::warn!(path = %path.display(), error = %e, "cannot write the image ledger");
             report
                 .notes

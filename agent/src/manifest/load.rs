@@ -9,25 +9,19 @@ use serde::Serialize;
 
 use super::raw::RawManifest;
 use super::validate::{validate, Context};
-use super::{set, Manifest, ManifestError, DEFAULT_DATA_ROOT};
+use super::{set, Manifest, ManifestError};
+use crate::dataroot::DataRoot;
 
 /// The file name inside each app folder.
 pub const MANIFEST_FILE: &str = "manifest.yml";
 /// Larger manifests are refused before parsing.
 pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Absolute volume sources must lie inside this folder.
-    pub data_root: PathBuf,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            data_root: PathBuf::from(DEFAULT_DATA_ROOT),
-        }
-    }
+    /// Absolute volume sources must lie inside an app's folder under this
+    /// root (the node's by default).
+    pub data_root: DataRoot,
 }
 
 /// Every valid app and every error found in a folder of app folders.
@@ -527,7 +521,7 @@ mod tests {
         );
         assert!(!load_dir(tmp.path(), &LoadOptions::default()).is_clean());
         let opts = LoadOptions {
-            data_root: PathBuf::from("/srv/data"),
+            data_root: DataRoot::new("/srv/data"),
         };
         assert!(load_dir(tmp.path(), &opts).is_clean());
     }

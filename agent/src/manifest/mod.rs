@@ -27,8 +27,6 @@ pub use load::{load_dir, load_file, LoadOptions, LoadReport, MANIFEST_FILE, MAX_
 pub use naming::{Naming, NamingError, DEFAULT_DEV_PORT_OFFSET};
 pub use set::start_order;
 
-/// Where app data, secrets and state live on a node.
-pub const DEFAULT_DATA_ROOT: &str = "/var/lib/archipelago";
 /// The network every app joins unless it names another.
 pub const DEFAULT_NETWORK: &str = "archy-net";
 
@@ -376,6 +374,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ones() {
+        use crate::dataroot::DEFAULT_DATA_ROOT;
         assert_eq!(DEFAULT_DATA_ROOT, "/var/lib/archipelago");
         assert_eq!(DEFAULT_NETWORK, "archy-net");
     }

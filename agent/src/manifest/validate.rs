@@ -11,12 +11,10 @@ use super::{
     AppId, AppKind, ImageSource, Manifest, PinnedImage, PortMapping, Protocol, SecretEnv, SecretKind, SecretSpec,
     Security, VolumeMount, VolumeSource, DEFAULT_NETWORK,
 };
+use crate::dataroot::DataRoot;
 
 const ID_RULE: &str = "lowercase letters, digits and '-', starting with a letter, at most 63 characters";
 const NAME_RULE: &str = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 63 characters";
-/// Folders under the data root that belong to the agent, not to an app.
-pub(crate) const RESERVED_DATA_NAMES: &[&str] =
-    &["apps", "config", "containers", "images", "secrets", "state", "storage"];
 const PORT_RULE: &str = "a port number from 1 to 65535";
 /// Below this podman refuses to start a container at all.
 const MIN_MEMORY: u64 = 6 * 1024 * 1024;
@@ -76,18 +74,21 @@ pub(crate) struct Context<'a> {
     pub file: &'a Path,
     /// The app's folder (the manifest's parent).
     pub app_dir: &'a Path,
-    pub data_root: &'a Path,
+    pub data_root: &'a DataRoot,
 }
 
 pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, Vec<super::ManifestError>> {
     let mut p = Problems::new(cx.file.to_path_buf());
 
-    let id = AppId::parse(&raw.id).filter(|_| !RESERVED_DATA_NAMES.contains(&raw.id.as_str()));
+    let id = AppId::parse(&raw.id).filter(|_| !DataRoot::RESERVED_NAMES.contains(&raw.id.as_str()));
     if id.is_none() {
         p.bad(
             "id",
             &raw.id,
-            format!("allowed: {ID_RULE}, and none of {}", RESERVED_DATA_NAMES.join(", ")),
+            format!(
+                "allowed: {ID_RULE}, and none of {}",
+                DataRoot::RESERVED_NAMES.join(", ")
+            ),
         );
     }
     let folder = cx.app_dir.file_name().map(|f| f.to_string_lossy().into_owned());
@@ -243,12 +244,7 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             // The first component under the data root must be an app's
             // folder: the agent's own state, secrets and container storage
             // live beside them and must never be mounted into an app.
-            let app_folder = path
-                .strip_prefix(cx.data_root)
-                .ok()
-                .and_then(|rest| rest.components().next())
-                .and_then(|c| c.as_os_str().to_str())
-                .filter(|first| AppId::parse(first).is_some() && !RESERVED_DATA_NAMES.contains(first));
+            let app_folder = cx.data_root.app_folder_of(path);
             if !has_no_dotdot(path) || app_folder.is_none() {
                 p.bad(
                     format!("volumes[{i}].source"),
@@ -257,7 +253,7 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
                         "absolute sources must lie inside an app's folder under the data root {} \
                          (not {}) and may not contain '..'",
                         cx.data_root.display(),
-                        RESERVED_DATA_NAMES.join(", ")
+                        DataRoot::RESERVED_NAMES.join(", ")
                     ),
                 );
                 None

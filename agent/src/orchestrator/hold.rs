@@ -12,7 +12,7 @@ impl Orchestrator {
     /// `<data>/state/held/<app>`: present while the owner wants the app
     /// stopped. A file, so the CLI and the running agent agree on it.
     fn hold_marker(&self, app: &str) -> PathBuf {
-        self.config.data_root.join("state").join("held").join(app)
+        self.config.data_root.held_marker(app)
     }
 
     /// Whether the owner stopped `app` and reconcile must leave it so.

@@ -15,7 +15,7 @@ use crate::engine::{EngineError, RegistryAuth};
 use crate::images::{self, LockError};
 use crate::manifest::{ImageSource, Manifest, PinnedImage};
 use crate::registry::{candidates, RegistryStore};
-use crate::spec::{app_data_dir, build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
+use crate::spec::{build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
 /// How long one pull attempt may take before the next registry is tried.
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -264,7 +264,7 @@ fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Resu
 /// Creates the app's folders (owned by its user) and its secrets.
 fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
     let owner = m.owner();
-    let app_dir = app_data_dir(&orch.config.data_root, &m.id);
+    let app_dir = orch.config.data_root.app_dir(&m.id);
     for mount in &spec.mounts {
         fs::create_dir_all(&mount.host)
             .with_context(|| format!("cannot create volume folder {} for {}", mount.host.display(), m.id))?;

@@ -24,6 +24,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::dataroot::DataRoot;
 use crate::engine::{Engine, EngineError};
 use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
 use crate::spec::ContainerSpec;
@@ -116,7 +117,7 @@ pub trait ContainerOrchestrator: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
     pub apps_dir: PathBuf,
-    pub data_root: PathBuf,
+    pub data_root: DataRoot,
     pub naming: Naming,
     /// The pre-pulled image folder (docs/images.md): an image its lock
     /// ships for an app's exact reference, once imported, is used instead
@@ -153,32 +154,27 @@ pub struct Orchestrator {
 impl Orchestrator {
     /// Production rules: manifests from the apps folder
     /// (`/opt/archipelago/apps` by default), names and ports as written.
-    pub fn prod(engine: Engine, apps_dir: &Path, data_root: &Path) -> Orchestrator {
+    pub fn prod(engine: Engine, apps_dir: &Path, data_root: &DataRoot) -> Orchestrator {
         Orchestrator::new(
             engine,
             OrchestratorConfig {
                 apps_dir: apps_dir.to_path_buf(),
-                data_root: data_root.to_path_buf(),
+                data_root: data_root.clone(),
                 naming: Naming::Prod,
                 images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
             },
         )
     }
 
-    /// The dev apps folder under a data root.
-    pub fn dev_apps_dir(data_root: &Path) -> PathBuf {
-        data_root.join("apps")
-    }
-
     /// Dev rules: manifests under `<data>/apps`, container names with
     /// `-dev`, host ports shifted by the offset, and installs from any
     /// manifest path.
-    pub fn dev(engine: Engine, data_root: &Path, port_offset: u16) -> Orchestrator {
+    pub fn dev(engine: Engine, data_root: &DataRoot, port_offset: u16) -> Orchestrator {
         Orchestrator::new(
             engine,
             OrchestratorConfig {
-                apps_dir: Self::dev_apps_dir(data_root),
-                data_root: data_root.to_path_buf(),
+                apps_dir: data_root.dev_apps_dir(),
+                data_root: data_root.clone(),
                 naming: Naming::Dev { port_offset },
                 images_dir: PathBuf::from(crate::images::DEFAULT_IMAGES_DIR),
             },

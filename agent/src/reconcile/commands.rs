@@ -150,7 +150,7 @@ pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 pub fn config(
     engine: &std::path::Path,
     apps_dir: &std::path::Path,
-    data_root: &std::path::Path,
+    data_root: &crate::dataroot::DataRoot,
     images_dir: &std::path::Path,
     naming: Naming,
     resync: Duration,
@@ -159,7 +159,7 @@ pub fn config(
     AgentConfig {
         engine: engine.to_path_buf(),
         apps_dir: apps_dir.to_path_buf(),
-        data_root: data_root.to_path_buf(),
+        data_root: data_root.clone(),
         images_dir: images_dir.to_path_buf(),
         naming,
         resync,

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::pass::{PassReport, Reconciler};
+use crate::dataroot::DataRoot;
 use crate::engine::{Engine, EngineEvent, EventKind};
 use crate::manifest::Naming;
 use crate::orchestrator::{ContainerOrchestrator as _, Orchestrator, OrchestratorConfig};
@@ -46,7 +47,7 @@ const ENGINE_RETRY_MAX: Duration = Duration::from_secs(30);
 pub struct AgentConfig {
     pub engine: PathBuf,
     pub apps_dir: PathBuf,
-    pub data_root: PathBuf,
+    pub data_root: DataRoot,
     /// Pre-pulled image archives, imported once at boot.
     pub images_dir: PathBuf,
     pub naming: Naming,

@@ -7,7 +7,6 @@
 //! starts from what the engine shows.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -15,15 +14,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::plan::AppMemory;
+use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::AppId;
 
 const VERSION: u32 = 1;
-
-/// `<data>/state/agent.json`.
-pub fn state_file(data_root: &Path) -> PathBuf {
-    data_root.join("state").join("agent.json")
-}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,8 +85,8 @@ impl Anchor {
 
 /// Loads the remembered state. A missing file is an empty state; a file
 /// that cannot be read as state is moved aside and reported, never fatal.
-pub fn load(data_root: &Path) -> BTreeMap<AppId, AppMemory> {
-    let path = state_file(data_root);
+pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
+    let path = data_root.agent_state();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
@@ -147,7 +142,7 @@ pub fn load(data_root: &Path) -> BTreeMap<AppId, AppMemory> {
 }
 
 /// Writes the state atomically (temp file, fsync, rename, fsync folder).
-pub fn save(data_root: &Path, memory: &BTreeMap<AppId, AppMemory>) -> anyhow::Result<()> {
+pub fn save(data_root: &DataRoot, memory: &BTreeMap<AppId, AppMemory>) -> anyhow::Result<()> {
     let anchor = Anchor::now();
     let file = StateFile {
         version: VERSION,
@@ -169,7 +164,7 @@ pub fn save(data_root: &Path, memory: &BTreeMap<AppId, AppMemory>) -> anyhow::Re
             .filter(|(_, r)| *r != AppRecord::default())
             .collect(),
     };
-    let path = state_file(data_root);
+    let path = data_root.agent_state();
     let bytes = serde_json::to_vec_pretty(&file).context("cannot encode the agent state")?;
     fsutil::write_atomic(&path, &bytes, 0o600).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -190,8 +185,12 @@ mod tests {
             config_changed: vec!["data/app.conf".to_owned()],
             ..AppMemory::default()
         };
-        save(tmp.path(), &BTreeMap::from([(app.clone(), mem.clone())])).expect("save");
-        let loaded = load(tmp.path());
+        save(
+            &DataRoot::new(tmp.path()),
+            &BTreeMap::from([(app.clone(), mem.clone())]),
+        )
+        .expect("save");
+        let loaded = load(&DataRoot::new(tmp.path()));
         let got = &loaded[&app];
         assert_eq!(
             (got.failures, &got.drift_loop_hash, &got.adopted),
@@ -212,10 +211,10 @@ mod tests {
     #[test]
     fn a_corrupt_state_file_is_moved_aside_and_the_state_starts_empty() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = state_file(tmp.path());
+        let path = DataRoot::new(tmp.path()).agent_state();
         std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
         std::fs::write(&path, b"{\"version\": 1, \"apps\": {\"x\": {\"failures\": \"many\"").expect("write");
-        assert!(load(tmp.path()).is_empty());
+        assert!(load(&DataRoot::new(tmp.path())).is_empty());
         assert!(!path.exists(), "moved aside");
         let aside: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
             .expect("ls")

@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
@@ -21,6 +21,7 @@ use super::{
     RegistryUrl, StoreError,
 };
 use crate::cli::write_table;
+use crate::dataroot::DataRoot;
 
 /// A password longer than this on stdin is a mistake (a file piped in).
 const MAX_PASSWORD_BYTES: u64 = 64 * 1024;
@@ -106,7 +107,7 @@ pub enum TestError {
 
 /// The registries in the order they are tried; summaries only, never a
 /// login.
-pub fn listing(data_root: &Path) -> Result<RegistryListing, StoreError> {
+pub fn listing(data_root: &DataRoot) -> Result<RegistryListing, StoreError> {
     let store = RegistryStore::open(data_root)?;
     Ok(RegistryListing {
         file: store.path().to_owned(),
@@ -115,7 +116,7 @@ pub fn listing(data_root: &Path) -> Result<RegistryListing, StoreError> {
 }
 
 /// Checks everything and adds the registry to the list.
-pub fn add_registry(data_root: &Path, new: NewRegistry) -> Result<RegistrySummary, AddError> {
+pub fn add_registry(data_root: &DataRoot, new: NewRegistry) -> Result<RegistrySummary, AddError> {
     let url: RegistryUrl = new.url.parse().map_err(RegistryError::BadUrl)?;
     let mut registry = Registry::new(&new.name, url, new.priority)?;
     match (new.username, new.password) {
@@ -132,12 +133,12 @@ pub fn add_registry(data_root: &Path, new: NewRegistry) -> Result<RegistrySummar
 }
 
 /// Removes a registry by name; an unknown name is an error.
-pub fn remove_registry(data_root: &Path, name: &str) -> Result<RegistrySummary, StoreError> {
+pub fn remove_registry(data_root: &DataRoot, name: &str) -> Result<RegistrySummary, StoreError> {
     Ok(RegistryStore::open(data_root)?.remove(name)?.summary())
 }
 
 /// Probes one registry, or every one when `name` is `None`.
-pub async fn test_registries(data_root: &Path, name: Option<&str>) -> Result<TestResults, TestError> {
+pub async fn test_registries(data_root: &DataRoot, name: Option<&str>) -> Result<TestResults, TestError> {
     let store = RegistryStore::open(data_root)?;
     let targets: Vec<Registry> = match name {
         Some(name) => vec![store
@@ -166,7 +167,7 @@ pub trait RegistryOps: Send + Sync {
 /// The registry list under a data root, read and written by this process.
 #[derive(Debug, Clone)]
 pub struct LocalRegistries {
-    pub data_root: PathBuf,
+    pub data_root: DataRoot,
 }
 
 #[async_trait]
@@ -347,6 +348,8 @@ fn yes_no(b: bool) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const SECRET: &str = "hunter2-not-in-output";
@@ -364,7 +367,7 @@ mod tests {
     /// Runs `op` in-process on a data root, as the CLI does without an agent.
     fn run_local(data: &Path, op: RegistryOp, stdin: &str, json: bool, out: &mut Vec<u8>) -> anyhow::Result<ExitCode> {
         let ops = LocalRegistries {
-            data_root: data.to_owned(),
+            data_root: DataRoot::new(data),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -403,7 +406,7 @@ mod tests {
         assert!(!text.contains(SECRET), "{text}");
         assert!(text.contains("auth: yes"), "{text}");
         assert!(text.contains("\"auth\": true"), "{text}");
-        let stored = RegistryStore::open(dir.path()).expect("opens");
+        let stored = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         assert_eq!(
             stored
                 .get("lan")
@@ -425,7 +428,7 @@ mod tests {
         )
         .expect_err("refused");
         assert!(err.to_string().contains("--password-stdin"), "{err}");
-        assert!(!RegistryStore::file_path(dir.path()).exists());
+        assert!(!DataRoot::new(dir.path()).registries().exists());
     }
 
     #[test]
@@ -438,12 +441,12 @@ mod tests {
             username: username.map(str::to_owned),
             password: password.map(str::to_owned),
         };
-        let err = add_registry(dir.path(), new(Some("me"), None)).expect_err("no password");
+        let err = add_registry(&DataRoot::new(dir.path()), new(Some("me"), None)).expect_err("no password");
         assert!(matches!(err, AddError::MissingPassword), "{err:?}");
-        let err = add_registry(dir.path(), new(None, Some(SECRET))).expect_err("no username");
+        let err = add_registry(&DataRoot::new(dir.path()), new(None, Some(SECRET))).expect_err("no username");
         assert!(matches!(err, AddError::MissingUsername), "{err:?}");
         assert!(!format!("{err:?} {err}").contains(SECRET));
-        assert!(!RegistryStore::file_path(dir.path()).exists());
+        assert!(!DataRoot::new(dir.path()).registries().exists());
     }
 
     #[test]

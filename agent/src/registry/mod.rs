@@ -20,9 +20,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::dataroot::REGISTRIES_FILE;
 pub use candidates::{candidates, Candidate, OWN_REGISTRY_PRIORITY};
 pub use probe::{AuthOutcome, ProbeReport, ProbeSetupError, Prober, PROBE_TIMEOUT};
-pub use store::{RegistryStore, StoreError, REGISTRIES_FILE};
+pub use store::{RegistryStore, StoreError};
 pub use url::{is_loopback, RegistryUrl, UrlError, URL_RULE};
 
 /// Priority given by `registry add` when none is named: before an image's

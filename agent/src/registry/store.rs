@@ -13,12 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{sort, Credentials, Registry, RegistryUrl};
+use crate::dataroot::DataRoot;
 use crate::fsutil;
 
-/// The file's name inside `<data>/config/`.
-pub const REGISTRIES_FILE: &str = "registries.json";
-/// The agent's configuration folder inside the data root.
-const CONFIG_DIR: &str = "config";
 /// The only format version this agent reads and writes.
 const FORMAT_VERSION: u32 = 1;
 /// Far more than any real list; a bigger file is not ours.
@@ -92,15 +89,10 @@ pub struct RegistryStore {
 }
 
 impl RegistryStore {
-    /// `<data_root>/config/registries.json`.
-    pub fn file_path(data_root: &Path) -> PathBuf {
-        data_root.join(CONFIG_DIR).join(REGISTRIES_FILE)
-    }
-
     /// Reads the list of `data_root`. A missing file is an empty list; a
     /// file that cannot be parsed is an error naming it, never reset.
-    pub fn open(data_root: &Path) -> Result<RegistryStore, StoreError> {
-        let path = Self::file_path(data_root);
+    pub fn open(data_root: &DataRoot) -> Result<RegistryStore, StoreError> {
+        let path = data_root.registries();
         let registries = match read_limited(&path) {
             Ok(bytes) => parse(&path, &bytes)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -289,6 +281,7 @@ mod tests {
     use std::fs::{self, Permissions};
 
     use super::*;
+    use crate::dataroot::REGISTRIES_FILE;
 
     fn reg(name: &str, url: &str, priority: i32) -> Registry {
         Registry::new(name, url.parse().expect("valid url"), priority).expect("valid name")
@@ -319,7 +312,7 @@ mod tests {
     #[test]
     fn a_missing_file_is_an_empty_list_and_creates_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = RegistryStore::open(dir.path()).expect("opens");
+        let store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         assert!(store.registries().is_empty());
         assert!(!dir.path().join("config").exists());
     }
@@ -327,7 +320,7 @@ mod tests {
     #[test]
     fn added_registries_round_trip_through_the_file_in_priority_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         let creds = Credentials::new("me", "pw").expect("valid");
         store.add(reg("zeta", "https://z.example", 200)).expect("added");
         store
@@ -335,7 +328,7 @@ mod tests {
             .expect("added");
         store.add(reg("alpha", "https://a.example", 200)).expect("added");
 
-        let again = RegistryStore::open(dir.path()).expect("reopens");
+        let again = RegistryStore::open(&DataRoot::new(dir.path())).expect("reopens");
         let names: Vec<&str> = again.registries().iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["lan", "alpha", "zeta"]);
         assert_eq!(again.registries(), store.registries());
@@ -345,7 +338,7 @@ mod tests {
     #[test]
     fn the_file_is_0600_and_the_config_folder_0700() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         store
             .add(reg("a", "https://a.example", 1).with_credentials(Credentials::new("u", "p").expect("valid")))
             .expect("added");
@@ -368,7 +361,7 @@ mod tests {
         let path = config.join(REGISTRIES_FILE);
         fs::write(&path, "{\"version\": 1, \"registries\": []}").expect("write");
         fs::set_permissions(&path, Permissions::from_mode(0o644)).expect("chmod");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         store.add(reg("a", "https://a.example", 1)).expect("added");
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&config), 0o700);
@@ -377,12 +370,12 @@ mod tests {
     #[test]
     fn a_corrupt_file_is_an_error_naming_it_and_is_left_unchanged() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = RegistryStore::file_path(dir.path());
+        let path = DataRoot::new(dir.path()).registries();
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         let text =
             "{\"version\": 1, \"registries\": [{\"name\": \"a\", \"url\": \"http://10.0.0.1\", \"priority\": 1}]}";
         fs::write(&path, text).expect("write");
-        let err = RegistryStore::open(dir.path()).expect_err("corrupt");
+        let err = RegistryStore::open(&DataRoot::new(dir.path())).expect_err("corrupt");
         let msg = err.to_string();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
         assert!(msg.contains(&path.display().to_string()), "{msg}");
@@ -412,10 +405,12 @@ mod tests {
         ];
         for (text, expected) in cases {
             let dir = tempfile::tempdir().expect("tempdir");
-            let path = RegistryStore::file_path(dir.path());
+            let path = DataRoot::new(dir.path()).registries();
             fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
             fs::write(&path, text).expect("write");
-            let msg = RegistryStore::open(dir.path()).expect_err(text).to_string();
+            let msg = RegistryStore::open(&DataRoot::new(dir.path()))
+                .expect_err(text)
+                .to_string();
             assert!(msg.contains(expected), "{text}\n=> {msg}");
         }
     }
@@ -423,13 +418,13 @@ mod tests {
     #[test]
     fn removing_an_unknown_name_is_a_typed_error_and_changes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         store.add(reg("a", "https://a.example", 1)).expect("added");
         let before = fs::read(store.path()).expect("file");
         assert!(matches!(store.remove("nope"), Err(StoreError::UnknownName(n)) if n == "nope"));
         assert_eq!(fs::read(store.path()).expect("file"), before);
         assert_eq!(store.remove("a").expect("removed").name, "a");
-        assert!(RegistryStore::open(dir.path())
+        assert!(RegistryStore::open(&DataRoot::new(dir.path()))
             .expect("reopens")
             .registries()
             .is_empty());
@@ -438,7 +433,7 @@ mod tests {
     #[test]
     fn duplicate_names_and_servers_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         store.add(reg("a", "https://a.example:5000", 1)).expect("added");
         assert!(matches!(
             store.add(reg("a", "https://b.example", 2)),
@@ -454,7 +449,7 @@ mod tests {
     #[test]
     fn the_file_holds_the_credentials_in_the_documented_shape() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = RegistryStore::open(dir.path()).expect("opens");
+        let mut store = RegistryStore::open(&DataRoot::new(dir.path())).expect("opens");
         store
             .add(reg("lan", "https://mirror.lan:5000", 10).with_credentials(Credentials::new("u", "p").expect("valid")))
             .expect("added");

@@ -5,6 +5,7 @@
 use std::fs;
 use std::path::PathBuf;
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::engine::Engine;
 use archy_agent::manifest::Naming;
 use archy_agent::orchestrator::{Orchestrator, OrchestratorConfig};
@@ -65,7 +66,7 @@ impl Node {
             engine,
             OrchestratorConfig {
                 apps_dir: self.apps.clone(),
-                data_root: self.data.clone(),
+                data_root: DataRoot::new(&self.data),
                 naming: Naming::Prod,
                 // No image folder: these tests pull.
                 images_dir: self.data.join("no-images"),

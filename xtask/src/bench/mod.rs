@@ -318,7 +318,7 @@ impl Bench<'_> {
         let report = manifest::load_dir(
             &node.apps,
             &LoadOptions {
-                data_root: node.data.clone(),
+                data_root: node.data.clone().into(),
             },
         );
         if !report.is_clean() || report.apps.len() != count {

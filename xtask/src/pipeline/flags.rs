@@ -19,8 +19,6 @@ pub const IMAGES_LOCK: &str = images::LOCK_FILE;
 /// Where things go on the node.
 pub const NODE_APPS_DIR: &str = "opt/archipelago/apps";
 pub const NODE_IMAGES_DIR: &str = "usr/share/archipelago/images";
-/// The agent reads its registry list from `<data root>/config/`.
-pub const NODE_CONFIG_DIR: &str = "var/lib/archipelago/config";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {

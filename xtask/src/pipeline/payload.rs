@@ -6,11 +6,12 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
+use archy_agent::dataroot::DataRoot;
 use archy_agent::images::{self, ImageLock};
 use archy_agent::manifest::{self, LoadOptions, Manifest};
-use archy_agent::registry::{RegistryStore, REGISTRIES_FILE};
+use archy_agent::registry::RegistryStore;
 
-use crate::pipeline::flags::{IMAGES_LOCK, NODE_APPS_DIR, NODE_CONFIG_DIR, NODE_IMAGES_DIR};
+use crate::pipeline::flags::{IMAGES_LOCK, NODE_APPS_DIR, NODE_IMAGES_DIR};
 use crate::pipeline::layers::{sha256_file, Layer};
 use crate::pipeline::report::{ImageRecord, ManifestRecord};
 
@@ -145,12 +146,21 @@ fn check_lock_matches_manifests(lock: &ImageLock, apps: &[Manifest]) -> anyhow::
     Ok(())
 }
 
+/// A node's absolute `path` as a path inside the rootfs tree.
+fn in_rootfs(path: &Path) -> String {
+    path.strip_prefix("/").unwrap_or(path).to_string_lossy().into_owned()
+}
+
 /// Checks a registry list with the agent's own reader and adds it to
 /// `layer` as the node's list. Returns its sha256.
 pub fn add_registries(layer: &mut Layer, file: &Path) -> anyhow::Result<String> {
     RegistryStore::open_file(file).with_context(|| format!("checking the registry list {}", file.display()))?;
-    layer.add_dir_with_mode(NODE_CONFIG_DIR, 0o700)?;
-    layer.add_file_with_mode(&format!("{NODE_CONFIG_DIR}/{REGISTRIES_FILE}"), file, 0o600)?;
+    // Where the agent reads it, in the data root's seed folder: the data
+    // disk hides it once mounted, and `data-disk` copies it onto a disk
+    // that has none.
+    let node = DataRoot::default();
+    layer.add_dir_with_mode(&in_rootfs(&node.config_dir()), 0o700)?;
+    layer.add_file_with_mode(&in_rootfs(&node.registries()), file, 0o600)?;
     sha256_file(file)
 }
 
@@ -175,11 +185,11 @@ mod tests {
         assert_eq!(sha.len(), 64);
         let root = tempfile::tempdir().unwrap();
         layer.install_into(root.path(), None).unwrap();
-        let installed = root.path().join(NODE_CONFIG_DIR).join(REGISTRIES_FILE);
+        let installed = root.path().join("var/lib/archipelago/config/registries.json");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(fs::metadata(&installed).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(
-            fs::metadata(root.path().join(NODE_CONFIG_DIR))
+            fs::metadata(root.path().join("var/lib/archipelago/config"))
                 .unwrap()
                 .permissions()
                 .mode()

@@ -1,6 +1,7 @@
 use super::super::load::parse;
-use super::super::{Health, ManifestError, Probe, DEFAULT_DATA_ROOT};
+use super::super::{Health, ManifestError, Probe};
 use super::*;
+use crate::dataroot::DEFAULT_DATA_ROOT;
 
 const IMG: &str =
     "docker.io/library/busybox:1.36@sha256:c991fd3d8b19614fa7309525e8ccb6c0a87464f8bf6bd4dff1479b493f7308f2";
@@ -24,7 +25,7 @@ fn check_in(folder: &Path, data_root: &str, yaml: &str) -> Result<Manifest, Vec<
         &Context {
             file: &file,
             app_dir: folder,
-            data_root: Path::new(data_root),
+            data_root: &DataRoot::new(data_root),
         },
     )
 }

@@ -453,8 +453,8 @@ fn write_registries(dir: &Path, host: &str) -> anyhow::Result<PathBuf> {
         10,
     )
     .context("the test registry's entry")?;
-    let mut store =
-        RegistryStore::open(dir).with_context(|| format!("opening a registry list in {}", dir.display()))?;
+    let mut store = RegistryStore::open(&archy_agent::dataroot::DataRoot::new(dir))
+        .with_context(|| format!("opening a registry list in {}", dir.display()))?;
     store.add(registry).context("writing the test registry list")?;
     Ok(store.path().to_path_buf())
 }
