@@ -374,6 +374,39 @@ fn a_disk_whose_partition_is_the_data_disk_is_not_formatted_and_its_partition_is
 }
 
 #[test]
+fn a_blank_partition_named_by_its_partuuid_is_formatted() {
+    let disk = Disk::partitioned();
+    let partition = disk.partition();
+    // The disk ID write_mbr gives, and partition 1: what udev names it by.
+    let partuuid = "41524348-01";
+    let probed = run(
+        "blkid",
+        &[
+            "-p",
+            "-o",
+            "value",
+            "-s",
+            "PART_ENTRY_UUID",
+            partition.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&probed.stdout).trim(), partuuid);
+    fs::create_dir_all(disk.disk_dir.join("by-partuuid")).expect("by-partuuid");
+    std::os::unix::fs::symlink(&partition, disk.disk_dir.join("by-partuuid").join(partuuid)).expect("link");
+    let table = disk.snapshot().first_mib;
+    disk.ask_format(&format!("PARTUUID={}", partuuid.to_ascii_uppercase()));
+    let out = disk.data_disk();
+    assert!(out.status.success());
+    assert_eq!(disk.mounted_source(), partition.display().to_string());
+    let label = run(
+        "blkid",
+        &["-p", "-o", "value", "-s", "LABEL", partition.to_str().expect("utf8")],
+    );
+    assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), disk.label);
+    assert!(disk.snapshot().first_mib == table, "the partition table changed");
+}
+
+#[test]
 fn a_disk_with_a_file_system_and_no_label_is_left_untouched() {
     let disk = Disk::new();
     run("mkfs.ext4", &["-q", "-F", disk.device.to_str().expect("utf8")]);

@@ -133,16 +133,26 @@ fn blkid(args: &[&std::ffi::OsStr]) -> Fact<Option<String>> {
 fn signature(device: &Path) -> Fact<Option<Signature>> {
     // Low-level probing (-p): the device itself, no cache.
     let found = blkid(&["-p".as_ref(), "-o".as_ref(), "export".as_ref(), device.as_os_str()])?;
-    Ok(found.map(|text| {
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
-        };
-        Signature {
-            kind: value("TYPE").or_else(|| value("PTTYPE")),
-            label: value("LABEL"),
-        }
-    }))
+    Ok(found.and_then(|text| parse_blkid_export(&text)))
+}
+
+/// `blkid -p -o export`: what it found on the device. A partition's own
+/// entry in its disk's table (`PART_ENTRY_*`) says nothing of what is on
+/// it; any other key does, even one this does not know.
+fn parse_blkid_export(text: &str) -> Option<Signature> {
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .filter(|(key, _)| *key != "DEVNAME" && !key.starts_with("PART_ENTRY_"))
+        .collect();
+    let value = |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| (*v).to_owned());
+    let (first, _) = pairs.first()?;
+    Some(Signature {
+        kind: value("TYPE")
+            .or_else(|| value("PTTYPE").map(|t| format!("a {t} partition table")))
+            .or_else(|| Some(format!("something ({first})"))),
+        label: value("LABEL"),
+    })
 }
 
 /// Every device with a file system labelled `label`, probed afresh
@@ -300,6 +310,25 @@ mod tests {
         assert_eq!(major_minor(0x0810), (8, 16));
         // Minors past 255 (the 13th loop partition and on).
         assert_eq!(major_minor((259 << 8) | (0x12 << 20) | 0x34), (259, 0x1234));
+    }
+
+    #[test]
+    fn blkid_finds_a_signature_only_in_what_is_on_the_device() {
+        let ext4 = "DEVNAME=/dev/loop0\nLABEL=ARCHY-DATA\nUUID=15\nTYPE=ext4\nUSAGE=filesystem\n";
+        assert_eq!(
+            parse_blkid_export(ext4),
+            Some(Signature {
+                kind: Some("ext4".into()),
+                label: Some("ARCHY-DATA".into())
+            })
+        );
+        let table = parse_blkid_export("DEVNAME=/dev/loop0\nPTUUID=41524348\nPTTYPE=dos\n").unwrap();
+        assert_eq!(table.kind.as_deref(), Some("a dos partition table"));
+        let blank_partition = "DEVNAME=/dev/loop0p1\nPART_ENTRY_SCHEME=dos\nPART_ENTRY_UUID=41524348-01\n\
+                               PART_ENTRY_TYPE=0x83\nPART_ENTRY_NUMBER=1\n";
+        assert_eq!(parse_blkid_export(blank_partition), None);
+        let unknown = parse_blkid_export("DEVNAME=/dev/sdb\nSBMAGIC=x\n").unwrap();
+        assert_eq!(unknown.kind.as_deref(), Some("something (SBMAGIC)"));
     }
 
     #[test]
