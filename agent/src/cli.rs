@@ -144,8 +144,10 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
-    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a disk only
-    /// when the kernel command line names it (archipelago.format=/dev/…); warn when there is none.
+    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a blank disk only
+    /// when the kernel command line names it by a stable name
+    /// (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or PARTUUID=…); warn when
+    /// there is none.
     /// Run as root at boot, before the agent.
     DataDisk {
         /// Give the data root to this uid:gid (the agent's user).
@@ -160,6 +162,9 @@ pub enum Command {
         /// Seconds to wait for the disk to appear.
         #[arg(long, default_value_t = crate::datadisk::DEVICE_WAIT.as_secs(), hide = true)]
         wait_secs: u64,
+        /// Where the stable names' links are (tests on machines without udev make their own).
+        #[arg(long, default_value = crate::datadisk::DISK_DIR, hide = true)]
+        disk_dir: PathBuf,
     },
 }
 
@@ -282,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cmdline,
             label,
             wait_secs,
+            disk_dir,
         } => {
             crate::datadisk::run(&crate::datadisk::Options {
                 mountpoint: cli.global.data.path().to_path_buf(),
@@ -289,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait: Duration::from_secs(wait_secs),
                 owner,
                 cmdline,
+                disk_dir,
             })?;
             Ok(ExitCode::SUCCESS)
         }

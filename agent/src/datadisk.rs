@@ -5,13 +5,22 @@
 //! app data, secrets and agent state live on the partition labelled
 //! `ARCHY-DATA`, mounted at the data root. Without one the node still
 //! boots, but everything is in RAM, and this says so loudly. A disk is
-//! formatted only when the kernel command line names it
-//! (`archipelago.format=/dev/…`), and never when it already carries the
-//! label: the parameter can stay on the command line without ever wiping
-//! the data it protects.
+//! formatted only when the kernel command line names it by a stable name
+//! (`archipelago.format=/dev/disk/by-id/…`) and shows positive evidence of
+//! being blank (`format.rs`); a disk that carries the label is never
+//! formatted again: the parameter can stay on the command line without ever
+//! wiping the data it protects. A refused format is said loudly; the data
+//! disk that exists is still mounted, and without one the unit fails.
 //!
-//! The decisions are pure (`parse_cmdline`, `decide`); the effects run
-//! Debian's own tools (util-linux, e2fsprogs).
+//! The decisions are pure (`parse_cmdline`, `format::decide`); the effects
+//! (`gather.rs` and below) run Debian's own tools (util-linux, e2fsprogs).
+
+mod format;
+mod gather;
+
+pub use format::{
+    decide, DiskFacts, Fact, FormatDecision, FormatRequest, Lsblk, Refusal, Refused, Signature, StableName, DISK_DIR,
+};
 
 use std::ffi::OsStr;
 use std::fs;
@@ -33,56 +42,18 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 /// What the node's kernel command line asks of the data disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Cmdline {
-    /// `archipelago.format=/dev/…`: the only way a disk is ever formatted.
-    pub format: Option<PathBuf>,
+    /// `archipelago.format=…`: the only way a disk is ever formatted.
+    pub format: Option<FormatRequest>,
 }
 
 pub fn parse_cmdline(text: &str) -> anyhow::Result<Cmdline> {
     let mut out = Cmdline::default();
     for word in text.split_whitespace() {
-        if let Some(device) = word.strip_prefix(FORMAT_PARAM) {
-            if !device.starts_with("/dev/") || device.contains("..") {
-                bail!(
-                    "kernel command line: {FORMAT_PARAM}{device} names no device; \
-                     allowed: a path under /dev/, e.g. {FORMAT_PARAM}/dev/vdb"
-                );
-            }
-            out.format = Some(PathBuf::from(device));
+        if let Some(value) = word.strip_prefix(FORMAT_PARAM) {
+            out.format = Some(format::parse_request(FORMAT_PARAM, value)?);
         }
     }
     Ok(out)
-}
-
-/// What is on the device the command line asks to format.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// No such device.
-    Missing,
-    /// The device and its file system label, if any.
-    Present { label: Option<String> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FormatDecision {
-    /// Nothing asked.
-    NotAsked,
-    /// Asked, but the device already is a data disk: keep its data.
-    AlreadyFormatted,
-    Format,
-}
-
-pub fn decide(cmdline: &Cmdline, found: &Found, label: &str) -> anyhow::Result<FormatDecision> {
-    let Some(device) = &cmdline.format else {
-        return Ok(FormatDecision::NotAsked);
-    };
-    match found {
-        Found::Missing => bail!(
-            "kernel command line asks to format {} but there is no such device",
-            device.display()
-        ),
-        Found::Present { label: Some(l) } if l == label => Ok(FormatDecision::AlreadyFormatted),
-        Found::Present { .. } => Ok(FormatDecision::Format),
-    }
 }
 
 /// Options of `archy-agent data-disk`.
@@ -96,44 +67,24 @@ pub struct Options {
     /// The agent's user, who owns the data root (rootless).
     pub owner: Option<(u32, u32)>,
     pub cmdline: PathBuf,
+    /// Where the stable names' links are looked up ([`DISK_DIR`]; tests,
+    /// on machines without udev, make their own).
+    pub disk_dir: PathBuf,
 }
 
-/// Formats if asked, mounts the data disk if there is one, warns if not.
+/// Formats if asked and allowed, mounts the data disk if there is one,
+/// warns if not. A refused format fails only when there is no data disk.
 /// Returns whether a data disk is mounted.
 pub fn run(opts: &Options) -> anyhow::Result<bool> {
     let cmdline_text =
         fs::read_to_string(&opts.cmdline).with_context(|| format!("cannot read {}", opts.cmdline.display()))?;
     let cmdline = parse_cmdline(&cmdline_text)?;
-    if let Some(device) = &cmdline.format {
-        // Asked for by name: give the device the same time to appear.
-        wait_for_path(device, opts.wait);
-        let found = probe(device)?;
-        match decide(&cmdline, &found, &opts.label)? {
-            FormatDecision::Format => {
-                say(&format!(
-                    "formatting {} as ext4, label {} (asked on the kernel command line)",
-                    device.display(),
-                    opts.label
-                ));
-                tool(
-                    "mkfs.ext4",
-                    "e2fsprogs",
-                    &[
-                        "-F".as_ref(),
-                        "-q".as_ref(),
-                        "-L".as_ref(),
-                        opts.label.as_ref(),
-                        device.as_os_str(),
-                    ],
-                )?;
-            }
-            FormatDecision::AlreadyFormatted => say(&format!(
-                "{} already is the data disk (label {}); not formatting it again",
-                device.display(),
-                opts.label
-            )),
-            FormatDecision::NotAsked => {}
-        }
+    let refused = match &cmdline.format {
+        Some(request) => format_if_allowed(request, opts)?.err(),
+        None => None,
+    };
+    if let Some(refused) = &refused {
+        loudly(&refused.to_string());
     }
     fs::create_dir_all(&opts.mountpoint).with_context(|| format!("cannot create {}", opts.mountpoint.display()))?;
     // What the image ships under the data root (the registry list of
@@ -167,6 +118,13 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
                 opts.mountpoint.as_os_str(),
             ],
         )?;
+    } else if let Some(refused) = refused {
+        // Asked for a data disk, got none: the agent must not start and
+        // keep in RAM what its owner expects on a disk.
+        return Err(refused).context(format!(
+            "no partition labelled {}, and the disk the kernel command line names is not formatted",
+            opts.label
+        ));
     } else {
         warn_in_ram(&opts.mountpoint, &opts.label);
         own(opts)?;
@@ -181,6 +139,68 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         opts.mountpoint.display()
     ));
     Ok(true)
+}
+
+/// Formats the disk `request` names if it is blank; `Err(Refused)` says
+/// why not (nothing was written then).
+fn format_if_allowed(request: &FormatRequest, opts: &Options) -> anyhow::Result<Result<(), Refused>> {
+    let refuse = |device: Option<PathBuf>, reasons| {
+        Ok(Err(Refused {
+            named: request.clone(),
+            device,
+            reasons,
+        }))
+    };
+    let device = match request {
+        FormatRequest::Unstable(given) => {
+            // Wait as for any device: its stable names show once it is there.
+            wait_for_path(given, opts.wait);
+            let stable = gather::stable_names(given, &opts.disk_dir);
+            let mut reasons = vec![Refusal::UnstableName {
+                given: given.clone(),
+                stable,
+            }];
+            if !given.exists() {
+                reasons.push(Refusal::Missing);
+            }
+            return refuse(None, reasons);
+        }
+        FormatRequest::Stable(name) => {
+            // udev makes the links shortly after the disks appear.
+            wait_for_path(&name.link(&opts.disk_dir), opts.wait);
+            match gather::resolve(name, &opts.disk_dir) {
+                Some(device) => device,
+                None => return refuse(None, vec![Refusal::Missing]),
+            }
+        }
+    };
+    let facts = gather::facts(&device, &opts.label);
+    match decide(&facts, &opts.label) {
+        FormatDecision::Refuse(reasons) => refuse(Some(device), reasons),
+        FormatDecision::AlreadyFormatted => {
+            say(&format!(
+                "{request} ({}) already is the data disk (label {}); not formatting it again",
+                device.display(),
+                opts.label
+            ));
+            Ok(Ok(()))
+        }
+        FormatDecision::Format => {
+            say(&format!(
+                "formatting {request} ({}) as ext4, label {}: asked on the kernel command line, \
+                 and the device is blank",
+                device.display(),
+                opts.label
+            ));
+            // No -F: mke2fs keeps its own refusals (a mounted device).
+            tool(
+                "mkfs.ext4",
+                "e2fsprogs",
+                &["-q".as_ref(), "-L".as_ref(), opts.label.as_ref(), device.as_os_str()],
+            )?;
+            Ok(Ok(()))
+        }
+    }
 }
 
 /// Files of `dir` (one level: the registry list), read before the mount.
@@ -245,7 +265,8 @@ fn warn_in_ram(mountpoint: &Path, label: &str) {
     say(&format!(
         "{line}\nWARNING: no partition labelled {label}. Container storage, app data, secrets \
          and agent state under {} are in RAM and are LOST at power off.\nAdd a disk with an ext4 \
-         partition labelled {label}, or boot once with archipelago.format=/dev/<disk> to format one.\n{line}",
+         partition labelled {label}, or boot once with archipelago.format=/dev/disk/by-id/<disk> to format a \
+         blank one (ls -l /dev/disk/by-id/ shows the names).\n{line}",
         mountpoint.display()
     ));
 }
@@ -253,6 +274,12 @@ fn warn_in_ram(mountpoint: &Path, label: &str) {
 /// To stderr, which the unit sends to the journal and the console.
 fn say(message: &str) {
     eprintln!("archipelago: {message}");
+}
+
+/// What the owner must not miss, framed on the console.
+fn loudly(message: &str) {
+    let line = "=".repeat(72);
+    say(&format!("{line}\n{message}\n{line}"));
 }
 
 /// Asks `find` every quarter second until it finds something or `wait`
@@ -271,7 +298,7 @@ fn poll<T>(wait: Duration, mut find: impl FnMut() -> anyhow::Result<Option<T>>) 
 }
 
 fn wait_for_path(path: &Path, wait: Duration) {
-    // Not there in time: `probe` says so.
+    // Not there in time: the caller says so.
     let _ = poll(wait, || Ok(path.exists().then_some(())));
 }
 
@@ -287,22 +314,6 @@ fn wait_for_label(label: &str, wait: Duration) -> anyhow::Result<Option<PathBuf>
             .context("cannot run blkid (package util-linux)")?;
         let device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         Ok((output.status.success() && !device.is_empty()).then(|| PathBuf::from(device)))
-    })
-}
-
-fn probe(device: &Path) -> anyhow::Result<Found> {
-    if !device.exists() {
-        return Ok(Found::Missing);
-    }
-    // blkid exits 2 when the device has no (recognised) file system.
-    let output = Command::new("blkid")
-        .args(["-o", "value", "-s", "LABEL"])
-        .arg(device)
-        .output()
-        .context("cannot run blkid (package util-linux)")?;
-    let label = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    Ok(Found::Present {
-        label: (!label.is_empty()).then_some(label),
     })
 }
 
@@ -338,38 +349,28 @@ mod tests {
 
     #[test]
     fn the_format_parameter_is_read_from_the_command_line() {
-        let c = parse_cmdline("BOOT_IMAGE=/live/vmlinuz boot=live archipelago.format=/dev/vdb quiet\n").unwrap();
-        assert_eq!(c.format, Some(PathBuf::from("/dev/vdb")));
+        let c =
+            parse_cmdline("BOOT_IMAGE=/live/vmlinuz boot=live archipelago.format=/dev/disk/by-id/virtio-data quiet\n")
+                .unwrap();
+        assert_eq!(
+            c.format,
+            Some(FormatRequest::Stable(StableName::ById("virtio-data".into())))
+        );
         assert_eq!(parse_cmdline("boot=live").unwrap(), Cmdline::default());
+        // A kernel name is read, to be refused with the disk's stable names.
+        assert_eq!(
+            parse_cmdline("archipelago.format=/dev/vdb").unwrap().format,
+            Some(FormatRequest::Unstable(PathBuf::from("/dev/vdb")))
+        );
     }
 
     #[test]
     fn a_format_parameter_that_names_no_device_is_an_error() {
         let err = parse_cmdline("archipelago.format=vdb").unwrap_err().to_string();
-        assert!(err.contains("archipelago.format=vdb") && err.contains("/dev/"), "{err}");
-        assert!(parse_cmdline("archipelago.format=/dev/../etc/x").is_err());
-    }
-
-    #[test]
-    fn a_disk_is_formatted_only_when_named_and_never_twice() {
-        let asked = Cmdline {
-            format: Some(PathBuf::from("/dev/vdb")),
-        };
-        let blank = Found::Present { label: None };
-        let other = Found::Present {
-            label: Some("WINDOWS".into()),
-        };
-        let ours = Found::Present {
-            label: Some(LABEL.into()),
-        };
-        assert_eq!(
-            decide(&Cmdline::default(), &blank, LABEL).unwrap(),
-            FormatDecision::NotAsked
+        assert!(
+            err.contains("archipelago.format=vdb") && err.contains("/dev/disk/by-id/"),
+            "{err}"
         );
-        assert_eq!(decide(&asked, &blank, LABEL).unwrap(), FormatDecision::Format);
-        assert_eq!(decide(&asked, &other, LABEL).unwrap(), FormatDecision::Format);
-        assert_eq!(decide(&asked, &ours, LABEL).unwrap(), FormatDecision::AlreadyFormatted);
-        let err = decide(&asked, &Found::Missing, LABEL).unwrap_err().to_string();
-        assert!(err.contains("/dev/vdb") && err.contains("no such device"), "{err}");
+        assert!(parse_cmdline("archipelago.format=/dev/../etc/x").is_err());
     }
 }

@@ -1,43 +1,88 @@
 //! `archy-agent data-disk` against real block devices: loop devices over
 //! image files, real ext4, real mounts (root, as on the node). Each test
 //! uses a label of its own so that nothing else is ever touched.
+//!
+//! These machines have no udev, so no `/dev/disk`: each disk gets a lookup
+//! folder of its own (`--disk-dir`) where the test makes the `by-id` links
+//! udev would make. Whether a disk was left untouched is checked on its
+//! bytes: its first and last MiB read through the device, and a checksum of
+//! its image file, before and after.
 
 use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sha2::{Digest as _, Sha256};
+
 const OWNER: &str = "4242:4243";
+const MIB: usize = 1 << 20;
 
 /// A loop device over a sparse image file, detached (and unmounted) on drop.
 struct Disk {
     _dir: tempfile::TempDir,
+    image: PathBuf,
     device: PathBuf,
     mountpoint: PathBuf,
     cmdline: PathBuf,
+    /// The lookup folder of stable names (`/dev/disk` on a node).
+    disk_dir: PathBuf,
     label: String,
+    /// Prepended to PATH for the agent (a folder of failing tools).
+    path_first: Option<PathBuf>,
 }
 
 impl Disk {
     /// A blank disk (no file system yet) with a label of its own.
     fn new() -> Disk {
+        Disk::create(unique_label(), false)
+    }
+
+    /// A blank disk that expects the data disk under `label`.
+    fn with_label(label: &str) -> Disk {
+        Disk::create(label.to_owned(), false)
+    }
+
+    /// A disk with an MBR partition table and one partition over all but
+    /// its first MiB (the partition device is `partition()`).
+    fn partitioned() -> Disk {
+        Disk::create(unique_label(), true)
+    }
+
+    fn create(label: String, partitioned: bool) -> Disk {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
         run("truncate", &["-s", "64M", image.to_str().expect("utf8")]);
-        let label = unique_label();
-        let out = run("losetup", &["--find", "--show", image.to_str().expect("utf8")]);
+        if partitioned {
+            write_mbr(&image, 64 * MIB as u64);
+        }
+        let out = run("losetup", &["--find", "--show", "-P", image.to_str().expect("utf8")]);
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if partitioned {
+            // losetup's own scan does not always show the partition here.
+            run("partx", &["-u", device.to_str().expect("utf8")]);
+        }
         let mountpoint = dir.path().join("data");
         fs::create_dir_all(&mountpoint).expect("mountpoint");
         let cmdline = dir.path().join("cmdline");
         fs::write(&cmdline, "BOOT_IMAGE=/live/vmlinuz boot=live\n").expect("cmdline");
+        let disk_dir = dir.path().join("disk");
+        fs::create_dir_all(disk_dir.join("by-id")).expect("by-id");
         Disk {
             _dir: dir,
+            image,
             device,
             mountpoint,
             cmdline,
+            disk_dir,
             label,
+            path_first: None,
         }
+    }
+
+    fn partition(&self) -> PathBuf {
+        PathBuf::from(format!("{}p1", self.device.display()))
     }
 
     fn format(&self) {
@@ -47,8 +92,21 @@ impl Disk {
         );
     }
 
+    /// Makes the link udev would make, and returns the name it stands for.
+    fn link_by_id(&self) -> String {
+        let name = format!("archy-test-{}", self.label.to_ascii_lowercase());
+        std::os::unix::fs::symlink(&self.device, self.disk_dir.join("by-id").join(&name)).expect("by-id link");
+        format!("/dev/disk/by-id/{name}")
+    }
+
+    /// Boots with `archipelago.format=VALUE` on the kernel command line.
+    fn ask_format(&self, value: &str) {
+        fs::write(&self.cmdline, format!("boot=live archipelago.format={value} quiet\n")).expect("cmdline");
+    }
+
     fn data_disk(&self) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_archy-agent"));
+        command
             .args([
                 "data-disk",
                 "--owner",
@@ -62,8 +120,13 @@ impl Disk {
             .arg(&self.mountpoint)
             .arg("--cmdline")
             .arg(&self.cmdline)
-            .output()
-            .expect("archy-agent runs");
+            .arg("--disk-dir")
+            .arg(&self.disk_dir);
+        if let Some(first) = &self.path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            command.env("PATH", format!("{}:{path}", first.display()));
+        }
+        let out = command.output().expect("archy-agent runs");
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         out
     }
@@ -74,11 +137,73 @@ impl Disk {
         mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
     }
 
+    /// What is mounted at the mountpoint.
+    fn mounted_source(&self) -> String {
+        let out = run(
+            "findmnt",
+            &[
+                "-n",
+                "-o",
+                "SOURCE",
+                "--mountpoint",
+                self.mountpoint.to_str().expect("utf8"),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     fn unmount(&self) {
         if self.mounted() {
             run("umount", &[self.mountpoint.to_str().expect("utf8")]);
         }
     }
+
+    /// The disk's bytes, to show it was left untouched.
+    fn snapshot(&self) -> Snapshot {
+        let mut device = fs::File::open(&self.device).expect("open device");
+        let size = device.seek(SeekFrom::End(0)).expect("size");
+        let mut read_at = |at: u64| {
+            let mut buf = vec![0u8; MIB];
+            device.seek(SeekFrom::Start(at)).expect("seek");
+            device.read_exact(&mut buf).expect("read");
+            buf
+        };
+        let first_mib = read_at(0);
+        let last_mib = read_at(size - MIB as u64);
+        let image_sha256 = Sha256::digest(fs::read(&self.image).expect("image")).into();
+        Snapshot {
+            first_mib,
+            last_mib,
+            image_sha256,
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+struct Snapshot {
+    first_mib: Vec<u8>,
+    last_mib: Vec<u8>,
+    image_sha256: [u8; 32],
+}
+
+/// Asserts the disk's bytes are those of `before`.
+fn assert_untouched(disk: &Disk, before: &Snapshot) {
+    let after = disk.snapshot();
+    assert!(
+        after.first_mib == before.first_mib,
+        "the first MiB of {} changed",
+        disk.device.display()
+    );
+    assert!(
+        after.last_mib == before.last_mib,
+        "the last MiB of {} changed",
+        disk.device.display()
+    );
+    assert!(
+        after.image_sha256 == before.image_sha256,
+        "the image of {} changed",
+        disk.device.display()
+    );
 }
 
 impl Drop for Disk {
@@ -87,6 +212,21 @@ impl Drop for Disk {
         let _ = Command::new("umount").arg(&self.mountpoint).output();
         let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
     }
+}
+
+/// An MBR with one Linux partition from 1 MiB to the end, as fdisk makes.
+fn write_mbr(image: &Path, size: u64) {
+    let sectors = size / 512;
+    let mut entry = vec![0u8, 0, 0, 0, 0x83, 0, 0, 0];
+    entry.extend_from_slice(&2048u32.to_le_bytes());
+    entry.extend_from_slice(&u32::try_from(sectors - 2048).expect("small disk").to_le_bytes());
+    let mut file = fs::OpenOptions::new().write(true).open(image).expect("image");
+    file.seek(SeekFrom::Start(440)).expect("seek");
+    file.write_all(&0x4152_4348u32.to_le_bytes()).expect("disk id");
+    file.seek(SeekFrom::Start(446)).expect("seek");
+    file.write_all(&entry).expect("partition entry");
+    file.seek(SeekFrom::Start(510)).expect("seek");
+    file.write_all(&[0x55, 0xaa]).expect("boot signature");
 }
 
 /// ext4 labels hold 16 bytes.
@@ -111,6 +251,18 @@ fn run(program: &str, args: &[&str]) -> Output {
 fn owner_of(path: &Path) -> (u32, u32) {
     let md = fs::metadata(path).expect("metadata");
     (md.uid(), md.gid())
+}
+
+fn fs_uuid(device: &Path) -> String {
+    let out = run(
+        "blkid",
+        &["-p", "-o", "value", "-s", "UUID", device.to_str().expect("utf8")],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -144,11 +296,7 @@ fn the_labelled_disk_is_mounted_given_to_the_agent_user_seeded_and_kept_across_b
     fs::write(disk.mountpoint.join("chain.dat"), b"blocks").expect("data");
     fs::write(&copied, b"{\"version\": 1, \"registries\": [], \"edited\": true}\n").ok();
     disk.unmount();
-    fs::write(
-        &disk.cmdline,
-        format!("boot=live archipelago.format={}\n", disk.device.display()),
-    )
-    .expect("cmdline");
+    disk.ask_format(&disk.link_by_id());
     let out = disk.data_disk();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not formatting it again"));
@@ -160,7 +308,7 @@ fn the_labelled_disk_is_mounted_given_to_the_agent_user_seeded_and_kept_across_b
 }
 
 #[test]
-fn a_disk_is_formatted_only_when_the_kernel_command_line_names_it() {
+fn a_blank_disk_named_by_a_stable_name_is_formatted_once_and_never_again() {
     let disk = Disk::new();
     // Blank and not named: left alone, and the node runs from RAM.
     let out = disk.data_disk();
@@ -169,19 +317,173 @@ fn a_disk_is_formatted_only_when_the_kernel_command_line_names_it() {
     let blkid = Command::new("blkid").arg(&disk.device).output().expect("blkid");
     assert!(blkid.stdout.is_empty(), "a disk nobody named was formatted");
 
-    fs::write(
-        &disk.cmdline,
-        format!("boot=live archipelago.format={} quiet\n", disk.device.display()),
-    )
-    .expect("cmdline");
+    disk.ask_format(&disk.link_by_id());
     let out = disk.data_disk();
     assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("formatting /dev/disk/by-id/archy-test-"),
+        "{}",
+        stderr(&out)
+    );
     assert!(disk.mounted(), "formatted and mounted");
     let label = run(
         "blkid",
         &["-o", "value", "-s", "LABEL", disk.device.to_str().expect("utf8")],
     );
     assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), disk.label);
+
+    // The parameter stays: the next boots keep the disk and its data.
+    let uuid = fs_uuid(&disk.device);
+    fs::write(disk.mountpoint.join("wallet.dat"), b"keys").expect("data");
+    for _ in 0..2 {
+        disk.unmount();
+        let out = disk.data_disk();
+        assert!(out.status.success());
+        assert!(stderr(&out).contains("not formatting it again"), "{}", stderr(&out));
+        assert!(disk.mounted());
+        assert_eq!(fs_uuid(&disk.device), uuid, "the data disk was formatted again");
+        assert_eq!(fs::read(disk.mountpoint.join("wallet.dat")).expect("kept"), b"keys");
+    }
+}
+
+#[test]
+fn a_disk_whose_partition_is_the_data_disk_is_not_formatted_and_its_partition_is_mounted() {
+    let disk = Disk::partitioned();
+    let partition = disk.partition();
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-L", &disk.label, partition.to_str().expect("utf8")],
+    );
+    let uuid = fs_uuid(&partition);
+    let before = disk.snapshot();
+    // The owner made the partition by hand and named the whole disk.
+    disk.ask_format(&disk.link_by_id());
+    let out = disk.data_disk();
+    let after = disk.snapshot();
+    assert!(after.first_mib == before.first_mib, "the partition table changed");
+    assert_eq!(fs_uuid(&partition), uuid, "the partition was formatted");
+    assert!(out.status.success(), "the data disk is there: the node boots");
+    assert_eq!(disk.mounted_source(), partition.display().to_string());
+    let said = stderr(&out);
+    assert!(
+        said.contains("refusing to format /dev/disk/by-id/archy-test-")
+            && said.contains("it has partitions")
+            && said.contains("already carries the label"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_blank_partition_named_by_its_partuuid_is_formatted() {
+    let disk = Disk::partitioned();
+    let partition = disk.partition();
+    // The disk ID write_mbr gives, and partition 1: what udev names it by.
+    let partuuid = "41524348-01";
+    let probed = run(
+        "blkid",
+        &[
+            "-p",
+            "-o",
+            "value",
+            "-s",
+            "PART_ENTRY_UUID",
+            partition.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&probed.stdout).trim(), partuuid);
+    fs::create_dir_all(disk.disk_dir.join("by-partuuid")).expect("by-partuuid");
+    std::os::unix::fs::symlink(&partition, disk.disk_dir.join("by-partuuid").join(partuuid)).expect("link");
+    let table = disk.snapshot().first_mib;
+    disk.ask_format(&format!("PARTUUID={}", partuuid.to_ascii_uppercase()));
+    let out = disk.data_disk();
+    assert!(out.status.success());
+    assert_eq!(disk.mounted_source(), partition.display().to_string());
+    let label = run(
+        "blkid",
+        &["-p", "-o", "value", "-s", "LABEL", partition.to_str().expect("utf8")],
+    );
+    assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), disk.label);
+    assert!(disk.snapshot().first_mib == table, "the partition table changed");
+}
+
+#[test]
+fn a_disk_with_a_file_system_and_no_label_is_left_untouched() {
+    let disk = Disk::new();
+    run("mkfs.ext4", &["-q", "-F", disk.device.to_str().expect("utf8")]);
+    let before = disk.snapshot();
+    disk.ask_format(&disk.link_by_id());
+    let out = disk.data_disk();
+    disk.unmount();
+    assert_untouched(&disk, &before);
+    assert!(!out.status.success(), "asked for a data disk and got none");
+    let said = stderr(&out);
+    assert!(
+        said.contains("refusing to format") && said.contains("blkid finds ext4 without a label"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_kernel_name_is_refused_showing_the_disks_stable_name() {
+    let disk = Disk::new();
+    let stable = disk.link_by_id();
+    let before = disk.snapshot();
+    disk.ask_format(&disk.device.display().to_string());
+    let out = disk.data_disk();
+    disk.unmount();
+    assert_untouched(&disk, &before);
+    assert!(!out.status.success());
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!("refusing to format {}", disk.device.display()))
+            && said.contains("kernel name")
+            && said.contains(&stable),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_blank_disk_is_not_formatted_while_another_disk_has_the_label() {
+    let data = Disk::new();
+    data.format();
+    let blank = Disk::with_label(&data.label);
+    let before = blank.snapshot();
+    blank.ask_format(&blank.link_by_id());
+    let out = blank.data_disk();
+    let source = blank.mounted_source();
+    blank.unmount();
+    assert_untouched(&blank, &before);
+    assert!(out.status.success(), "the data disk is there: the node boots");
+    assert_eq!(source, data.device.display().to_string());
+    let said = stderr(&out);
+    assert!(
+        said.contains("refusing to format")
+            && said.contains(&format!("{} already carries the label", data.device.display())),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_failing_blkid_formats_nothing() {
+    let mut disk = Disk::new();
+    let shims = tempfile::tempdir().expect("tempdir");
+    let blkid = shims.path().join("blkid");
+    fs::write(&blkid, "#!/bin/sh\necho 'blkid: out of memory' >&2\nexit 4\n").expect("shim");
+    fs::set_permissions(&blkid, fs::Permissions::from_mode(0o755)).expect("chmod");
+    disk.path_first = Some(shims.path().to_owned());
+    let before = disk.snapshot();
+    disk.ask_format(&disk.link_by_id());
+    let out = disk.data_disk();
+    disk.unmount();
+    assert_untouched(&disk, &before);
+    assert!(!out.status.success());
+    let said = stderr(&out);
+    assert!(
+        said.contains("refusing to format")
+            && said.contains("could not be checked: blkid")
+            && said.contains("exit status: 4"),
+        "{said}"
+    );
 }
 
 #[test]
@@ -201,12 +503,14 @@ fn without_a_data_disk_the_node_boots_from_ram_and_says_so_loudly() {
 #[test]
 fn a_format_parameter_naming_a_missing_device_fails_and_formats_nothing() {
     let disk = Disk::new();
-    fs::write(&disk.cmdline, "archipelago.format=/dev/archy-no-such-disk\n").expect("cmdline");
+    let before = disk.snapshot();
+    disk.ask_format("/dev/disk/by-id/archy-no-such-disk");
     let out = disk.data_disk();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("/dev/archy-no-such-disk") && stderr.contains("no such device"),
+        stderr.contains("/dev/disk/by-id/archy-no-such-disk") && stderr.contains("no such device"),
         "{stderr}"
     );
+    assert_untouched(&disk, &before);
 }
