@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use candidates::{candidates, Candidate, OWN_REGISTRY_PRIORITY};
 pub use probe::{AuthOutcome, ProbeReport, ProbeSetupError, Prober, PROBE_TIMEOUT};
 pub use store::{RegistryStore, StoreError, REGISTRIES_FILE};
-pub use url::{RegistryUrl, UrlError, URL_RULE};
+pub use url::{redact_userinfo, RegistryUrl, UrlError, URL_RULE};
 
 /// Priority given by `registry add` when none is named: before an image's
 /// own registry ([`OWN_REGISTRY_PRIORITY`]), as a local mirror wants.
