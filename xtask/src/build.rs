@@ -442,7 +442,9 @@ fn check_lock_matches_manifests(lock: &ImageLock, apps: &[Manifest]) -> anyhow::
 /// Checks a registry list with the agent's own reader and adds it to
 /// `layer` as the node's list. Returns its sha256.
 pub fn add_registries(layer: &mut Layer, file: &Path) -> anyhow::Result<String> {
-    RegistryStore::open_file(file).with_context(|| format!("checking the registry list {}", file.display()))?;
+    RegistryStore::open_file(file)
+        .and_then(|list| list.refuse_credentials())
+        .with_context(|| format!("checking the registry list {}", file.display()))?;
     layer.add_dir_with_mode(NODE_CONFIG_DIR, 0o700)?;
     layer.add_file_with_mode(&format!("{NODE_CONFIG_DIR}/{REGISTRIES_FILE}"), file, 0o600)?;
     sha256_file(file)
