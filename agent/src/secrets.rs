@@ -69,9 +69,34 @@ pub fn read_secret(path: &Path) -> anyhow::Result<String> {
     Ok(value.trim_end().to_owned())
 }
 
+/// The secrets of `app` whose copy differs from the node's value (or is
+/// missing), by name: what [`provision_app_secrets`] would rewrite. Reads
+/// only; a value that cannot be read counts as changed, so that
+/// provisioning reports it.
+pub fn stale_app_copies(data_root: &Path, app: &AppId, secrets: &[SecretSpec]) -> Vec<String> {
+    secrets
+        .iter()
+        .filter(|spec| {
+            let canonical = fs::read_to_string(secrets_dir(data_root).join(&spec.name));
+            let copy = fs::read_to_string(app_secret_path(data_root, app, &spec.name));
+            match (canonical, copy) {
+                (Ok(value), Ok(copy)) => value.trim_end() != copy,
+                _ => true,
+            }
+        })
+        .map(|spec| spec.name.clone())
+        .collect()
+}
+
 /// Gives app `app` its own copy of every secret it declares, owned by
 /// `owner` (host uid and gid) with mode 0400, refreshed when the canonical
 /// value changed. Returns whether any copy changed.
+///
+/// A copy is replaced by rename, never rewritten in place, so a reader
+/// sees the old bytes or the new ones. A container's bind mount of the
+/// old file keeps the old bytes until the container restarts: a reconcile
+/// pass restarts the app whose copies it refreshed (the app reads its
+/// secret at start anyway).
 pub fn provision_app_secrets(
     data_root: &Path,
     app: &AppId,
@@ -172,5 +197,30 @@ mod tests {
         fs::write(&canonical, "0123456789abcdef0123456789abcdef").expect("rotate");
         assert!(provision_app_secrets(tmp.path(), &app, &secrets, None).expect("rotated"));
         assert_eq!(read_secret(&copy).expect("copy"), "0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn stale_copies_are_those_that_differ_from_the_node_value() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let app = AppId::parse("electrs").expect("id");
+        let secrets = [spec("rpc", SecretKind::Hex16), spec("salt", SecretKind::Hex16)];
+        assert_eq!(
+            stale_app_copies(tmp.path(), &app, &secrets),
+            ["rpc", "salt"],
+            "no copies yet"
+        );
+        provision_app_secrets(tmp.path(), &app, &secrets, None).expect("provisioned");
+        assert!(stale_app_copies(tmp.path(), &app, &secrets).is_empty());
+        fs::write(
+            secrets_dir(tmp.path()).join("salt"),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .expect("rotate");
+        assert_eq!(stale_app_copies(tmp.path(), &app, &secrets), ["salt"]);
+        provision_app_secrets(tmp.path(), &app, &secrets, None).expect("refreshed");
+        assert!(
+            stale_app_copies(tmp.path(), &app, &secrets).is_empty(),
+            "a trailing newline is no change"
+        );
     }
 }
