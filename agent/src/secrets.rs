@@ -45,16 +45,20 @@ pub fn ensure_secret(data_root: &Path, spec: &SecretSpec) -> anyhow::Result<Path
         }
     }
     let value = read_secret(&path)?;
-    let want = spec.kind.bytes() * 2;
-    if value.len() != want || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !well_formed(&value, spec.kind) {
         bail!(
             "secret {} is not {} hex characters ({}); it is kept as it is: fix or remove it by hand",
             path.display(),
-            want,
+            spec.kind.bytes() * 2,
             spec.kind
         );
     }
     Ok(path)
+}
+
+/// Whether `value` (without its trailing newline) is a secret of `kind`.
+fn well_formed(value: &str, kind: SecretKind) -> bool {
+    value.len() == kind.bytes() * 2 && value.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Reads a secret's value. The value never appears in an error.
@@ -71,18 +75,19 @@ pub fn read_secret(path: &Path) -> anyhow::Result<String> {
 
 /// The secrets of `app` whose copy differs from the node's value (or is
 /// missing), by name: what [`provision_app_secrets`] would rewrite. Reads
-/// only; a value that cannot be read counts as changed, so that
-/// provisioning reports it.
+/// only. A node value that is missing or malformed is left out: copying
+/// cannot fix it, and counting it would restart the app on every pass
+/// (install reports it).
 pub fn stale_app_copies(data_root: &Path, app: &AppId, secrets: &[SecretSpec]) -> Vec<String> {
     secrets
         .iter()
         .filter(|spec| {
-            let canonical = fs::read_to_string(secrets_dir(data_root).join(&spec.name));
-            let copy = fs::read_to_string(app_secret_path(data_root, app, &spec.name));
-            match (canonical, copy) {
-                (Ok(value), Ok(copy)) => value.trim_end() != copy,
-                _ => true,
-            }
+            let Ok(value) = fs::read_to_string(secrets_dir(data_root).join(&spec.name)) else {
+                return false;
+            };
+            let value = value.trim_end();
+            well_formed(value, spec.kind)
+                && fs::read_to_string(app_secret_path(data_root, app, &spec.name)).map_or(true, |copy| copy != value)
         })
         .map(|spec| spec.name.clone())
         .collect()
@@ -204,6 +209,13 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let app = AppId::parse("electrs").expect("id");
         let secrets = [spec("rpc", SecretKind::Hex16), spec("salt", SecretKind::Hex16)];
+        assert!(
+            stale_app_copies(tmp.path(), &app, &secrets).is_empty(),
+            "no node value yet"
+        );
+        for s in &secrets {
+            ensure_secret(tmp.path(), s).expect("generated");
+        }
         assert_eq!(
             stale_app_copies(tmp.path(), &app, &secrets),
             ["rpc", "salt"],
@@ -222,5 +234,8 @@ mod tests {
             stale_app_copies(tmp.path(), &app, &secrets).is_empty(),
             "a trailing newline is no change"
         );
+        // A malformed node value is no reason to restart the app each pass.
+        fs::write(secrets_dir(tmp.path()).join("rpc"), "hunter2").expect("break");
+        assert!(stale_app_copies(tmp.path(), &app, &secrets).is_empty());
     }
 }
