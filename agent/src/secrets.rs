@@ -44,16 +44,20 @@ pub fn ensure_secret(data_root: &DataRoot, spec: &SecretSpec) -> anyhow::Result<
         }
     }
     let value = read_secret(&path)?;
-    let want = spec.kind.bytes() * 2;
-    if value.len() != want || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !well_formed(&value, spec.kind) {
         bail!(
             "secret {} is not {} hex characters ({}); it is kept as it is: fix or remove it by hand",
             path.display(),
-            want,
+            spec.kind.bytes() * 2,
             spec.kind
         );
     }
     Ok(path)
+}
+
+/// Whether `value` (without its trailing newline) is a secret of `kind`.
+fn well_formed(value: &str, kind: SecretKind) -> bool {
+    value.len() == kind.bytes() * 2 && value.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Reads a secret's value. The value never appears in an error.
@@ -68,9 +72,35 @@ pub fn read_secret(path: &Path) -> anyhow::Result<String> {
     Ok(value.trim_end().to_owned())
 }
 
+/// The secrets of `app` whose copy differs from the node's value (or is
+/// missing), by name: what [`provision_app_secrets`] would rewrite. Reads
+/// only. A node value that is missing or malformed is left out: copying
+/// cannot fix it, and counting it would restart the app on every pass
+/// (install reports it).
+pub fn stale_app_copies(data_root: &DataRoot, app: &AppId, secrets: &[SecretSpec]) -> Vec<String> {
+    secrets
+        .iter()
+        .filter(|spec| {
+            let Ok(value) = fs::read_to_string(data_root.secret(&spec.name)) else {
+                return false;
+            };
+            let value = value.trim_end();
+            well_formed(value, spec.kind)
+                && fs::read_to_string(data_root.app_secret(app, &spec.name)).map_or(true, |copy| copy != value)
+        })
+        .map(|spec| spec.name.clone())
+        .collect()
+}
+
 /// Gives app `app` its own copy of every secret it declares, owned by
 /// `owner` (host uid and gid) with mode 0400, refreshed when the canonical
 /// value changed. Returns whether any copy changed.
+///
+/// A copy is replaced by rename, never rewritten in place, so a reader
+/// sees the old bytes or the new ones. A container's bind mount of the
+/// old file keeps the old bytes until the container restarts: a reconcile
+/// pass restarts the app whose copies it refreshed (the app reads its
+/// secret at start anyway).
 pub fn provision_app_secrets(
     data_root: &DataRoot,
     app: &AppId,
@@ -171,5 +201,34 @@ mod tests {
         fs::write(&canonical, "0123456789abcdef0123456789abcdef").expect("rotate");
         assert!(provision_app_secrets(&DataRoot::new(tmp.path()), &app, &secrets, None).expect("rotated"));
         assert_eq!(read_secret(&copy).expect("copy"), "0123456789abcdef0123456789abcdef");
+    }
+
+    #[test]
+    fn stale_copies_are_those_that_differ_from_the_node_value() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = DataRoot::new(tmp.path());
+        let app = AppId::parse("electrs").expect("id");
+        let secrets = [spec("rpc", SecretKind::Hex16), spec("salt", SecretKind::Hex16)];
+        assert!(stale_app_copies(&root, &app, &secrets).is_empty(), "no node value yet");
+        for s in &secrets {
+            ensure_secret(&root, s).expect("generated");
+        }
+        assert_eq!(
+            stale_app_copies(&root, &app, &secrets),
+            ["rpc", "salt"],
+            "no copies yet"
+        );
+        provision_app_secrets(&root, &app, &secrets, None).expect("provisioned");
+        assert!(stale_app_copies(&root, &app, &secrets).is_empty());
+        fs::write(root.secret("salt"), "0123456789abcdef0123456789abcdef\n").expect("rotate");
+        assert_eq!(stale_app_copies(&root, &app, &secrets), ["salt"]);
+        provision_app_secrets(&root, &app, &secrets, None).expect("refreshed");
+        assert!(
+            stale_app_copies(&root, &app, &secrets).is_empty(),
+            "a trailing newline is no change"
+        );
+        // A malformed node value is no reason to restart the app each pass.
+        fs::write(root.secret("rpc"), "hunter2").expect("break");
+        assert!(stale_app_copies(&root, &app, &secrets).is_empty());
     }
 }

@@ -155,7 +155,7 @@ async fn a_rotated_secret_rewrites_the_configs_that_use_it_and_restarts_only_tho
         assert_eq!(
             decision(&report, app),
             &Decision::Act(Action::Restart {
-                reason: "config changed: data/app.conf".to_owned()
+                reason: "config changed: data/app.conf, /run/secrets/shared-pw".to_owned()
             }),
             "{app}"
         );
@@ -234,4 +234,58 @@ async fn a_dry_run_writes_nothing_and_start_or_install_make_the_app_read_its_new
         &Decision::Wait(Wait::Ok),
         "nothing left to restart"
     );
+}
+
+/// Prints the secret behind `PASS_FILE` as the process saw it at start to
+/// /data/seen, then waits for SIGTERM.
+const READS_SECRET_AT_START: &str = "command: [\"sh\", \"-c\", \"cat \\\"$PASS_FILE\\\" > /data/seen; trap 'exit 0' TERM; while true; do sleep 1; done\"]\n";
+
+#[tokio::test]
+async fn a_rotated_secret_reaches_the_secret_env_copy_the_container_sees() {
+    let node = Node::new();
+    let image = node.env.image.to_string();
+    let app = app_id("secenv");
+    node.app(
+        &app,
+        &image,
+        &format!(
+            "{READS_SECRET_AT_START}user: \"1000:1000\"\nvolumes: [{{ source: data, target: /data }}]\n\
+             secrets: [{{ name: pw, kind: hex16 }}]\nsecret_env: [{{ key: PASS, secret: pw }}]\n"
+        ),
+    );
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    assert_eq!(
+        decision(&reconciler.pass().await, &app),
+        &Decision::Act(Action::Install)
+    );
+    let first = fs::read_to_string(node.data.join("secrets/pw")).expect("generated");
+    assert_seen(&node, &app, &first).await;
+    let in_container = || node.podman(&["exec", &app, "cat", "/run/secrets/pw"]);
+    assert_eq!(in_container(), first);
+    let run = run_of(&node, &app);
+    assert_eq!(decision(&reconciler.pass().await, &app), &Decision::Wait(Wait::Ok));
+
+    // Rotated on disk (by rename, as an editor or a restore would).
+    let rotated = "0123456789abcdef0123456789abcdef";
+    let tmp = node.data.join("secrets/.pw.new");
+    fs::write(&tmp, format!("{rotated}\n")).expect("write");
+    fs::rename(&tmp, node.data.join("secrets/pw")).expect("rotate");
+    let report = reconciler.pass().await;
+    assert_eq!(
+        decision(&report, &app),
+        &Decision::Act(Action::Restart {
+            reason: "config changed: /run/secrets/pw".to_owned()
+        })
+    );
+    assert_eq!(in_container(), rotated, "the container sees the new bytes");
+    assert_seen(&node, &app, rotated).await;
+    let copy = node.data.join(format!("secrets/apps/{app}/pw"));
+    let meta = fs::metadata(&copy).expect("copy");
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (1000, 1000, 0o400));
+    assert_eq!(run_of(&node, &app).0, run.0, "restarted, not recreated");
+
+    // Done: the next pass leaves it alone.
+    assert_eq!(decision(&reconciler.pass().await, &app), &Decision::Wait(Wait::Ok));
+    assert_eq!(in_container(), rotated);
 }

@@ -615,3 +615,96 @@ async fn shutdown_is_refused_while_an_agent_answers_and_stops_the_apps_once_it_i
     );
     assert_eq!(state().await, AppState::Stopped);
 }
+
+/// A registry url with a login is refused through the socket, raw and
+/// from the CLI, by a real `archy-agent boot`; neither a reply, the CLI's
+/// output nor the agent's log (at debug) holds the password.
+#[tokio::test]
+async fn a_url_with_a_login_is_refused_and_the_password_is_never_echoed_or_logged() {
+    const URL_PASSWORD: &str = "hunter2-in-the-url-77";
+    let node = Node::new();
+    let url = format!("https://me:{URL_PASSWORD}@mirror.lan:5000");
+    let log = node.tmp.path().join("agent.log");
+    let mut boot = agent();
+    boot.env("RUST_LOG", "debug")
+        .arg("--control")
+        .arg(&node.sock)
+        .arg("--engine")
+        .arg(&node.env.engine_socket)
+        .arg("--apps")
+        .arg(&node.apps)
+        .arg("--data")
+        .arg(&node.data)
+        .arg("--images")
+        .arg(node.tmp.path().join("no-images"))
+        .args(["boot", "--resync", "3600"])
+        .stdout(fs::File::create(&log).expect("log file"))
+        .stderr(fs::File::options().append(true).open(&log).expect("log file"));
+    let mut agent_process = boot.spawn().expect("archy-agent boot starts");
+    wait_for_socket(&node.sock).await;
+
+    let mut raw = Raw::connect(&node.sock).await;
+    let mut replies = Vec::new();
+    for (id, params) in [
+        json!({ "name": "lan", "url": url }),
+        json!({ "name": "lan", "url": url, "username": "me", "password": PASSWORD }),
+        json!({ "name": "lan", "url": format!("http://me:{URL_PASSWORD}@10.0.0.1") }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let error = raw.err(id as u64 + 1, "registry.add", params).await;
+        assert_eq!(error["data"]["param"], json!("url"), "{error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains("<hidden>@")),
+            "{error}"
+        );
+        replies.push(error.to_string());
+    }
+
+    let mut outputs = Vec::new();
+    for json_flag in [false, true] {
+        let mut add = agent();
+        add.arg("--control").arg(&node.sock).arg("--data").arg(&node.data);
+        if json_flag {
+            add.arg("--json");
+        }
+        add.args(["registry", "add", "lan", &url]);
+        let out = run(add).await;
+        assert!(!out.status.success(), "{}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("<hidden>@mirror.lan"),
+            "{}",
+            show(&out)
+        );
+        outputs.push(show(&out));
+    }
+
+    // Stop the agent (the process this test started), then read its log.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &agent_process.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    let status = tokio::task::spawn_blocking(move || agent_process.wait().expect("agent waited"))
+        .await
+        .expect("joined");
+    assert!(status.success(), "the agent exits 0 on SIGTERM: {status:?}");
+    let log = fs::read_to_string(&log).expect("agent log");
+    assert!(
+        log.contains("control request failed"),
+        "the refusals are logged:\n{log}"
+    );
+
+    for text in replies.iter().chain(&outputs).chain([&log]) {
+        assert!(!text.contains(URL_PASSWORD), "the password leaked:\n{text}");
+        assert!(!text.contains(PASSWORD), "the password leaked:\n{text}");
+    }
+    assert!(
+        RegistryStore::open(&DataRoot::new(&node.data))
+            .expect("store")
+            .registries()
+            .is_empty(),
+        "nothing is added"
+    );
+}

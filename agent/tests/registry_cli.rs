@@ -195,6 +195,44 @@ fn plain_http_off_loopback_is_refused_with_the_url_and_what_is_allowed() {
 }
 
 #[test]
+fn a_url_with_a_login_is_refused_and_no_output_holds_the_password() {
+    const URL_PASSWORD: &str = "hunter2-in-the-url-77";
+    let data = tempfile::tempdir().expect("tempdir");
+    let urls = [
+        format!("https://me:{URL_PASSWORD}@mirror.lan:5000"),
+        format!("https://me:{URL_PASSWORD}@mirror.lan:5000/v2"),
+        format!("http://me:{URL_PASSWORD}@10.0.0.1:5000"),
+        format!("me:{URL_PASSWORD}@mirror.lan"),
+    ];
+    for url in &urls {
+        for json in [false, true] {
+            let mut cmd = agent(data.path());
+            // Every log line the CLI can print, on stderr.
+            cmd.env("RUST_LOG", "trace");
+            if json {
+                cmd.arg("--json");
+            }
+            cmd.args(["registry", "add", "lan", url, "--username", "me", "--password-stdin"]);
+            let refused = run(cmd, &format!("{PASSWORD}\n"));
+            failed(&refused);
+            for text in [&refused.stdout, &refused.stderr] {
+                assert!(!text.contains(URL_PASSWORD), "{url}: the password leaked:\n{text}");
+                assert!(!text.contains(PASSWORD), "{url}: the password leaked:\n{text}");
+            }
+            assert!(refused.stderr.contains("<hidden>@"), "{url}: {}", refused.stderr);
+        }
+    }
+    let refused = registry(data.path(), &["add", "lan", &urls[0]], "");
+    assert!(
+        refused.stderr.contains("https://<hidden>@mirror.lan:5000"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stderr.contains("--password-stdin"), "{}", refused.stderr);
+    assert!(!data.path().join("config").exists(), "nothing is written");
+}
+
+#[test]
 fn a_username_without_password_stdin_is_refused() {
     let data = tempfile::tempdir().expect("tempdir");
     let refused = registry(

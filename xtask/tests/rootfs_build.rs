@@ -434,3 +434,74 @@ fn a_missing_images_folder_stops_the_build_before_anything_is_built() {
     let stderr = String::from_utf8_lossy(&both.stderr);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
+
+#[test]
+fn a_registry_list_with_a_login_stops_rootfs_and_iso_before_anything_is_built() {
+    const SECRET: &str = "pw-that-must-stay-home-31";
+    let dir = scratch("rootfs-login-");
+    let bad = dir.path().join("bad.json");
+    fs::write(
+        &bad,
+        format!(
+            r#"{{"version": 1, "registries": [{{"name": "lan", "url": "https://mirror.lan:5000", "priority": 10, "auth": {{"username": "me", "password": "{SECRET}"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    for stage in ["rootfs", "iso"] {
+        let out = dir.path().join(format!("out-{stage}"));
+        let built = xtask(&[
+            stage,
+            "--registries",
+            bad.to_str().unwrap(),
+            "--no-images",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!built.status.success(), "{stage} must refuse");
+        let stdout = String::from_utf8_lossy(&built.stdout);
+        let stderr = String::from_utf8_lossy(&built.stderr);
+        for part in [
+            bad.display().to_string().as_str(),
+            "`lan`",
+            "field `auth`",
+            "--password-stdin",
+        ] {
+            assert!(stderr.contains(part), "{stage}: missing {part:?} in {stderr}");
+        }
+        // No stage but the input checks started (host tools may be
+        // installed before, as for any build).
+        let stages: Vec<&str> = stderr
+            .lines()
+            .chain(stdout.lines())
+            .filter_map(|l| l.strip_prefix("xtask: ["))
+            .filter_map(|l| l.split_once(']').map(|(name, _)| name))
+            .collect();
+        assert!(
+            stages.iter().all(|s| *s == "inputs"),
+            "{stage}: it stops before building anything: {stages:?}\n{stderr}"
+        );
+        assert!(
+            !stdout.contains(SECRET) && !stderr.contains(SECRET),
+            "{stage}: the password leaked"
+        );
+        let reports: Vec<_> = walk(&out)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        assert!(reports.is_empty(), "{stage}: no report is written: {reports:?}");
+    }
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

@@ -11,16 +11,9 @@ use std::process::{Command, Stdio};
 use super::format::{DiskFacts, Fact, Lsblk, Signature, StableName, STABLE_FOLDERS};
 
 const MIB: u64 = 1 << 20;
-/// Linux's `O_EXCL` (asm-generic): on a block device, the open fails with
-/// EBUSY while the kernel has it claimed (mounted, swap, RAID, device mapper).
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-))]
-const O_EXCL: i32 = 0o200;
+/// `O_EXCL` on a block device: the open fails with EBUSY while the kernel
+/// has it claimed (mounted, swap, RAID, device mapper).
+const O_EXCL: i32 = libc::O_EXCL;
 
 /// The device a stable name's link (under the lookup folder) points to;
 /// `None` when there is no such link or it leads nowhere.

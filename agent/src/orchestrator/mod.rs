@@ -259,17 +259,20 @@ impl Orchestrator {
         )?)
     }
 
-    /// Renders `m`'s config files, then starts its container. Starting a
-    /// running container changes nothing, so one whose files just changed
-    /// is stopped first: its process must read them. `map` turns engine
-    /// errors into the caller's.
+    /// Renders `m`'s config files and refreshes its secret copies, then
+    /// starts its container. Starting a running container changes nothing,
+    /// so one whose files or secret copies just changed is stopped first:
+    /// its process must read them, and its secret mounts are bound afresh
+    /// only at start. `map` turns engine errors into the caller's.
     pub(crate) async fn start_with_files(
         &self,
         m: &Manifest,
         spec: &ContainerSpec,
         map: impl Fn(EngineError) -> OrchestratorError,
     ) -> Result<()> {
-        if !self.render_files(m)?.is_empty() {
+        let secrets_changed =
+            crate::secrets::provision_app_secrets(&self.config.data_root, &m.id, &m.secrets, m.owner())?;
+        if !self.render_files(m)?.is_empty() || secrets_changed {
             self.engine
                 .stop(&spec.name, spec.stop_grace_period)
                 .await

@@ -18,7 +18,7 @@ use crate::engine::{ContainerSummary, EngineError};
 use crate::files;
 use crate::manifest::{AppId, LoadReport, Manifest};
 use crate::orchestrator::{HoldPolicy, Orchestrator, OrchestratorError, BACKUP_SUFFIX};
-use crate::spec::LABEL_MANAGED_BY;
+use crate::spec::{LABEL_MANAGED_BY, SECRETS_MOUNT_DIR};
 
 /// One app in a pass report.
 #[derive(Debug, Clone, Serialize)]
@@ -247,7 +247,8 @@ impl Reconciler {
     }
 
     /// Renders the config files of every app that has a container and is
-    /// not held (install renders them for the others), and remembers which
+    /// not held (install renders them for the others), refreshes its copies
+    /// of the node's secrets (`/run/secrets/<name>`), and remembers which
     /// changed: the planner restarts those apps. The memory is saved before
     /// any file is written, so an agent killed in between still restarts
     /// the app on its next pass. A dry run writes nothing and returns the
@@ -278,11 +279,30 @@ impl Reconciler {
                 }
             }
         }
+        // Secret copies follow the node's secrets the same way: the
+        // container sees a refreshed copy once the app restarts.
+        let mut stale_secrets = Vec::new();
+        for m in all.iter().filter(|m| !m.secrets.is_empty()) {
+            let Some(d) = desired.iter().find(|d| d.app == m.id) else {
+                continue;
+            };
+            if d.held || !observed.contains_key(&d.container) {
+                continue;
+            }
+            let stale = crate::secrets::stale_app_copies(data_root, &m.id, &m.secrets);
+            if !stale.is_empty() {
+                stale_secrets.push((m, stale));
+            }
+        }
         let mut memory = self.dry_run.then(|| self.memory.clone());
         let target = memory.as_mut().unwrap_or(&mut self.memory);
         let mut pending = false;
-        for (m, r) in &rendered {
-            let changed = files::changed(r);
+        let secret_changes = stale_secrets.iter().map(|(m, names)| {
+            let mounted = names.iter().map(|n| format!("{SECRETS_MOUNT_DIR}/{n}")).collect();
+            (*m, mounted)
+        });
+        let file_changes = rendered.iter().map(|(m, r)| (*m, files::changed(r)));
+        for (m, changed) in file_changes.chain(secret_changes) {
             if changed.is_empty() {
                 continue;
             }
@@ -307,6 +327,16 @@ impl Reconciler {
                 let error = format!("{e:#}");
                 tracing::warn!(app = %m.id, error, "cannot write config files");
                 errors.insert(m.id.to_string(), error);
+            }
+        }
+        for (m, names) in &stale_secrets {
+            match crate::secrets::provision_app_secrets(data_root, &m.id, &m.secrets, m.owner()) {
+                Ok(_) => tracing::info!(app = %m.id, secrets = ?names, "refreshed the app's secret copies"),
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::warn!(app = %m.id, error, "cannot refresh the app's secret copies");
+                    errors.entry(m.id.to_string()).or_insert(error);
+                }
             }
         }
         (errors, None)

@@ -46,7 +46,8 @@ pub enum RegistryOp {
     Test(Option<String>),
 }
 
-/// A registry to add, login included. `Debug` hides the password.
+/// A registry to add, login included. `Debug` hides the password, and
+/// any login written into the url.
 #[derive(Clone, PartialEq, Eq)]
 pub struct NewRegistry {
     pub name: String,
@@ -60,7 +61,7 @@ impl fmt::Debug for NewRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NewRegistry")
             .field("name", &self.name)
-            .field("url", &self.url)
+            .field("url", &super::redact_userinfo(&self.url))
             .field("priority", &self.priority)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))

@@ -24,7 +24,7 @@ pub use crate::dataroot::REGISTRIES_FILE;
 pub use candidates::{candidates, Candidate, OWN_REGISTRY_PRIORITY};
 pub use probe::{AuthOutcome, ProbeReport, ProbeSetupError, Prober, PROBE_TIMEOUT};
 pub use store::{RegistryStore, StoreError};
-pub use url::{is_loopback, RegistryUrl, UrlError, URL_RULE};
+pub use url::{is_loopback, redact_userinfo, RegistryUrl, UrlError, URL_RULE};
 
 /// Priority given by `registry add` when none is named: before an image's
 /// own registry ([`OWN_REGISTRY_PRIORITY`]), as a local mirror wants.

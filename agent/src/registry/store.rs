@@ -39,6 +39,20 @@ pub enum StoreError {
     DuplicateUrl { url: String, existing: String },
     #[error("no registry named `{0}`")]
     UnknownName(String),
+    /// A list meant to travel (inside an image) holds a login. Names the
+    /// file, the registry and the field, never the value.
+    #[error(
+        "{}: registry `{registry}` has a login (its field `auth`); an image never carries \
+         registry credentials: remove `auth` from the file and add the login on the node with \
+         `archy-agent registry add {registry} {url} --username USER --password-stdin` (after removing the \
+         registry there with `archy-agent registry remove {registry}`)",
+        path.display()
+    )]
+    CredentialsInFile {
+        path: PathBuf,
+        registry: String,
+        url: String,
+    },
 }
 
 /// The file as written. Unknown fields are refused: a misspelt key must not
@@ -118,6 +132,21 @@ impl RegistryStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses a list that holds a login: one that goes into an image
+    /// (the image builder's `--registries FILE`) must not, since anyone
+    /// with the image could read it. The error names the first registry
+    /// with a login, never the login itself.
+    pub fn refuse_credentials(&self) -> Result<(), StoreError> {
+        match self.registries.iter().find(|r| r.credentials.is_some()) {
+            None => Ok(()),
+            Some(r) => Err(StoreError::CredentialsInFile {
+                path: self.path.clone(),
+                registry: r.name.clone(),
+                url: r.url.to_string(),
+            }),
+        }
     }
 
     /// Every registry, by priority then name.
@@ -307,6 +336,50 @@ mod tests {
         let names: Vec<&str> = store.registries().iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(store.path(), path);
+    }
+
+    #[test]
+    fn a_list_with_a_login_is_refused_naming_file_registry_and_field_but_not_the_login() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mirrors.json");
+        fs::write(
+            &path,
+            "{\"version\": 1, \"registries\": [{\"name\": \"open\", \"url\": \"https://a.example\", \"priority\": 1}, \
+             {\"name\": \"lan\", \"url\": \"https://mirror.lan:5000\", \"priority\": 200, \
+             \"auth\": {\"username\": \"node-user-x\", \"password\": \"pw-never-shown\"}}]}",
+        )
+        .expect("write");
+        let err = RegistryStore::open_file(&path)
+            .expect("a valid list")
+            .refuse_credentials()
+            .expect_err("it has a login");
+        assert!(
+            matches!(&err, StoreError::CredentialsInFile { registry, .. } if registry == "lan"),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        for part in [
+            path.display().to_string().as_str(),
+            "`lan`",
+            "field `auth`",
+            "registry add lan https://mirror.lan:5000",
+            "--password-stdin",
+        ] {
+            assert!(msg.contains(part), "missing {part:?} in {msg}");
+        }
+        for secret in ["pw-never-shown", "node-user-x"] {
+            assert!(!msg.contains(secret) && !format!("{err:?}").contains(secret), "{msg}");
+        }
+
+        fs::write(
+            &path,
+            "{\"version\": 1, \"registries\": [{\"name\": \"open\", \"url\": \"https://a.example\", \"priority\": 1}]}",
+        )
+        .expect("write");
+        RegistryStore::open_file(&path)
+            .expect("a valid list")
+            .refuse_credentials()
+            .expect("no login, nothing to refuse");
     }
 
     #[test]

@@ -23,8 +23,35 @@ const DOCKER_HUB_API: &str = "registry-1.docker.io";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("registry url `{url}` is not allowed: {problem}; {URL_RULE}")]
 pub struct UrlError {
+    /// The string as given, with anything that may be a login replaced by
+    /// [`HIDDEN`] (see [`redact_userinfo`]): this is printed and logged.
     pub url: String,
     pub problem: &'static str,
+}
+
+/// What stands in for a login cut out of a URL.
+pub const HIDDEN: &str = "<hidden>";
+
+/// `s` with everything that may be a `user:password@` replaced by
+/// [`HIDDEN`]: all that comes before the last `@`, except a plain
+/// `scheme://` in front. A string without `@` comes back unchanged.
+/// Cutting too much is harmless, printing a password is not: an `@` in a
+/// path hides the path as well, and a password holding `/`, `@` or `://`
+/// is hidden whole.
+pub fn redact_userinfo(s: &str) -> String {
+    let Some(at) = s.rfind('@') else {
+        return s.to_owned();
+    };
+    let scheme = s[..at].split_once("://").map(|(scheme, _)| scheme).filter(|scheme| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    });
+    match scheme {
+        Some(scheme) => format!("{scheme}://{HIDDEN}{}", &s[at..]),
+        None => format!("{HIDDEN}{}", &s[at..]),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,7 +129,7 @@ impl FromStr for RegistryUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |problem| UrlError {
-            url: s.to_owned(),
+            url: redact_userinfo(s),
             problem,
         };
         let (scheme, rest) = match s.split_once("://") {
@@ -280,6 +307,49 @@ mod tests {
         for s in ["https://user:pass@mirror.lan", "https://user@mirror.lan:5000"] {
             assert!(problem(s).starts_with("credentials in the url are refused"), "{s}");
         }
+    }
+
+    #[test]
+    fn a_refusal_never_shows_the_password_whatever_the_reason() {
+        const SECRET: &str = "s3cr3t-pw";
+        for s in [
+            "https://me:s3cr3t-pw@mirror.lan:5000",
+            "HTTPS://me:s3cr3t-pw@mirror.lan/",
+            "http://me:s3cr3t-pw@10.0.0.1",
+            "ftp://me:s3cr3t-pw@mirror.lan",
+            "me:s3cr3t-pw@mirror.lan",
+            "https://me:s3cr3t-pw@mirror.lan/v2",
+            "https://me:s3cr3t-pw@@mirror.lan",
+            "https://me:s3/cr3t-pw@mirror.lan",
+            "https://me:s3cr3t-pw://x@mirror.lan",
+            "https://me:s3cr3t-pw@",
+        ] {
+            let e = s.parse::<RegistryUrl>().expect_err(s);
+            let msg = e.to_string();
+            assert!(
+                !msg.contains(SECRET) && !msg.contains("s3cr3t") && !msg.contains("cr3t-pw"),
+                "{s}: {msg}"
+            );
+            assert!(!format!("{e:?}").contains("cr3t"), "{s}: {e:?}");
+            assert!(msg.contains(HIDDEN), "{s}: {msg}");
+        }
+        let e = "https://me:s3cr3t-pw@mirror.lan:5000"
+            .parse::<RegistryUrl>()
+            .expect_err("login");
+        assert_eq!(e.url, "https://<hidden>@mirror.lan:5000");
+        assert!(e.to_string().contains("--password-stdin"), "{e}");
+    }
+
+    #[test]
+    fn redaction_keeps_a_plain_scheme_and_the_server() {
+        assert_eq!(redact_userinfo("https://mirror.lan"), "https://mirror.lan");
+        assert_eq!(redact_userinfo("https://u:p@mirror.lan"), "https://<hidden>@mirror.lan");
+        assert_eq!(redact_userinfo("u:p@mirror.lan"), "<hidden>@mirror.lan");
+        assert_eq!(redact_userinfo("u:a b://c@mirror.lan"), "<hidden>@mirror.lan");
+        assert_eq!(
+            redact_userinfo("https://u:p@x@mirror.lan"),
+            "https://<hidden>@mirror.lan"
+        );
     }
 
     #[test]

@@ -154,7 +154,9 @@ fn in_rootfs(path: &Path) -> String {
 /// Checks a registry list with the agent's own reader and adds it to
 /// `layer` as the node's list. Returns its sha256.
 pub fn add_registries(layer: &mut Layer, file: &Path) -> anyhow::Result<String> {
-    RegistryStore::open_file(file).with_context(|| format!("checking the registry list {}", file.display()))?;
+    RegistryStore::open_file(file)
+        .and_then(|list| list.refuse_credentials())
+        .with_context(|| format!("checking the registry list {}", file.display()))?;
     // Where the agent reads it, in the data root's seed folder: the data
     // disk hides it once mounted, and `data-disk` copies it onto a disk
     // that has none.

@@ -176,13 +176,14 @@ fn a_password_of_the_wrong_type_is_not_echoed() {
 fn new_registry_debug_hides_the_password() {
     let new = NewRegistry {
         name: "lan".into(),
-        url: "https://m.lan".into(),
+        url: "https://me:swordfish@m.lan".into(),
         priority: 1,
         username: Some("me".into()),
         password: Some("hunter2".into()),
     };
     let debug = format!("{:?}", Call::RegistryAdd(new));
     assert!(!debug.contains("hunter2") && debug.contains("<hidden>"), "{debug}");
+    assert!(!debug.contains("swordfish") && debug.contains("@m.lan"), "{debug}");
 }
 
 #[test]

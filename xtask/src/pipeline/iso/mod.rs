@@ -134,6 +134,10 @@ pub fn run(root: &Path, args: &IsoArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| flags::target_dir(root).join("iso"));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // The list goes into the image: no login, checked before any stage.
+    if let Some(file) = &args.build.registries {
+        archy_agent::registry::RegistryStore::open_file(file)?.refuse_credentials()?;
+    }
     let build_args = with_images_stage(root, &args.build)?;
     let args = &IsoArgs {
         build: build_args,
