@@ -208,7 +208,7 @@ fn the_rootless_agent_owns_volumes_in_the_users_range_probes_through_the_netns_a
              command: [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/etc\"]\n\
              volumes: [{{ source: data, target: /data }}]\n\
              files:\n  - path: data/app.conf\n    template: \"name={{{{ facts.container }}}}\\n\"\n\
-             health:\n  http: {{ port: 8080, path: {path} }}\n  interval: 1s\n  timeout: 2s\n"
+             health:\n  http: {{ port: 8080, path: {path} }}\n  interval: 2s\n  timeout: 2s\n"
         )
     };
     node.app(&web, &serve("/archy-test-release"));

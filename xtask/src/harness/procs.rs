@@ -302,7 +302,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
-pub fn unescape_mountinfo(field: &str) -> String {
+fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -12,7 +12,8 @@
 //! (see `/work/shared/notes/machine.md`): `newuidmap` and `slirp4netns`
 //! (Debian's `uidmap`, `slirp4netns`), `/dev/net/tun` open to everyone, and
 //! `/` a shared mount (the rootless network namespace's runtime folder is
-//! mounted through it). [`HostChanges`] records what it changed in the run
+//! mounted through it; `/` alone, not recursively: the mounts below keep
+//! their propagation). [`HostChanges`] records what it changed in the run
 //! folder and puts it back at teardown.
 
 use std::collections::BTreeMap;
@@ -305,9 +306,9 @@ fn find_range(text: &str, name: &str, uid: u32) -> Option<(u32, u32)> {
 pub struct HostChanges {
     /// `/dev/net/tun`'s mode before, when we changed it.
     pub tun_mode: Option<u32>,
-    /// Mount points that were not shared, with their propagation then
-    /// (`private` or `slave`), when we made `/` recursively shared.
-    pub unshared_mounts: Vec<(String, String)>,
+    /// `/`'s propagation before (`private` or `slave`), when we made it
+    /// shared.
+    pub root_propagation: Option<String>,
 }
 
 impl HostChanges {
@@ -323,7 +324,7 @@ impl HostChanges {
                 let table = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
                 HostChanges {
                     tun_mode: (tun_mode != TUN_MODE).then_some(tun_mode),
-                    unshared_mounts: unshared_mounts(&table),
+                    root_propagation: root_propagation(&table)?,
                 }
             }
         };
@@ -332,7 +333,7 @@ impl HostChanges {
         write(&path, &text)?;
         std::fs::set_permissions(TUN, std::fs::Permissions::from_mode(TUN_MODE))
             .with_context(|| format!("setting mode {TUN_MODE:o} on {TUN} (slirp4netns opens it as the user)"))?;
-        capture(cmd!(sh, "mount --make-rshared /"))
+        capture(cmd!(sh, "mount --make-shared /"))
             .context("making / a shared mount (the rootless network namespace mounts through it)")?;
         Ok(record)
     }
@@ -358,10 +359,10 @@ impl HostChanges {
                     problems.push(format!("restoring mode {mode:o} on {TUN}: {e}"));
                 }
             }
-            for (mount, propagation) in &record.unshared_mounts {
+            if let Some(propagation) = &record.root_propagation {
                 let flag = format!("--make-{propagation}");
-                if let Err(e) = capture(cmd!(sh, "mount {flag} {mount}")) {
-                    problems.push(format!("restoring the propagation of {mount}: {e:#}"));
+                if let Err(e) = capture(cmd!(sh, "mount {flag} /")) {
+                    problems.push(format!("restoring the propagation of /: {e:#}"));
                 }
             }
         }
@@ -390,31 +391,24 @@ fn others_record(ours: &Path) -> Option<HostChanges> {
     })
 }
 
-/// Mount points whose propagation is not shared, with `private` or
-/// `slave`, from a mountinfo table.
-fn unshared_mounts(table: &str) -> Vec<(String, String)> {
-    let mut found: Vec<(String, String)> = Vec::new();
-    for line in table.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let Some(mount) = fields.get(4) else { continue };
-        let optional = &fields[6.min(sep)..sep];
-        if optional.iter().any(|f| f.starts_with("shared:")) {
-            continue;
-        }
-        let propagation = if optional.iter().any(|f| f.starts_with("master:")) {
-            "slave"
-        } else {
-            "private"
-        };
-        let mount = procs::unescape_mountinfo(mount);
-        if !found.iter().any(|(m, _)| *m == mount) {
-            found.push((mount, propagation.to_owned()));
-        }
-    }
-    found
+/// `/`'s propagation in a mountinfo table when it is not shared:
+/// `private` or `slave`. The last line for `/` is the mount on top.
+fn root_propagation(table: &str) -> anyhow::Result<Option<String>> {
+    let line = table
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .context("/proc/self/mountinfo has no line for /")?;
+    let fields: Vec<&str> = line.split(' ').collect();
+    let sep = fields.iter().position(|f| *f == "-").unwrap_or(fields.len());
+    let optional = &fields[6.min(sep)..sep];
+    Ok(if optional.iter().any(|f| f.starts_with("shared:")) {
+        None
+    } else if optional.iter().any(|f| f.starts_with("master:")) {
+        Some("slave".to_owned())
+    } else {
+        Some("private".to_owned())
+    })
 }
 
 /// Fails unless `/dev/net/tun` exists: slirp4netns, the rootless
@@ -439,20 +433,13 @@ mod tests {
     }
 
     #[test]
-    fn mounts_not_shared_are_listed_with_their_propagation() {
-        let table = "\
-22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
-23 22 0:5 / /dev rw shared:2 - devtmpfs udev rw
-24 22 0:6 / /run rw master:3 - tmpfs tmpfs rw
-25 22 0:7 / /a\\040b rw - tmpfs tmpfs rw
-";
-        assert_eq!(
-            unshared_mounts(table),
-            vec![
-                ("/".to_owned(), "private".to_owned()),
-                ("/run".to_owned(), "slave".to_owned()),
-                ("/a b".to_owned(), "private".to_owned()),
-            ]
-        );
+    fn the_propagation_of_the_top_root_mount_is_read() {
+        let private = "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n23 22 0:5 / /dev rw - devtmpfs udev rw\n";
+        assert_eq!(root_propagation(private).ok().flatten().as_deref(), Some("private"));
+        let slave = "22 1 8:1 / / rw master:3 - ext4 /dev/sda1 rw\n";
+        assert_eq!(root_propagation(slave).ok().flatten().as_deref(), Some("slave"));
+        let shared_on_top = format!("{private}30 22 0:9 / / rw shared:4 - tmpfs t rw\n");
+        assert_eq!(root_propagation(&shared_on_top).ok().flatten(), None);
+        assert!(root_propagation("23 22 0:5 / /dev rw - devtmpfs udev rw\n").is_err());
     }
 }
