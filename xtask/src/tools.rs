@@ -95,6 +95,18 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::OnPath("openssl"),
         why: "computes bitcoind's rpcauth HMAC in a test, independently of the agent",
     },
+    Tool {
+        name: "newuidmap",
+        package: "uidmap",
+        probe: Probe::OnPath("newuidmap"),
+        why: "maps the rootless test service's user namespace through /etc/subuid",
+    },
+    Tool {
+        name: "slirp4netns",
+        package: "slirp4netns",
+        probe: Probe::OnPath("slirp4netns"),
+        why: "the rootless test service's network namespace reaches out through it",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:

@@ -226,3 +226,92 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The rootless Podman service that `cargo xtask test` also starts, as the
+/// unprivileged user it made, read from `ARCHY_TEST_ROOTLESS_*` variables.
+#[derive(Debug, Clone)]
+pub struct RootlessEnv {
+    /// The rootless Podman API socket.
+    pub engine_socket: PathBuf,
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// The user's `/etc/subuid` and `/etc/subgid` ranges: (start, count).
+    pub subuid: (u32, u32),
+    pub subgid: (u32, u32),
+    /// `HOME` and `XDG_RUNTIME_DIR` of the user's podman: its
+    /// configuration and storage.
+    pub home: PathBuf,
+    pub runtime_dir: PathBuf,
+    /// A folder the user owns, for the tests' nodes.
+    pub work: PathBuf,
+    /// Global flags that point the `podman` CLI at the service's storage.
+    pub podman_args: Vec<String>,
+}
+
+/// Reads the rootless service's environment. Panics when it is missing:
+/// a rootless test must fail, never pass, without the service.
+pub fn rootless_env() -> RootlessEnv {
+    let number = |name: &str| -> u32 {
+        let text = var(name);
+        text.parse()
+            .unwrap_or_else(|e| panic!("{name}={text} is not a number: {e}"))
+    };
+    let range = |name: &str| -> (u32, u32) {
+        let text = var(name);
+        text.split_once(':')
+            .and_then(|(s, c)| Some((s.parse().ok()?, c.parse().ok()?)))
+            .unwrap_or_else(|| panic!("{name}={text} is not start:count"))
+    };
+    RootlessEnv {
+        engine_socket: var("ARCHY_TEST_ROOTLESS_ENGINE").into(),
+        user: var("ARCHY_TEST_ROOTLESS_USER"),
+        uid: number("ARCHY_TEST_ROOTLESS_UID"),
+        gid: number("ARCHY_TEST_ROOTLESS_GID"),
+        subuid: range("ARCHY_TEST_ROOTLESS_SUBUID"),
+        subgid: range("ARCHY_TEST_ROOTLESS_SUBGID"),
+        home: var("ARCHY_TEST_ROOTLESS_HOME").into(),
+        runtime_dir: var("ARCHY_TEST_ROOTLESS_RUNTIME_DIR").into(),
+        work: var("ARCHY_TEST_ROOTLESS_WORK").into(),
+        podman_args: var("ARCHY_TEST_ROOTLESS_PODMAN_ARGS")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+impl RootlessEnv {
+    /// `program` run as the rootless user, with the environment its podman
+    /// needs (and so the agent's `podman unshare`), from `cwd`.
+    pub fn as_user(&self, cwd: &std::path::Path, program: &std::path::Path) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.arg("-u")
+            .arg(&self.user)
+            .arg("--")
+            .arg("env")
+            .arg("-i")
+            .arg(format!("--chdir={}", cwd.display()))
+            .arg(format!("HOME={}", self.home.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.runtime_dir.display()))
+            .arg(format!("PATH={}", std::env::var("PATH").unwrap_or_default()))
+            .arg(program);
+        cmd
+    }
+
+    /// The `podman` CLI as the user, on the service's storage.
+    pub fn podman(&self) -> Command {
+        let mut cmd = self.as_user(&self.work, std::path::Path::new("podman"));
+        cmd.args(&self.podman_args);
+        cmd
+    }
+
+    /// The host uid (or gid) a container's id `n` owns files as: the
+    /// user itself for 0, `start + n - 1` of its range otherwise.
+    pub fn host_uid(&self, n: u32) -> u32 {
+        if n == 0 {
+            self.uid
+        } else {
+            self.subuid.0 + n - 1
+        }
+    }
+}

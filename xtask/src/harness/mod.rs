@@ -6,5 +6,6 @@ pub mod e2e;
 pub mod podman;
 pub mod procs;
 pub mod registries;
+pub mod rootless;
 pub mod test_env;
 pub mod test_images;

@@ -149,7 +149,7 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn registries_conf_text(insecure: &[String]) -> String {
+pub fn registries_conf_text(insecure: &[String]) -> String {
     // No search registries: a short name must never reach Docker Hub.
     let mut text = String::from("unqualified-search-registries = []\n");
     for location in insecure {
@@ -159,7 +159,7 @@ fn registries_conf_text(insecure: &[String]) -> String {
 }
 
 /// One `GET /_ping` over the socket; Ok when the answer is 200.
-fn ping(socket: &Path) -> anyhow::Result<()> {
+pub fn ping(socket: &Path) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(socket).with_context(|| format!("connecting to {}", socket.display()))?;
     stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
     stream.set_write_timeout(Some(PROBE_TIMEOUT))?;

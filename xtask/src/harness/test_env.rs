@@ -14,7 +14,11 @@
 //! - `ARCHY_TEST_PODMAN_ARGS` (space separated), `ARCHY_TEST_CONTAINERS_CONF`,
 //!   `ARCHY_TEST_REGISTRIES_CONF`, `ARCHY_TEST_STORAGE_CONF`: what the
 //!   `podman` CLI needs to see the service's storage;
-//! - `ARCHY_TEST_REGISTRY_DATA`: the plain registry's storage directory.
+//! - `ARCHY_TEST_REGISTRY_DATA`: the plain registry's storage directory;
+//! - `ARCHY_TEST_ROOTLESS_*`: the rootless Podman service (`rootless.rs`)
+//!   and its user: `ENGINE` (socket), `USER`, `UID`, `GID`, `SUBUID` and
+//!   `SUBGID` (`start:count`), `HOME` and `RUNTIME_DIR` (the environment its
+//!   `podman` needs), `PODMAN_ARGS`, and `WORK`, a folder the user owns.
 //!
 //! Everything lives in `$TMPDIR/archy-test-<pid>`. Not under target/: the
 //! API socket's path must fit in a unix socket address (108 bytes), and a CI
@@ -35,6 +39,7 @@ use xshell::{cmd, Shell};
 use crate::harness::podman::Podman;
 use crate::harness::procs::{self, bail_if_interrupted, capture, Service, STOP_GRACE};
 use crate::harness::registries::{Credentials, Registry};
+use crate::harness::rootless::{self, HostChanges, RootlessPodman};
 use crate::harness::test_images::{self, Published};
 use crate::pipeline::flags;
 use crate::pipeline::rootfs;
@@ -121,7 +126,7 @@ impl Drop for AgentBuild {
 const RESET_ATTEMPTS: u32 = 3;
 const RESET_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
-const DIR_PREFIX: &str = "archy-test-";
+pub const DIR_PREFIX: &str = "archy-test-";
 /// The e2e agent's own cargo target folder, under target/.
 const AGENT_TARGET_SUBDIR: &str = "e2e-agent";
 /// Fixed test values: the registry only listens on loopback for one run.
@@ -227,6 +232,9 @@ pub struct TestEnv {
     sh: Shell,
     podman: Podman,
     podman_service: Option<Service>,
+    /// The rootless Podman; `None` until its user is known.
+    rootless: Option<RootlessPodman>,
+    rootless_service: Option<Service>,
     registries: Vec<Registry>,
     torn_down: bool,
 }
@@ -250,11 +258,15 @@ impl TestEnv {
 
     /// A guard for a directory whose services, if any, we did not start.
     fn adopt(dir: &Path) -> anyhow::Result<TestEnv> {
+        // A run that got as far as the rootless service left its user.
+        let rootless = rootless::read_user().ok().map(|user| RootlessPodman::at(dir, user));
         Ok(TestEnv {
             dir: dir.to_path_buf(),
             sh: Shell::new().context("creating a shell")?,
             podman: Podman::at(dir),
             podman_service: None,
+            rootless,
+            rootless_service: None,
             registries: Vec::new(),
             torn_down: false,
         })
@@ -293,12 +305,32 @@ impl TestEnv {
         self.podman.write_config(&hosts)?;
         self.podman_service = Some(self.podman.start_service(&self.sh, &logs.join("podman-service.log"))?);
         bail_if_interrupted()?;
+        self.start_rootless(&hosts, &logs)?;
+        bail_if_interrupted()?;
 
         let [plain, auth] = &self.registries[..] else {
             bail!("expected two registries, have {}", self.registries.len());
         };
         let images = test_images::build_and_publish(&self.sh, &self.podman, &self.dir.join("images"), plain, auth)?;
-        Ok(self.vars(plain, auth, &creds, &images))
+        let mut vars = self.vars(plain, auth, &creds, &images);
+        if let Some(rootless) = &self.rootless {
+            vars.extend(rootless.vars());
+        }
+        Ok(vars)
+    }
+
+    /// The rootless service: the machine's settings it needs (recorded
+    /// first, put back at teardown), its user, its configuration and the
+    /// service. It pulls the same test images from the same registries.
+    fn start_rootless(&mut self, insecure_registries: &[String], logs: &Path) -> anyhow::Result<()> {
+        rootless::check_host()?;
+        HostChanges::apply(&self.sh, &self.dir)?;
+        let user = rootless::ensure_user(&self.sh)?;
+        let podman = RootlessPodman::at(&self.dir, user);
+        self.rootless = Some(podman.clone());
+        podman.write_config(insecure_registries)?;
+        self.rootless_service = Some(podman.start_service(&self.sh, &logs.join("rootless-podman-service.log"))?);
+        Ok(())
     }
 
     fn vars(
@@ -347,6 +379,9 @@ impl TestEnv {
     pub fn teardown(&mut self) -> Vec<String> {
         self.torn_down = true;
         let mut problems = Vec::new();
+        if let Some(rootless) = &self.rootless {
+            problems.extend(rootless.clean(&self.sh));
+        }
         let storage_exists = self.podman.root.exists();
         if storage_exists && self.podman.containers_conf.exists() {
             if let Err(e) = capture(
@@ -360,6 +395,7 @@ impl TestEnv {
         let services = self
             .podman_service
             .iter_mut()
+            .chain(self.rootless_service.iter_mut())
             .chain(self.registries.iter_mut().map(|r| &mut r.service));
         for service in services {
             if let Err(e) = service.stop(STOP_GRACE) {
@@ -368,6 +404,9 @@ impl TestEnv {
         }
         // Conmon and podman's cleanup helpers run outside our process groups.
         problems.extend(procs::reap_leftovers(&self.dir));
+        if let Some(rootless) = &self.rootless {
+            problems.extend(rootless.reset(&self.sh));
+        }
         if storage_exists && self.podman.containers_conf.exists() {
             // Podman 4.3 logs a "system reset" event into the tmp folder it
             // is deleting, so the reset can trip over its own file
@@ -390,6 +429,7 @@ impl TestEnv {
                 problems.push(format!("{e:#}"));
             }
         }
+        problems.extend(HostChanges::restore(&self.sh, &self.dir));
         for mount in procs::mounts_under(&self.dir) {
             problems.push(format!("unmounting leftover mount {}", mount.display()));
             if let Err(e) = capture(cmd!(self.sh, "umount {mount}")) {
