@@ -61,6 +61,7 @@ pub fn facts(m: &Manifest, all: &[Manifest], naming: &Naming) -> anyhow::Result<
         app: m.id.to_string(),
         container: naming.container_name(m),
         network: m.network.clone(),
+        network_subnet: crate::manifest::network_subnet(&m.network).map(str::to_owned),
         dev: matches!(naming, Naming::Dev { .. }),
         hostname,
         containers,

@@ -65,7 +65,7 @@ async fn create_applies_every_setting_of_the_spec_and_keeps_the_secret_out_of_in
     let mut cleanup = common::Cleanup::new(&env);
     let name = cleanup.container("full");
     let network = cleanup.network("full-net");
-    engine.ensure_network(&network).await.expect("ensure network");
+    engine.ensure_network(&network, None).await.expect("ensure network");
 
     let host = tempfile::tempdir().expect("temp dir");
     let data = host.path().join("data");

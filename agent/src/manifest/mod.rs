@@ -30,6 +30,20 @@ pub use set::start_order;
 /// The network every app joins unless it names another.
 pub const DEFAULT_NETWORK: &str = "archy-net";
 
+/// The IPv4 subnet of [`DEFAULT_NETWORK`], fixed so that config files can
+/// name it (bitcoind's `rpcallowip`, through `facts.network_subnet`). It
+/// lies in the pool Podman takes its own networks from (10.89.0.0/16), far
+/// above the /24s it hands out in order from 10.89.0.0/24, so it meets
+/// neither a LAN nor another Podman network in practice.
+pub const DEFAULT_NETWORK_SUBNET: &str = "10.89.200.0/24";
+
+/// The fixed subnet of `network`, which the agent creates it with and
+/// templates read as `facts.network_subnet`: only [`DEFAULT_NETWORK`] has
+/// one; another network gets whatever subnet Podman picks.
+pub fn network_subnet(network: &str) -> Option<&'static str> {
+    (network == DEFAULT_NETWORK).then_some(DEFAULT_NETWORK_SUBNET)
+}
+
 /// A validated app identifier: lowercase letters, digits and '-', starting
 /// with a letter, at most 63 characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -377,6 +391,9 @@ mod tests {
         use crate::dataroot::DEFAULT_DATA_ROOT;
         assert_eq!(DEFAULT_DATA_ROOT, "/var/lib/archipelago");
         assert_eq!(DEFAULT_NETWORK, "archy-net");
+        assert_eq!(DEFAULT_NETWORK_SUBNET, "10.89.200.0/24");
+        assert_eq!(network_subnet(DEFAULT_NETWORK), Some(DEFAULT_NETWORK_SUBNET));
+        assert_eq!(network_subnet("other-net"), None);
     }
 
     #[test]

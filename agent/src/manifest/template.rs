@@ -24,7 +24,10 @@ use super::{SecretKind, SecretSpec};
 const SECRETS: &str = "secrets";
 const FACTS: &str = "facts";
 /// Plain facts, `facts.<name>`.
-pub const PLAIN_FACTS: &[&str] = &["app", "container", "network", "dev", "hostname"];
+pub const PLAIN_FACTS: &[&str] = &["app", "container", "network", "network_subnet", "dev", "hostname"];
+/// The fact only apps on a network with a fixed subnet have
+/// ([`super::network_subnet`]).
+const NETWORK_SUBNET: &str = "network_subnet";
 /// `facts.containers.<app>`: the container names of the app and its
 /// dependencies, resolvable by name on the app's network.
 const CONTAINERS: &str = "containers";
@@ -45,6 +48,10 @@ pub struct Facts {
     /// The app's container name (dev names included).
     pub container: String,
     pub network: String,
+    /// The IPv4 subnet (CIDR) of `network`, for apps on a network the
+    /// agent gives a fixed one ([`super::network_subnet`]); `None` leaves
+    /// `facts.network_subnet` undefined.
+    pub network_subnet: Option<String>,
     /// Whether the agent runs in dev mode.
     pub dev: bool,
     /// The node's host name.
@@ -61,7 +68,7 @@ impl Facts {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
-        let map: BTreeMap<&str, Value> = BTreeMap::from([
+        let mut map: BTreeMap<&str, Value> = BTreeMap::from([
             ("app", Value::from(self.app.as_str())),
             ("container", Value::from(self.container.as_str())),
             ("network", Value::from(self.network.as_str())),
@@ -69,6 +76,9 @@ impl Facts {
             ("hostname", Value::from(self.hostname.as_str())),
             (CONTAINERS, Value::from(containers)),
         ]);
+        if let Some(subnet) = &self.network_subnet {
+            map.insert(NETWORK_SUBNET, Value::from(subnet.as_str()));
+        }
         Value::from(map)
     }
 }
@@ -119,10 +129,15 @@ pub struct TemplateProblem {
     pub problem: String,
 }
 
-/// Checks `template` for an app that declares `secrets` and may name the
-/// containers `containers` (template keys of itself and its dependencies).
-/// Returns the declared names of the secrets it reads.
-pub fn check(template: &str, secrets: &[SecretSpec], containers: &[String]) -> Result<Vec<String>, TemplateProblem> {
+/// Checks `template` for an app on `network` that declares `secrets` and
+/// may name the containers `containers` (template keys of itself and its
+/// dependencies). Returns the declared names of the secrets it reads.
+pub fn check(
+    template: &str,
+    network: &str,
+    secrets: &[SecretSpec],
+    containers: &[String],
+) -> Result<Vec<String>, TemplateProblem> {
     let env = environment();
     let compiled = env.template_from_str(template).map_err(|e| TemplateProblem {
         value: e.line().map_or_else(String::new, |l| format!("line {l}")),
@@ -135,8 +150,10 @@ pub fn check(template: &str, secrets: &[SecretSpec], containers: &[String]) -> R
         .iter()
         .map(|s| format!("{SECRETS}.{}", template_key(&s.name)))
         .collect();
+    let subnet = super::network_subnet(network);
     let allowed_facts: Vec<String> = PLAIN_FACTS
         .iter()
+        .filter(|f| subnet.is_some() || **f != NETWORK_SUBNET)
         .map(|f| format!("{FACTS}.{f}"))
         .chain(containers.iter().map(|c| format!("{FACTS}.{CONTAINERS}.{c}")))
         .collect();
@@ -144,6 +161,16 @@ pub fn check(template: &str, secrets: &[SecretSpec], containers: &[String]) -> R
     for name in names {
         if functions.contains(&name) {
             continue;
+        }
+        if name == format!("{FACTS}.{NETWORK_SUBNET}") && subnet.is_none() {
+            return Err(TemplateProblem {
+                value: name,
+                problem: format!(
+                    "is known only for apps on {} (its subnet is fixed: {}); this app is on {network}",
+                    super::DEFAULT_NETWORK,
+                    super::DEFAULT_NETWORK_SUBNET
+                ),
+            });
         }
         let allowed = if name == SECRETS || name.starts_with("secrets.") {
             &allowed_secrets
@@ -195,7 +222,8 @@ pub fn check(template: &str, secrets: &[SecretSpec], containers: &[String]) -> R
     let facts = Facts {
         app: "app".to_owned(),
         container: "container".to_owned(),
-        network: "network".to_owned(),
+        network: network.to_owned(),
+        network_subnet: subnet.map(str::to_owned),
         dev: false,
         hostname: "host".to_owned(),
         containers: containers.iter().map(|c| (c.clone(), c.clone())).collect(),
@@ -238,6 +266,7 @@ mod tests {
             app: "electrs".to_owned(),
             container: "electrs".to_owned(),
             network: "archy-net".to_owned(),
+            network_subnet: Some("10.89.200.0/24".to_owned()),
             dev: false,
             hostname: "node".to_owned(),
             containers: BTreeMap::from([
@@ -275,6 +304,7 @@ mod tests {
         ];
         let used = check(
             "rpcauth={{ rpcauth('archy', secrets.rpc_password, secrets.rpc_salt) }}\n{{ facts.hostname }}",
+            "archy-net",
             &secrets,
             &["app".to_owned()],
         )
@@ -285,21 +315,38 @@ mod tests {
     #[test]
     fn check_refuses_an_unknown_secret_naming_the_allowed_ones() {
         let secrets = [secret("rpc-password", SecretKind::Hex32)];
-        let p = check("{{ secrets.rpc_pasword }}", &secrets, &[]).expect_err("unknown");
+        let p = check("{{ secrets.rpc_pasword }}", "archy-net", &secrets, &[]).expect_err("unknown");
         assert_eq!(p.value, "secrets.rpc_pasword");
         assert!(p.problem.contains("unknown secret"), "{p:?}");
         assert!(p.problem.contains("secrets.rpc_password"), "{p:?}");
     }
 
     #[test]
+    fn the_network_subnet_is_a_fact_on_archy_net_only() {
+        let out = render("rpcallowip={{ facts.network_subnet }}\n", &BTreeMap::new(), &facts()).expect("renders");
+        assert_eq!(out, "rpcallowip=10.89.200.0/24\n");
+        check("{{ facts.network_subnet }}", "archy-net", &[], &[]).expect("known on archy-net");
+        let p = check("{{ facts.network_subnet }}", "other-net", &[], &[]).expect_err("not on another network");
+        assert_eq!(p.value, "facts.network_subnet");
+        assert!(
+            p.problem.contains("archy-net") && p.problem.contains("10.89.200.0/24") && p.problem.contains("other-net"),
+            "{p:?}"
+        );
+        let mut other = facts();
+        other.network_subnet = None;
+        let err = render("{{ facts.network_subnet }}", &BTreeMap::new(), &other).expect_err("undefined");
+        assert!(err.contains("undefined"), "{err}");
+    }
+
+    #[test]
     fn check_refuses_unknown_facts_other_containers_and_other_names() {
         let deps = ["electrs".to_owned(), "bitcoin_core".to_owned()];
-        let p = check("{{ facts.ip }}", &[], &deps).expect_err("unknown fact");
+        let p = check("{{ facts.ip }}", "archy-net", &[], &deps).expect_err("unknown fact");
         assert_eq!(p.value, "facts.ip");
         assert!(p.problem.contains("facts.hostname") && p.problem.contains("facts.containers.bitcoin_core"));
-        let p = check("{{ facts.containers.lnd }}", &[], &deps).expect_err("not a dependency");
+        let p = check("{{ facts.containers.lnd }}", "archy-net", &[], &deps).expect_err("not a dependency");
         assert_eq!(p.value, "facts.containers.lnd");
-        let p = check("{{ password }}", &[], &deps).expect_err("unknown name");
+        let p = check("{{ password }}", "archy-net", &[], &deps).expect_err("unknown name");
         assert_eq!(p.value, "password");
         assert!(p.problem.contains("rpcauth"), "{p:?}");
     }
@@ -307,22 +354,22 @@ mod tests {
     #[test]
     fn check_refuses_lookups_it_cannot_check() {
         let secrets = [secret("rpc-password", SecretKind::Hex32)];
-        let p = check("{{ secrets['rpc-password'] }}", &secrets, &[]).expect_err("subscript");
+        let p = check("{{ secrets['rpc-password'] }}", "archy-net", &secrets, &[]).expect_err("subscript");
         assert_eq!(p.value, "secrets");
     }
 
     #[test]
     fn check_refuses_syntax_errors_and_bad_calls() {
-        let p = check("line\n{{ facts.app ", &[], &[]).expect_err("syntax");
+        let p = check("line\n{{ facts.app ", "archy-net", &[], &[]).expect_err("syntax");
         assert!(p.problem.contains("is not a valid template"), "{p:?}");
         assert_eq!(p.value, "line 2");
-        let p = check("{{ rpcauth('u') }}", &[], &[]).expect_err("arguments");
+        let p = check("{{ rpcauth('u') }}", "archy-net", &[], &[]).expect_err("arguments");
         assert!(p.problem.contains("cannot be rendered"), "{p:?}");
     }
 
     #[test]
     fn variables_a_template_sets_itself_are_allowed() {
-        check("{% set user = 'archy' %}{{ user }}", &[], &[]).expect("assigned locally");
+        check("{% set user = 'archy' %}{{ user }}", "archy-net", &[], &[]).expect("assigned locally");
     }
 
     #[test]

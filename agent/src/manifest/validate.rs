@@ -402,7 +402,7 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             duration(&mut p, "stop_grace_period", s)
         });
 
-    let files = validate_files(&mut p, &raw.files, &raw.id, &depends_on, &volumes, &secrets);
+    let files = validate_files(&mut p, &raw.files, &raw.id, &network, &depends_on, &volumes, &secrets);
 
     match (id, image, stop_grace_period) {
         (Some(id), Some(image), Some(stop_grace_period)) if p.errors.is_empty() => Ok(Manifest {

@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
 use crate::engine::{EngineError, RegistryAuth};
 use crate::images::{self, LockError};
-use crate::manifest::{ImageSource, Manifest, PinnedImage};
+use crate::manifest::{network_subnet, ImageSource, Manifest, PinnedImage};
 use crate::registry::{candidates, RegistryStore};
 use crate::spec::{build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
@@ -282,7 +282,7 @@ fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &Contain
 /// Creates and starts the container from `spec`, running image `image_id`.
 async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, image_id: &str) -> Result<()> {
     orch.engine
-        .ensure_network(&spec.network)
+        .ensure_network(&spec.network, network_subnet(&spec.network))
         .await
         .map_err(Orchestrator::engine_err(app))?;
     // Created from the image's config digest: exact, whichever registry

@@ -16,6 +16,7 @@ pub(super) fn validate_files(
     p: &mut Problems,
     raw: &[RawFile],
     id: &str,
+    network: &str,
     depends_on: &[AppId],
     volumes: &[VolumeMount],
     secrets: &[SecretSpec],
@@ -54,7 +55,7 @@ pub(super) fn validate_files(
         } else if files.iter().any(|x| x.path == path) {
             p.bad(format!("files[{i}].path"), &f.path, "is rendered twice");
         }
-        let uses = match template::check(&f.template, secrets, &containers) {
+        let uses = match template::check(&f.template, network, secrets, &containers) {
             Ok(uses) => Some(uses),
             Err(problem) => {
                 p.bad(format!("files[{i}].template"), problem.value, problem.problem);
