@@ -121,6 +121,9 @@ pub async fn run(
                 for a in &r.attempts {
                     writeln!(out, "pull: {a}")?;
                 }
+                for k in &r.kept_aside {
+                    writeln!(out, "{}: kept your own {k} beside the rendered file", r.app)?;
+                }
                 if r.replaced {
                     writeln!(out, "{}: upgraded {} to image {}", r.app, r.container, r.to_image_id)?;
                 } else {
