@@ -34,7 +34,7 @@ pub use health::{http_url, probe_address, NetProbe, ProbeResult};
 pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
 pub use locks::AppLocks;
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
-pub use status::{app_state, app_status, differences, AppState, AppStatus, HealthState};
+pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
 
 /// Suffix of the stopped container an upgrade keeps until the new one is
 /// healthy.

@@ -192,7 +192,8 @@ pub fn differences(spec: &ContainerSpec, pinned_image_id: Option<&str>, info: &C
     out
 }
 
-fn short_id(hash: &str) -> &str {
+/// The first 12 hex digits of a hash or id, as Podman shows ids.
+pub fn short_id(hash: &str) -> &str {
     let h = hash.strip_prefix("sha256:").unwrap_or(hash);
     h.get(..12).unwrap_or(h)
 }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::backoff;
 use crate::engine::{ContainerStatus, ContainerSummary};
 use crate::manifest::AppId;
+use crate::orchestrator::short_id;
 use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
 /// Drift recreates within this window count towards a drift loop.
@@ -227,8 +228,8 @@ fn decide(
     if is_managed(c) && have != d.spec_hash {
         let reason = format!(
             "spec hash {} differs from the manifest's {}",
-            short(have),
-            short(&d.spec_hash)
+            short_id(have),
+            short_id(&d.spec_hash)
         );
         let recent = mem
             .drift_recreates
@@ -267,11 +268,6 @@ fn decide(
         ),
         ContainerStatus::Other(state) => Decision::Wait(Wait::UnknownState { state: state.clone() }),
     }
-}
-
-fn short(hash: &str) -> &str {
-    let h = hash.strip_prefix("sha256:").unwrap_or(hash);
-    h.get(..12).unwrap_or(h)
 }
 
 /// Updates `mem` after the pass that saw the app in `status` ran `action`
