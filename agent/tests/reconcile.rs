@@ -178,6 +178,14 @@ async fn an_adopted_container_that_differs_is_left_running_until_upgrade_convert
         .unwrap_or_else(|| panic!("{id} in {list}"));
     assert_eq!(listed["drifted"], true, "{listed}");
     assert!(listed["differences"].to_string().contains("image: runs"), "{listed}");
+    let out = agent_cmd(&node).args(["status", &id]).output().expect("status runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "{id}: adopted, left as it is; differs from its manifest (image: runs"
+        )) && text.contains(&format!("`archy-agent upgrade {id}` converts it")),
+        "{text}"
+    );
 
     // The owner converts it: recreated from the manifest, the own file kept beside.
     let report = orch.upgrade(&id).await.expect("upgrade converts");
