@@ -43,7 +43,17 @@ async fn a_container_made_with_the_podman_cli_is_adopted_untouched() {
     node.app(&id, &image, SERVE);
     // An older install made it by hand: no labels, the pinned image.
     node.podman(&["pull", "--tls-verify=false", &node.env.image.by_digest()]);
-    node.podman(&["run", "-d", "--name", &id, &node.env.image.by_digest(), "sleep", "300"]);
+    // The manifest's command too: nothing differs.
+    node.podman(&[
+        "run",
+        "-d",
+        "--name",
+        &id,
+        &node.env.image.by_digest(),
+        "sh",
+        "-c",
+        SERVE_SCRIPT,
+    ]);
     let before = (container_id(&node, &id), started_at(&node, &id));
     assert!(!before.0.is_empty(), "the hand-made container runs");
 
@@ -71,34 +81,139 @@ async fn a_container_made_with_the_podman_cli_is_adopted_untouched() {
     assert!(state.contains(&before.0), "the adoption is recorded: {state}");
 }
 
+/// `SERVE`'s script, for containers made by hand with the podman CLI.
+const SERVE_SCRIPT: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
+
+/// What the owner of a migrated node wrote by hand.
+const HAND_WRITTEN: &str = "# my own settings\nrpcallowip=0.0.0.0/0\n";
+
 #[tokio::test]
-async fn adopt_with_another_image_is_drift_and_the_container_is_replaced() {
+async fn an_adopted_container_that_differs_is_left_running_until_upgrade_converts_it() {
     let node = Node::new();
     let id = app_id("adrift");
     node.app(
         &id,
         &node.env.image.to_string(),
-        &format!("{SERVE}volumes: [{{ source: data, target: /data }}]\n"),
+        &format!(
+            "{SERVE}volumes: [{{ source: data, target: /data }}]\nenv: {{ GREETING: from-manifest }}\n\
+             files:\n  - path: data/app.conf\n    template: \"rendered for {{{{ facts.container }}}}\\n\"\n"
+        ),
     );
+    // A migrated node: another image, another env, its own config file.
+    let conf = node.data.join(id.as_str()).join("data/app.conf");
+    fs::create_dir_all(conf.parent().expect("folder")).expect("data folder");
+    fs::write(&conf, HAND_WRITTEN).expect("hand-written config");
+    // Both images in the store: the pinned one is what the hand-made one is compared with.
+    node.podman(&["pull", "--tls-verify=false", &node.env.image.by_digest()]);
     node.podman(&["pull", "--tls-verify=false", &node.env.image_v2.by_digest()]);
+    let volume = format!("{}:/data", conf.parent().expect("folder").display());
     node.podman(&[
         "run",
         "-d",
         "--name",
         &id,
+        "-e",
+        "GREETING=by-hand",
+        "-v",
+        &volume,
         &node.env.image_v2.by_digest(),
-        "sleep",
-        "300",
+        "sh",
+        "-c",
+        SERVE_SCRIPT,
     ]);
-    let old = container_id(&node, &id);
+    let before = (container_id(&node, &id), started_at(&node, &id));
+    assert!(!before.0.is_empty(), "the hand-made container runs");
+
     let orch = Arc::new(node.orchestrator().await);
     let mut reconciler = Reconciler::new(orch.clone());
-    let report = reconciler.pass().await;
+    for pass in 1..=3 {
+        let report = reconciler.pass().await;
+        let d = decision(&report, &id);
+        if pass == 1 {
+            assert_eq!(
+                d,
+                &Decision::Act(Action::Adopt {
+                    container_id: before.0.clone()
+                })
+            );
+        } else {
+            let Decision::Wait(Wait::Drift { differences }) = d else {
+                panic!("pass {pass}: drift is reported, not acted on: {d:?}");
+            };
+            let text = differences.join("; ");
+            assert!(
+                text.contains("image: runs") && text.contains("env: GREETING"),
+                "pass {pass}: says what differs: {text}"
+            );
+            assert!(!text.contains("by-hand"), "never an env value: {text}");
+        }
+        assert_eq!(
+            (container_id(&node, &id), started_at(&node, &id)),
+            before,
+            "pass {pass}: the same container, never restarted"
+        );
+        assert_eq!(
+            node.podman(&["inspect", "--format", "{{.State.Status}}", &id]).trim(),
+            "running",
+            "pass {pass}"
+        );
+        assert_eq!(
+            fs::read_to_string(&conf).expect("config"),
+            HAND_WRITTEN,
+            "pass {pass}: the owner's config file keeps its bytes"
+        );
+    }
+    let status = orch.status(&id).await.expect("status");
     assert!(
-        matches!(decision(&report, &id), Decision::Act(Action::Recreate { reason }) if reason.contains("instead of the pinned"))
+        status.drifted && !status.managed && status.differences.iter().any(|d| d.starts_with("env: GREETING")),
+        "status says what differs: {status:?}"
     );
-    assert_ne!(container_id(&node, &id), old);
-    assert_eq!(orch.status(&id).await.expect("status").state, AppState::Running);
+    // `list` on the command line says it too.
+    let out = agent_cmd(&node).args(["list", "--json"]).output().expect("list runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json list");
+    let listed = list
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["app"] == id.as_str()))
+        .unwrap_or_else(|| panic!("{id} in {list}"));
+    assert_eq!(listed["drifted"], true, "{listed}");
+    assert!(listed["differences"].to_string().contains("image: runs"), "{listed}");
+    let out = agent_cmd(&node).args(["status", &id]).output().expect("status runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "{id}: adopted, left as it is; differs from its manifest (image: runs"
+        )) && text.contains(&format!("`archy-agent upgrade {id}` converts it")),
+        "{text}"
+    );
+
+    // The owner converts it: recreated from the manifest, the own file kept beside.
+    let report = orch.upgrade(&id).await.expect("upgrade converts");
+    assert!(report.replaced, "{report:?}");
+    assert_eq!(report.kept_aside, ["data/app.conf.pre-archipelago"]);
+    let after = container_id(&node, &id);
+    assert_ne!(after, before.0, "recreated");
+    let inspect = |format: &str| node.podman(&["inspect", "--format", format, &id]).trim().to_owned();
+    assert_eq!(
+        inspect("{{index .Config.Labels \"io.archipelago.managed-by\"}}"),
+        "archy-agent"
+    );
+    assert!(
+        inspect("{{.Config.Env}}").contains("GREETING=from-manifest"),
+        "{}",
+        inspect("{{.Config.Env}}")
+    );
+    let pinned = node.podman(&["image", "inspect", "--format", "{{.Id}}", &node.env.image.by_digest()]);
+    assert_eq!(inspect("{{.Image}}"), pinned.trim(), "runs the pinned image");
+    assert_eq!(
+        fs::read_to_string(&conf).expect("rendered"),
+        format!("rendered for {id}\n")
+    );
+    let aside = conf.with_file_name("app.conf.pre-archipelago");
+    assert_eq!(fs::read_to_string(&aside).expect("kept aside"), HAND_WRITTEN);
+    let report = reconciler.pass().await;
+    assert_eq!(decision(&report, &id), &Decision::Wait(Wait::Ok), "converted: in step");
+    assert_eq!(container_id(&node, &id), after);
 }
 
 #[tokio::test]
@@ -356,6 +471,15 @@ async fn adopt_dry_run_touches_nothing_and_boot_exits_on_sigterm_leaving_apps_ru
         .output()
         .expect("status runs");
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // Made with `sleep 300`, not the manifest's command: drift, said over the socket.
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json status");
+    assert_eq!(status["drifted"], true, "{status}");
+    assert!(
+        status["differences"]
+            .to_string()
+            .contains("command: [\\\"sleep\\\", \\\"300\\\"]"),
+        "{status}"
+    );
     let pid = boot.id().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -77,7 +77,8 @@ impl Orchestrator {
     }
 
     /// Stops and starts the container, so that it reads its config files
-    /// again. The container itself is kept (same id).
+    /// again (an adopted one's files are left as they are). The container
+    /// itself is kept (same id).
     pub async fn restart_app(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
             let spec = self.spec(&m)?;
@@ -86,7 +87,9 @@ impl Orchestrator {
                 .stop(&spec.name, spec.stop_grace_period)
                 .await
                 .map_err(&not_installed)?;
-            self.render_files(&m)?;
+            if !self.is_adopted(app, &spec.name).await? {
+                self.render_files(&m)?;
+            }
             self.engine.start(&spec.name).await.map_err(not_installed)
         })
         .await
@@ -109,9 +112,17 @@ impl Orchestrator {
 
     /// Removes a container stuck in a state it cannot leave (dead) and
     /// installs it again. Data folders live on the host and are untouched.
+    /// Refused for an adopted container: only `upgrade` replaces those.
     pub async fn rebuild(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
             let spec = self.spec(&m)?;
+            if self.is_adopted(app, &spec.name).await? {
+                return Err(anyhow::anyhow!(
+                    "{app}: {} was not created by the agent and is never removed; `archy-agent upgrade {app}` converts it",
+                    spec.name
+                )
+                .into());
+            }
             match self.engine.force_remove(&spec.name).await {
                 Ok(()) | Err(EngineError::NotFound { .. }) => {}
                 Err(e) => return Err(Self::engine_err(app)(e)),

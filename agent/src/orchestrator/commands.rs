@@ -54,6 +54,21 @@ fn status_rows(list: &[AppStatus]) -> Vec<[String; 6]> {
         .collect()
 }
 
+/// Below a status table: what differs for each adopted app that drifted,
+/// and how its owner converts it.
+fn print_differences(list: &[AppStatus], out: &mut impl Write) -> anyhow::Result<()> {
+    for s in list.iter().filter(|s| !s.differences.is_empty()) {
+        writeln!(
+            out,
+            "{}: adopted, left as it is; differs from its manifest ({}); `archy-agent upgrade {}` converts it",
+            s.app,
+            s.differences.join("; "),
+            s.app
+        )?;
+    }
+    Ok(())
+}
+
 /// Prints an install's outcome: its pull attempts, and whether a container
 /// was created or was already there. Shared by `install APP` and
 /// `install --manifest PATH`.
@@ -121,6 +136,9 @@ pub async fn run(
                 for a in &r.attempts {
                     writeln!(out, "pull: {a}")?;
                 }
+                for k in &r.kept_aside {
+                    writeln!(out, "{}: kept your own {k} beside the rendered file", r.app)?;
+                }
                 if r.replaced {
                     writeln!(out, "{}: upgraded {} to image {}", r.app, r.container, r.to_image_id)?;
                 } else {
@@ -149,6 +167,7 @@ pub async fn run(
                 json_line(out, &s)?;
             } else {
                 write_table(out, STATUS_HEADER, &status_rows(std::slice::from_ref(&s)))?;
+                print_differences(std::slice::from_ref(&s), out)?;
             }
             if !running {
                 return Ok(ExitCode::from(3));
@@ -160,6 +179,7 @@ pub async fn run(
                 json_line(out, &list)?;
             } else {
                 write_table(out, STATUS_HEADER, &status_rows(&list))?;
+                print_differences(&list, out)?;
             }
         }
         AppOp::Health(app) => {

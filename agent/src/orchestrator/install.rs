@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
+use super::{is_managed, Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
 use crate::engine::{EngineError, RegistryAuth};
 use crate::images::{self, LockError};
 use crate::manifest::{network_subnet, ImageSource, Manifest, PinnedImage};
@@ -70,7 +70,16 @@ pub struct UpgradeReport {
     pub attempts: Vec<PullAttempt>,
     /// False when the container already matched the manifest.
     pub replaced: bool,
+    /// Converting an adopted container: the owner's config files that
+    /// differed from the rendering, kept beside it under
+    /// [`PRE_ARCHIPELAGO`]'s suffix (paths as the manifest names them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_aside: Vec<String>,
 }
+
+/// Suffix of an adopted app's own config file, kept beside the rendered
+/// one when `upgrade` converts the app.
+pub const PRE_ARCHIPELAGO: &str = ".pre-archipelago";
 
 /// The local tag an app's built image gets: content-addressed by its build
 /// context, so a changed context is a new image. `None` for pulled apps.
@@ -374,6 +383,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
             to_image_id: r.image_id,
             attempts,
             replaced: true,
+            kept_aside: Vec::new(),
         });
     };
     let mut report = UpgradeReport {
@@ -383,21 +393,33 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
         to_image_id: image_id.clone(),
         attempts,
         replaced: false,
+        kept_aside: Vec::new(),
     };
     if old.labels.get(LABEL_SPEC_HASH) == spec.labels.get(LABEL_SPEC_HASH) && old.image_id == image_id {
         return Ok(report);
     }
-    prepare_host(orch, m, &spec)?;
+    // Converting an adopted container: its owner's config files are kept
+    // beside the ones the manifest renders.
+    let kept = if is_managed(&old.labels) {
+        Vec::new()
+    } else {
+        keep_aside(orch, m)?
+    };
+    report.kept_aside = kept.iter().map(|k| k.shown.clone()).collect();
+    if let Err(e) = prepare_host(orch, m, &spec) {
+        put_back(m, &kept);
+        return Err(e);
+    }
 
     // 2. Stop the old container and keep it as the backup.
-    orch.engine
-        .stop(&spec.name, spec.stop_grace_period)
-        .await
-        .map_err(Orchestrator::engine_err(app))?;
-    orch.engine
-        .rename(&spec.name, &backup)
-        .await
-        .map_err(Orchestrator::engine_err(app))?;
+    let stopped = match orch.engine.stop(&spec.name, spec.stop_grace_period).await {
+        Ok(()) => orch.engine.rename(&spec.name, &backup).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stopped {
+        put_back(m, &kept);
+        return Err(Orchestrator::engine_err(app)(e));
+    }
 
     // 3. Create and start the new one, and wait for it to be healthy.
     let outcome = match create_and_start(orch, app, &spec, &image_id).await {
@@ -417,6 +439,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
         }
         Err(reason) => {
             tracing::error!(app, reason, "upgrade failed, restoring the previous container");
+            put_back(m, &kept);
             let restored = rollback(orch, &spec.name, &backup).await;
             if let Err(e) = &restored {
                 tracing::error!(app, error = %format!("{e:#}"), "rollback failed");
@@ -439,4 +462,64 @@ async fn rollback(orch: &Orchestrator, name: &str, backup: &str) -> Result<(), E
     }
     orch.engine.rename(backup, name).await?;
     orch.engine.start(name).await
+}
+
+/// An adopted app's own config file, moved aside at conversion.
+#[derive(Debug)]
+struct KeptAside {
+    path: std::path::PathBuf,
+    aside: std::path::PathBuf,
+    /// As the output shows it: the manifest's path with the suffix.
+    shown: String,
+}
+
+/// Moves each existing config file of `m` whose bytes differ from the
+/// rendering to `<name>.pre-archipelago`, before the rendering is written.
+/// Only regular files are moved (a symlink or folder there is left for the
+/// render to refuse). An earlier `.pre-archipelago` is never overwritten:
+/// the conversion stops instead.
+fn keep_aside(orch: &Orchestrator, m: &Manifest) -> Result<Vec<KeptAside>> {
+    let all = orch.manifests();
+    let rendered = crate::files::render_app(&orch.config.data_root, m, &all, &orch.config.naming, true)?;
+    let mut kept = Vec::new();
+    for r in rendered.iter().filter(|r| r.change == crate::files::Change::Content) {
+        match fs::symlink_metadata(&r.path) {
+            Ok(meta) if meta.is_file() => {}
+            _ => continue,
+        }
+        let mut aside = r.path.clone().into_os_string();
+        aside.push(PRE_ARCHIPELAGO);
+        let aside = std::path::PathBuf::from(aside);
+        let moved = if fs::symlink_metadata(&aside).is_ok() {
+            Err(anyhow::anyhow!(
+                "{}: {} already exists; move it away to convert the app",
+                m.id,
+                aside.display()
+            ))
+        } else {
+            fs::rename(&r.path, &aside)
+                .with_context(|| format!("{}: cannot keep {} as {}", m.id, r.path.display(), aside.display()))
+        };
+        if let Err(e) = moved {
+            put_back(m, &kept);
+            return Err(e.into());
+        }
+        tracing::info!(app = %m.id, file = %r.path.display(), aside = %aside.display(), "kept the adopted app's own config file");
+        kept.push(KeptAside {
+            path: r.path.clone(),
+            aside,
+            shown: format!("{}{PRE_ARCHIPELAGO}", r.rel.display()),
+        });
+    }
+    Ok(kept)
+}
+
+/// Puts the owner's files back after a conversion that did not happen, so
+/// the restored container reads what it read before.
+fn put_back(m: &Manifest, kept: &[KeptAside]) {
+    for k in kept {
+        if let Err(e) = fs::rename(&k.aside, &k.path) {
+            tracing::error!(app = %m.id, file = %k.path.display(), aside = %k.aside.display(), error = %e, "cannot put the adopted app's own config file back");
+        }
+    }
 }

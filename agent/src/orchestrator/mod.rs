@@ -25,16 +25,16 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::dataroot::DataRoot;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{ContainerInfo, Engine, EngineError};
 use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
-use crate::spec::ContainerSpec;
+use crate::spec::{ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
 
 pub use act::HoldPolicy;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
-pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
+pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
 pub use locks::AppLocks;
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
-pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
+pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
 
 /// Suffix of the stopped container an upgrade keeps until the new one is
 /// healthy.
@@ -263,13 +263,18 @@ impl Orchestrator {
     /// starts its container. Starting a running container changes nothing,
     /// so one whose files or secret copies just changed is stopped first:
     /// its process must read them, and its secret mounts are bound afresh
-    /// only at start. `map` turns engine errors into the caller's.
+    /// only at start. An adopted container (made by hand) is only started:
+    /// its files are its owner's until `upgrade` converts it. `map` turns
+    /// engine errors into the caller's.
     pub(crate) async fn start_with_files(
         &self,
         m: &Manifest,
         spec: &ContainerSpec,
         map: impl Fn(EngineError) -> OrchestratorError,
     ) -> Result<()> {
+        if self.is_adopted(m.id.as_str(), &spec.name).await? {
+            return self.engine.start(&spec.name).await.map_err(map);
+        }
         let secrets_changed =
             crate::secrets::provision_app_secrets(&self.config.data_root, &m.id, &m.secrets, m.owner())?;
         if !self.render_files(m)?.is_empty() || secrets_changed {
@@ -319,6 +324,12 @@ impl Orchestrator {
         }
     }
 
+    /// Whether `name` exists and was not created by the agent (adopted):
+    /// then no config file or secret copy of the app is written.
+    pub(crate) async fn is_adopted(&self, app: &str, name: &str) -> Result<bool> {
+        Ok(self.inspect(app, name).await?.is_some_and(|i| !is_managed(&i.labels)))
+    }
+
     /// Inspects a container; `None` when it does not exist.
     async fn inspect(&self, app: &str, name: &str) -> Result<Option<crate::engine::ContainerInfo>> {
         match self.engine.inspect(name).await {
@@ -326,6 +337,29 @@ impl Orchestrator {
             Err(EngineError::NotFound { .. }) => Ok(None),
             Err(e) => Err(Self::engine_err(app)(e)),
         }
+    }
+
+    /// The config digest of `m`'s pinned image, when the store has it.
+    pub async fn pinned_image_id(&self, m: &Manifest) -> Option<String> {
+        let pinned = m.pinned_image()?;
+        match self.engine.inspect_image(pinned).await {
+            Ok(info) => Some(info.id),
+            Err(EngineError::NotFound { .. }) => None,
+            Err(e) => {
+                tracing::warn!(app = %m.id, error = %e, "cannot look up the pinned image");
+                None
+            }
+        }
+    }
+
+    /// How `info` differs from `spec` when the agent did not create it (an
+    /// adopted container); empty for the agent's own containers, whose
+    /// drift the spec hash tells.
+    pub async fn hand_made_differences(&self, m: &Manifest, spec: &ContainerSpec, info: &ContainerInfo) -> Vec<String> {
+        if is_managed(&info.labels) {
+            return Vec::new();
+        }
+        differences(spec, self.pinned_image_id(m).await.as_deref(), info)
     }
 
     async fn status_of(&self, m: &Manifest) -> Result<(AppStatus, Option<ProbeResult>)> {
@@ -348,7 +382,7 @@ impl Orchestrator {
             }
         }
         let hash = spec.hash();
-        let status = app_status(
+        let mut status = app_status(
             m.id.as_str(),
             &spec.name,
             &m.version,
@@ -356,6 +390,10 @@ impl Orchestrator {
             info.as_ref(),
             health_state,
         );
+        if let Some(info) = &info {
+            status.differences = self.hand_made_differences(m, &spec, info).await;
+            status.drifted |= !status.differences.is_empty();
+        }
         Ok((status, probe))
     }
 
@@ -385,6 +423,12 @@ impl Orchestrator {
             tokio::time::sleep(poll).await;
         }
     }
+}
+
+/// Whether a container carries the agent's label: it created it. Anything
+/// else was adopted, and is never stopped, removed or recreated unasked.
+pub fn is_managed(labels: &std::collections::BTreeMap<String, String>) -> bool {
+    labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
 }
 
 /// Whether a container that started at `started_at` (RFC 3339) is still

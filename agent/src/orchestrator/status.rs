@@ -1,10 +1,12 @@
 //! What an app is doing, in the words a node's owner uses. Pure: built from
 //! what the engine reports and, for running apps, one health probe.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{ContainerInfo, ContainerStatus};
-use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, LABEL_VERSION, MANAGED_BY};
+use crate::spec::{ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, LABEL_VERSION, MANAGED_BY};
 
 /// Exit code of a process killed by SIGKILL (the OOM killer, `kill -9`).
 const EXIT_KILLED: i64 = 137;
@@ -26,6 +28,9 @@ pub enum AppState {
     Transitioning,
     /// No container.
     Missing,
+    /// A state the agent does not know (Podman's word for it is in the
+    /// reconcile report): reported, never acted on.
+    Unknown,
 }
 
 impl std::fmt::Display for AppState {
@@ -39,6 +44,7 @@ impl std::fmt::Display for AppState {
             AppState::Paused => "paused",
             AppState::Transitioning => "transitioning",
             AppState::Missing => "missing",
+            AppState::Unknown => "unknown",
         };
         f.write_str(s)
     }
@@ -82,8 +88,13 @@ pub struct AppStatus {
     pub update_available: bool,
     /// The container carries the agent's labels.
     pub managed: bool,
-    /// The spec hash differs from the manifest's: a drift.
+    /// The spec hash differs from the manifest's, or a container made by
+    /// hand differs from it (see `differences`): a drift.
     pub drifted: bool,
+    /// What differs, for a container made by hand (adopted): left as it
+    /// is until `upgrade` converts it (see [`differences`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
 }
 
 /// Maps engine state to an [`AppState`].
@@ -101,7 +112,7 @@ pub fn app_state(info: Option<&ContainerInfo>) -> AppState {
             None => AppState::Stopped,
         },
         ContainerStatus::Restarting | ContainerStatus::Removing | ContainerStatus::Stopping => AppState::Transitioning,
-        ContainerStatus::Other(_) => AppState::Transitioning,
+        ContainerStatus::Other(_) => AppState::Unknown,
     }
 }
 
@@ -131,7 +142,60 @@ pub fn app_status(
         running_version,
         managed,
         drifted,
+        differences: Vec::new(),
     }
+}
+
+/// What differs between a container made by hand and the one `spec`
+/// describes, as a person reads it: the image (when the store has the
+/// pinned one, `pinned_image_id`), the command, the entrypoint, and the
+/// names (never the values) of environment variables the manifest sets
+/// that are missing or have another value. Empty when nothing the agent
+/// can tell differs.
+pub fn differences(spec: &ContainerSpec, pinned_image_id: Option<&str>, info: &ContainerInfo) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(want) = pinned_image_id {
+        if want != info.image_id {
+            out.push(format!(
+                "image: runs {} instead of the pinned {}",
+                short_id(&info.image_id),
+                short_id(want)
+            ));
+        }
+    }
+    if let Some(want) = &spec.entrypoint {
+        if info.entrypoint.as_ref() != Some(want) {
+            out.push(format!(
+                "entrypoint: {:?} instead of {want:?}",
+                info.entrypoint.clone().unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(want) = &spec.command {
+        if info.cmd.as_ref() != Some(want) {
+            out.push(format!(
+                "command: {:?} instead of {want:?}",
+                info.cmd.clone().unwrap_or_default()
+            ));
+        }
+    }
+    let have: BTreeMap<&str, &str> = info.env.iter().filter_map(|kv| kv.split_once('=')).collect();
+    let env: Vec<&str> = spec
+        .env
+        .iter()
+        .filter(|(k, v)| have.get(k.as_str()) != Some(&v.as_str()))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !env.is_empty() {
+        out.push(format!("env: {} missing or different", env.join(", ")));
+    }
+    out
+}
+
+/// The first 12 hex digits of a hash or id, as Podman shows ids.
+pub fn short_id(hash: &str) -> &str {
+    let h = hash.strip_prefix("sha256:").unwrap_or(hash);
+    h.get(..12).unwrap_or(h)
 }
 
 #[cfg(test)]
@@ -250,6 +314,22 @@ mod tests {
             hash: Want::OwnLabel,
             state: AppState::Killed,
             exit_code: Some(3),
+            managed: true,
+            drifted: false,
+            update_available: false,
+        },
+        // A state this agent does not know: reported as such, never as a
+        // passing one.
+        Row {
+            fixture: Fixture::Patched(
+                fixture!("running.json"),
+                "\"Status\": \"running\"",
+                "\"Status\": \"exploded\"",
+            ),
+            version: VERSION,
+            hash: Want::OwnLabel,
+            state: AppState::Unknown,
+            exit_code: None,
             managed: true,
             drifted: false,
             update_available: false,
@@ -434,6 +514,7 @@ mod tests {
             AppState::Paused,
             AppState::Transitioning,
             AppState::Missing,
+            AppState::Unknown,
         ] {
             assert!(covered.contains(&state), "no row for {state}");
         }
@@ -445,5 +526,52 @@ mod tests {
         assert!(matches!(err, crate::engine::EngineError::Decode { .. }), "{err:?}");
         let err = ContainerInfo::from_inspect_json("{").expect_err("not JSON");
         assert!(matches!(err, crate::engine::EngineError::Decode { .. }), "{err:?}");
+    }
+
+    /// `unlabelled-running.json`: made with `podman run … sleep 300`.
+    fn hand_made() -> ContainerInfo {
+        ContainerInfo::from_inspect_json(include_str!("../../tests/fixtures/inspect/unlabelled-running.json"))
+            .expect("fixture parses")
+    }
+
+    fn spec_for(info: &ContainerInfo) -> ContainerSpec {
+        let app = crate::manifest::AppId::parse("demo").expect("a valid id");
+        let mut spec = ContainerSpec::for_image(app, "demo", "reg/demo@sha256:abc".into());
+        spec.command = info.cmd.clone();
+        spec.env = BTreeMap::from([("TERM".to_owned(), "xterm".to_owned())]);
+        spec
+    }
+
+    #[test]
+    fn a_hand_made_container_that_matches_shows_no_difference() {
+        let info = hand_made();
+        let spec = spec_for(&info);
+        assert_eq!(differences(&spec, Some(&info.image_id), &info), Vec::<String>::new());
+        assert_eq!(
+            differences(&spec, None, &info),
+            Vec::<String>::new(),
+            "an image the store lacks cannot be compared"
+        );
+    }
+
+    #[test]
+    fn a_hand_made_container_shows_each_difference_and_never_an_env_value() {
+        let info = hand_made();
+        let mut spec = spec_for(&info);
+        spec.command = Some(vec!["serve".to_owned()]);
+        spec.entrypoint = Some(vec!["/bin/app".to_owned()]);
+        spec.env.insert("RPC_PASSWORD".to_owned(), "hunter2-secret".to_owned());
+        spec.env.insert("TERM".to_owned(), "dumb".to_owned());
+        let got = differences(&spec, Some("sha256:0123456789abcdef"), &info);
+        assert_eq!(
+            got,
+            [
+                "image: runs 4f3f6b13bb6a instead of the pinned 0123456789ab",
+                "entrypoint: [] instead of [\"/bin/app\"]",
+                "command: [\"sleep\", \"300\"] instead of [\"serve\"]",
+                "env: RPC_PASSWORD, TERM missing or different",
+            ]
+        );
+        assert!(!got.concat().contains("hunter2") && !got.concat().contains("dumb"));
     }
 }

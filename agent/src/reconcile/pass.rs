@@ -14,11 +14,11 @@ use tokio::time::Instant;
 
 use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
 use super::state;
-use crate::engine::{ContainerSummary, EngineError};
+use crate::engine::ContainerSummary;
 use crate::files;
 use crate::manifest::{AppId, LoadReport, Manifest};
-use crate::orchestrator::{HoldPolicy, Orchestrator, OrchestratorError, BACKUP_SUFFIX};
-use crate::spec::{LABEL_MANAGED_BY, SECRETS_MOUNT_DIR};
+use crate::orchestrator::{is_managed, HoldPolicy, Orchestrator, OrchestratorError, BACKUP_SUFFIX};
+use crate::spec::SECRETS_MOUNT_DIR;
 
 /// One app in a pass report.
 #[derive(Debug, Clone, Serialize)]
@@ -130,7 +130,7 @@ impl Reconciler {
                         container: spec.name.clone(),
                         spec_hash: spec.hash(),
                         depends_on: m.depends_on.clone(),
-                        pinned_image_id: None,
+                        differences: Vec::new(),
                         held: false,
                     }),
                     Err(e) => errors.push(format!("{}: {e:#}", m.id)),
@@ -175,11 +175,9 @@ impl Reconciler {
         let observed: BTreeMap<String, ContainerSummary> = listing.into_iter().map(|c| (c.name.clone(), c)).collect();
         for d in &mut desired {
             d.held = self.orch.is_held(d.app.as_str());
-            // Only a container made by hand needs its image checked.
-            if let Some(c) = observed.get(&d.container) {
-                if !c.labels.contains_key(LABEL_MANAGED_BY) {
-                    d.pinned_image_id = self.pinned_image_id(&d.app).await;
-                }
+            // Only a container made by hand needs comparing field by field.
+            if let Some(c) = observed.get(&d.container).filter(|c| !is_managed(&c.labels)) {
+                d.differences = self.hand_made_differences(&d.app, &c.name).await;
             }
         }
         let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps);
@@ -246,8 +244,9 @@ impl Reconciler {
         }
     }
 
-    /// Renders the config files of every app that has a container and is
-    /// not held (install renders them for the others), refreshes its copies
+    /// Renders the config files of every app that has a container of the
+    /// agent's own and is not held (install renders them for the others;
+    /// an adopted app gets its files only when `upgrade` converts it), refreshes its copies
     /// of the node's secrets (`/run/secrets/<name>`), and remembers which
     /// changed: the planner restarts those apps. The memory is saved before
     /// any file is written, so an agent killed in between still restarts
@@ -267,7 +266,7 @@ impl Reconciler {
             let Some(d) = desired.iter().find(|d| d.app == m.id) else {
                 continue;
             };
-            if d.held || !observed.contains_key(&d.container) {
+            if d.held || !observed.get(&d.container).is_some_and(|c| is_managed(&c.labels)) {
                 continue;
             }
             match files::render_app(data_root, m, all, naming, !self.dry_run) {
@@ -286,7 +285,7 @@ impl Reconciler {
             let Some(d) = desired.iter().find(|d| d.app == m.id) else {
                 continue;
             };
-            if d.held || !observed.contains_key(&d.container) {
+            if d.held || !observed.get(&d.container).is_some_and(|c| is_managed(&c.labels)) {
                 continue;
             }
             let stale = crate::secrets::stale_app_copies(data_root, &m.id, &m.secrets);
@@ -342,18 +341,26 @@ impl Reconciler {
         (errors, None)
     }
 
-    /// The config digest of `app`'s pinned image, when the store has it.
-    async fn pinned_image_id(&self, app: &AppId) -> Option<String> {
-        let m = self.orch.manifest(app.as_str()).ok()?;
-        let pinned = m.pinned_image()?;
-        match self.orch.engine().inspect_image(pinned).await {
-            Ok(info) => Some(info.id),
-            Err(EngineError::NotFound { .. }) => None,
-            Err(e) => {
-                tracing::warn!(app = %app, error = %e, "cannot look up the pinned image");
-                None
+    /// How the container made by hand `name` differs from `app`'s
+    /// manifest. One that cannot be compared (gone since the listing, a
+    /// manifest whose spec fails) shows no difference: it is left alone
+    /// either way.
+    async fn hand_made_differences(&self, app: &AppId, name: &str) -> Vec<String> {
+        let Ok(m) = self.orch.manifest(app.as_str()) else {
+            return Vec::new();
+        };
+        let (spec, info) = match (self.orch.spec(&m), self.orch.engine().inspect(name).await) {
+            (Ok(spec), Ok(info)) => (spec, info),
+            (Err(e), _) => {
+                tracing::warn!(app = %app, error = %crate::error_chain(&e), "cannot compare the adopted container");
+                return Vec::new();
             }
-        }
+            (_, Err(e)) => {
+                tracing::warn!(app = %app, error = %crate::error_chain(&e), "cannot compare the adopted container");
+                return Vec::new();
+            }
+        };
+        self.orch.hand_made_differences(&m, &spec, &info).await
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::backoff;
 use crate::engine::{ContainerStatus, ContainerSummary};
 use crate::manifest::AppId;
+use crate::orchestrator::short_id;
 use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
 /// Drift recreates within this window count towards a drift loop.
@@ -28,9 +29,9 @@ pub struct Desired {
     pub container: String,
     pub spec_hash: String,
     pub depends_on: Vec<AppId>,
-    /// The config digest of the pinned image, when the store has it: how a
-    /// container created by hand (no labels) is checked.
-    pub pinned_image_id: Option<String>,
+    /// How a container created by hand (no labels) differs from the
+    /// manifest (see [`crate::orchestrator::differences`]); empty for the agent's own.
+    pub differences: Vec<String>,
     /// Stopped by its owner (`archy-agent stop`): reconcile leaves it be.
     pub held: bool,
 }
@@ -74,8 +75,8 @@ pub enum Action {
     Recreate {
         reason: String,
     },
-    /// A container in a state it cannot leave (dead, unknown): remove and
-    /// create again, keeping the data.
+    /// One of the agent's containers stuck dead: remove and create again,
+    /// keeping the data. Never a container it did not create.
     Rebuild {
         state: String,
     },
@@ -105,6 +106,15 @@ pub enum Wait {
     DriftLoop,
     /// Podman is moving it between states.
     Transitioning { state: String },
+    /// An adopted container (made by hand) that differs from its manifest:
+    /// reported and left as it is until its owner converts it
+    /// (`archy-agent upgrade APP`).
+    Drift { differences: Vec<String> },
+    /// A state the agent does not know: reported, never acted on.
+    UnknownState { state: String },
+    /// An adopted container that is dead: the agent never removes a
+    /// container it did not create; `upgrade` converts it.
+    AdoptedDead,
     /// Stopped by its owner.
     Held,
 }
@@ -195,28 +205,32 @@ fn decide(
         return backoff_or(mem, now, Action::Install);
     };
 
-    // Drift: a managed container with another spec hash, or a container
-    // made by hand that runs another image than the pinned one.
-    let drift = if is_managed(c) {
-        let have = c.labels.get(LABEL_SPEC_HASH).map(String::as_str).unwrap_or("");
-        (have != d.spec_hash).then(|| {
-            format!(
-                "spec hash {} differs from the manifest's {}",
-                short(have),
-                short(&d.spec_hash)
-            )
-        })
-    } else {
-        match &d.pinned_image_id {
-            Some(want) if *want != c.image_id => Some(format!(
-                "runs image {} instead of the pinned {}",
-                short(&c.image_id),
-                short(want)
-            )),
-            _ => None,
+    // A container made by hand is claimed, never stopped, removed or
+    // recreated: what differs is reported until its owner converts it.
+    if !is_managed(c) {
+        if mem.adopted.as_deref() != Some(c.id.as_str()) {
+            return Decision::Act(Action::Adopt {
+                container_id: c.id.clone(),
+            });
         }
-    };
-    if let Some(reason) = drift {
+        if !d.differences.is_empty() {
+            return Decision::Wait(Wait::Drift {
+                differences: d.differences.clone(),
+            });
+        }
+        if c.status == ContainerStatus::Dead {
+            return Decision::Wait(Wait::AdoptedDead);
+        }
+    }
+
+    // Drift of the agent's own container: another spec hash.
+    let have = c.labels.get(LABEL_SPEC_HASH).map(String::as_str).unwrap_or("");
+    if is_managed(c) && have != d.spec_hash {
+        let reason = format!(
+            "spec hash {} differs from the manifest's {}",
+            short_id(have),
+            short_id(&d.spec_hash)
+        );
         let recent = mem
             .drift_recreates
             .iter()
@@ -226,11 +240,6 @@ fn decide(
             return Decision::Wait(Wait::DriftLoop);
         }
         return backoff_or(mem, now, Action::Recreate { reason });
-    }
-    if !is_managed(c) && mem.adopted.as_deref() != Some(c.id.as_str()) {
-        return Decision::Act(Action::Adopt {
-            container_id: c.id.clone(),
-        });
     }
     match &c.status {
         ContainerStatus::Running if !mem.config_changed.is_empty() => backoff_or(
@@ -250,19 +259,15 @@ fn decide(
                 state: c.status.to_string(),
             })
         }
-        ContainerStatus::Dead | ContainerStatus::Other(_) => backoff_or(
+        ContainerStatus::Dead => backoff_or(
             mem,
             now,
             Action::Rebuild {
                 state: c.status.to_string(),
             },
         ),
+        ContainerStatus::Other(state) => Decision::Wait(Wait::UnknownState { state: state.clone() }),
     }
-}
-
-fn short(hash: &str) -> &str {
-    let h = hash.strip_prefix("sha256:").unwrap_or(hash);
-    h.get(..12).unwrap_or(h)
 }
 
 /// Updates `mem` after the pass that saw the app in `status` ran `action`
@@ -309,8 +314,6 @@ mod tests {
     use super::*;
     use crate::engine::model::parse_summaries;
 
-    const IMAGE: &str = "sha256:5cd7c9e3c457d5a17ab2c188155ba1ad6dff581cef4bf14ecc898057887ea73f";
-
     /// The engine's listing as Podman 4.3.1 really answered it
     /// (`tests/fixtures/engine/podman-4.3.1-list.json`): created, stopped,
     /// stopping and running containers, with and without our labels.
@@ -334,7 +337,7 @@ mod tests {
             container: container.to_owned(),
             spec_hash: "want".to_owned(),
             depends_on: Vec::new(),
-            pinned_image_id: Some(IMAGE.to_owned()),
+            differences: Vec::new(),
             held: false,
         }
     }
@@ -364,21 +367,15 @@ mod tests {
                 reason: reason.to_owned(),
             })
         };
-        // (container, managed with hash, pinned image id, expected)
-        let table: Vec<(&str, Option<&str>, Option<&str>, Decision)> = vec![
-            ("absent", None, Some(IMAGE), Decision::Act(Action::Install)),
-            ("fixture-app", Some("want"), Some(IMAGE), Decision::Act(Action::Start)),
-            (
-                "fixture-created",
-                Some("want"),
-                Some(IMAGE),
-                Decision::Act(Action::Start),
-            ),
-            ("fixture-pod-infra", Some("want"), Some(IMAGE), Decision::Wait(Wait::Ok)),
+        // (container, managed with hash, expected)
+        let table: Vec<(&str, Option<&str>, Decision)> = vec![
+            ("absent", None, Decision::Act(Action::Install)),
+            ("fixture-app", Some("want"), Decision::Act(Action::Start)),
+            ("fixture-created", Some("want"), Decision::Act(Action::Start)),
+            ("fixture-pod-infra", Some("want"), Decision::Wait(Wait::Ok)),
             (
                 "fixture-stopping",
                 Some("want"),
-                Some(IMAGE),
                 Decision::Wait(Wait::Transitioning {
                     state: "stopping".to_owned(),
                 }),
@@ -386,33 +383,23 @@ mod tests {
             (
                 "fixture-pod-infra",
                 Some("old"),
-                Some(IMAGE),
                 recreate("spec hash old differs from the manifest's want"),
             ),
-            // Made by hand (no labels) with the pinned image: claimed, untouched.
+            // Made by hand (no labels): claimed, untouched.
             (
                 "fixture-pod-member",
                 None,
-                Some(IMAGE),
                 Decision::Act(Action::Adopt {
                     container_id: String::new(),
                 }),
             ),
-            // Made by hand with another image: drift.
-            (
-                "fixture-pod-member",
-                None,
-                Some("sha256:0123456789abcdef"),
-                recreate("runs image 5cd7c9e3c457 instead of the pinned 0123456789ab"),
-            ),
         ];
-        for (container, hash, pinned, want) in table {
+        for (container, hash, want) in table {
             let mut observed = captured();
             if let Some(hash) = hash {
                 managed(&mut observed, container, hash);
             }
-            let mut d = desired("demo", container);
-            d.pinned_image_id = pinned.map(str::to_owned);
+            let d = desired("demo", container);
             let got = decision_of(d, &observed, AppMemory::default(), now);
             let want = match want {
                 Decision::Act(Action::Adopt { .. }) => Decision::Act(Action::Adopt {
@@ -420,8 +407,87 @@ mod tests {
                 }),
                 other => other,
             };
-            assert_eq!(got, want, "container {container}, hash {hash:?}, pinned {pinned:?}");
+            assert_eq!(got, want, "container {container}, hash {hash:?}");
         }
+    }
+
+    /// Memory of an app whose hand-made container `name` was claimed.
+    fn claimed(observed: &BTreeMap<String, ContainerSummary>, name: &str) -> AppMemory {
+        AppMemory {
+            adopted: Some(observed[name].id.clone()),
+            ..AppMemory::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_container_that_differs_is_reported_and_never_replaced() {
+        let observed = captured();
+        let mut d = desired("demo", "fixture-pod-member");
+        d.differences = vec!["image: runs 5cd7c9e3c457 instead of the pinned 0123456789ab".to_owned()];
+        // Unclaimed, it is claimed first, whatever differs.
+        assert_eq!(
+            decision_of(d.clone(), &observed, AppMemory::default(), Instant::now()),
+            Decision::Act(Action::Adopt {
+                container_id: observed["fixture-pod-member"].id.clone()
+            })
+        );
+        let mut mem = claimed(&observed, "fixture-pod-member");
+        for _ in 0..20 {
+            let now = Instant::now();
+            let decision = decision_of(d.clone(), &observed, mem.clone(), now);
+            assert_eq!(
+                decision,
+                Decision::Wait(Wait::Drift {
+                    differences: d.differences.clone()
+                }),
+                "reported, left running, never a drift loop"
+            );
+            record(&mut mem, &decision, true, &d.spec_hash, now);
+            tokio::time::advance(Duration::from_secs(30)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_state_the_agent_does_not_know_is_reported_never_rebuilt() {
+        for hand_made in [false, true] {
+            let mut observed = captured();
+            let name = "fixture-pod-infra";
+            if !hand_made {
+                managed(&mut observed, name, "want");
+            }
+            observed.get_mut(name).expect("fixture").status = ContainerStatus::Other("exploded".to_owned());
+            let mem = if hand_made {
+                claimed(&observed, name)
+            } else {
+                AppMemory::default()
+            };
+            assert_eq!(
+                decision_of(desired("demo", name), &observed, mem, Instant::now()),
+                Decision::Wait(Wait::UnknownState {
+                    state: "exploded".to_owned()
+                }),
+                "hand made: {hand_made}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_container_is_rebuilt_only_when_the_agent_made_it() {
+        let mut observed = captured();
+        let name = "fixture-pod-infra";
+        observed.get_mut(name).expect("fixture").status = ContainerStatus::Dead;
+        let mem = claimed(&observed, name);
+        assert_eq!(
+            decision_of(desired("demo", name), &observed, mem, Instant::now()),
+            Decision::Wait(Wait::AdoptedDead)
+        );
+        managed(&mut observed, name, "want");
+        assert_eq!(
+            decision_of(desired("demo", name), &observed, AppMemory::default(), Instant::now()),
+            Decision::Act(Action::Rebuild {
+                state: "dead".to_owned()
+            })
+        );
     }
 
     #[tokio::test]
