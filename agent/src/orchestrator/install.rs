@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
+use crate::appdir::AppDir;
+use crate::dataroot::DataRoot;
 use crate::engine::{EngineError, RegistryAuth};
 use crate::images::{self, LockError};
 use crate::manifest::{ImageSource, Manifest, PinnedImage};
@@ -261,22 +263,34 @@ fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Resu
     Ok(())
 }
 
-/// Creates the app's folders (owned by its user) and its secrets.
-fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
+/// Creates the app's folders (owned by its user) and its secrets. Each
+/// volume's folder is resolved through the confined walk ([`AppDir`]): a
+/// symlink where a folder should be is refused, never mounted.
+fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, _spec: &ContainerSpec) -> anyhow::Result<()> {
+    prepare_volumes(&orch.config.data_root, m)?;
+    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, m.owner())?;
+    Ok(())
+}
+
+/// Makes (or checks) the folder of each of `m`'s volumes through the
+/// confined walk, and gives the app's own ones to its user. Returns their
+/// host paths, the ones the container mounts.
+pub fn prepare_volumes(data_root: &DataRoot, m: &Manifest) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let owner = m.owner();
-    let app_dir = orch.config.data_root.app_dir(&m.id);
-    for mount in &spec.mounts {
-        fs::create_dir_all(&mount.host)
-            .with_context(|| format!("cannot create volume folder {} for {}", mount.host.display(), m.id))?;
+    let app_dir = data_root.app_dir(&m.id);
+    let mut out = Vec::new();
+    for v in &m.volumes {
+        let dir = AppDir::for_volume(data_root, &m.id, &v.source, |_| Ok(()))
+            .with_context(|| format!("cannot prepare the volume folder for {}", v.target))?;
         // Only folders of the app's own data follow its user; another
         // app's folder mounted here keeps its owner.
         // Rootless, the uid is the container's: `Ownership` maps it.
-        if let (Some((uid, gid)), true) = (owner, mount.host.starts_with(&app_dir)) {
-            crate::ownership::Ownership::current()?.give(&mount.host, uid, gid)?;
+        if let (Some((uid, gid)), true) = (owner, dir.root() == app_dir) {
+            crate::ownership::Ownership::current()?.give_in(&dir, Path::new(""), uid, gid)?;
         }
+        out.push(dir.path());
     }
-    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, owner)?;
-    Ok(())
+    Ok(out)
 }
 
 /// Creates and starts the container from `spec`, running image `image_id`.

@@ -31,7 +31,7 @@ use crate::spec::ContainerSpec;
 
 pub use act::HoldPolicy;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
-pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport};
+pub use install::{built_tag, prepare_volumes, InstallReport, PullAttempt, UpgradeReport};
 pub use locks::AppLocks;
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
 pub use status::{app_state, app_status, AppState, AppStatus, HealthState};
