@@ -533,6 +533,38 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_source_that_is_a_symlink_is_refused_never_mounted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataRoot::new(tmp.path().join("data"));
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        let (me, other) = (AppId::parse("me").unwrap(), AppId::parse("other").unwrap());
+        // Another app's folder holds a symlink where its volume was.
+        fs::create_dir_all(data.app_dir(&other)).unwrap();
+        symlink(&outside, data.app_dir(&other).join("exports")).unwrap();
+        let shared = VolumeSource::Absolute(data.app_dir(&other).join("exports"));
+        let err = format!("{:#}", AppDir::for_volume(&data, &me, &shared, |_| Ok(())).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "{} is a symlink",
+                data.app_dir(&other).join("exports").display()
+            )),
+            "{err}"
+        );
+        // The app's own volume likewise.
+        fs::create_dir_all(data.app_dir(&me)).unwrap();
+        symlink(&outside, data.app_dir(&me).join("data")).unwrap();
+        let own = VolumeSource::AppData(PathBuf::from("data"));
+        assert!(AppDir::for_volume(&data, &me, &own, |_| Ok(())).is_err());
+        // A plain one is made and opened.
+        let fresh = VolumeSource::AppData(PathBuf::from("fresh"));
+        let dir = AppDir::for_volume(&data, &me, &fresh, |_| Ok(())).unwrap();
+        assert_eq!(dir.path(), data.app_dir(&me).join("fresh"));
+        assert!(fs::symlink_metadata(dir.path()).unwrap().is_dir());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
     fn folders_are_created_modes_set_and_files_read_through_the_descriptor() {
         let (_tmp, dir, _outside) = setup();
         let mut made = Vec::new();
