@@ -203,3 +203,55 @@ async fn a_container_swapping_its_folders_for_symlinks_never_makes_the_agent_tou
     let env = common::env();
     race_on(&env.engine_socket, &env.image).await;
 }
+
+/// `confine-give`, the walk the agent runs inside `podman unshare` when
+/// rootless, run here directly: it sets mode and owner on a plain file and
+/// refuses, naming the path, a symlinked folder or file on the way.
+#[test]
+fn confine_give_sets_mode_and_owner_through_the_walk_and_refuses_symlinks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let app = tmp.path().join("data/app");
+    let outside = tmp.path().join("outside");
+    fs::create_dir_all(app.join("data/conf")).expect("app");
+    fs::create_dir_all(&outside).expect("outside");
+    fs::write(outside.join("victim"), "host file\n").expect("victim");
+    fs::set_permissions(outside.join("victim"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    fs::write(app.join("data/conf/app.conf"), "x").expect("conf");
+    std::os::unix::fs::symlink(&outside, app.join("data/linked")).expect("link");
+    std::os::unix::fs::symlink(outside.join("victim"), app.join("data/conf/evil.conf")).expect("link");
+    let before = snapshot(&outside.join("victim"));
+    let give = |rel: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+            .arg("confine-give")
+            .arg("--app-dir")
+            .arg(&app)
+            .args(["--path", rel, "--uid", "1000", "--gid", "1001", "--mode", "640"])
+            .output()
+            .expect("archy-agent runs")
+    };
+    let ok = give("data/conf/app.conf");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let md = fs::symlink_metadata(app.join("data/conf/app.conf")).expect("meta");
+    assert_eq!(
+        (md.permissions().mode() & 0o7777, md.uid(), md.gid()),
+        (0o640, 1000, 1001)
+    );
+    let app_path = |rel: &str| app.join(rel).display().to_string();
+    for (rel, named) in [
+        // The symlinked folder on the way is what the error names.
+        ("data/linked/victim", app_path("data/linked")),
+        ("data/conf/evil.conf", app_path("data/conf/evil.conf")),
+        ("../outside/victim", app_path("../outside/victim")),
+        ("/etc/passwd", "/etc/passwd".to_owned()),
+    ] {
+        let out = give(rel);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{rel} refused");
+        assert!(
+            (stderr.contains(&format!("{named} ")) || stderr.contains(&format!("{named}:")))
+                && stderr.contains("refus"),
+            "{rel}: the error names {named}: {stderr}"
+        );
+    }
+    assert_eq!(snapshot(&outside.join("victim")), before, "the host file is untouched");
+}
