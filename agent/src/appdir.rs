@@ -77,6 +77,8 @@ pub enum Entry {
         stat: Box<Stat>,
         bytes: Vec<u8>,
     },
+    /// A plain file larger than asked for: not read.
+    Larger,
     /// A symlink, a folder or anything else: never read through.
     Other,
 }
@@ -279,9 +281,10 @@ impl AppDir {
         Ok(dir)
     }
 
-    /// What is at `name` in this folder: a plain file's bytes, read through
+    /// What is at `name` in this folder: a plain file's bytes (at most
+    /// `max` of them: a container may put a huge file there), read through
     /// a descriptor opened without following anything.
-    pub fn read(&self, name: &Path) -> Result<Entry> {
+    pub fn read(&self, name: &Path, max: u64) -> Result<Entry> {
         let name = Path::new(self.name(name)?);
         let stat = match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(stat) => stat,
@@ -304,10 +307,18 @@ impl AppDir {
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Ok(Entry::Other);
         }
+        if u64::try_from(stat.st_size).map_or(true, |size| size > max) {
+            return Ok(Entry::Larger);
+        }
         let mut bytes = Vec::new();
+        // It may grow meanwhile: one byte more than `max` tells.
         File::from(fd)
+            .take(max.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| ConfineError::io(self.full(name), e))?;
+        if bytes.len() as u64 > max {
+            return Ok(Entry::Larger);
+        }
         Ok(Entry::File {
             stat: Box::new(stat),
             bytes,
@@ -494,7 +505,7 @@ mod tests {
             matches!(&err, ConfineError::Refused { path, .. } if path.ends_with("data/app.conf")),
             "{err}"
         );
-        assert!(matches!(data.read(Path::new("app.conf")).unwrap(), Entry::Other));
+        assert!(matches!(data.read(Path::new("app.conf"), 100).unwrap(), Entry::Other));
         data.write_atomic(Path::new("app.conf"), b"new", 0o600, None).unwrap();
         let path = dir.path().join("data/app.conf");
         assert!(fs::symlink_metadata(&path).unwrap().is_file());
@@ -580,7 +591,8 @@ mod tests {
         dir.set_meta(Path::new("data/a"), Some(0o750), None).unwrap();
         assert_eq!(dir.stat(Path::new("data/a/b/f")).unwrap().st_mode & 0o7777, 0o600);
         assert_eq!(dir.stat(Path::new("data/a")).unwrap().st_mode & 0o7777, 0o750);
-        assert!(matches!(sub.read(Path::new("f")).unwrap(), Entry::File { bytes, .. } if bytes == b"x"));
-        assert!(matches!(sub.read(Path::new("none")).unwrap(), Entry::Missing));
+        assert!(matches!(sub.read(Path::new("f"), 1).unwrap(), Entry::File { bytes, .. } if bytes == b"x"));
+        assert!(matches!(sub.read(Path::new("f"), 0).unwrap(), Entry::Larger));
+        assert!(matches!(sub.read(Path::new("none"), 1).unwrap(), Entry::Missing));
     }
 }

@@ -145,7 +145,8 @@ fn compare(
         Err(ConfineError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(Change::Content),
         Err(e) => return Err(e.into()),
     };
-    let Entry::File { stat, bytes: on_disk } = dir.read(name)? else {
+    // Larger than the rendering: it differs, and is not read.
+    let Entry::File { stat, bytes: on_disk } = dir.read(name, bytes.len() as u64)? else {
         return Ok(Change::Content);
     };
     if on_disk != bytes {
