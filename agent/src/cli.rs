@@ -144,6 +144,25 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Set the mode and owner of a path below an app's folder through the confined walk (no
+    /// symlink followed); the agent runs it under `podman unshare`, where the container's ids
+    /// are its to give.
+    #[command(hide = true)]
+    ConfineGive {
+        /// The app's folder, `<data>/<id>`.
+        #[arg(long)]
+        app_dir: PathBuf,
+        /// The path below it.
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        /// Octal.
+        #[arg(long, value_parser = parse_octal_mode)]
+        mode: u32,
+    },
     /// Mount the ARCHY-DATA partition at the data root (--data), formatting a blank disk only
     /// when the kernel command line names it by a stable name
     /// (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or PARTUUID=…); warn when
@@ -282,6 +301,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{detail}");
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::ConfineGive {
+            app_dir,
+            path,
+            uid,
+            gid,
+            mode,
+        } => {
+            crate::ownership::confine_give(&app_dir, &path, uid, gid, mode)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DataDisk {
             owner,
             cmdline,
@@ -330,7 +359,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Images(_)
                 | Command::DataDisk { .. }
                 | Command::Shutdown
-                | Command::ProbeNet { .. } => unreachable!("handled above"),
+                | Command::ProbeNet { .. }
+                | Command::ConfineGive { .. } => unreachable!("handled above"),
             };
             with_orchestrator(&cli.global, |orch, global| {
                 Box::pin(async move {
@@ -542,4 +572,12 @@ pub fn write_table<const N: usize>(
         line(out, row.iter().map(String::as_str).collect())?;
     }
     Ok(())
+}
+
+/// A file mode in octal, as `chmod` takes it.
+fn parse_octal_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{text:?} is not an octal file mode (0 to 7777)"))
 }

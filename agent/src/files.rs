@@ -9,13 +9,12 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
+use crate::appdir::{AppDir, ConfineError, Entry};
 use crate::dataroot::DataRoot;
-use crate::fsutil;
 use crate::manifest::template::{self, template_key, Facts};
 use crate::manifest::{Manifest, Naming};
 use crate::ownership::Ownership;
@@ -83,6 +82,7 @@ pub fn render_app(
     }
     let facts = facts(m, all, naming)?;
     let app_dir = data_root.app_dir(&m.id);
+    let app = AppDir::open(data_root, &m.id)?;
     let owner = m.owner();
     let mut out = Vec::new();
     for (i, file) in m.files.iter().enumerate() {
@@ -112,7 +112,7 @@ pub fn render_app(
             }
             None => (file.mode, None),
         };
-        let change = compare(&path, text.as_bytes(), mode, host_owner)
+        let change = compare(app.as_ref(), &file.path, text.as_bytes(), mode, host_owner)
             .with_context(|| format!("{}: cannot compare {} with its template", m.id, path.display()))?;
         out.push(Rendered {
             rel: file.path.clone(),
@@ -126,97 +126,98 @@ pub fn render_app(
     Ok(out)
 }
 
-/// What writing `bytes` with `mode` and `owner` to `path` would change. A
-/// symlink or anything but a plain file there counts as a change: the
-/// write replaces it, never follows it.
-fn compare(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<Change> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_file() => meta,
-        Ok(_) => return Ok(Change::Content),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Change::Content),
-        Err(e) => return Err(e),
+/// What writing `bytes` with `mode` and `owner` to `rel` below the app's
+/// folder would change, looked at through the confined walk. A symlink or
+/// anything but a plain file there counts as a change: the write replaces
+/// it, never follows it. A symlinked folder on the way is an error.
+fn compare(
+    app: Option<&AppDir>,
+    rel: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> anyhow::Result<Change> {
+    let Some(app) = app else {
+        return Ok(Change::Content);
     };
-    if meta.len() != bytes.len() as u64 || fs::read(path)? != bytes {
+    let (parent, name) = split(rel)?;
+    let dir = match app.dir(parent) {
+        Ok(dir) => dir,
+        Err(ConfineError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(Change::Content),
+        Err(e) => return Err(e.into()),
+    };
+    // Larger than the rendering: it differs, and is not read.
+    let Entry::File { stat, bytes: on_disk } = dir.read(name, bytes.len() as u64)? else {
+        return Ok(Change::Content);
+    };
+    if on_disk != bytes {
         return Ok(Change::Content);
     }
-    let owner_ok = owner.is_none_or(|(uid, gid)| meta.uid() == uid && meta.gid() == gid);
-    if meta.permissions().mode() & 0o7777 != mode || !owner_ok {
+    let owner_ok = owner.is_none_or(|(uid, gid)| stat.st_uid == uid && stat.st_gid == gid);
+    if stat.st_mode & 0o7777 != mode || !owner_ok {
         return Ok(Change::Metadata);
     }
     Ok(Change::None)
 }
 
-/// Makes the folders from `app_dir` down to `path`'s parent, refusing any
-/// that is a symlink: the container may change what is inside its volumes,
-/// and the agent must never be led to write outside the app's folder.
-fn confined_parent(app_dir: &Path, path: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<()> {
-    let rel = path
-        .strip_prefix(app_dir)
-        .with_context(|| format!("{} is outside {}", path.display(), app_dir.display()))?;
-    // The app's own folder is the agent's, out of every container's reach.
-    fs::create_dir_all(app_dir).with_context(|| format!("cannot create {}", app_dir.display()))?;
-    let mut dir = app_dir.to_path_buf();
-    let parents: Vec<Component> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
-    for c in parents {
-        let Component::Normal(name) = c else {
-            bail!("{} may only have plain folder names", path.display());
-        };
-        dir.push(name);
-        match fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => bail!(
-                "{} is not a plain folder (a symlink?); refusing to write {} through it",
-                dir.display(),
-                path.display()
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                if let Some((uid, gid)) = owner {
-                    Ownership::current()?.give(&dir, uid, gid)?;
-                }
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot look at {}", dir.display()))),
-        }
+/// A file's folder and name, as the manifest names it (validated: plain
+/// names only; the confined walk refuses anything else anyway).
+fn split(rel: &Path) -> anyhow::Result<(&Path, &Path)> {
+    match (rel.parent(), rel.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, Path::new(name))),
+        _ => bail!("{} is not a file path below the app's folder", rel.display()),
     }
-    Ok(())
+}
+
+/// Opens (making what is missing) the folder of `rel` below the app's
+/// folder, through the confined walk: a symlink on the way is refused, and
+/// each folder made is given to the app's user.
+fn confined_parent<'r>(app: &AppDir, rel: &'r Path, owner: Option<(u32, u32)>) -> anyhow::Result<(AppDir, &'r Path)> {
+    let (parent, name) = split(rel)?;
+    let dir = app.ensure_dir(parent, |made| match owner {
+        Some((uid, gid)) => Ownership::current()?.give_in(made, Path::new(""), uid, gid),
+        None => Ok(()),
+    })?;
+    Ok((dir, name))
 }
 
 /// Writes what `render_app` found changed: new bytes atomically, with mode
 /// and owner set before the file takes its name; a changed mode or owner
-/// alone is set in place.
+/// alone is set in place, on a descriptor. All of it through the app's
+/// [`AppDir`].
 pub fn apply(data_root: &DataRoot, m: &Manifest, rendered: &[Rendered]) -> anyhow::Result<()> {
-    let app_dir = data_root.app_dir(&m.id);
+    if rendered.iter().all(|r| r.change == Change::None) {
+        return Ok(());
+    }
+    let app = AppDir::create(data_root, &m.id)?;
     let ownership = Ownership::current()?;
     for r in rendered {
-        match r.change {
-            Change::None => {}
-            // Rootless, the agent may not chmod a file the container owns:
-            // it writes the file anew instead.
-            Change::Content | Change::Metadata if ownership.is_rootless() && r.owner.is_some() => {
-                confined_parent(&app_dir, &r.path, r.owner)?;
-                let (uid, gid) = r.owner.context("checked above")?;
-                let target = ownership.target(uid, gid, r.mode, false)?;
-                fsutil::write_atomic_owned(&r.path, &r.bytes, target.mode, None)
-                    .with_context(|| format!("{}: cannot write {}", m.id, r.path.display()))?;
-                ownership.give_as(&r.path, uid, &target)?;
-                tracing::info!(app = %m.id, file = %r.rel.display(), "config file rendered");
-            }
-            Change::Content => {
-                confined_parent(&app_dir, &r.path, r.owner)?;
-                fsutil::write_atomic_owned(&r.path, &r.bytes, r.mode, r.owner)
-                    .with_context(|| format!("{}: cannot write {}", m.id, r.path.display()))?;
-                tracing::info!(app = %m.id, file = %r.rel.display(), "config file rendered");
-            }
-            Change::Metadata => {
-                confined_parent(&app_dir, &r.path, r.owner)?;
-                if let Some((uid, gid)) = r.owner {
-                    std::os::unix::fs::lchown(&r.path, Some(uid), Some(gid))
-                        .with_context(|| format!("cannot give {} to uid {uid}", r.path.display()))?;
+        let result = (|| -> anyhow::Result<()> {
+            match r.change {
+                Change::None => {}
+                // Rootless, the agent may not chmod a file the container
+                // owns: it writes the file anew instead.
+                Change::Content | Change::Metadata if ownership.is_rootless() && r.owner.is_some() => {
+                    let (dir, name) = confined_parent(&app, &r.rel, r.owner)?;
+                    let (uid, gid) = r.owner.context("checked above")?;
+                    let target = ownership.target(uid, gid, r.mode, false)?;
+                    dir.write_atomic(name, &r.bytes, target.mode, None)?;
+                    ownership.give_as_in(&dir, name, uid, &target)?;
+                    tracing::info!(app = %m.id, file = %r.rel.display(), "config file rendered");
                 }
-                fs::set_permissions(&r.path, fs::Permissions::from_mode(r.mode))
-                    .with_context(|| format!("cannot set mode {:04o} on {}", r.mode, r.path.display()))?;
+                Change::Content => {
+                    let (dir, name) = confined_parent(&app, &r.rel, r.owner)?;
+                    dir.write_atomic(name, &r.bytes, r.mode, r.owner)?;
+                    tracing::info!(app = %m.id, file = %r.rel.display(), "config file rendered");
+                }
+                Change::Metadata => {
+                    let (dir, name) = confined_parent(&app, &r.rel, r.owner)?;
+                    dir.set_meta(name, Some(r.mode), r.owner)?;
+                }
             }
-        }
+            Ok(())
+        })();
+        result.with_context(|| format!("{}: cannot write {}", m.id, r.path.display()))?;
     }
     Ok(())
 }
@@ -241,7 +242,7 @@ pub fn changed(rendered: &[Rendered]) -> Vec<String> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     use super::*;
     use crate::manifest::{load_file, LoadOptions};
@@ -323,7 +324,10 @@ mod tests {
         symlink(&outside, data.join("conf/data")).unwrap();
         let m = app(tmp.path(), "static\n");
         let err = sync(&DataRoot::new(&data), &m, std::slice::from_ref(&m), &Naming::Prod).unwrap_err();
-        assert!(format!("{err:#}").contains("not a plain folder"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains(&format!("{} is a symlink", data.join("conf/data").display())),
+            "{err:#}"
+        );
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
     }
 

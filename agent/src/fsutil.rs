@@ -1,4 +1,6 @@
-//! File writes that survive a crash or power loss.
+//! File writes that survive a crash or power loss, in the agent's own
+//! folders. Below an app's data folder, which its container can change,
+//! everything goes through `appdir::AppDir` instead.
 
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -6,10 +8,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Writes `bytes` to a fresh temporary file beside `path` with `mode` (and
-/// `owner`, host uid and gid) set before any byte is in it, and fsyncs it.
-/// The caller moves it into place.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<PathBuf> {
+/// Writes `bytes` to a fresh temporary file beside `path` with `mode` set
+/// before any byte is in it, and fsyncs it. The caller moves it into place.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no parent folder"))?;
@@ -24,9 +25,6 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The creation mode passes through the umask; set it exactly.
         file.set_permissions(Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
         file.write_all(bytes)?;
         file.sync_all()
     })();
@@ -52,16 +50,10 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 /// Replaces `path` with `bytes` so that a reader sees the old file or the
 /// new one, never a mix, and a crash leaves one of the two: write a
 /// temporary file in the same folder with `mode` set before any byte is in
-/// it, fsync it, rename it over the target, fsync the folder.
+/// it, fsync it, rename it over the target, fsync the folder. For the
+/// agent's own folders; below an app's folder, use `AppDir::write_atomic`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_atomic_owned(path, bytes, mode, None)
-}
-
-/// [`write_atomic`], the file also given to `owner` (host uid and gid)
-/// before it takes the target's place: the file never exists under its
-/// name with another owner.
-pub fn write_atomic_owned(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let tmp = write_temp(path, bytes, mode, owner)?;
+    let tmp = write_temp(path, bytes, mode)?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -73,7 +65,7 @@ pub fn write_atomic_owned(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u
 /// an existing file is never replaced, not even by a concurrent writer
 /// (linking fails on an existing name). Returns whether it was created.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
-    let tmp = write_temp(path, bytes, mode, None)?;
+    let tmp = write_temp(path, bytes, mode)?;
     let linked = fs::hard_link(&tmp, path);
     fs::remove_file(&tmp)?;
     match linked {

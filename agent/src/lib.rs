@@ -2,6 +2,7 @@
 //! and the command line. `main.rs` is a thin wrapper; the xtask reuses the
 //! manifest module.
 
+pub mod appdir;
 pub mod cli;
 pub mod control;
 pub mod datadisk;

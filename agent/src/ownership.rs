@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context as _};
 
+use crate::appdir::AppDir;
+
 const SUBUID: &str = "/etc/subuid";
 const SUBGID: &str = "/etc/subgid";
 const PASSWD: &str = "/etc/passwd";
@@ -112,12 +114,40 @@ impl Ownership {
         matches!(self, Ownership::Rootless { .. })
     }
 
-    /// Gives the folder `path` (not what is below it) to the container's
-    /// `uid:gid`, unless it already belongs to them.
-    pub fn give(&self, path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-        let md = fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mode = md.permissions().mode() & 0o7777;
-        self.give_as(path, uid, &self.target(uid, gid, mode, md.is_dir())?)
+    /// Gives `rel` below `dir` (empty: `dir` itself) to the container's
+    /// `uid:gid`, keeping its mode bits (see [`Self::target`]). Everything
+    /// happens on descriptors of the confined walk ([`AppDir`]).
+    pub fn give_in(&self, dir: &AppDir, rel: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+        let stat = dir.stat(rel)?;
+        let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Directory;
+        self.give_as_in(dir, rel, uid, &self.target(uid, gid, stat.st_mode & 0o7777, is_dir)?)
+    }
+
+    /// Sets the owner and mode of `rel` below `dir` to `target` where they
+    /// differ, on a descriptor opened by the confined walk. Rootful, the
+    /// agent does it itself. Rootless, the agent sets the mode of a file it
+    /// still owns, and the rest runs inside the user namespace: `podman
+    /// unshare` starts the agent's own binary (`confine-give`), which opens
+    /// the app's folder and walks to `rel` the same confined way.
+    pub fn give_as_in(&self, dir: &AppDir, rel: &Path, uid: u32, target: &Target) -> anyhow::Result<()> {
+        let stat = dir.stat(rel)?;
+        if (stat.st_uid, stat.st_gid, stat.st_mode & 0o7777) == (target.uid, target.gid, target.mode) {
+            return Ok(());
+        }
+        let full = dir.path().join(rel);
+        match self {
+            Ownership::Rootful => dir
+                .set_meta(rel, Some(target.mode), Some((target.uid, target.gid)))
+                .with_context(|| format!("cannot give {} to uid {uid}", full.display())),
+            Ownership::Rootless { .. } => {
+                if stat.st_uid == self.own_uid() {
+                    dir.set_meta(rel, Some(target.mode), None)
+                        .with_context(|| format!("cannot set mode {:o} on {}", target.mode, full.display()))?;
+                }
+                let rel_to_root = dir.rel().join(rel);
+                confine_give_in_namespace(dir.root(), &rel_to_root, uid, target.ns_gid, target.mode)
+            }
+        }
     }
 
     /// Gives an app's copy of a secret to the container's `uid`, read-only:
@@ -178,6 +208,43 @@ impl Ownership {
         }
         Ok(())
     }
+}
+
+/// Runs `archy-agent confine-give` under `podman unshare`: the confined
+/// walk from the app's folder `root` to `rel`, then `fchmod` and `fchown` to
+/// the container's `uid:gid` on the opened descriptor, inside the user
+/// namespace where those ids are the agent's to give. A descriptor cannot
+/// cross into `podman unshare`, so the walk itself does.
+fn confine_give_in_namespace(root: &Path, rel: &Path, uid: u32, gid: u32, mode: u32) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the agent's own binary for `podman unshare`")?;
+    let output = Command::new("podman")
+        .arg("unshare")
+        .arg(exe)
+        .arg("confine-give")
+        .arg("--app-dir")
+        .arg(root)
+        .arg("--path")
+        .arg(rel)
+        .args(["--uid", &uid.to_string(), "--gid", &gid.to_string()])
+        .args(["--mode", &format!("{mode:o}")])
+        .output()
+        .context("cannot run `podman unshare` (package podman) to give files to a container user")?;
+    if !output.status.success() {
+        bail!(
+            "podman unshare confine-give {}: {}",
+            root.join(rel).display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// What `confine-give` does inside the user namespace: opens the app's
+/// folder `root`, walks to `rel` without following anything, and sets
+/// `mode` and `uid:gid` (namespace ids) on the descriptor.
+pub fn confine_give(root: &Path, rel: &Path, uid: u32, gid: u32, mode: u32) -> anyhow::Result<()> {
+    AppDir::open_root(root)?.set_meta(rel, Some(mode), Some((uid, gid)))?;
+    Ok(())
 }
 
 /// What an app's file or folder should be on the host.

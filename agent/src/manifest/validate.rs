@@ -244,14 +244,22 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             // The first component under the data root must be an app's
             // folder: the agent's own state, secrets and container storage
             // live beside them and must never be mounted into an app.
+            // Exactly `<data root>/<app>/<name>`: every folder on the way
+            // is the agent's, which no container can write, so no
+            // container can swap one for a symlink before Podman mounts it.
             let app_folder = cx.data_root.app_folder_of(path);
-            if !has_no_dotdot(path) || app_folder.is_none() {
+            let depth_ok = path
+                .strip_prefix(cx.data_root.path())
+                .is_ok_and(|rest| rest.components().count() == 2 && one_name(rest.components().nth(1)));
+            if !has_no_dotdot(path) || app_folder.is_none() || !depth_ok {
                 p.bad(
                     format!("volumes[{i}].source"),
                     &v.source,
                     format!(
-                        "absolute sources must lie inside an app's folder under the data root {} \
-                         (not {}) and may not contain '..'",
+                        "absolute sources must lie inside an app's folder under the data root {}, \
+                         as {}/<app>/<name> (one folder directly in the app's folder; not {}) \
+                         and may not contain '..'",
+                        cx.data_root.display(),
                         cx.data_root.display(),
                         DataRoot::RESERVED_NAMES.join(", ")
                     ),
@@ -260,11 +268,12 @@ pub(crate) fn validate(raw: RawManifest, cx: &Context<'_>) -> Result<Manifest, V
             } else {
                 Some(VolumeSource::Absolute(path.to_path_buf()))
             }
-        } else if v.source.is_empty() || !relative_without_dotdot(&v.source) {
+        } else if !relative_without_dotdot(&v.source) || !is_one_name(&v.source) {
             p.bad(
                 format!("volumes[{i}].source"),
                 &v.source,
-                "allowed: a name (kept under <data root>/<id>/) or an absolute path inside the data root; '..' is not allowed",
+                "allowed: a folder name without '/' (kept as <data root>/<id>/<name>) or an absolute path \
+                 <data root>/<app>/<name>; '..' is not allowed",
             );
             None
         } else {
@@ -469,6 +478,18 @@ fn valid_user(s: &str) -> bool {
 
 fn valid_env_key(s: &str) -> bool {
     !s.is_empty() && !s.as_bytes()[0].is_ascii_digit() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `Some(name)` for one plain name (not `.`, `..` or `/`).
+fn one_name(c: Option<Component<'_>>) -> bool {
+    matches!(c, Some(Component::Normal(_)))
+}
+
+/// A volume's relative source: exactly one plain folder name, so its
+/// parent is the app's folder, which no container can write.
+fn is_one_name(s: &str) -> bool {
+    let mut parts = Path::new(s).components();
+    one_name(parts.next()) && parts.next().is_none() && !s.ends_with('/')
 }
 
 fn has_no_dotdot(path: &Path) -> bool {

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{is_managed, Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
+use crate::appdir::AppDir;
+use crate::dataroot::DataRoot;
 use crate::engine::{EngineError, RegistryAuth};
 use crate::images::{self, LockError};
 use crate::manifest::{network_subnet, ImageSource, Manifest, PinnedImage};
@@ -270,22 +272,34 @@ fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Resu
     Ok(())
 }
 
-/// Creates the app's folders (owned by its user) and its secrets.
-fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> anyhow::Result<()> {
+/// Creates the app's folders (owned by its user) and its secrets. Each
+/// volume's folder is resolved through the confined walk ([`AppDir`]): a
+/// symlink where a folder should be is refused, never mounted.
+fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, _spec: &ContainerSpec) -> anyhow::Result<()> {
+    prepare_volumes(&orch.config.data_root, m)?;
+    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, m.owner())?;
+    Ok(())
+}
+
+/// Makes (or checks) the folder of each of `m`'s volumes through the
+/// confined walk, and gives the app's own ones to its user. Returns their
+/// host paths, the ones the container mounts.
+pub fn prepare_volumes(data_root: &DataRoot, m: &Manifest) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let owner = m.owner();
-    let app_dir = orch.config.data_root.app_dir(&m.id);
-    for mount in &spec.mounts {
-        fs::create_dir_all(&mount.host)
-            .with_context(|| format!("cannot create volume folder {} for {}", mount.host.display(), m.id))?;
+    let app_dir = data_root.app_dir(&m.id);
+    let mut out = Vec::new();
+    for v in &m.volumes {
+        let dir = AppDir::for_volume(data_root, &m.id, &v.source, |_| Ok(()))
+            .with_context(|| format!("cannot prepare the volume folder for {}", v.target))?;
         // Only folders of the app's own data follow its user; another
         // app's folder mounted here keeps its owner.
         // Rootless, the uid is the container's: `Ownership` maps it.
-        if let (Some((uid, gid)), true) = (owner, mount.host.starts_with(&app_dir)) {
-            crate::ownership::Ownership::current()?.give(&mount.host, uid, gid)?;
+        if let (Some((uid, gid)), true) = (owner, dir.root() == app_dir) {
+            crate::ownership::Ownership::current()?.give_in(&dir, Path::new(""), uid, gid)?;
         }
+        out.push(dir.path());
     }
-    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, owner)?;
-    Ok(())
+    Ok(out)
 }
 
 /// Creates and starts the container from `spec`, running image `image_id`.
@@ -407,7 +421,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
     };
     report.kept_aside = kept.iter().map(|k| k.shown.clone()).collect();
     if let Err(e) = prepare_host(orch, m, &spec) {
-        put_back(m, &kept);
+        put_back(&orch.config.data_root, m, &kept);
         return Err(e);
     }
 
@@ -417,7 +431,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
         Err(e) => Err(e),
     };
     if let Err(e) = stopped {
-        put_back(m, &kept);
+        put_back(&orch.config.data_root, m, &kept);
         return Err(Orchestrator::engine_err(app)(e));
     }
 
@@ -439,7 +453,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
         }
         Err(reason) => {
             tracing::error!(app, reason, "upgrade failed, restoring the previous container");
-            put_back(m, &kept);
+            put_back(&orch.config.data_root, m, &kept);
             let restored = rollback(orch, &spec.name, &backup).await;
             if let Err(e) = &restored {
                 tracing::error!(app, error = %format!("{e:#}"), "rollback failed");
@@ -468,6 +482,8 @@ async fn rollback(orch: &Orchestrator, name: &str, backup: &str) -> Result<(), E
 #[derive(Debug)]
 struct KeptAside {
     path: std::path::PathBuf,
+    /// As the manifest names it, relative to the app's folder.
+    rel: std::path::PathBuf,
     aside: std::path::PathBuf,
     /// As the output shows it: the manifest's path with the suffix.
     shown: String,
@@ -481,32 +497,39 @@ struct KeptAside {
 fn keep_aside(orch: &Orchestrator, m: &Manifest) -> Result<Vec<KeptAside>> {
     let all = orch.manifests();
     let rendered = crate::files::render_app(&orch.config.data_root, m, &all, &orch.config.naming, true)?;
+    let Some(dir) = AppDir::open(&orch.config.data_root, &m.id).map_err(anyhow::Error::from)? else {
+        return Ok(Vec::new());
+    };
     let mut kept = Vec::new();
     for r in rendered.iter().filter(|r| r.change == crate::files::Change::Content) {
-        match fs::symlink_metadata(&r.path) {
-            Ok(meta) if meta.is_file() => {}
-            _ => continue,
+        // Only a plain file is kept; anything else is left for the render
+        // to refuse.
+        if !dir
+            .stat(&r.rel)
+            .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())
+        {
+            continue;
         }
-        let mut aside = r.path.clone().into_os_string();
-        aside.push(PRE_ARCHIPELAGO);
-        let aside = std::path::PathBuf::from(aside);
-        let moved = if fs::symlink_metadata(&aside).is_ok() {
-            Err(anyhow::anyhow!(
-                "{}: {} already exists; move it away to convert the app",
+        let mut aside_name = r.rel.file_name().unwrap_or_default().to_os_string();
+        aside_name.push(PRE_ARCHIPELAGO);
+        let aside = r.path.with_file_name(&aside_name);
+        // Confined and never over an earlier copy (RENAME_NOREPLACE).
+        let moved = dir.rename_file(&r.rel, &aside_name).map_err(|e| {
+            anyhow::Error::from(e).context(format!(
+                "{}: cannot keep {} as {} (an earlier copy there is never replaced: move it away to convert the app)",
                 m.id,
+                r.path.display(),
                 aside.display()
             ))
-        } else {
-            fs::rename(&r.path, &aside)
-                .with_context(|| format!("{}: cannot keep {} as {}", m.id, r.path.display(), aside.display()))
-        };
+        });
         if let Err(e) = moved {
-            put_back(m, &kept);
+            put_back(&orch.config.data_root, m, &kept);
             return Err(e.into());
         }
         tracing::info!(app = %m.id, file = %r.path.display(), aside = %aside.display(), "kept the adopted app's own config file");
         kept.push(KeptAside {
             path: r.path.clone(),
+            rel: r.rel.clone(),
             aside,
             shown: format!("{}{PRE_ARCHIPELAGO}", r.rel.display()),
         });
@@ -516,9 +539,25 @@ fn keep_aside(orch: &Orchestrator, m: &Manifest) -> Result<Vec<KeptAside>> {
 
 /// Puts the owner's files back after a conversion that did not happen, so
 /// the restored container reads what it read before.
-fn put_back(m: &Manifest, kept: &[KeptAside]) {
+fn put_back(data_root: &DataRoot, m: &Manifest, kept: &[KeptAside]) {
+    if kept.is_empty() {
+        return;
+    }
+    let dir = match AppDir::open(data_root, &m.id) {
+        Ok(Some(dir)) => dir,
+        Ok(None) => {
+            tracing::error!(app = %m.id, "cannot put the adopted app's own config files back: its folder is gone");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(app = %m.id, error = %e, "cannot put the adopted app's own config files back");
+            return;
+        }
+    };
     for k in kept {
-        if let Err(e) = fs::rename(&k.aside, &k.path) {
+        let aside_rel = k.rel.with_file_name(k.aside.file_name().unwrap_or_default());
+        let name = k.rel.file_name().unwrap_or_default();
+        if let Err(e) = dir.rename_file(&aside_rel, name) {
             tracing::error!(app = %m.id, file = %k.path.display(), aside = %k.aside.display(), error = %e, "cannot put the adopted app's own config file back");
         }
     }

@@ -9,6 +9,7 @@
 
 mod act;
 pub mod commands;
+mod devcopy;
 mod health;
 mod hold;
 mod install;
@@ -31,7 +32,7 @@ use crate::spec::{ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
 
 pub use act::HoldPolicy;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
-pub use install::{built_tag, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
+pub use install::{built_tag, prepare_volumes, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
 pub use locks::AppLocks;
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
 pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
@@ -307,7 +308,7 @@ impl Orchestrator {
         let source = path.parent().unwrap_or(Path::new("."));
         let target = self.config.apps_dir.join(m.id.as_str());
         if source.canonicalize().ok() != target.canonicalize().ok() {
-            copy_dir(source, &target)
+            devcopy::copy_context(source, &target, devcopy::MAX_COPY_BYTES)
                 .with_context(|| format!("cannot copy {} into {}", source.display(), target.display()))?;
         }
         let report = self.reload();
@@ -524,26 +525,4 @@ impl ContainerOrchestrator for Orchestrator {
             probe,
         })
     }
-}
-
-/// Copies a folder tree (files and folders; symlinks are refused: a build
-/// context must not reach outside itself).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let dest = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), dest)?;
-        } else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} is neither a file nor a folder", entry.path().display()),
-            ));
-        }
-    }
-    Ok(())
 }

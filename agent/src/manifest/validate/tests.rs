@@ -507,6 +507,29 @@ fn absolute_volume_source_outside_the_data_root_is_refused() {
 }
 
 #[test]
+fn a_volume_source_is_one_folder_of_an_app_folder_never_deeper() {
+    // Deeper, a folder on the way could be inside another volume, which a
+    // container can swap for a symlink before Podman mounts it.
+    for (source, problem) in [
+        ("data/sub", "a folder name without '/'"),
+        ("./data", "a folder name without '/'"),
+        (".", "a folder name without '/'"),
+        ("data/", "a folder name without '/'"),
+        (
+            "/var/lib/archipelago/other/x/y",
+            "one folder directly in the app's folder",
+        ),
+        ("/var/lib/archipelago/other", "one folder directly in the app's folder"),
+    ] {
+        let e = err_on(
+            check(&app(&format!("volumes: [{{ source: \"{source}\", target: /data }}]\n"))),
+            "volumes[0].source",
+        );
+        assert!(e.problem.contains(problem), "{source}: {e}");
+    }
+}
+
+#[test]
 fn data_root_is_configurable() {
     let yaml = app("volumes: [{ source: /srv/archy/app/db, target: /db }]\n");
     assert!(check_in(Path::new("/apps/app"), "/srv/archy", &yaml).is_ok());
