@@ -407,6 +407,17 @@ impl AppDir {
     /// followed, and an existing `new_name` is never replaced
     /// (`RENAME_NOREPLACE`; an `EEXIST` error then).
     pub fn rename_file(&self, rel: &Path, new_name: &OsStr) -> Result<()> {
+        self.rename_in_folder(rel, new_name, rustix::fs::RenameFlags::NOREPLACE)
+    }
+
+    /// Like [`AppDir::rename_file`], but an existing file (or symlink, not
+    /// followed) at `new_name` is replaced: for putting a file back over
+    /// one this agent wrote in its place.
+    pub fn rename_file_over(&self, rel: &Path, new_name: &OsStr) -> Result<()> {
+        self.rename_in_folder(rel, new_name, rustix::fs::RenameFlags::empty())
+    }
+
+    fn rename_in_folder(&self, rel: &Path, new_name: &OsStr, flags: rustix::fs::RenameFlags) -> Result<()> {
         let names = self.names(rel)?;
         let Some((name, parents)) = names.split_last() else {
             return Err(ConfineError::not_beneath(self.full(rel)));
@@ -418,14 +429,8 @@ impl AppDir {
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(ConfineError::refused(self.full(rel), "file"));
         }
-        rustix::fs::renameat_with(
-            &parent.fd,
-            Path::new(name),
-            &parent.fd,
-            Path::new(new_name),
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| ConfineError::io(self.full(rel), e))?;
+        rustix::fs::renameat_with(&parent.fd, Path::new(name), &parent.fd, Path::new(new_name), flags)
+            .map_err(|e| ConfineError::io(self.full(rel), e))?;
         rustix::fs::fsync(&parent.fd).map_err(|e| ConfineError::io(parent.path(), e))
     }
 
@@ -621,5 +626,68 @@ mod tests {
         assert!(matches!(sub.read(Path::new("f"), 1).unwrap(), Entry::File { bytes, .. } if bytes == b"x"));
         assert!(matches!(sub.read(Path::new("f"), 0).unwrap(), Entry::Larger));
         assert!(matches!(sub.read(Path::new("none"), 1).unwrap(), Entry::Missing));
+    }
+
+    #[test]
+    fn rename_file_renames_a_plain_file_and_never_replaces_or_follows() {
+        let (_tmp, dir, outside) = setup();
+        let data = dir.path().join("data");
+        fs::write(data.join("app.conf"), "own").unwrap();
+        dir.rename_file(Path::new("data/app.conf"), OsStr::new("app.conf.old"))
+            .unwrap();
+        assert!(!data.join("app.conf").exists(), "moved, not copied");
+        assert_eq!(fs::read_to_string(data.join("app.conf.old")).unwrap(), "own");
+
+        // An existing target is never replaced: both stay as they are.
+        fs::write(data.join("app.conf"), "newer").unwrap();
+        let err = dir
+            .rename_file(Path::new("data/app.conf"), OsStr::new("app.conf.old"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfineError::Io { path, source } if path.ends_with("data/app.conf")
+                && source.kind() == io::ErrorKind::AlreadyExists),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(data.join("app.conf")).unwrap(), "newer");
+        assert_eq!(fs::read_to_string(data.join("app.conf.old")).unwrap(), "own");
+
+        // rename_file_over puts a file back over the one written in its place.
+        dir.rename_file_over(Path::new("data/app.conf.old"), OsStr::new("app.conf"))
+            .unwrap();
+        assert_eq!(fs::read_to_string(data.join("app.conf")).unwrap(), "own");
+        assert!(!data.join("app.conf.old").exists());
+
+        // A symlinked parent folder is refused, nothing renamed outside.
+        symlink(&outside, data.join("link")).unwrap();
+        let err = dir
+            .rename_file(Path::new("data/link/victim"), OsStr::new("moved"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfineError::Refused { path, .. } if path.ends_with("data/link")),
+            "{err}"
+        );
+        // A symlink as the source is refused too, for both kinds of rename.
+        symlink(outside.join("victim"), data.join("app.link")).unwrap();
+        for over in [false, true] {
+            let rel = Path::new("data/app.link");
+            let err = if over {
+                dir.rename_file_over(rel, OsStr::new("app.conf")).unwrap_err()
+            } else {
+                dir.rename_file(rel, OsStr::new("moved")).unwrap_err()
+            };
+            assert!(
+                matches!(&err, ConfineError::Refused { path, .. } if path.ends_with("data/app.link")),
+                "{err}"
+            );
+        }
+        assert!(fs::symlink_metadata(data.join("app.link")).unwrap().is_symlink());
+        assert!(!data.join("moved").exists());
+        assert_eq!(fs::read_to_string(data.join("app.conf")).unwrap(), "own");
+        // A name with a slash is refused: the rename stays in its folder.
+        let err = dir
+            .rename_file(Path::new("data/app.conf"), OsStr::new("../app.conf"))
+            .unwrap_err();
+        assert!(matches!(err, ConfineError::NotBeneath { .. }), "{err}");
+        untouched(&outside);
     }
 }

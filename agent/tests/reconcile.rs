@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use archy_agent::dataroot::DataRoot;
 use archy_agent::manifest::Naming;
-use archy_agent::orchestrator::{AppState, ContainerOrchestrator};
+use archy_agent::orchestrator::{AppState, ContainerOrchestrator, OrchestratorError, PRE_ARCHIPELAGO};
 use archy_agent::reconcile::daemon::{self, AgentConfig};
 use archy_agent::reconcile::pass::Reconciler;
 use archy_agent::reconcile::plan::{Action, Decision, Wait};
@@ -87,20 +87,20 @@ const SERVE_SCRIPT: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
 /// What the owner of a migrated node wrote by hand.
 const HAND_WRITTEN: &str = "# my own settings\nrpcallowip=0.0.0.0/0\n";
 
-#[tokio::test]
-async fn an_adopted_container_that_differs_is_left_running_until_upgrade_converts_it() {
-    let node = Node::new();
-    let id = app_id("adrift");
+/// A migrated node: the app `id` (its manifest renders `data/app.conf`,
+/// plus `extra`) runs in a container made by hand with another image,
+/// another env and the owner's own `data/app.conf`. Returns the config
+/// file's path and the container's ID and start time.
+fn hand_made_differing(node: &Node, id: &str, extra: &str) -> (std::path::PathBuf, (String, String)) {
     node.app(
-        &id,
+        id,
         &node.env.image.to_string(),
         &format!(
             "{SERVE}volumes: [{{ source: data, target: /data }}]\nenv: {{ GREETING: from-manifest }}\n\
-             files:\n  - path: data/app.conf\n    template: \"rendered for {{{{ facts.container }}}}\\n\"\n"
+             files:\n  - path: data/app.conf\n    template: \"rendered for {{{{ facts.container }}}}\\n\"\n{extra}"
         ),
     );
-    // A migrated node: another image, another env, its own config file.
-    let conf = node.data.join(id.as_str()).join("data/app.conf");
+    let conf = node.data.join(id).join("data/app.conf");
     fs::create_dir_all(conf.parent().expect("folder")).expect("data folder");
     fs::write(&conf, HAND_WRITTEN).expect("hand-written config");
     // Both images in the store: the pinned one is what the hand-made one is compared with.
@@ -111,7 +111,7 @@ async fn an_adopted_container_that_differs_is_left_running_until_upgrade_convert
         "run",
         "-d",
         "--name",
-        &id,
+        id,
         "-e",
         "GREETING=by-hand",
         "-v",
@@ -121,8 +121,28 @@ async fn an_adopted_container_that_differs_is_left_running_until_upgrade_convert
         "-c",
         SERVE_SCRIPT,
     ]);
-    let before = (container_id(&node, &id), started_at(&node, &id));
+    let before = (container_id(node, id), started_at(node, id));
     assert!(!before.0.is_empty(), "the hand-made container runs");
+    (conf, before)
+}
+
+/// The hand-made container `container` runs under the app's name, and
+/// no backup is left.
+fn runs_again(node: &Node, id: &str, container: &str) {
+    assert_eq!(container_id(node, id), container, "the hand-made container");
+    assert_eq!(
+        node.podman(&["inspect", "--format", "{{.State.Status}}", id]).trim(),
+        "running"
+    );
+    let names = node.podman(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert!(!names.contains(&format!("{id}-archy-backup")), "{names}");
+}
+
+#[tokio::test]
+async fn an_adopted_container_that_differs_is_left_running_until_upgrade_converts_it() {
+    let node = Node::new();
+    let id = app_id("adrift");
+    let (conf, before) = hand_made_differing(&node, &id, "");
 
     let orch = Arc::new(node.orchestrator().await);
     let mut reconciler = Reconciler::new(orch.clone());
@@ -214,6 +234,85 @@ async fn an_adopted_container_that_differs_is_left_running_until_upgrade_convert
     let report = reconciler.pass().await;
     assert_eq!(decision(&report, &id), &Decision::Wait(Wait::Ok), "converted: in step");
     assert_eq!(container_id(&node, &id), after);
+}
+
+#[tokio::test]
+async fn a_conversion_that_fails_its_health_gate_restores_the_hand_made_container_and_its_file() {
+    let node = Node::new();
+    let id = app_id("adfail");
+    let never_healthy =
+        "health:\n  exec: [\"false\"]\n  interval: 1s\n  timeout: 1s\n  retries: 2\n  start_period: 1s\n";
+    let (conf, before) = hand_made_differing(&node, &id, never_healthy);
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    let report = reconciler.pass().await;
+    assert!(
+        matches!(decision(&report, &id), Decision::Act(Action::Adopt { .. })),
+        "{report:#?}"
+    );
+
+    match orch.upgrade(&id).await {
+        Err(OrchestratorError::UpgradeFailed {
+            rolled_back, reason, ..
+        }) => {
+            assert!(rolled_back, "{reason}");
+            assert!(reason.contains("not healthy"), "{reason}");
+        }
+        other => panic!("expected UpgradeFailed, got {other:?}"),
+    }
+    // Started again by the rollback, the very same container.
+    runs_again(&node, &id, &before.0);
+    assert!(
+        node.podman(&["inspect", "--format", "{{.Config.Env}}", &id])
+            .contains("GREETING=by-hand"),
+        "its own env"
+    );
+    assert_eq!(
+        fs::read_to_string(&conf).expect("config"),
+        HAND_WRITTEN,
+        "the owner's file is back at its path with its bytes"
+    );
+    let folder: Vec<_> = fs::read_dir(conf.parent().expect("folder"))
+        .expect("data folder")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(folder, ["app.conf"], "no .pre-archipelago left behind");
+    let report = reconciler.pass().await;
+    assert!(
+        matches!(decision(&report, &id), Decision::Wait(Wait::Drift { .. })),
+        "still adopted and left as it is: {report:#?}"
+    );
+    assert_eq!(container_id(&node, &id), before.0);
+}
+
+#[tokio::test]
+async fn a_conversion_never_overwrites_an_earlier_pre_archipelago_file() {
+    let node = Node::new();
+    let id = app_id("adkeep");
+    let (conf, before) = hand_made_differing(&node, &id, "");
+    // Kept by an earlier conversion.
+    let aside = conf.with_file_name(format!("app.conf{PRE_ARCHIPELAGO}"));
+    let earlier = "# kept by an earlier conversion\n";
+    fs::write(&aside, earlier).expect("earlier copy");
+    let orch = Arc::new(node.orchestrator().await);
+    let mut reconciler = Reconciler::new(orch.clone());
+    reconciler.pass().await;
+
+    let err = orch.upgrade(&id).await.expect_err("the conversion is refused");
+    let text = archy_agent::error_chain(&err);
+    assert!(
+        text.contains(&aside.display().to_string()) && text.contains("never replaced"),
+        "names the file: {text}"
+    );
+    runs_again(&node, &id, &before.0);
+    assert_eq!(started_at(&node, &id), before.1, "never stopped");
+    assert_eq!(fs::read_to_string(&conf).expect("config"), HAND_WRITTEN);
+    assert_eq!(fs::read_to_string(&aside).expect("earlier copy"), earlier);
+    let report = reconciler.pass().await;
+    assert!(
+        matches!(decision(&report, &id), Decision::Wait(Wait::Drift { .. })),
+        "{report:#?}"
+    );
 }
 
 #[tokio::test]

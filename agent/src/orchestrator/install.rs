@@ -557,7 +557,8 @@ fn put_back(data_root: &DataRoot, m: &Manifest, kept: &[KeptAside]) {
     for k in kept {
         let aside_rel = k.rel.with_file_name(k.aside.file_name().unwrap_or_default());
         let name = k.rel.file_name().unwrap_or_default();
-        if let Err(e) = dir.rename_file(&aside_rel, name) {
+        // Over the rendering written in its place, if any.
+        if let Err(e) = dir.rename_file_over(&aside_rel, name) {
             tracing::error!(app = %m.id, file = %k.path.display(), aside = %k.aside.display(), error = %e, "cannot put the adopted app's own config file back");
         }
     }
