@@ -20,6 +20,7 @@ use archy_agent::engine::Engine;
 use archy_agent::files;
 use archy_agent::manifest::{load_file, AppId, LoadOptions, Manifest, Naming, PinnedImage};
 use archy_agent::spec::{ContainerSpec, Mount};
+use common::confine::{snapshot, swapper};
 
 const ROUNDS: usize = 200;
 /// Config files of the app, all in the folder the container swaps: each is
@@ -46,13 +47,6 @@ impl Log {
     }
 }
 
-/// A host file's content, mode and owner.
-fn snapshot(path: &Path) -> (Vec<u8>, u32, u32, u32) {
-    let md = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    (bytes, md.permissions().mode() & 0o7777, md.uid(), md.gid())
-}
-
 /// Writes and loads the manifest of app `id`: user 1000, a volume `data`,
 /// [`FILES`] config files in its folder `conf`.
 fn manifest(apps: &Path, data: &Path, id: &str, image: &PinnedImage) -> Manifest {
@@ -74,28 +68,6 @@ fn manifest(apps: &Path, data: &Path, id: &str, image: &PinnedImage) -> Manifest
         data_root: DataRoot::new(data),
     };
     load_file(&dir.join("manifest.yml"), &opts).unwrap_or_else(|e| panic!("{e:?}"))
-}
-
-/// The container's loops, as uid 1000 in its volume. One replaces the
-/// folder `conf` by a symlink to the host folder `host` (which holds an
-/// `app0.conf`) and back. The other changes the first files' bytes (the
-/// agent writes them anew, which takes a while), widens the last file's
-/// mode (the agent sets it again) and then replaces that file by a symlink
-/// to the host file `victim`, while the agent is busy with the others.
-fn swapper(host: &Path, victim: &Path) -> Vec<String> {
-    let last = FILES - 1;
-    let script = format!(
-        "cd /data\n\
-         while :; do mv conf c1 2>/dev/null && ln -sfn {host} conf; rm -f conf; mv c1 conf 2>/dev/null; sleep 0.02; done &\n\
-         while :; do for i in 0 1 2 3 4 5 6 7; do echo x > conf/app$i.conf; done 2>/dev/null; \
-         chmod 666 conf/app{last}.conf 2>/dev/null; \
-         ln -sfn {victim} conf/l 2>/dev/null; mv -f conf/l conf/app{last}.conf 2>/dev/null; done &\n\
-         trap 'exit 0' TERM\n\
-         wait\n",
-        host = host.display(),
-        victim = victim.display()
-    );
-    vec!["sh".into(), "-c".into(), script]
 }
 
 /// The race, against the engine at `socket` with `image` in reach of it.
@@ -130,7 +102,7 @@ async fn race_on(socket: &Path, image: &PinnedImage) {
     let volume = app_dir.join("data");
 
     let mut spec = ContainerSpec::for_image(AppId::parse(&id).expect("app id"), id.clone(), image.by_digest());
-    spec.command = Some(swapper(&host, &victim));
+    spec.command = Some(swapper(&host, &victim, FILES));
     spec.user = Some("1000:1000".into());
     spec.network = "podman".into();
     spec.mounts = vec![Mount {

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::confine::{snapshot, swapper};
 use common::{env, rootless_env, unique_name, RootlessEnv};
 
 /// Copies the config the process saw when it started to /data/seen, then
@@ -333,4 +334,92 @@ fn the_rootless_agent_rerenders_a_changed_config_and_restarts_the_app_to_read_it
     let after = node.run_of(&app);
     assert_eq!(after.0, before.0, "restarted, not recreated");
     assert_ne!(after.1, before.1, "a new run");
+}
+
+/// A container cannot make the rootless agent touch a host file: the race
+/// of `confinement.rs`, with the agent's CLI run as the rootless user, so
+/// every change of owner goes through `podman unshare archy-agent
+/// confine-give`. The host files are the user's own, in its own folder:
+/// without the confined walk, the agent (as the user, or as root of the
+/// user namespace) could change them.
+#[test]
+fn a_container_swapping_its_folders_for_symlinks_never_makes_the_rootless_agent_touch_a_host_file() {
+    /// Config files of the app, all in the folder the container swaps.
+    const FILES: usize = 6;
+    const MAX_ROUNDS: usize = 80;
+    const BUDGET: Duration = Duration::from_secs(150);
+
+    let mut node = Node::new();
+    let host = node.root.join("host");
+    fs::create_dir_all(&host).expect("host dir");
+    let (precious, victim) = (host.join("app0.conf"), host.join("victim"));
+    for file in [&precious, &victim] {
+        fs::write(file, "host file\n").expect("host file");
+        fs::set_permissions(file, fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    node.give_to_user(&host);
+    let before = [snapshot(&precious), snapshot(&victim)];
+    assert_eq!(before[1].2, node.rl.uid, "the host file is the user's own");
+
+    let app = app_id("rlconfine");
+    let command = serde_json::to_string(&swapper(&host, &victim, FILES)).expect("command as JSON");
+    let files: String = (0..FILES)
+        .map(|i| format!("  - path: data/conf/app{i}.conf\n    template: \"rendered {i}\\n\"\n"))
+        .collect();
+    node.app(
+        &app,
+        &format!(
+            "command: {command}\nuser: \"{APP_UID}:{APP_UID}\"\n\
+             volumes: [{{ source: data, target: /data }}]\nfiles:\n{files}"
+        ),
+    );
+    node.run(&["install", &app]).ok();
+    let app_dir = node.data.join(&app).display().to_string();
+
+    let started = std::time::Instant::now();
+    let (mut rounds, mut rendered, mut refusals) = (0, 0, 0);
+    let mut failures = Vec::new();
+    while rounds < MAX_ROUNDS && started.elapsed() < BUDGET {
+        rounds += 1;
+        let run = node.run(&["--json", "reconcile", "--once"]);
+        if run.stdout.contains("config changed: data/conf/") {
+            rendered += 1;
+        }
+        for line in run.stdout.lines().chain(run.stderr.lines()) {
+            if line.contains("refus") {
+                refusals += 1;
+                assert!(line.contains(&app_dir), "a refusal names a path in {app_dir}: {line}");
+            }
+        }
+        if !run.out.status.success() {
+            failures.push(format!("{}\n{}", run.stdout, run.stderr));
+        }
+    }
+    // The container stops swapping before the host files are compared.
+    let _ = node.podman(&["rm", "--force", "--time", "0", &app]);
+
+    let after = [snapshot(&precious), snapshot(&victim)];
+    assert_eq!(
+        before, after,
+        "a host file changed (content, mode, owner) in {rounds} rounds"
+    );
+    let mut names: Vec<_> = fs::read_dir(&host)
+        .expect("ls host")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["app0.conf", "victim"], "nothing new in the host folder");
+    assert!(
+        rendered > 0,
+        "the agent re-rendered the files at least once in {rounds} rounds: {failures:#?}"
+    );
+    assert!(
+        refusals > 0,
+        "the container's symlinks were met and refused at least once in {rounds} rounds"
+    );
+    eprintln!(
+        "{rounds} rounds, {rendered} re-rendered, {refusals} refusal lines, {} failed passes",
+        failures.len()
+    );
 }

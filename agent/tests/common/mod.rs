@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod confine;
 pub mod node;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
