@@ -133,6 +133,9 @@ pub enum Command {
     /// Work with the pre-pulled image folder (--images).
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// The node's own OS on its own disk: which disks the installer may use.
+    #[command(subcommand)]
+    Os(crate::os::commands::OsCommand),
     /// Probe an address from this process's network namespace (the agent runs it inside the
     /// rootless engine's namespace); prints the detail, exit status 1 when it fails.
     #[command(hide = true)]
@@ -287,6 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
+        Command::Os(cmd) => crate::os::commands::run(&cmd, cli.global.json, &mut std::io::stdout().lock()),
         Command::ProbeNet { http, tcp, timeout_ms } => {
             let probe = match (http, tcp) {
                 (Some(url), _) => crate::orchestrator::NetProbe::Http(url),
@@ -357,6 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Reconcile { .. }
                 | Command::Adopt { .. }
                 | Command::Images(_)
+                | Command::Os(_)
                 | Command::DataDisk { .. }
                 | Command::Shutdown
                 | Command::ProbeNet { .. }

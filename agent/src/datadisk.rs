@@ -39,6 +39,27 @@ const FORMAT_PARAM: &str = "archipelago.format=";
 pub const DEVICE_WAIT: Duration = Duration::from_secs(10);
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
+/// Every fact [`decide`] looks at, for another reader of disks (the
+/// installer's blank check).
+pub fn gather_facts(device: &Path, label: &str) -> DiskFacts {
+    gather::facts(device, label)
+}
+
+/// Positive evidence that `facts`' device is blank: [`decide`] would
+/// format it, except that another disk may carry the label.
+pub fn blank(facts: &DiskFacts) -> bool {
+    match decide(facts, LABEL) {
+        FormatDecision::Format => true,
+        FormatDecision::Refuse(reasons) => reasons.iter().all(|r| matches!(r, Refusal::LabelElsewhere { .. })),
+        FormatDecision::AlreadyFormatted => false,
+    }
+}
+
+/// The stable names (under [`DISK_DIR`]) that lead to `device`.
+pub fn stable_names_of(device: &Path) -> Vec<StableName> {
+    gather::stable_names(device, Path::new(DISK_DIR))
+}
+
 /// What the node's kernel command line asks of the data disk.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Cmdline {

@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod images;
 pub mod manifest;
 pub mod orchestrator;
+pub mod os;
 pub mod ownership;
 pub mod reconcile;
 pub mod registry;

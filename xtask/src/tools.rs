@@ -107,6 +107,24 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::OnPath("slirp4netns"),
         why: "the rootless test service's network namespace reaches out through it",
     },
+    Tool {
+        name: "sfdisk",
+        package: "fdisk",
+        probe: Probe::OnPath("sfdisk"),
+        why: "the installer's partition table, written onto loop devices in the tests",
+    },
+    Tool {
+        name: "mkfs.vfat",
+        package: "dosfstools",
+        probe: Probe::OnPath("mkfs.vfat"),
+        why: "the installer's EFI system partition",
+    },
+    Tool {
+        name: "mcopy",
+        package: "mtools",
+        probe: Probe::OnPath("mcopy"),
+        why: "reads and writes the EFI system partition in the tests without mounting it (a build machine's kernel may lack vfat)",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:

@@ -1,0 +1,237 @@
+//! The installer's disk survey and the A/B layout on real block devices:
+//! loop devices over sparse image files, real `sfdisk`, `mkfs`, mounts.
+//!
+//! Loop devices are never offered on a node; these tests ask the survey to
+//! offer them (`gather(true)`), and look only at their own devices.
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use archy_agent::os::disks::{self, Content, Hidden};
+use archy_agent::os::layout::{self, Part, GIB, MIB};
+use archy_agent::os::partition::{self, Consent, NoConsent, Plan, ESP_LABEL};
+use sha2::{Digest as _, Sha256};
+
+/// A loop device over a sparse image file, detached on drop.
+struct Disk {
+    dir: tempfile::TempDir,
+    device: PathBuf,
+}
+
+impl Disk {
+    fn new(size: &str) -> Disk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        run("truncate", &["-s", size, path(&image)]);
+        let out = run("losetup", &["--find", "--show", "-P", path(&image)]);
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Disk { dir, device }
+    }
+
+    fn partition(&self, part: Part) -> PathBuf {
+        PathBuf::from(format!("{}p{}", self.device.display(), part.number()))
+    }
+
+    fn offered(&self) -> Result<disks::Offered, Hidden> {
+        let survey = disks::gather(true).expect("survey");
+        if let Some(o) = survey.offered.into_iter().find(|o| o.path == self.device) {
+            return Ok(o);
+        }
+        match survey.hidden.into_iter().find(|(p, _)| *p == self.device) {
+            Some((_, why)) => Err(why),
+            None => panic!("{} is not in the survey at all", self.device.display()),
+        }
+    }
+
+    /// The sha256 of the first and last MiB of the device.
+    fn edges(&self) -> String {
+        let mut f = fs::File::open(&self.device).expect("open device");
+        let len = f.seek(SeekFrom::End(0)).expect("seek");
+        let mut hash = Sha256::new();
+        for at in [0, len - MIB] {
+            let mut buf = vec![0u8; MIB as usize];
+            f.seek(SeekFrom::Start(at)).expect("seek");
+            f.read_exact(&mut buf).expect("read");
+            hash.update(&buf);
+        }
+        format!("{:x}", hash.finalize())
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn blkid(node: &Path, tag: &str) -> String {
+    let out = run("blkid", &["-p", "-o", "value", "-s", tag, path(node)]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs `f` with `node` mounted.
+fn mounted<T>(node: &Path, f: impl FnOnce(&Path) -> T) -> T {
+    let mnt = tempfile::tempdir().expect("mountpoint");
+    run("mount", &[path(node), path(mnt.path())]);
+    let out = f(mnt.path());
+    run("umount", &[path(mnt.path())]);
+    out
+}
+
+/// The files in a FAT file system's root (mtools).
+fn esp_files(node: &Path) -> Vec<String> {
+    let out = Command::new("mdir")
+        .args(["-b", "-i", path(node), "::/"])
+        .output()
+        .expect("mdir");
+    // mdir exits 1 on an empty folder.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches("::/").to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// What must survive a reinstall: the data partition's file system UUID,
+/// its first 16 MiB and a file in it.
+fn data_fingerprint(disk: &Disk) -> (String, String, Vec<u8>) {
+    let node = disk.partition(Part::Data);
+    let mut f = fs::File::open(&node).expect("open data partition");
+    let mut head = vec![0u8; 16 * MIB as usize];
+    f.read_exact(&mut head).expect("read data partition");
+    // debugfs reads without mounting: a mount would change the superblock.
+    let file = run("debugfs", &["-R", "cat /chain/blocks.dat", path(&node)]).stdout;
+    assert_eq!(file, b"the owner's chain data", "the app data reads back");
+    (blkid(&node, "UUID"), format!("{:x}", Sha256::digest(&head)), file)
+}
+
+#[test]
+fn a_blank_disk_gets_the_layout_and_a_reinstall_keeps_its_data_partition() {
+    let disk = Disk::new("20G");
+    let offered = disk.offered().expect("a blank 20 GiB disk is offered");
+    assert_eq!(offered.content, Content::Blank, "{offered:?}");
+    assert!(offered.refused.is_empty(), "{offered:?}");
+
+    let plan = layout::plan(offered.size, 300 * MIB).expect("layout");
+    let consent = Consent::unattended(&disk.device, offered.content, plan).expect("consent");
+    let parts = partition::write(&consent).expect("fresh install");
+
+    // The table as sfdisk reads it back, names, types and sizes.
+    let dump = run("sfdisk", &["--json", path(&disk.device)]);
+    match layout::recognize(&String::from_utf8_lossy(&dump.stdout)).expect("sfdisk json") {
+        layout::Recognized::Archipelago(found) => assert_eq!(found, parts),
+        other => panic!("not the layout: {other:?}"),
+    }
+    assert_eq!(parts[2].extent.size, 4 * GIB);
+    assert_eq!(parts[4].extent.start + parts[4].extent.size, 20 * GIB - MIB);
+    assert_eq!(blkid(&disk.partition(Part::Data), "LABEL"), "ARCHY-DATA");
+    assert_eq!(blkid(&disk.partition(Part::Esp), "LABEL"), ESP_LABEL);
+    assert_eq!(blkid(&disk.partition(Part::Esp), "TYPE"), "vfat");
+    assert_eq!(blkid(&disk.partition(Part::SlotB), "LABEL"), "archy-b");
+    assert_eq!(disk.offered().expect("still offered").content, Content::Archipelago);
+    // The owner's view: `archy-agent os disks` lists it as a reinstall.
+    let out = Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+        .args(["os", "disks", "--allow-loop-devices"])
+        .output()
+        .expect("archy-agent os disks");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", disk.device.display())))
+        .unwrap_or_else(|| panic!("{} not listed:\n{listing}", disk.device.display()));
+    assert!(
+        line.contains("20.0 GiB") && line.contains("reinstall keeps its data"),
+        "{line}"
+    );
+    assert!(line.contains("archy-data"), "{line}");
+
+    // App data on the data partition, a marker on the ESP.
+    mounted(&disk.partition(Part::Data), |m| {
+        fs::create_dir_all(m.join("chain")).expect("mkdir");
+        fs::write(m.join("chain/blocks.dat"), b"the owner's chain data").expect("write");
+    });
+    // FAT through mtools: a build machine's kernel may lack vfat.
+    let marker = disk.dir.path().join("old-release");
+    fs::write(&marker, b"x").expect("marker");
+    let esp = disk.partition(Part::Esp);
+    run("mcopy", &["-i", path(&esp), path(&marker), "::/old-release"]);
+    assert_eq!(esp_files(&esp), vec!["old-release".to_owned()]);
+    let before = data_fingerprint(&disk);
+
+    let consent = Consent::unattended(
+        &disk.device,
+        Content::Archipelago,
+        layout::plan(20 * GIB, 0).expect("plan"),
+    )
+    .expect("reinstall consent");
+    assert_eq!(consent.plan(), &Plan::Reinstall);
+    let again = partition::write(&consent).expect("reinstall");
+    assert_eq!(again, parts, "a reinstall keeps the partition table and its PARTUUIDs");
+    assert_eq!(
+        data_fingerprint(&disk),
+        before,
+        "the data partition is kept byte for byte"
+    );
+    assert_eq!(esp_files(&esp), Vec::<String>::new(), "the ESP is made anew");
+}
+
+#[test]
+fn a_disk_holding_another_file_system_is_never_taken_unattended() {
+    let disk = Disk::new("17G");
+    run("mkfs.ext4", &["-q", "-L", "OWNERS", path(&disk.device)]);
+    let before = disk.edges();
+    let offered = disk.offered().expect("offered");
+    assert_eq!(offered.content, Content::Other);
+    assert!(offered.contents.contains("ext4"), "{}", offered.contents);
+    let e = Consent::unattended(
+        &disk.device,
+        offered.content,
+        layout::plan(offered.size, 0).expect("plan"),
+    )
+    .expect_err("an unattended install never takes another system's disk");
+    assert!(matches!(e, NoConsent::NotBlank { .. }), "{e}");
+    let e = disks::choose(std::slice::from_ref(&offered), &[], None).expect_err("not chosen");
+    assert!(e.to_string().contains("name the one"), "{e}");
+    assert_eq!(disk.edges(), before, "nothing was written");
+}
+
+#[test]
+fn a_small_disk_is_not_offered_and_a_mounted_one_is_refused() {
+    let small = Disk::new("1G");
+    assert_eq!(small.offered(), Err(Hidden::TooSmall { size: GIB }));
+
+    let busy = Disk::new("16G");
+    run("mkfs.ext4", &["-q", path(&busy.device)]);
+    let mnt = busy.dir.path().join("mnt");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    run("mount", &[path(&busy.device), path(&mnt)]);
+    let offered = busy.offered();
+    run("umount", &[path(&mnt)]);
+    let offered = offered.expect("a mounted disk is shown");
+    assert_eq!(offered.refused.len(), 1, "{offered:?}");
+    assert!(
+        offered.refused[0].to_string().contains("mounted"),
+        "{:?}",
+        offered.refused
+    );
+}
