@@ -12,6 +12,8 @@ use std::process::Command;
 use archy_agent::os::disks::{self, Content, Hidden};
 use archy_agent::os::layout::{self, Part, GIB, MIB};
 use archy_agent::os::partition::{self, Consent, NoConsent, Plan, ESP_LABEL};
+use archy_agent::os::release::{Release, LIVE_FILES};
+use archy_agent::os::slot;
 use sha2::{Digest as _, Sha256};
 
 /// A loop device over a sparse image file, detached on drop.
@@ -234,4 +236,60 @@ fn a_small_disk_is_not_offered_and_a_mounted_one_is_refused() {
         "{:?}",
         offered.refused
     );
+}
+
+/// A release folder of small stand-in files and its `release.json`.
+fn small_release(dir: &Path, version: &str) -> Release {
+    fs::create_dir_all(dir.join("live")).expect("mkdir");
+    for (i, name) in LIVE_FILES.iter().enumerate() {
+        fs::write(dir.join(name), format!("{name} of {version}").repeat(1000 + i)).expect("write");
+    }
+    Release::of_dir(dir, version, archy_agent::os::release::ARCHITECTURE).expect("release")
+}
+
+#[test]
+fn a_release_goes_into_a_slot_verified_and_a_bad_one_never_does() {
+    let disk = Disk::new("16G");
+    let plan = layout::plan(16 * GIB, 0).expect("plan");
+    let consent = Consent::unattended(&disk.device, Content::Blank, plan).expect("consent");
+    partition::write(&consent).expect("layout");
+    let src = disk.dir.path().join("iso");
+    let release = small_release(&src, "0.2.0");
+
+    // A source file that does not match its release.json: refused, and
+    // the slot is left as it was (an empty file system).
+    let slot_a = disk.partition(Part::SlotA);
+    let uuid = blkid(&slot_a, "UUID");
+    fs::write(src.join("live/initrd.img"), b"truncated").expect("corrupt");
+    let e = slot::write_release(&src, &release, &slot_a).expect_err("a bad source is refused");
+    assert!(format!("{e:#}").contains("live/initrd.img"), "{e:#}");
+    let listing = run("debugfs", &["-R", "ls -p /", path(&slot_a)]).stdout;
+    assert!(
+        !String::from_utf8_lossy(&listing).contains("live"),
+        "nothing was written: {}",
+        String::from_utf8_lossy(&listing)
+    );
+    assert_eq!(blkid(&slot_a, "UUID"), uuid);
+
+    // A release for another architecture: refused the same way.
+    let mut foreign = small_release(&src, "0.2.0");
+    foreign.architecture = if foreign.architecture == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    }
+    .to_owned();
+    let e = slot::write_release(&src, &foreign, &slot_a).expect_err("another architecture is refused");
+    assert!(format!("{e:#}").contains("this node runs"), "{e:#}");
+    assert_eq!(blkid(&slot_a, "UUID"), uuid);
+
+    let release = small_release(&src, "0.2.0");
+    slot::write_release(&src, &release, &slot_a).expect("install into slot a");
+    let json = run("debugfs", &["-R", "cat /release.json", path(&slot_a)]).stdout;
+    assert_eq!(
+        Release::parse(&json, Path::new("slot a")).expect("release.json"),
+        release
+    );
+    let kernel = run("debugfs", &["-R", "cat /live/vmlinuz", path(&slot_a)]).stdout;
+    assert_eq!(kernel, fs::read(src.join("live/vmlinuz")).expect("source"));
 }

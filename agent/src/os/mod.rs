@@ -11,3 +11,5 @@ pub mod commands;
 pub mod disks;
 pub mod layout;
 pub mod partition;
+pub mod release;
+pub mod slot;

@@ -211,6 +211,7 @@ pub fn build_iso(
     progress.stage("squashfs", "compressing the rootfs (mksquashfs, zstd)", || {
         make_squashfs(sh, &tree, &squashfs, epoch)?;
         copy_kernel(&tree, &staging.join("live"))?;
+        write_release(&staging, args.arch.debian_name())?;
         let bytes = fs::metadata(&squashfs).map(|m| m.len()).ok();
         Ok((
             (),
@@ -314,6 +315,16 @@ fn make_squashfs(sh: &Shell, tree: &Path, squashfs: &Path, epoch: Epoch) -> anyh
     )
     .context("making the squashfs")?;
     Ok(())
+}
+
+/// `release.json` at the ISO's root: the version and the sha256 of each
+/// live file, through the agent's own type (the installer checks the copy
+/// it makes against it).
+fn write_release(staging: &Path, arch: &str) -> anyhow::Result<()> {
+    use archy_agent::os::release::{Release, RELEASE_FILE};
+    let release = Release::of_dir(staging, flags::VERSION, arch)?;
+    let path = staging.join(RELEASE_FILE);
+    fs::write(&path, release.to_file_bytes()?).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The rootfs's one kernel and its initrd, as live/vmlinuz and
@@ -459,6 +470,14 @@ pub fn check_iso(sh: &Shell, iso: &Path) -> anyhow::Result<()> {
             bail!("{} lacks {file}", iso.display());
         }
     }
+    // The release file the installer checks its copies against.
+    let copy = iso.with_extension("release.json");
+    let _ = fs::remove_file(&copy);
+    capture(cmd!(sh, "osirrox -indev {iso} -extract /release.json {copy}"))
+        .with_context(|| format!("reading /release.json of {}", iso.display()))?;
+    let bytes = fs::read(&copy).with_context(|| format!("reading {}", copy.display()));
+    let _ = fs::remove_file(&copy);
+    archy_agent::os::release::Release::parse(&bytes?, &iso.join("release.json"))?;
     Ok(())
 }
 
