@@ -18,14 +18,15 @@ use archy_agent::orchestrator::journal::{Journal, Step, FAILPOINT_ENV};
 use common::node::{app_id, Node, SERVE};
 use sha2::{Digest as _, Sha256};
 
-const VOLUME: &str = "volumes: [{ source: data, target: /data }]\n";
+/// The data folder, and the config files' own volume.
+const VOLUME: &str = "volumes: [{ source: data, target: /data }, { source: conf, target: /conf }]\n";
 const V1_CONF: &str = "release=1\n";
 const V2_CONF: &str = "release=2\n";
 const V2_EXTRA: &str = "only in release 2\n";
 
 /// v1: one config file. Healthy at once.
 fn v1(node: &Node, id: &str) {
-    let health = "health:\n  exec: [\"true\"]\n  interval: 1s\n  timeout: 2s\n  retries: 3\n  start_period: 2s\n";
+    let health = "health:\n  exec: [\"true\"]\n  interval: 1s\n  timeout: 1s\n  retries: 3\n  start_period: 2s\n";
     node.app(
         id,
         &node.env.image.to_string(),
@@ -47,7 +48,7 @@ fn v2(node: &Node, id: &str, health: &str) {
 }
 
 const V2_HEALTHY: &str =
-    "health:\n  exec: [\"true\"]\n  interval: 1s\n  timeout: 2s\n  retries: 3\n  start_period: 2s\n";
+    "health:\n  exec: [\"true\"]\n  interval: 1s\n  timeout: 1s\n  retries: 3\n  start_period: 2s\n";
 
 /// Every file below `dir` with its content's hash.
 fn checksums(dir: &Path) -> BTreeMap<String, String> {
@@ -261,7 +262,7 @@ fn killed_while_the_new_container_waits_for_health_the_old_one_comes_back() {
     let node = Node::new();
     let id = app_id("jrn-kill");
     let (old_id, data) = installed_v1(&node, &id);
-    let never = "health:\n  exec: [\"false\"]\n  interval: 1s\n  timeout: 2s\n  retries: 3\n  start_period: 120s\n";
+    let never = "health:\n  exec: [\"false\"]\n  interval: 1s\n  timeout: 1s\n  retries: 3\n  start_period: 120s\n";
     v2(&node, &id, never);
     let mut upgrade = node
         .agent_cmd()
