@@ -417,6 +417,28 @@ impl AppDir {
         self.rename_in_folder(rel, new_name, rustix::fs::RenameFlags::empty())
     }
 
+    /// Removes `rel` (below this folder) when it is a file or a symlink
+    /// (never followed); a missing one is not an error. Returns whether
+    /// something was removed.
+    pub fn remove_file(&self, rel: &Path) -> Result<bool> {
+        let names = self.names(rel)?;
+        let Some((name, parents)) = names.split_last() else {
+            return Err(ConfineError::not_beneath(self.full(rel)));
+        };
+        let parent = match self.dir(&parents.iter().collect::<PathBuf>()) {
+            Ok(parent) => parent,
+            Err(ConfineError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&parent.fd, Path::new(name), AtFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(ConfineError::io(self.full(rel), e)),
+        }
+        rustix::fs::fsync(&parent.fd).map_err(|e| ConfineError::io(parent.path(), e))?;
+        Ok(true)
+    }
+
     fn rename_in_folder(&self, rel: &Path, new_name: &OsStr, flags: rustix::fs::RenameFlags) -> Result<()> {
         let names = self.names(rel)?;
         let Some((name, parents)) = names.split_last() else {

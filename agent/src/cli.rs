@@ -398,6 +398,7 @@ fn shutdown(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
             images_dir: global.images.clone(),
         };
         let engine = Engine::connect(&global.engine).await?;
+        orchestrator::recover_upgrades(&engine, &global.data).await;
         let outcomes = Orchestrator::new(engine, config).shutdown().await;
         let mut out = Vec::new();
         let failed = orchestrator::commands::print_shutdown(&outcomes, global.json, &mut out)?;

@@ -57,6 +57,8 @@ pub const REGISTRIES_FILE: &str = "registries.json";
 const AGENT_STATE_FILE: &str = "agent.json";
 const IMAGES_LEDGER_FILE: &str = "images.json";
 const HELD_DIR: &str = "held";
+const UPGRADES_DIR: &str = "upgrades";
+const JOURNAL_SUFFIX: &str = ".json";
 const APP_SECRETS_DIR: &str = "apps";
 const ROOTFUL_STORAGE_DIR: &str = "storage";
 const ROOTLESS_STORAGE_DIR: &str = "rootless";
@@ -182,6 +184,26 @@ impl DataRoot {
     pub fn held_marker(&self, app: &str) -> PathBuf {
         self.held_dir().join(app)
     }
+
+    /// `<data>/state/upgrades/` (0700): the journals of upgrades in flight.
+    pub fn upgrades_dir(&self) -> PathBuf {
+        self.state_dir().join(UPGRADES_DIR)
+    }
+
+    /// `<data>/state/upgrades/<app>.json` (0600): the journal of `app`'s
+    /// upgrade in flight, one record per step; gone once it committed or
+    /// rolled back. `app` is a loaded manifest's id.
+    pub fn upgrade_journal(&self, app: &str) -> PathBuf {
+        self.upgrades_dir().join(format!("{app}{JOURNAL_SUFFIX}"))
+    }
+
+    /// The app a file in [`Self::upgrades_dir`] journals, from its name;
+    /// `None` for anything else there (a temporary file).
+    pub fn journaled_app(file_name: &str) -> Option<&str> {
+        file_name
+            .strip_suffix(JOURNAL_SUFFIX)
+            .filter(|app| AppId::parse(app).is_some())
+    }
 }
 
 impl Default for DataRoot {
@@ -242,6 +264,13 @@ mod tests {
         assert_eq!(d.images_ledger(), p("/var/lib/archipelago/state/images.json"));
         assert_eq!(d.held_dir(), p("/var/lib/archipelago/state/held"));
         assert_eq!(d.held_marker("wallet"), p("/var/lib/archipelago/state/held/wallet"));
+        assert_eq!(d.upgrades_dir(), p("/var/lib/archipelago/state/upgrades"));
+        assert_eq!(
+            d.upgrade_journal("wallet"),
+            p("/var/lib/archipelago/state/upgrades/wallet.json")
+        );
+        assert_eq!(DataRoot::journaled_app("wallet.json"), Some("wallet"));
+        assert_eq!(DataRoot::journaled_app(".wallet.json.1.2.tmp"), None);
     }
 
     /// Every path the node owns starts with a reserved name, so no app's
@@ -354,6 +383,7 @@ mod tests {
             d.agent_state(),
             d.images_ledger(),
             d.held_dir(),
+            d.upgrades_dir(),
         ]
     }
 

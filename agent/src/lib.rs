@@ -2,6 +2,11 @@
 //! and the command line. `main.rs` is a thin wrapper; the xtask reuses the
 //! manifest module.
 
+// Fail-points abort the agent on request: test builds only, never a
+// release agent (see the `failpoints` feature in Cargo.toml).
+#[cfg(all(feature = "failpoints", not(debug_assertions)))]
+compile_error!("the `failpoints` feature is for test builds only; a release agent never has it");
+
 pub mod appdir;
 pub mod cli;
 pub mod control;

@@ -506,19 +506,7 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
 }
 
 fn agent_cmd(node: &Node) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_archy-agent"));
-    cmd.arg("--engine")
-        .arg(&node.env.engine_socket)
-        .arg("--apps")
-        .arg(&node.apps)
-        .arg("--data")
-        .arg(&node.data)
-        .arg("--images")
-        .arg(node.data.join("no-images"))
-        .arg("--control")
-        .arg(node.data.join("agent.sock"))
-        .env_remove("ARCHY_CONTROL");
-    cmd
+    node.agent_cmd()
 }
 
 #[tokio::test]

@@ -264,6 +264,9 @@ impl AppBackend {
             return Ok(AppBackend::Remote(RemoteOrchestrator::new(client)));
         }
         let engine = Engine::connect(engine).await?;
+        // No agent: this command acts alone, once every interrupted upgrade
+        // is finished or undone.
+        orchestrator::recover_upgrades(&engine, &config.data_root).await;
         Ok(AppBackend::Local(Box::new(Orchestrator::new(engine, config))))
     }
 

@@ -10,10 +10,11 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::journal::{self, Journal, JournaledFile, Step, PRE_UPGRADE};
 use super::{is_managed, Orchestrator, OrchestratorError, Result, BACKUP_SUFFIX};
-use crate::appdir::AppDir;
+use crate::appdir::{AppDir, ConfineError};
 use crate::dataroot::DataRoot;
-use crate::engine::{EngineError, RegistryAuth};
+use crate::engine::RegistryAuth;
 use crate::images::{self, LockError};
 use crate::manifest::{network_subnet, ImageSource, Manifest, PinnedImage};
 use crate::registry::{candidates, RegistryStore};
@@ -302,8 +303,8 @@ pub fn prepare_volumes(data_root: &DataRoot, m: &Manifest) -> anyhow::Result<Vec
     Ok(out)
 }
 
-/// Creates and starts the container from `spec`, running image `image_id`.
-async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, image_id: &str) -> Result<()> {
+/// Creates the container from `spec`, running image `image_id`.
+async fn create(orch: &Orchestrator, app: &str, spec: &ContainerSpec, image_id: &str) -> Result<()> {
     orch.engine
         .ensure_network(&spec.network, network_subnet(&spec.network))
         .await
@@ -315,7 +316,13 @@ async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, 
     orch.engine
         .create(&exact)
         .await
-        .map_err(Orchestrator::engine_err(app))?;
+        .map(drop)
+        .map_err(Orchestrator::engine_err(app))
+}
+
+/// Creates and starts the container from `spec`, running image `image_id`.
+async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, image_id: &str) -> Result<()> {
+    create(orch, app, spec, image_id).await?;
     orch.engine
         .start(&spec.name)
         .await
@@ -356,15 +363,29 @@ pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<Install
     Ok(report)
 }
 
+/// Replaces the app's container with one from the current manifest, as a
+/// journaled sequence ([`journal`]): the old container is stopped and kept
+/// as the backup, the config files are rendered only then (the previous
+/// ones kept beside them), the new container is created and started, and
+/// only once it passed its health gate are the backup and the kept files
+/// removed. Any failure, and any interruption (at the next start), puts
+/// the old container and its files back.
 pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<UpgradeReport> {
     let app = m.id.as_str();
+    let data_root = &orch.config.data_root;
     let spec = orch.spec(m)?;
     let backup = format!("{}{BACKUP_SUFFIX}", spec.name);
+
+    // An earlier upgrade of this app was interrupted: finished or undone
+    // first (the agent does it at start; a command in-process does it here).
+    if let Some(earlier) = Journal::load(data_root, app)? {
+        journal::recover(&orch.engine, data_root, &earlier).await?;
+    }
 
     // 1. The new image first, while the old container keeps running.
     let (image_id, attempts, _) = ensure_image(orch, m, &spec).await?;
 
-    // An earlier upgrade may have been interrupted: put things back first.
+    // A backup without a journal: left by an agent from before the journal.
     let current = orch.inspect(app, &spec.name).await?;
     let stale = orch.inspect(app, &backup).await?;
     match (&current, &stale) {
@@ -412,51 +433,77 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
     if old.labels.get(LABEL_SPEC_HASH) == spec.labels.get(LABEL_SPEC_HASH) && old.image_id == image_id {
         return Ok(report);
     }
-    // Converting an adopted container: its owner's config files are kept
+    // Folders and secrets change nothing the old container reads; the
+    // templates are rendered (not written) now, so a broken one stops the
+    // upgrade before anything is stopped.
+    prepare_folders_and_secrets(orch, m, &spec)?;
+    // Converting an adopted container: its owner's config files stay
     // beside the ones the manifest renders.
-    let kept = if is_managed(&old.labels) {
-        Vec::new()
-    } else {
-        keep_aside(orch, m)?
-    };
-    report.kept_aside = kept.iter().map(|k| k.shown.clone()).collect();
-    if let Err(e) = prepare_host(orch, m, &spec) {
-        put_back(&orch.config.data_root, m, &kept);
-        return Err(e);
+    let adopted = !is_managed(&old.labels);
+    let files = files_to_keep(orch, m, adopted)?;
+    if adopted {
+        report.kept_aside = files
+            .iter()
+            .filter_map(|f| f.aside.as_ref().map(|a| a.display().to_string()))
+            .collect();
     }
-
-    // 2. Stop the old container and keep it as the backup.
-    let stopped = match orch.engine.stop(&spec.name, spec.stop_grace_period).await {
-        Ok(()) => orch.engine.rename(&spec.name, &backup).await,
-        Err(e) => Err(e),
+    let mut j = Journal {
+        app: app.to_owned(),
+        container: spec.name.clone(),
+        backup: backup.clone(),
+        old_id: old.id.clone(),
+        old_image_id: old.image_id.clone(),
+        new_image_id: image_id.clone(),
+        keep_aside: adopted,
+        files,
+        steps: Vec::new(),
     };
-    if let Err(e) = stopped {
-        put_back(&orch.config.data_root, m, &kept);
-        return Err(Orchestrator::engine_err(app)(e));
-    }
+    j.record(data_root, Step::Begin)?;
 
+    // 2. Stop the old container, keep it as the backup, then the files.
     // 3. Create and start the new one, and wait for it to be healthy.
-    let outcome = match create_and_start(orch, app, &spec, &image_id).await {
-        Ok(()) => orch.wait_healthy(m).await.map_err(|e| crate::error_chain(&e)),
-        Err(e) => Err(crate::error_chain(&e)),
-    };
+    let outcome = async {
+        let chain = |e: OrchestratorError| crate::error_chain(&e);
+        let journal_err = |e: anyhow::Error| format!("{e:#}");
+        j.record(data_root, Step::Stop).map_err(journal_err)?;
+        orch.engine
+            .stop(&spec.name, spec.stop_grace_period)
+            .await
+            .map_err(|e| chain(Orchestrator::engine_err(app)(e)))?;
+        j.record(data_root, Step::Rename).map_err(journal_err)?;
+        orch.engine
+            .rename(&spec.name, &backup)
+            .await
+            .map_err(|e| chain(Orchestrator::engine_err(app)(e)))?;
+        j.record(data_root, Step::Render).map_err(journal_err)?;
+        j.set_files_aside(data_root).map_err(journal_err)?;
+        orch.render_files(m).map_err(chain)?;
+        j.record(data_root, Step::Create).map_err(journal_err)?;
+        create(orch, app, &spec, &image_id).await.map_err(chain)?;
+        j.record(data_root, Step::Start).map_err(journal_err)?;
+        orch.engine
+            .start(&spec.name)
+            .await
+            .map_err(|e| chain(Orchestrator::engine_err(app)(e)))?;
+        j.record(data_root, Step::Health).map_err(journal_err)?;
+        orch.wait_healthy(m).await.map_err(|e| crate::error_chain(&e))?;
+        // The gate is passed: from here on the new container stays.
+        j.record(data_root, Step::Commit).map_err(journal_err)
+    }
+    .await;
     match outcome {
         Ok(()) => {
-            // 4. Remove the backup.
-            orch.engine
-                .force_remove(&backup)
-                .await
-                .map_err(Orchestrator::engine_err(app))?;
+            // 4. Remove the backup and the kept files.
+            j.commit(&orch.engine, data_root).await?;
             tracing::info!(app, container = %spec.name, image_id, "upgraded");
             report.replaced = true;
             Ok(report)
         }
         Err(reason) => {
             tracing::error!(app, reason, "upgrade failed, restoring the previous container");
-            put_back(&orch.config.data_root, m, &kept);
-            let restored = rollback(orch, &spec.name, &backup).await;
+            let restored = j.roll_back(&orch.engine, data_root).await;
             if let Err(e) = &restored {
-                tracing::error!(app, error = %format!("{e:#}"), "rollback failed");
+                tracing::error!(app, error = %format!("{e:#}"), "rollback failed; the journal stays for the next start");
             }
             Err(OrchestratorError::UpgradeFailed {
                 app: app.to_owned(),
@@ -467,99 +514,50 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
     }
 }
 
-/// Puts the backup back in place and starts it. Data folders are never
-/// touched on either path: they live on the host, not in the containers.
-async fn rollback(orch: &Orchestrator, name: &str, backup: &str) -> Result<(), EngineError> {
-    match orch.engine.force_remove(name).await {
-        Ok(()) | Err(EngineError::NotFound { .. }) => {}
-        Err(e) => return Err(e),
-    }
-    orch.engine.rename(backup, name).await?;
-    orch.engine.start(name).await
-}
-
-/// An adopted app's own config file, moved aside at conversion.
-#[derive(Debug)]
-struct KeptAside {
-    path: std::path::PathBuf,
-    /// As the manifest names it, relative to the app's folder.
-    rel: std::path::PathBuf,
-    aside: std::path::PathBuf,
-    /// As the output shows it: the manifest's path with the suffix.
-    shown: String,
-}
-
-/// Moves each existing config file of `m` whose bytes differ from the
-/// rendering to `<name>.pre-archipelago`, before the rendering is written.
-/// Only regular files are moved (a symlink or folder there is left for the
-/// render to refuse). An earlier `.pre-archipelago` is never overwritten:
-/// the conversion stops instead.
-fn keep_aside(orch: &Orchestrator, m: &Manifest) -> Result<Vec<KeptAside>> {
+/// The config files the upgrade renders anew (new bytes), each with where
+/// its previous version is kept until the upgrade commits: beside it,
+/// with [`PRE_UPGRADE`]'s suffix, or, converting an adopted app, with
+/// [`PRE_ARCHIPELAGO`]'s (kept for good). Only plain files are kept; a
+/// missing one is removed again on rollback; anything else there is left
+/// for the render to refuse. An earlier copy is never overwritten: the
+/// upgrade stops here, before anything is stopped.
+fn files_to_keep(orch: &Orchestrator, m: &Manifest, adopted: bool) -> Result<Vec<JournaledFile>> {
+    let data_root = &orch.config.data_root;
     let all = orch.manifests();
-    let rendered = crate::files::render_app(&orch.config.data_root, m, &all, &orch.config.naming, true)?;
-    let Some(dir) = AppDir::open(&orch.config.data_root, &m.id).map_err(anyhow::Error::from)? else {
-        return Ok(Vec::new());
-    };
-    let mut kept = Vec::new();
+    let rendered = crate::files::render_app(data_root, m, &all, &orch.config.naming, true)?;
+    let dir = AppDir::open(data_root, &m.id).map_err(anyhow::Error::from)?;
+    let suffix = if adopted { PRE_ARCHIPELAGO } else { PRE_UPGRADE };
+    let mut out = Vec::new();
     for r in rendered.iter().filter(|r| r.change == crate::files::Change::Content) {
-        // Only a plain file is kept; anything else is left for the render
-        // to refuse.
-        if !dir
-            .stat(&r.rel)
-            .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())
-        {
-            continue;
+        let stat = match &dir {
+            None => Err(None),
+            Some(dir) => dir.stat(&r.rel).map_err(Some),
+        };
+        let aside = match stat {
+            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {
+                Some(journal::aside_of(&r.rel, suffix))
+            }
+            Ok(_) => continue,
+            Err(None) => None,
+            Err(Some(ConfineError::Io { source, .. })) if source.kind() == std::io::ErrorKind::NotFound => None,
+            Err(Some(_)) => continue,
+        };
+        if let (Some(aside), Some(dir)) = (&aside, &dir) {
+            if dir.stat(aside).is_ok() {
+                let what = if adopted { "convert" } else { "upgrade" };
+                return Err(anyhow::anyhow!(
+                    "{}: cannot keep {} as {} (an earlier copy there is never replaced: move it away to {what} the app)",
+                    m.id,
+                    r.path.display(),
+                    data_root.app_dir(&m.id).join(aside).display()
+                )
+                .into());
+            }
         }
-        let mut aside_name = r.rel.file_name().unwrap_or_default().to_os_string();
-        aside_name.push(PRE_ARCHIPELAGO);
-        let aside = r.path.with_file_name(&aside_name);
-        // Confined and never over an earlier copy (RENAME_NOREPLACE).
-        let moved = dir.rename_file(&r.rel, &aside_name).map_err(|e| {
-            anyhow::Error::from(e).context(format!(
-                "{}: cannot keep {} as {} (an earlier copy there is never replaced: move it away to convert the app)",
-                m.id,
-                r.path.display(),
-                aside.display()
-            ))
-        });
-        if let Err(e) = moved {
-            put_back(&orch.config.data_root, m, &kept);
-            return Err(e.into());
-        }
-        tracing::info!(app = %m.id, file = %r.path.display(), aside = %aside.display(), "kept the adopted app's own config file");
-        kept.push(KeptAside {
-            path: r.path.clone(),
+        out.push(JournaledFile {
             rel: r.rel.clone(),
             aside,
-            shown: format!("{}{PRE_ARCHIPELAGO}", r.rel.display()),
         });
     }
-    Ok(kept)
-}
-
-/// Puts the owner's files back after a conversion that did not happen, so
-/// the restored container reads what it read before.
-fn put_back(data_root: &DataRoot, m: &Manifest, kept: &[KeptAside]) {
-    if kept.is_empty() {
-        return;
-    }
-    let dir = match AppDir::open(data_root, &m.id) {
-        Ok(Some(dir)) => dir,
-        Ok(None) => {
-            tracing::error!(app = %m.id, "cannot put the adopted app's own config files back: its folder is gone");
-            return;
-        }
-        Err(e) => {
-            tracing::error!(app = %m.id, error = %e, "cannot put the adopted app's own config files back");
-            return;
-        }
-    };
-    for k in kept {
-        let aside_rel = k.rel.with_file_name(k.aside.file_name().unwrap_or_default());
-        let name = k.rel.file_name().unwrap_or_default();
-        // Over the rendering written in its place, if any.
-        if let Err(e) = dir.rename_file_over(&aside_rel, name) {
-            tracing::error!(app = %m.id, file = %k.path.display(), aside = %k.aside.display(), error = %e, "cannot put the adopted app's own config file back");
-        }
-    }
+    Ok(out)
 }

@@ -38,6 +38,11 @@ pub fn boot(config: AgentConfig) -> anyhow::Result<ExitCode> {
 
 async fn reconciler(config: &AgentConfig, dry_run: bool) -> anyhow::Result<Reconciler> {
     let engine = Engine::connect(&config.engine).await?;
+    // A dry run touches nothing; a pass acts only once every interrupted
+    // upgrade is finished or undone.
+    if !dry_run {
+        crate::orchestrator::recover_upgrades(&engine, &config.data_root).await;
+    }
     let orch = Arc::new(Orchestrator::new(
         engine,
         OrchestratorConfig {

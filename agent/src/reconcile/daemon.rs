@@ -81,6 +81,9 @@ pub async fn run(
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
+    // An upgrade a kill interrupted is finished or undone before anything
+    // else acts (docs/upgrades.md).
+    crate::orchestrator::recover_upgrades(&engine, &config.data_root).await;
     // Before the first pass, so installs find the pre-pulled images and
     // a node with no network still starts every app.
     let imported = crate::images::import_all(&engine, &config.images_dir, &config.data_root).await;

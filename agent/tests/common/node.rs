@@ -74,6 +74,25 @@ impl Node {
         )
     }
 
+    /// The agent's command line on this node: its engine, apps, data root
+    /// and a control socket where no agent answers (commands run
+    /// in-process), whatever the environment says.
+    pub fn agent_cmd(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_archy-agent"));
+        cmd.arg("--engine")
+            .arg(&self.env.engine_socket)
+            .arg("--apps")
+            .arg(&self.apps)
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--images")
+            .arg(self.data.join("no-images"))
+            .arg("--control")
+            .arg(self.data.join("agent.sock"))
+            .env_remove("ARCHY_CONTROL");
+        cmd
+    }
+
     pub fn podman(&self, args: &[&str]) -> String {
         let out = self.env.podman().args(args).output().expect("podman runs");
         String::from_utf8_lossy(&out.stdout).into_owned()

@@ -127,6 +127,8 @@ const RESET_ATTEMPTS: u32 = 3;
 const RESET_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 pub const DIR_PREFIX: &str = "archy-test-";
+/// Cargo features the tests are built with: test-only code paths.
+pub const TEST_FEATURES: &str = "archy-agent/failpoints";
 /// The e2e agent's own cargo target folder, under target/.
 const AGENT_TARGET_SUBDIR: &str = "e2e-agent";
 /// Fixed test values: the registry only listens on loopback for one run.
@@ -152,7 +154,14 @@ pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
 
     let tests_started = Instant::now();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let test = cmd!(sh, "{cargo} test --workspace {cargo_args...}").envs(&vars);
+    // The agent's fail-points (an upgrade killed at each journaled step,
+    // agent/tests/upgrade_journal.rs) exist in this build only; the e2e's
+    // and the image's agent are built without them (`agent_build_cmd`).
+    let test = cmd!(
+        sh,
+        "{cargo} test --workspace --features {TEST_FEATURES} {cargo_args...}"
+    )
+    .envs(&vars);
     eprintln!("$ {test}");
     let status = procs::run_forwarding_interrupts(Command::from(test), "cargo test");
     let tests_took = tests_started.elapsed();

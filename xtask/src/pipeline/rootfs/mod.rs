@@ -450,3 +450,31 @@ fn agent_rustflags(root: &Path) -> String {
     }
     flags.join("\u{1f}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The image's agent (and the e2e's, built by the same command) never
+    /// has the test builds' fail-points: no feature is turned on, not even
+    /// by the environment.
+    #[test]
+    fn the_release_agent_is_built_without_test_features() {
+        let sh = Shell::new().expect("shell");
+        let root = Path::new("/checkout");
+        let shown = agent_build_cmd(root, &sh, Path::new("/target")).to_string();
+        assert!(shown.contains("build --release"), "{shown}");
+        for feature in ["--features", "--all-features", "-F", "failpoints"] {
+            assert!(
+                !shown
+                    .split_whitespace()
+                    .any(|w| w == feature || w.contains("failpoints")),
+                "{feature} in the release agent's build command: {shown}"
+            );
+        }
+        assert!(
+            crate::harness::test_env::TEST_FEATURES.contains("failpoints"),
+            "the tests' features are the ones the release build must not have"
+        );
+    }
+}
