@@ -287,6 +287,7 @@ const ANALYSIS_BLOCKS: &[&str] = &[
     "time",
     "critical-chain",
     "blame",
+    "data-disk",
     "user-critical-chain",
     "user-blame",
     "agent-log",
