@@ -21,7 +21,8 @@
 
 mod qemu;
 
-use qemu::{boot, make_disk, BootReport, Firmware};
+pub use qemu::Firmware;
+use qemu::{boot, make_disk, BootReport};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -90,6 +91,10 @@ pub struct E2eArgs {
     /// Embed this agent binary instead of building one with `cargo build --release`.
     #[arg(long, value_name = "FILE")]
     pub agent: Option<PathBuf>,
+    /// Boot under this firmware only (for iterating; the full check, and
+    /// `cargo xtask test`, boot under both).
+    #[arg(long, value_enum)]
+    pub only: Option<Firmware>,
 }
 
 impl Default for E2eArgs {
@@ -97,6 +102,7 @@ impl Default for E2eArgs {
         E2eArgs {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             agent: None,
+            only: None,
         }
     }
 }
@@ -184,6 +190,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     let timeout = Duration::from_secs(args.boot_timeout);
     let sequences: Vec<_> = [Firmware::SeaBios, Firmware::Ovmf]
         .into_iter()
+        .filter(|f| args.only.is_none_or(|only| only == *f))
         .map(|firmware| {
             let (work, iso) = (work.clone(), iso.clone());
             std::thread::spawn(move || sequence(&work, &iso, firmware, timeout))
@@ -202,28 +209,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
         bail!("{}", failures.join("\n\n"));
     }
 
-    println!("\ne2e timeline (seconds after kernel start; TCG, no KVM):");
-    println!(
-        "{:<24} {:>12} {:>12} {:>10} {:>10}",
-        "boot", "agent ready", "all healthy", "restart", "wall"
-    );
-    for r in &reports {
-        let (ready, healthy) = r.timeline();
-        let shown = |v: Option<f64>| v.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".to_owned());
-        let restart = r
-            .facts
-            .get("restart-ms")
-            .map(|ms| format!("{ms} ms"))
-            .unwrap_or_else(|| "-".to_owned());
-        println!(
-            "{:<24} {:>12} {:>12} {:>10} {:>9.0}s",
-            r.step,
-            shown(ready),
-            shown(healthy),
-            restart,
-            r.wall.as_secs_f64()
-        );
-    }
+    print_timeline(&reports);
     progress::say(
         STAGE,
         &format!(
@@ -235,6 +221,77 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     );
     Ok(())
 }
+
+/// The milestones of each boot, then where its time went (systemd-analyze
+/// inside the guest, the agent's log with times since kernel start). The
+/// targets of issue 14 are shown beside the figures, not asserted: TCG on
+/// a shared machine is too noisy for that.
+fn print_timeline(reports: &[BootReport]) {
+    let shown = |v: Option<f64>| v.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".to_owned());
+    let ms = |r: &BootReport, key: &str| r.facts.get(key).cloned().unwrap_or_else(|| "-".to_owned());
+    println!("\ne2e timeline (seconds after kernel start; TCG, no KVM):");
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "boot", "systemd", "data disk", "user mgr", "podman", "agent", "ready", "healthy", "+ready", "wall"
+    );
+    for r in reports {
+        let (ready, healthy) = r.timeline();
+        let after_ready = ready.zip(healthy).map(|(a, b)| b - a);
+        println!(
+            "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5.0}s",
+            r.step,
+            shown(r.milestone("userspace")),
+            shown(r.milestone("data-disk")),
+            shown(r.milestone("user-manager")),
+            shown(r.milestone("podman-socket")),
+            shown(r.milestone("agent-start")),
+            shown(ready),
+            shown(healthy),
+            shown(after_ready),
+            r.wall.as_secs_f64()
+        );
+    }
+    println!(
+        "columns: systemd = first userspace unit; data disk = archy-data.service active; user mgr = \
+         user@1000.service; podman = the user's podman.socket; agent = archy-agent started; ready = its \
+         READY; healthy = its \"all N apps healthy\" line; +ready = healthy - ready.\n\
+         targets (issue 14, not asserted): ready <= 65 s on a second boot, <= 80 s on a first; +ready <= 20 s."
+    );
+    for r in reports.iter().filter(|r| r.facts.contains_key("restart-ms")) {
+        println!(
+            "{}: {KILLED} killed -> running again {} ms (podman's StartedAt; {} ms as the probe's polling saw it); \
+             a raw `podman start` of a like container: {} ms (target: kill -> running <= 3000 ms)",
+            r.step,
+            ms(r, "restart-started-ms"),
+            ms(r, "restart-ms"),
+            ms(r, "podman-start-ms"),
+        );
+    }
+    for r in reports {
+        println!("\n--- {}: where the time went ---", r.step);
+        for name in ANALYSIS_BLOCKS {
+            let lines = r.block(name);
+            if lines.is_empty() {
+                continue;
+            }
+            println!("[{name}]");
+            for line in lines {
+                println!("  {line}");
+            }
+        }
+    }
+}
+
+/// The probe's output blocks, in the order they are printed.
+const ANALYSIS_BLOCKS: &[&str] = &[
+    "time",
+    "critical-chain",
+    "blame",
+    "data-disk",
+    "user-critical-chain",
+    "user-blame",
+    "agent-log",
+];
 
 /// Boots 1 and 2 on a fresh disk under `firmware`. Under SeaBIOS, boot 2
 /// also kills an app once it has reported everything a second boot must

@@ -13,8 +13,9 @@ use xshell::{cmd, Shell};
 use super::{progress, DISK_SIZE, MARKER, QEMU_FLAGS, STAGE, TAIL_LINES};
 use crate::tools;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Firmware {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Firmware {
+    #[value(name = "seabios")]
     SeaBios,
     Ovmf,
 }
@@ -87,7 +88,29 @@ impl BootReport {
         });
         (ready, healthy)
     }
+
+    /// A milestone the probe reported as `ms-<name>` (microseconds since
+    /// kernel start, from systemd), in seconds; `None` when missing or 0
+    /// (the unit never became active).
+    pub(super) fn milestone(&self, name: &str) -> Option<f64> {
+        let us = self.facts.get(&format!("ms-{name}"))?.parse::<f64>().ok()?;
+        (us > 0.0).then_some(us / 1e6)
+    }
+
+    /// The lines of an output block the probe printed as
+    /// `ARCHY-E2E-BLOCK <name>| <line>`, in order.
+    pub(super) fn block(&self, name: &str) -> Vec<&str> {
+        let prefix = format!("{BLOCK_MARKER}{name}| ");
+        self.console
+            .lines()
+            .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, rest)| rest))
+            .collect()
+    }
 }
+
+/// Marks a line of a multi-line block the probe prints (systemd-analyze,
+/// the agent's log); not a fact line (no space after the marker's name).
+pub(super) const BLOCK_MARKER: &str = "ARCHY-E2E-BLOCK ";
 
 /// Boots the ISO once with `disk`, telling the probe `mode`, and returns
 /// what it reported. Fails when the guest hangs or stops without `done`.
@@ -227,6 +250,24 @@ mod tests {
             wall: Duration::from_secs(90),
         };
         assert_eq!(report.timeline(), (Some(41.5), Some(57.3)));
+    }
+
+    #[test]
+    fn milestones_and_blocks_are_read_from_the_console() {
+        let console = "ARCHY-E2E ms-data-disk 12500000\nARCHY-E2E ms-podman-service 0\n\
+                       ARCHY-E2E-BLOCK blame| 5.1s archy-agent.service\nnoise\n\
+                       ARCHY-E2E-BLOCK time| Startup finished\nARCHY-E2E-BLOCK blame| 1.0s x.service\n";
+        let report = BootReport {
+            step: "first boot (seabios)".into(),
+            facts: parse_facts(console),
+            console: console.into(),
+            wall: Duration::from_secs(90),
+        };
+        assert_eq!(report.milestone("data-disk"), Some(12.5));
+        assert_eq!(report.milestone("podman-service"), None);
+        assert_eq!(report.milestone("user-manager"), None);
+        assert_eq!(report.block("blame"), ["5.1s archy-agent.service", "1.0s x.service"]);
+        assert!(!report.facts.keys().any(|k| k.contains("BLOCK")), "{:?}", report.facts);
     }
 
     #[test]
