@@ -383,7 +383,7 @@ async fn secrets_are_mounted_as_files_and_never_visible_in_inspect_or_logs() {
         !inspect.contains(value.trim()),
         "secret value leaked into podman inspect"
     );
-    let logs = orch.logs(&id, None).await.expect("logs");
+    let logs = orch.logs(&id, None).await.expect("logs").logs;
     assert!(logs.contains("started"), "{logs}");
     assert!(!logs.contains(value.trim()));
 }
