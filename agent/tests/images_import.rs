@@ -514,14 +514,18 @@ async fn an_archive_that_failed_at_boot_is_imported_on_a_later_pass_once_put_rig
         "the archive put back was not imported within {:?}",
         put_back.elapsed()
     );
-    let ledger = node.ledger();
-    assert!(
+    // The ledger is written just after the store has the image.
+    let recorded = common::eventually(Duration::from_secs(10), || async {
+        let bytes = fs::read(DataRoot::new(&node.data).images_ledger()).ok()?;
+        let ledger: Ledger = serde_json::from_slice(&bytes).ok()?;
         ledger
             .images
             .iter()
-            .any(|r| r.app == "spare" && r.config_digest == spare.entry.config_digest && r.imported_at.is_some()),
-        "{ledger:?}"
-    );
+            .any(|r| r.app == "spare" && r.config_digest == spare.entry.config_digest && r.imported_at.is_some())
+            .then_some(())
+    })
+    .await;
+    assert!(recorded.is_some(), "no ledger record: {:?}", node.ledger());
     let _ = stop_tx.send(());
     agent.await.expect("agent task").expect("agent exits cleanly");
 }

@@ -4,7 +4,7 @@
 //! Hashing reads every byte of the context; the spec is asked for on every
 //! status, list, log and action. So each app keeps its last hash beside a
 //! *stamp* of its context: a walk that only stats, giving for every entry
-//! (in name order, not following symlinks) its path, type and mode, size,
+//! (in a fixed order, not following symlinks) its path, type and mode, size,
 //! inode, and modification and change times to the nanosecond, plus the
 //! Containerfile's name. The hash is computed again only when the stamp
 //! differs: a file added, removed, renamed, replaced, rewritten, truncated
@@ -84,8 +84,8 @@ impl ContextHashes {
     }
 }
 
-/// Every entry below `root`, in name order, stat'ed without following
-/// symlinks.
+/// Every entry below `root`, each folder's in name order, stat'ed without
+/// following symlinks.
 fn stamp_tree(root: &Path) -> anyhow::Result<Vec<EntryStamp>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -126,10 +126,7 @@ mod tests {
                 all.extend(fs::read(p)?);
             }
         }
-        Ok(format!(
-            "{:x}",
-            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&all))
-        ))
+        Ok(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&all)))
     }
 
     #[test]
