@@ -462,6 +462,8 @@ async fn an_install_whose_archive_fails_its_check_pulls_instead() {
     assert!(!node.in_store(&a.entry.config_digest));
 }
 
+/// Without the retry (the hook in `daemon::run` removed) this fails: the
+/// archive put back is never imported.
 #[tokio::test]
 async fn an_archive_that_failed_at_boot_is_imported_on_a_later_pass_once_put_right() {
     let mut node = Node::new();
