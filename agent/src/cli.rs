@@ -14,7 +14,7 @@ use crate::engine::Engine;
 use crate::images;
 use crate::manifest::{self, LoadOptions, Naming};
 use crate::orchestrator::commands::AppOp;
-use crate::orchestrator::{self, Orchestrator, OrchestratorConfig, OrchestratorError};
+use crate::orchestrator::{self, Orchestrator, OrchestratorConfig, OrchestratorError, DEFAULT_LOG_TAIL};
 use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry::{self, commands::RegistryOp};
 
@@ -117,12 +117,18 @@ pub enum Command {
     },
     /// Show every app's status.
     List,
-    /// Print an app's logs.
+    /// Print an app's last log lines (1000 unless --tail; at most 16 MiB, said when cut).
     Logs {
         app: String,
-        /// Only the last N lines.
-        #[arg(long)]
+        /// Only the last N lines [default: 1000].
+        #[arg(long, conflicts_with = "all")]
         tail: Option<usize>,
+        /// The whole log, streamed from the engine to stdout.
+        #[arg(long)]
+        all: bool,
+        /// Keep printing what the app writes until it stops (streamed from the engine).
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Stop every app with its stop grace period, dependents first, for a system shutdown
     /// (archy-apps.service). Refused while the agent runs: it would start them again.
@@ -333,6 +339,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Shutdown => shutdown(&cli.global),
+        Command::Logs { app, tail, all, follow } if all || follow => stream_logs(
+            &cli.global,
+            &app,
+            if all {
+                None
+            } else {
+                Some(tail.unwrap_or(DEFAULT_LOG_TAIL))
+            },
+            follow,
+        ),
         Command::Install {
             app: None,
             manifest: Some(path),
@@ -354,7 +370,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Status { app } => AppOp::Status(app),
                 Command::Health { app } => AppOp::Health(app),
                 Command::List => AppOp::List,
-                Command::Logs { app, tail } => AppOp::Logs { app, tail },
+                Command::Logs { app, tail, .. } => AppOp::Logs { app, tail },
                 Command::Validate
                 | Command::Registry(_)
                 | Command::Boot { .. }
@@ -391,12 +407,7 @@ fn shutdown(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
                 global.control.display()
             );
         }
-        let config = OrchestratorConfig {
-            apps_dir: global.apps_dir(),
-            data_root: global.data.clone(),
-            naming: naming(global),
-            images_dir: global.images.clone(),
-        };
+        let config = orchestrator_config(global);
         let engine = Engine::connect(&global.engine).await?;
         orchestrator::recover_upgrades(&engine, &global.data).await;
         let outcomes = Orchestrator::new(engine, config).shutdown().await;
@@ -404,6 +415,23 @@ fn shutdown(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
         let failed = orchestrator::commands::print_shutdown(&outcomes, global.json, &mut out)?;
         std::io::stdout().lock().write_all(&out)?;
         Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    })
+}
+
+/// `archy-agent logs APP --all|--follow`: the log straight from the
+/// engine to stdout, never through the agent's control socket (reading
+/// takes no app lock), so however long it is it is never held whole.
+fn stream_logs(global: &GlobalOpts, app: &str, tail: Option<usize>, follow: bool) -> anyhow::Result<ExitCode> {
+    if global.json {
+        anyhow::bail!("logs --all and --follow stream the log as it is: they have no --json form");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let config = orchestrator_config(global);
+        let engine = Engine::connect(&global.engine).await?;
+        let orch = Orchestrator::new(engine, config);
+        orch.stream_logs(app, tail, follow, &mut tokio::io::stdout()).await?;
+        Ok(ExitCode::SUCCESS)
     })
 }
 
@@ -418,14 +446,7 @@ fn with_orchestrator(
 ) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        // The apps folder in force already follows the mode (see
-        // `apps_dir`), so one constructor serves prod and dev.
-        let config = OrchestratorConfig {
-            apps_dir: global.apps_dir(),
-            data_root: global.data.clone(),
-            naming: naming(global),
-            images_dir: global.images.clone(),
-        };
+        let config = orchestrator_config(global);
         let backend = AppBackend::open(&global.control, &global.engine, config).await?;
         f(&backend, global).await
     })
@@ -487,6 +508,18 @@ fn agent_config(
         resync,
         control,
     )
+}
+
+/// The orchestrator's config from the options in force. The apps folder
+/// already follows the mode (see `apps_dir`), so one constructor serves
+/// prod and dev.
+fn orchestrator_config(global: &GlobalOpts) -> OrchestratorConfig {
+    OrchestratorConfig {
+        apps_dir: global.apps_dir(),
+        data_root: global.data.clone(),
+        naming: naming(global),
+        images_dir: global.images.clone(),
+    }
 }
 
 fn naming(global: &GlobalOpts) -> Naming {

@@ -234,6 +234,52 @@ fn install_then_status_list_and_logs_describe_the_running_app() {
     assert_eq!(last.stdout, "line-3\n", "{last}");
 }
 
+/// Writes `line-1` to `line-1500`, then idles until SIGTERM. One write
+/// per line: a pipe's buffered output reaches conmon in blocks that split
+/// lines, and Podman 4.3's `tail` then shows a split line as two.
+const LOUD: &str = "command: [\"sh\", \"-c\", \"i=1; while [ $i -le 1500 ]; do echo line-$i; i=$((i+1)); done; \
+                    trap 'exit 0' TERM; while true; do sleep 1; done\"]\n";
+
+#[test]
+fn logs_default_to_the_last_thousand_lines_and_all_streams_the_whole_log() {
+    let node = Node::new();
+    let id = app_id("cli-logs");
+    node.app(&id, LOUD);
+    ok(&node.run(&["install", &id]));
+
+    let all = until(&node, &["logs", &id, "--all"], Duration::from_secs(20), |r| {
+        r.stdout.ends_with("line-1500\n")
+    });
+    ok(&all);
+    let every: Vec<String> = (1..=1500).map(|n| format!("line-{n}")).collect();
+    assert_eq!(
+        all.stdout.lines().collect::<Vec<_>>(),
+        every,
+        "--all streams every line"
+    );
+
+    let default = node.run(&["logs", &id]);
+    ok(&default);
+    assert_eq!(
+        default.stdout.lines().collect::<Vec<_>>(),
+        every[500..],
+        "without --tail, the last 1000 lines"
+    );
+    assert!(!default.stderr.contains("cut"), "{default}");
+    let json = node.run(&["logs", &id, "--json"]);
+    ok(&json);
+    let reply = json.json();
+    assert_eq!(reply["tail"], 1000, "{json}");
+    assert_eq!(reply["logs"].as_str().map(|l| l.lines().count()), Some(1000), "{json}");
+    assert!(reply.get("cut").is_none(), "{json}");
+
+    let ten = node.run(&["logs", &id, "--tail", "10"]);
+    ok(&ten);
+    assert_eq!(ten.stdout.lines().collect::<Vec<_>>(), every[1490..]);
+    let both = node.run(&["logs", &id, "--tail", "10", "--all"]);
+    assert_eq!(both.code(), Some(2), "--tail and --all conflict: {both}");
+}
+
 #[test]
 fn install_json_says_created_and_a_second_install_changes_nothing() {
     let node = Node::new();

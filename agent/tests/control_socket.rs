@@ -14,7 +14,9 @@ use std::time::Duration;
 use archy_agent::control::{self, protocol, ControlClient, ControlHandler, OrchestratorHandler, RemoteOrchestrator};
 use archy_agent::dataroot::DataRoot;
 use archy_agent::engine::Engine;
-use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorError};
+use archy_agent::orchestrator::{
+    AppState, ContainerOrchestrator, LogCut, Orchestrator, OrchestratorError, DEFAULT_LOG_TAIL, MAX_LOG_REPLY_BYTES,
+};
 use archy_agent::registry::RegistryStore;
 use common::{env, unique_name, Cleanup, TestEnv};
 use serde_json::{json, Value};
@@ -60,13 +62,18 @@ impl Node {
 
     /// Writes `apps/<id>/manifest.yml` for a fresh app id and returns it.
     fn app(&mut self, prefix: &str) -> String {
+        self.app_running(prefix, SERVE)
+    }
+
+    /// [`Node::app`] with another `command:` line.
+    fn app_running(&mut self, prefix: &str, command: &str) -> String {
         let id = unique_name(prefix).replace('_', "-");
         let dir = self.apps.join(&id);
         fs::create_dir_all(&dir).expect("app dir");
         fs::write(
             dir.join("manifest.yml"),
             format!(
-                "id: {id}\nname: {id}\nversion: \"1.0\"\nimage: {}\nstop_grace_period: 2s\n{SERVE}",
+                "id: {id}\nname: {id}\nversion: \"1.0\"\nimage: {}\nstop_grace_period: 2s\n{command}",
                 self.env.image
             ),
         )
@@ -83,8 +90,12 @@ impl Node {
     /// Serves the control socket over a fresh orchestrator until the
     /// returned sender fires, and waits until it answers.
     async fn serve(&self, reconcile_now: Option<control::ReconcileNow>) -> Server {
-        let handler: Arc<dyn ControlHandler> =
-            Arc::new(OrchestratorHandler::new(self.orchestrator().await, reconcile_now));
+        self.serve_with(self.orchestrator().await, reconcile_now).await
+    }
+
+    /// [`Node::serve`] over `orch`.
+    async fn serve_with(&self, orch: Arc<Orchestrator>, reconcile_now: Option<control::ReconcileNow>) -> Server {
+        let handler: Arc<dyn ControlHandler> = Arc::new(OrchestratorHandler::new(orch, reconcile_now));
         let (stop, stopped) = oneshot::channel::<()>();
         let sock = self.sock.clone();
         let task = tokio::spawn(async move {
@@ -707,4 +718,73 @@ async fn a_url_with_a_login_is_refused_and_the_password_is_never_echoed_or_logge
             .is_empty(),
         "nothing is added"
     );
+}
+
+/// Writes `line-1` to `line-1500`, then idles until SIGTERM. One write
+/// per line: a pipe's buffered output reaches conmon in blocks that split
+/// lines, and Podman 4.3's `tail` then shows a split line as two.
+const LOUD: &str = "command: [\"sh\", \"-c\", \"i=1; while [ $i -le 1500 ]; do echo line-$i; i=$((i+1)); done; \
+                    trap 'exit 0' TERM; while true; do sleep 1; done\"]\n";
+
+#[tokio::test]
+async fn a_logs_reply_over_the_limit_keeps_its_last_whole_lines_and_says_it_was_cut() {
+    let mut node = Node::new();
+    let id = node.app_running("ctl-logs", LOUD);
+    let engine = Engine::connect(&node.env.engine_socket).await.expect("engine");
+    let agents_own = Orchestrator::prod(engine, &node.apps, &DataRoot::new(&node.data));
+    assert_eq!(
+        agents_own.log_reply_limit(),
+        MAX_LOG_REPLY_BYTES,
+        "an orchestrator as `boot` makes it carries the 16 MiB limit"
+    );
+    assert_eq!(MAX_LOG_REPLY_BYTES, 16 << 20);
+    agents_own.install(&id).await.expect("install");
+    let written = common::eventually(Duration::from_secs(20), || async {
+        let last = agents_own.logs(&id, Some(1)).await.expect("logs");
+        (last.logs == "line-1500\n").then_some(())
+    })
+    .await;
+    assert!(written.is_some(), "the app never wrote its 1500 lines");
+
+    // 4,000 bytes instead of 16 MiB: the same path, without writing 16 MiB.
+    const LIMIT: usize = 4000;
+    let server = node
+        .serve_with(Arc::new(agents_own.with_log_reply_limit(LIMIT)), None)
+        .await;
+    let mut raw = Raw::connect(&node.sock).await;
+    let reply = raw.ok(1, "container-logs", json!({ "app": id })).await;
+    assert_eq!(reply["tail"], json!(DEFAULT_LOG_TAIL), "{reply}");
+    let logs = reply["logs"].as_str().expect("logs text");
+    let cut: LogCut = serde_json::from_value(reply["cut"].clone()).expect("the reply says it was cut");
+    assert_eq!(cut.limit_bytes, LIMIT as u64);
+    // The default tail, line-501 to line-1500, is 9,501 bytes.
+    let tail_bytes: usize = (501..=1500).map(|n| format!("line-{n}\n").len()).sum();
+    assert_eq!(cut.dropped_bytes + logs.len() as u64, tail_bytes as u64, "{cut:?}");
+    assert!(logs.len() <= LIMIT && logs.len() > LIMIT - 20, "{} bytes", logs.len());
+    let lines: Vec<&str> = logs.lines().collect();
+    let first: usize = lines[0]
+        .strip_prefix("line-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("starts at a whole line: {:?}", lines[0]));
+    let want: Vec<String> = (first..=1500).map(|n| format!("line-{n}")).collect();
+    assert_eq!(lines, want, "the last lines, in order, none missing");
+
+    let short = raw.ok(2, "container-logs", json!({ "app": id, "tail": 100 })).await;
+    assert!(short.get("cut").is_none(), "100 lines fit: {short}");
+    assert_eq!(short["logs"].as_str().map(|l| l.lines().count()), Some(100), "{short}");
+
+    // The CLI through the agent prints the lines and says, apart, that
+    // they were cut.
+    let mut cli = agent();
+    cli.arg("--control").arg(&node.sock).args(["logs", &id]);
+    let out = run(cli).await;
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), logs);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the log of {id} was cut to its last {LIMIT} bytes")),
+        "{}",
+        show(&out)
+    );
+    server.shut_down().await;
 }

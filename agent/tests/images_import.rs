@@ -8,12 +8,14 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use archy_agent::dataroot::DataRoot;
 use archy_agent::engine::{Engine, EngineError};
 use archy_agent::images::{import_all, EntryOutcome, ImageLock, ImportReport, Ledger, LockEntry, Outcome, LOCK_FILE};
 use archy_agent::manifest::{Digest, Naming};
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, Orchestrator, OrchestratorConfig, OrchestratorError};
+use archy_agent::reconcile::daemon::{self, AgentConfig};
 use common::{env, unique_name, Cleanup, TestEnv};
 use sha2::{Digest as _, Sha256};
 
@@ -383,43 +385,49 @@ async fn loading_a_file_that_is_not_an_archive_is_load_failed_and_a_missing_one_
     }
 }
 
+impl Node {
+    /// Writes a manifest for `id` running `reference`, and removes its
+    /// container at the end.
+    fn app(&mut self, id: &str, reference: &str) {
+        let app_dir = self.apps.join(id);
+        fs::create_dir_all(&app_dir).expect("app folder");
+        fs::write(
+            app_dir.join("manifest.yml"),
+            format!(
+                "id: {id}\nname: {id}\nversion: \"1.0\"\nimage: {reference}\nstop_grace_period: 1s\ncommand: [\"sleep\", \"300\"]\n"
+            ),
+        )
+        .expect("manifest");
+        self.cleanup.also_container(id);
+    }
+
+    async fn orchestrator(&self) -> Orchestrator {
+        let engine = Engine::connect(&self.env.engine_socket).await.expect("engine");
+        Orchestrator::new(
+            engine,
+            OrchestratorConfig {
+                apps_dir: self.apps.clone(),
+                data_root: DataRoot::new(&self.data),
+                naming: Naming::Prod,
+                images_dir: self.images.clone(),
+            },
+        )
+    }
+}
+
 #[tokio::test]
-async fn the_orchestrator_installs_from_an_imported_archive_without_pulling() {
+async fn installing_an_app_whose_image_is_only_in_the_folder_imports_it_with_no_registry_reachable() {
     let mut node = Node::new();
     // Nothing listens on port 1: a pull from there can only fail.
     let a = node.archive("offline", Some("127.0.0.1:1"));
     node.write_lock(&[&a.entry]);
     let id = unique_name("offline").replace('_', "-");
-    let app_dir = node.apps.join(&id);
-    fs::create_dir_all(&app_dir).expect("app folder");
-    fs::write(
-        app_dir.join("manifest.yml"),
-        format!(
-            "id: {id}\nname: {id}\nversion: \"1.0\"\nimage: {}\nstop_grace_period: 1s\ncommand: [\"sleep\", \"300\"]\n",
-            a.entry.reference
-        ),
-    )
-    .expect("manifest");
-    node.cleanup.also_container(&id);
-    let engine = Engine::connect(&node.env.engine_socket).await.expect("engine");
-    let orch = Orchestrator::new(
-        engine,
-        OrchestratorConfig {
-            apps_dir: node.apps.clone(),
-            data_root: DataRoot::new(&node.data),
-            naming: Naming::Prod,
-            images_dir: node.images.clone(),
-        },
-    );
+    node.app(&id, &a.entry.reference);
+    let orch = node.orchestrator().await;
 
-    // The lock alone is not enough: the store decides.
-    match orch.install(&id).await {
-        Err(OrchestratorError::PullFailed { attempts, .. }) => assert_eq!(attempts.len(), 1, "{attempts:?}"),
-        other => panic!("expected a failed pull before the import, got {other:?}"),
-    }
-
-    assert!(node.import().await.is_clean());
-    let report = orch.install(&id).await.expect("install from the imported image");
+    // No import ran: the image is in the folder only.
+    assert!(!node.in_store(&a.entry.config_digest));
+    let report = orch.install(&id).await.expect("install from the image folder");
     assert!(report.attempts.is_empty(), "no pull: {:?}", report.attempts);
     assert!(!report.built);
     assert_eq!(report.image_id, a.entry.config_digest.as_str());
@@ -428,8 +436,100 @@ async fn the_orchestrator_installs_from_an_imported_archive_without_pulling() {
     assert_eq!(
         runs.trim(),
         a.entry.config_digest.hex(),
-        "the container runs the imported image"
+        "the container runs the archive's image"
     );
+    let ledger = node.ledger();
+    assert_eq!(ledger.images.len(), 1, "{ledger:?}");
+    assert_eq!(ledger.images[0].config_digest, a.entry.config_digest);
+    assert!(ledger.images[0].imported_at.is_some(), "{ledger:?}");
+}
+
+#[tokio::test]
+async fn an_install_whose_archive_fails_its_check_pulls_instead() {
+    let mut node = Node::new();
+    let a = node.archive("tampered", Some("127.0.0.1:1"));
+    fs::write(&a.path, b"not the archive the lock describes").expect("tamper");
+    node.write_lock(&[&a.entry]);
+    let id = unique_name("tampered").replace('_', "-");
+    node.app(&id, &a.entry.reference);
+    let orch = node.orchestrator().await;
+
+    // The lock alone is not enough: what is loaded must be what it says.
+    match orch.install(&id).await {
+        Err(OrchestratorError::PullFailed { attempts, .. }) => assert_eq!(attempts.len(), 1, "{attempts:?}"),
+        other => panic!("expected the pull after a refused archive, got {other:?}"),
+    }
+    assert!(!node.in_store(&a.entry.config_digest));
+}
+
+/// Without the retry (the hook in `daemon::run` removed) this fails: the
+/// archive put back is never imported.
+#[tokio::test]
+async fn an_archive_that_failed_at_boot_is_imported_on_a_later_pass_once_put_right() {
+    let mut node = Node::new();
+    let app = node.archive("served", Some("127.0.0.1:1"));
+    // An image no manifest runs: only the retry can bring it in.
+    let spare = node.archive("spare", None);
+    node.write_lock(&[&app.entry, &spare.entry]);
+    let id = unique_name("served").replace('_', "-");
+    node.app(&id, &app.entry.reference);
+    let away = node.tmp.path().join("spare.tar.away");
+    fs::rename(&spare.path, &away).expect("the archive is missing at boot");
+
+    let config = AgentConfig {
+        engine: node.env.engine_socket.clone(),
+        apps_dir: node.apps.clone(),
+        data_root: DataRoot::new(&node.data),
+        images_dir: node.images.clone(),
+        naming: Naming::Prod,
+        resync: Duration::from_secs(1),
+        control: None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
+    let agent = tokio::spawn(daemon::run(config, req_rx, async move {
+        let _ = stop_rx.await;
+    }));
+    // The first pass installed the app: the boot import is over.
+    let ran = common::eventually(Duration::from_secs(60), || async {
+        let out = node
+            .env
+            .podman()
+            .args(["inspect", "--format", "{{.State.Status}}", &id])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout).trim() == "running").then_some(())
+    })
+    .await;
+    assert!(ran.is_some(), "the first pass never started {id}");
+    assert!(!node.in_store(&spare.entry.config_digest), "skipped at boot");
+
+    fs::rename(&away, &spare.path).expect("put the archive back");
+    let put_back = Instant::now();
+    // The first retry is due 10 s after boot; passes come every second.
+    let imported = common::eventually(Duration::from_secs(45), || async {
+        node.in_store(&spare.entry.config_digest).then_some(())
+    })
+    .await;
+    assert!(
+        imported.is_some(),
+        "the archive put back was not imported within {:?}",
+        put_back.elapsed()
+    );
+    // The ledger is written just after the store has the image.
+    let recorded = common::eventually(Duration::from_secs(10), || async {
+        let bytes = fs::read(DataRoot::new(&node.data).images_ledger()).ok()?;
+        let ledger: Ledger = serde_json::from_slice(&bytes).ok()?;
+        ledger
+            .images
+            .iter()
+            .any(|r| r.app == "spare" && r.config_digest == spare.entry.config_digest && r.imported_at.is_some())
+            .then_some(())
+    })
+    .await;
+    assert!(recorded.is_some(), "no ledger record: {:?}", node.ledger());
+    let _ = stop_tx.send(());
+    agent.await.expect("agent task").expect("agent exits cleanly");
 }
 
 #[tokio::test]

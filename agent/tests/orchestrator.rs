@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use archy_agent::dataroot::DataRoot;
-use archy_agent::orchestrator::{AppState, ContainerOrchestrator, HealthState, OrchestratorError};
+use archy_agent::orchestrator::{built_tag, AppState, ContainerOrchestrator, HealthState, OrchestratorError};
 use archy_agent::registry::{Credentials, Registry, RegistryStore, RegistryUrl};
 use common::node::{app_id, free_port, push_unique_image, Node, SERVE};
 
@@ -383,7 +383,7 @@ async fn secrets_are_mounted_as_files_and_never_visible_in_inspect_or_logs() {
         !inspect.contains(value.trim()),
         "secret value leaked into podman inspect"
     );
-    let logs = orch.logs(&id, None).await.expect("logs");
+    let logs = orch.logs(&id, None).await.expect("logs").logs;
     assert!(logs.contains("started"), "{logs}");
     assert!(!logs.contains(value.trim()));
 }
@@ -427,4 +427,42 @@ async fn health_probes_http_tcp_and_exec_report_healthy_and_unhealthy() {
     assert_eq!(h.health, Some(HealthState::Healthy), "{h:?}");
     let h = orch.health(&bad).await.expect("health");
     assert_eq!(h.health, Some(HealthState::Unhealthy), "{h:?}");
+}
+
+#[tokio::test]
+async fn a_build_context_is_hashed_once_and_again_only_after_a_file_in_it_changed() {
+    let node = Node::new();
+    let id = app_id("ctx-hash");
+    let dir = node.apps.join(&id);
+    fs::create_dir_all(dir.join("image")).expect("context");
+    fs::write(dir.join("image/Containerfile"), "FROM scratch\nCOPY page /page\n").expect("containerfile");
+    fs::write(dir.join("image/page"), "one").expect("page");
+    fs::write(
+        dir.join("manifest.yml"),
+        format!("id: {id}\nname: {id}\nversion: \"1.0\"\nbuild:\n  context: image\n"),
+    )
+    .expect("manifest");
+    let orch = node.orchestrator().await;
+    let m = orch.manifest(&id).expect("manifest loads");
+
+    let first = orch.spec(&m).await.expect("spec").image;
+    for _ in 0..5 {
+        assert_eq!(orch.spec(&m).await.expect("spec").image, first);
+    }
+    let _ = orch.status(&id).await;
+    assert_eq!(orch.context_hashes().computed(), 1, "nothing changed: hashed once");
+    assert_eq!(
+        Some(first.clone()),
+        built_tag(&m).expect("tag"),
+        "the tag the image builder gives"
+    );
+
+    // Same size, other bytes.
+    fs::write(dir.join("image/page"), "two").expect("page");
+    let second = orch.spec(&m).await.expect("spec").image;
+    assert_ne!(second, first, "a changed context is a new tag");
+    assert_eq!(orch.context_hashes().computed(), 2);
+    assert_eq!(Some(second.clone()), built_tag(&m).expect("tag"));
+    assert_eq!(orch.spec(&m).await.expect("spec").image, second);
+    assert_eq!(orch.context_hashes().computed(), 2, "unchanged again: not hashed");
 }

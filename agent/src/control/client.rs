@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -22,7 +21,7 @@ use super::server::{read_line_limited, LineRead};
 use crate::dataroot::DataRoot;
 use crate::engine::Engine;
 use crate::orchestrator::{
-    self, AppStatus, ContainerOrchestrator, HealthReport, InstallReport, Orchestrator, OrchestratorConfig,
+    self, AppStatus, ContainerOrchestrator, HealthReport, InstallReport, LogsReport, Orchestrator, OrchestratorConfig,
     UpgradeReport,
 };
 use crate::registry::commands::{LocalRegistries, NewRegistry, RegistryListing, RegistryOps, TestResults};
@@ -31,9 +30,11 @@ use crate::registry::RegistrySummary;
 /// A socket that accepts but does not answer for this long is treated as
 /// no agent at all.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Responses carry logs, which can be long; this only guards against a
-/// peer that is not an agent.
+/// Responses carry logs, at most `MAX_LOG_REPLY_BYTES` of them, escaped as
+/// JSON (up to six bytes for one); this only guards against a peer that is
+/// not an agent.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+const _: () = assert!(orchestrator::MAX_LOG_REPLY_BYTES * 6 + 64 * 1024 < MAX_RESPONSE_BYTES);
 
 /// A connection to a running agent's control socket. Calls on one client
 /// are sent one at a time.
@@ -234,13 +235,8 @@ impl ContainerOrchestrator for RemoteOrchestrator {
         self.call("container-list", Value::Null).await
     }
 
-    async fn logs(&self, app: &str, tail: Option<usize>) -> orchestrator::Result<String> {
-        #[derive(Deserialize)]
-        struct Logs {
-            logs: String,
-        }
-        let logs: Logs = self.call("container-logs", json!({ "app": app, "tail": tail })).await?;
-        Ok(logs.logs)
+    async fn logs(&self, app: &str, tail: Option<usize>) -> orchestrator::Result<LogsReport> {
+        self.call("container-logs", json!({ "app": app, "tail": tail })).await
     }
 
     async fn health(&self, app: &str) -> orchestrator::Result<HealthReport> {
@@ -321,7 +317,7 @@ impl ContainerOrchestrator for AppBackend {
         self.inner().list().await
     }
 
-    async fn logs(&self, app: &str, tail: Option<usize>) -> orchestrator::Result<String> {
+    async fn logs(&self, app: &str, tail: Option<usize>) -> orchestrator::Result<LogsReport> {
         self.inner().logs(app, tail).await
     }
 

@@ -154,7 +154,7 @@ impl ControlHandler for OrchestratorHandler {
             Call::Upgrade { app } => orch(o.upgrade(&app).await),
             Call::Status { app } => orch(o.status(&app).await),
             Call::List => orch(o.list().await),
-            Call::Logs { app, tail } => orch(o.logs(&app, tail).await.map(|logs| json!({ "app": app, "logs": logs }))),
+            Call::Logs { app, tail } => orch(o.logs(&app, tail).await),
             Call::Health { app } => orch(o.health(&app).await),
             Call::RegistryList => {
                 let listing = registry_commands::listing(&self.data_root).map_err(|e| store_error(&e, Vec::new))?;

@@ -59,6 +59,9 @@
 //!   received and stored (Podman copies the body to a temporary file
 //!   first), with one `{"stream": "Loaded image: a,b"}`; a refusal is a
 //!   500. [`Engine::load_image`] waits longer than other requests for it.
+//! - Podman 4.3's log `tail` reads the log file backwards in blocks and
+//!   garbles a line that crosses a block boundary (`line-922li`, `ne-923`);
+//!   [`Engine::logs_capped`] counts lines itself from the whole stream.
 //! - conmon reads stdout and stderr separately: their interleaving in the
 //!   logs is not the order in which they were written.
 
@@ -92,6 +95,87 @@ pub use error::{BoxError, EngineError};
 pub use exec::ExecOutput;
 pub use images::{ImageInfo, RegistryAuth};
 pub use model::{ContainerInfo, ContainerStatus, ContainerSummary, EngineEvent, EventKind};
+
+/// The last lines of a log, as they stream in: at most `tail` lines, of
+/// which the oldest are left out (whole) while they hold more than
+/// `max_bytes`.
+struct LogWindow {
+    tail: usize,
+    max_bytes: usize,
+    /// Each line's length, and its bytes unless left out for the cap.
+    /// Left-out lines are always the oldest: the first `left_out`.
+    lines: std::collections::VecDeque<(usize, Option<Vec<u8>>)>,
+    left_out: usize,
+    kept_bytes: usize,
+    /// A line still waiting for its newline.
+    partial: Vec<u8>,
+}
+
+impl LogWindow {
+    fn new(tail: usize, max_bytes: usize) -> LogWindow {
+        LogWindow {
+            tail,
+            max_bytes,
+            lines: std::collections::VecDeque::new(),
+            left_out: 0,
+            kept_bytes: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) {
+        while let Some(nl) = bytes.iter().position(|b| *b == b'\n') {
+            self.partial.extend_from_slice(&bytes[..=nl]);
+            let line = std::mem::take(&mut self.partial);
+            self.add(line);
+            bytes = &bytes[nl + 1..];
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
+    fn add(&mut self, line: Vec<u8>) {
+        if self.tail == 0 {
+            return;
+        }
+        self.kept_bytes += line.len();
+        self.lines.push_back((line.len(), Some(line)));
+        if self.lines.len() > self.tail {
+            match self.lines.pop_front() {
+                Some((_, Some(old))) => self.kept_bytes -= old.len(),
+                Some((_, None)) => self.left_out -= 1,
+                None => {}
+            }
+        }
+        while self.kept_bytes > self.max_bytes {
+            let Some((_, content)) = self.lines.get_mut(self.left_out) else {
+                break;
+            };
+            self.kept_bytes -= content.take().map_or(0, |c| c.len());
+            self.left_out += 1;
+        }
+    }
+
+    fn finish(mut self) -> CappedLogs {
+        if !self.partial.is_empty() {
+            let last = std::mem::take(&mut self.partial);
+            self.add(last);
+        }
+        let dropped_bytes = self.lines.iter().take(self.left_out).map(|(n, _)| *n as u64).sum();
+        let bytes: Vec<u8> = self.lines.into_iter().filter_map(|(_, c)| c).flatten().collect();
+        CappedLogs {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            dropped_bytes,
+        }
+    }
+}
+
+/// What [`Engine::logs_capped`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CappedLogs {
+    pub text: String,
+    /// Bytes left out from the front to keep within the cap (0: none).
+    pub dropped_bytes: u64,
+}
 
 use raw::{encode, RawClient};
 
@@ -303,18 +387,51 @@ impl Engine {
             .map_err(self.classify(|| format!("container {name}")))
     }
 
-    /// The container's output so far, stdout and stderr interleaved,
-    /// lossily decoded; the last `tail` lines, or all of it.
-    pub async fn logs(&self, name: &str, tail: Option<usize>) -> Result<String> {
+    /// The container's output as it comes, stdout and stderr interleaved:
+    /// the last `tail` lines (`None`: all of it; see [`Engine::logs_capped`]
+    /// for a line count that is always right), and with `follow` what it
+    /// writes from then on, until it stops. The one way the agent reads
+    /// logs: [`Engine::logs_capped`] collects it, `archy-agent logs --all`
+    /// and `--follow` copy it to the terminal.
+    pub fn log_stream<'a>(
+        &'a self,
+        name: &'a str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> impl Stream<Item = Result<bytes::Bytes>> + Send + 'a {
         let tail = tail.map_or_else(|| "all".to_owned(), |n| n.to_string());
-        let options = LogsOptionsBuilder::new().stdout(true).stderr(true).tail(&tail).build();
-        let mut chunks = self.docker.logs(name, Some(options));
-        let mut bytes = Vec::new();
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail)
+            .build();
+        self.docker.logs(name, Some(options)).map(move |chunk| {
+            chunk
+                .map(|c| c.into_bytes())
+                .map_err(self.classify(|| format!("container {name}")))
+        })
+    }
+
+    /// The container's output so far, lossily decoded; the last `tail`
+    /// lines, or all of it.
+    pub async fn logs(&self, name: &str, tail: Option<usize>) -> Result<String> {
+        Ok(self.logs_capped(name, tail, usize::MAX).await?.text)
+    }
+
+    /// The last `tail` lines of the container's output (`None`: all), of
+    /// which at most the last `max_bytes` worth of whole lines are kept;
+    /// `dropped_bytes` says how much of those `tail` lines was left out.
+    /// The engine sends the whole log and the lines are counted here:
+    /// Podman 4.3's own `tail` garbles a line that crosses one of its read
+    /// blocks. Memory stays within `max_bytes` plus a length per line.
+    pub async fn logs_capped(&self, name: &str, tail: Option<usize>, max_bytes: usize) -> Result<CappedLogs> {
+        let mut chunks = std::pin::pin!(self.log_stream(name, None, false));
+        let mut window = LogWindow::new(tail.unwrap_or(usize::MAX), max_bytes);
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(self.classify(|| format!("container {name}")))?;
-            bytes.extend_from_slice(&chunk.into_bytes());
+            window.push(&chunk?);
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        Ok(window.finish())
     }
 
     // ---- events ----------------------------------------------------------
@@ -334,5 +451,36 @@ impl Engine {
         Ok(Box::pin(
             lines.map(|line| line.and_then(|value| model::parse_event(&value))),
         ))
+    }
+}
+
+#[cfg(test)]
+mod log_window_tests {
+    use super::LogWindow;
+
+    fn window(tail: usize, max: usize, chunks: &[&str]) -> (String, u64) {
+        let mut w = LogWindow::new(tail, max);
+        for c in chunks {
+            w.push(c.as_bytes());
+        }
+        let r = w.finish();
+        (r.text, r.dropped_bytes)
+    }
+
+    #[test]
+    fn the_window_keeps_the_last_lines_across_chunk_boundaries() {
+        assert_eq!(window(2, 100, &["a\nb", "b\nc", "c\n"]), ("bb\ncc\n".to_owned(), 0));
+        assert_eq!(window(usize::MAX, 100, &["a\nb"]), ("a\nb".to_owned(), 0));
+        assert_eq!(window(0, 100, &["a\n"]), (String::new(), 0));
+    }
+
+    #[test]
+    fn over_the_cap_the_oldest_whole_lines_of_the_tail_are_left_out_and_counted() {
+        // Tail 3 of five lines: "333\n4444\n55555\n" is 15 bytes; 11 fit.
+        let (text, dropped) = window(3, 11, &["1\n22\n333\n4444\n55555\n"]);
+        assert_eq!(text, "4444\n55555\n");
+        assert_eq!(dropped, 4, "only the tail's own lines count as dropped");
+        // One line alone over the cap leaves nothing, and says so.
+        assert_eq!(window(5, 3, &["12345\n"]), (String::new(), 6));
     }
 }

@@ -13,6 +13,8 @@ use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::Digest;
 
+use super::ImageLock;
+
 const LEDGER_VERSION: u32 = 1;
 /// Far more than any real ledger; a bigger file is not one.
 const MAX_LEDGER_BYTES: u64 = 16 << 20;
@@ -142,6 +144,34 @@ fn parse(bytes: &[u8]) -> Result<Ledger, String> {
         return Err(format!("version {} is not {LEDGER_VERSION}", ledger.version));
     }
     Ok(ledger)
+}
+
+/// Records that the store holds `record`'s image: replaces the record of
+/// the same app and config digest (keeping its import time when the new
+/// one has none), keeps the records in `lock`'s order, and writes the
+/// ledger when that changed it. The caller holds the ledger's write lock.
+pub(crate) fn record(data_root: &DataRoot, lock: &ImageLock, mut record: LedgerRecord) -> io::Result<()> {
+    let loaded = load(data_root);
+    let mut ledger = loaded.ledger.clone();
+    let same = |r: &LedgerRecord| r.app == record.app && r.config_digest == record.config_digest;
+    if let Some(old) = ledger.images.iter().find(|r| same(r)) {
+        if record.imported_at.is_none() {
+            record.imported_at.clone_from(&old.imported_at);
+        }
+    }
+    ledger.images.retain(|r| !same(r));
+    ledger.images.push(record);
+    let position = |r: &LedgerRecord| {
+        lock.images
+            .iter()
+            .position(|e| e.app == r.app && e.config_digest == r.config_digest)
+            .unwrap_or(usize::MAX)
+    };
+    ledger.images.sort_by_key(position);
+    if loaded.rewrite || ledger != loaded.ledger {
+        save(data_root, &ledger)?;
+    }
+    Ok(())
 }
 
 /// Writes the ledger atomically (temporary file, fsync, rename).

@@ -12,6 +12,7 @@
 pub mod commands;
 mod ledger;
 mod lock;
+mod retry;
 
 use std::fs::File;
 use std::io::{self, Read as _};
@@ -27,6 +28,11 @@ use crate::manifest::{Digest, PinnedImage};
 
 pub use ledger::{Ledger, LedgerRecord};
 pub use lock::{load_lock, parse_lock, ImageLock, LockEntry, LockError, LOCK_FILE, LOCK_VERSION};
+pub use retry::ImportRetry;
+
+/// One writer of the ledger at a time within the agent: a retry and an
+/// install may import at once.
+static LEDGER_WRITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where a node's image folder is, unless `--images` or `ARCHY_IMAGES`
 /// says otherwise.
@@ -39,10 +45,14 @@ const HASH_CHUNK: usize = 1 << 20;
 /// entry whose `reference` names the same image (registry, repository, tag
 /// and digest). Whether the store holds it is for the caller to ask.
 pub fn local_image_for<'a>(lock: &'a ImageLock, reference: &PinnedImage) -> Option<&'a Digest> {
+    entry_for(lock, reference).map(|e| &e.config_digest)
+}
+
+/// The lock entry whose `reference` names the same image as `reference`.
+pub fn entry_for<'a>(lock: &'a ImageLock, reference: &PinnedImage) -> Option<&'a LockEntry> {
     lock.images
         .iter()
         .find(|e| lock::same_reference(&e.reference, reference))
-        .map(|e| &e.config_digest)
 }
 
 /// What became of one lock entry.
@@ -194,6 +204,7 @@ pub async fn import_all(engine: &Engine, dir: &Path, data_root: &DataRoot) -> Im
         });
     }
     if loaded.rewrite || ledger != old {
+        let _writing = LEDGER_WRITE.lock().await;
         if let Err(e) = ledger::save(data_root, &ledger) {
             let path = data_root.images_ledger();
             tracing::warn!(path = %path.display(), error = %e, "cannot write the image ledger");
@@ -203,6 +214,40 @@ pub async fn import_all(engine: &Engine, dir: &Path, data_root: &DataRoot) -> Im
         }
     }
     report
+}
+
+/// Imports one entry of `lock` (unless the store holds it already) and,
+/// when the store then holds it, records it in the ledger. For the boot
+/// import's retries and for an install that finds its image in the folder.
+pub async fn import_entry(
+    engine: &Engine,
+    dir: &Path,
+    data_root: &DataRoot,
+    lock: &ImageLock,
+    entry: &LockEntry,
+) -> EntryOutcome {
+    let (outcome, in_store) = import_one(engine, dir, entry).await;
+    if in_store == Some(true) {
+        let imported_at = matches!(outcome, Outcome::Imported { .. }).then(now_rfc3339);
+        let record = LedgerRecord {
+            app: entry.app.clone(),
+            reference: entry.reference.clone(),
+            config_digest: entry.config_digest.clone(),
+            archive_sha256: entry.archive_sha256.clone(),
+            imported_at,
+        };
+        let _writing = LEDGER_WRITE.lock().await;
+        if let Err(e) = ledger::record(data_root, lock, record) {
+            let path = data_root.images_ledger();
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the image ledger");
+        }
+    }
+    EntryOutcome {
+        app: entry.app.clone(),
+        reference: entry.reference.clone(),
+        config_digest: entry.config_digest.clone(),
+        outcome,
+    }
 }
 
 /// One entry: its outcome, and whether the store now holds its image

@@ -69,7 +69,7 @@ impl Orchestrator {
     /// Renders the config files and starts the installed container.
     pub async fn start_app(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             self.start_with_files(&m, &spec, Self::not_installed(app, &spec.name))
                 .await
         })
@@ -81,14 +81,14 @@ impl Orchestrator {
     /// itself is kept (same id).
     pub async fn restart_app(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             let not_installed = Self::not_installed(app, &spec.name);
             self.engine
                 .stop(&spec.name, spec.stop_grace_period)
                 .await
                 .map_err(&not_installed)?;
             if !self.is_adopted(app, &spec.name).await? {
-                self.render_files(&m)?;
+                self.render_files(&m).await?;
             }
             self.engine.start(&spec.name).await.map_err(not_installed)
         })
@@ -104,7 +104,7 @@ impl Orchestrator {
 
     pub async fn unpause(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             self.engine.unpause(&spec.name).await.map_err(Self::engine_err(app))
         })
         .await
@@ -115,7 +115,7 @@ impl Orchestrator {
     /// Refused for an adopted container: only `upgrade` replaces those.
     pub async fn rebuild(&self, app: &str, hold: HoldPolicy) -> Result<()> {
         self.with_app(app, hold, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             if self.is_adopted(app, &spec.name).await? {
                 return Err(anyhow::anyhow!(
                     "{app}: {} was not created by the agent and is never removed; `archy-agent upgrade {app}` converts it",

@@ -205,11 +205,15 @@ pub async fn run(
             }
         }
         AppOp::Logs { app, tail } => {
-            let logs = orch.logs(&app, tail).await?;
+            let r = orch.logs(&app, tail).await?;
             if json {
-                json_line(out, &serde_json::json!({ "app": app, "logs": logs }))?;
+                json_line(out, &r)?;
             } else {
-                out.write_all(logs.as_bytes())?;
+                out.write_all(r.logs.as_bytes())?;
+                if let Some(cut) = &r.cut {
+                    // Beside the log, not in it: stdout stays the log alone.
+                    eprintln!("archy-agent: the log of {app} was {cut}");
+                }
             }
         }
     }

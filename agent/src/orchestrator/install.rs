@@ -92,11 +92,18 @@ pub fn built_tag(m: &Manifest) -> anyhow::Result<Option<String>> {
     let ImageSource::Build { context, containerfile } = &m.image else {
         return Ok(None);
     };
+    Ok(Some(build_tag(&m.id, &context_hash(context, containerfile)?)))
+}
+
+/// The hash a build tag carries: every path and byte of the context, and
+/// the Containerfile's name (16 hex digits). Reads the whole context: the
+/// agent asks for it through [`super::ContextHashes`], once per change.
+pub(crate) fn context_hash(context: &Path, containerfile: &Path) -> anyhow::Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(containerfile.to_string_lossy().as_bytes());
     hash_tree(context, context, &mut hasher)?;
     let hex = format!("{:x}", hasher.finalize());
-    Ok(Some(build_tag(&m.id, &hex[..16])))
+    Ok(hex[..16].to_owned())
 }
 
 fn hash_tree(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
@@ -154,12 +161,14 @@ async fn ensure_image(
 }
 
 /// The config digest of the image the image folder's lock ships for this
-/// exact reference, when the engine's store holds it: an imported archive
-/// stands for its pinned reference (docs/images.md), though the store knows
-/// it only by config digest and tag, not by the digest the manifest pins.
-/// `None` (pull instead) when there is no lock, no entry, or no such image.
+/// exact reference, imported first when the engine's store lacks it: an
+/// imported archive stands for its pinned reference (docs/images.md),
+/// though the store knows it only by config digest and tag, not by the
+/// digest the manifest pins. `None` (pull instead) when there is no lock,
+/// no entry, or the archive cannot be imported (said in the log).
 async fn imported_image(orch: &Orchestrator, app: &str, image: &PinnedImage) -> Option<String> {
-    let lock = match images::load_lock(&orch.config.images_dir) {
+    let dir = &orch.config.images_dir;
+    let lock = match images::load_lock(dir) {
         Ok(lock) => lock,
         Err(LockError::Missing { .. }) => return None,
         Err(e) => {
@@ -168,23 +177,20 @@ async fn imported_image(orch: &Orchestrator, app: &str, image: &PinnedImage) -> 
             return None;
         }
     };
-    let digest = images::local_image_for(&lock, image)?;
-    match orch.engine.has_image(digest.as_str()).await {
-        Ok(true) => {
+    let entry = images::entry_for(&lock, image)?;
+    let digest = &entry.config_digest;
+    let done = images::import_entry(&orch.engine, dir, &orch.config.data_root, &lock, entry).await;
+    match done.outcome {
+        images::Outcome::AlreadyPresent => {
             tracing::info!(app, image = %image, config_digest = %digest, "using the imported image");
             Some(digest.to_string())
         }
-        Ok(false) => {
-            tracing::info!(app, image = %image, config_digest = %digest, "the lock ships this image but it is not imported; pulling");
-            None
+        images::Outcome::Imported { ms } => {
+            tracing::info!(app, image = %image, config_digest = %digest, ms, "imported the image from the image folder");
+            Some(digest.to_string())
         }
-        Err(e) => {
-            let error = crate::error_chain(&e);
-            tracing::warn!(
-                app,
-                error,
-                "cannot ask the store for the imported image, pulling instead"
-            );
+        images::Outcome::Skipped { reason } => {
+            tracing::warn!(app, image = %image, config_digest = %digest, reason, "the image folder's archive cannot be imported; pulling instead");
             None
         }
     }
@@ -265,21 +271,26 @@ fn pinned_matches(repo_digests: &[String], image: &PinnedImage) -> bool {
 
 /// Creates the app's folders (owned by its user), its secrets and its
 /// config files.
-fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Result<()> {
-    prepare_folders_and_secrets(orch, m, spec)?;
+async fn prepare_host(orch: &Orchestrator, m: &Manifest, spec: &ContainerSpec) -> Result<()> {
+    prepare_folders_and_secrets(orch, m, spec).await?;
     // Config files before the container exists: it must never start
     // without them, or with an old version of them.
-    orch.render_files(m)?;
+    orch.render_files(m).await?;
     Ok(())
 }
 
-/// Creates the app's folders (owned by its user) and its secrets. Each
+/// Creates the app's folders (owned by its user) and its secrets, off the
+/// async threads (rootless, giving a folder runs `podman unshare`). Each
 /// volume's folder is resolved through the confined walk ([`AppDir`]): a
 /// symlink where a folder should be is refused, never mounted.
-fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, _spec: &ContainerSpec) -> anyhow::Result<()> {
-    prepare_volumes(&orch.config.data_root, m)?;
-    crate::secrets::provision_app_secrets(&orch.config.data_root, &m.id, &m.secrets, m.owner())?;
-    Ok(())
+async fn prepare_folders_and_secrets(orch: &Orchestrator, m: &Manifest, _spec: &ContainerSpec) -> anyhow::Result<()> {
+    let (data_root, m) = (orch.config.data_root.clone(), m.clone());
+    super::blocking("preparing folders and secrets", move || {
+        prepare_volumes(&data_root, &m)?;
+        crate::secrets::provision_app_secrets(&data_root, &m.id, &m.secrets, m.owner())?;
+        Ok(())
+    })
+    .await
 }
 
 /// Makes (or checks) the folder of each of `m`'s volumes through the
@@ -331,7 +342,7 @@ async fn create_and_start(orch: &Orchestrator, app: &str, spec: &ContainerSpec, 
 
 pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<InstallReport> {
     let app = m.id.as_str();
-    let spec = orch.spec(m)?;
+    let spec = orch.spec(m).await?;
     let (image_id, attempts, built) = ensure_image(orch, m, &spec).await?;
     let mut report = InstallReport {
         app: app.to_owned(),
@@ -351,12 +362,12 @@ pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<Install
                 container: spec.name,
             });
         }
-        prepare_folders_and_secrets(orch, m, &spec)?;
+        prepare_folders_and_secrets(orch, m, &spec).await?;
         orch.start_with_files(m, &spec, |e| Orchestrator::engine_err(app)(e))
             .await?;
         return Ok(report);
     }
-    prepare_host(orch, m, &spec)?;
+    prepare_host(orch, m, &spec).await?;
     create_and_start(orch, app, &spec, &image_id).await?;
     tracing::info!(app, container = %spec.name, image = %spec.image, "installed");
     report.created = true;
@@ -373,7 +384,7 @@ pub(super) async fn install(orch: &Orchestrator, m: &Manifest) -> Result<Install
 pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<UpgradeReport> {
     let app = m.id.as_str();
     let data_root = &orch.config.data_root;
-    let spec = orch.spec(m)?;
+    let spec = orch.spec(m).await?;
     let backup = format!("{}{BACKUP_SUFFIX}", spec.name);
 
     // An earlier upgrade of this app was interrupted: finished or undone
@@ -436,7 +447,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
     // Folders and secrets change nothing the old container reads; the
     // templates are rendered (not written) now, so a broken one stops the
     // upgrade before anything is stopped.
-    prepare_folders_and_secrets(orch, m, &spec)?;
+    prepare_folders_and_secrets(orch, m, &spec).await?;
     // Converting an adopted container: its owner's config files stay
     // beside the ones the manifest renders.
     let adopted = !is_managed(&old.labels);
@@ -477,7 +488,7 @@ pub(super) async fn upgrade(orch: &Orchestrator, m: &Manifest) -> Result<Upgrade
             .map_err(|e| chain(Orchestrator::engine_err(app)(e)))?;
         j.record(data_root, Step::Render).map_err(journal_err)?;
         j.set_files_aside(data_root).map_err(journal_err)?;
-        orch.render_files(m).map_err(chain)?;
+        orch.render_files(m).await.map_err(chain)?;
         j.record(data_root, Step::Create).map_err(journal_err)?;
         create(orch, app, &spec, &image_id).await.map_err(chain)?;
         j.record(data_root, Step::Start).map_err(journal_err)?;

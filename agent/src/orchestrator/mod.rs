@@ -9,12 +9,14 @@
 
 mod act;
 pub mod commands;
+mod context_hash;
 mod devcopy;
 mod health;
 mod hold;
 mod install;
 pub mod journal;
 mod locks;
+mod logs;
 mod shutdown;
 mod status;
 
@@ -28,16 +30,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataroot::DataRoot;
 use crate::engine::{ContainerInfo, Engine, EngineError};
-use crate::manifest::{self, LoadOptions, LoadReport, Manifest, Naming, NamingError};
-use crate::spec::{ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::manifest::{self, ImageSource, LoadOptions, LoadReport, Manifest, Naming, NamingError};
+use crate::spec::{build_tag, ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
 
 pub use act::HoldPolicy;
+pub use context_hash::ContextHashes;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
 pub use install::{built_tag, prepare_volumes, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
 pub use journal::{recover_upgrades, Recovered, Recovery};
 pub use locks::AppLocks;
+pub use logs::{LogCut, LogsReport, DEFAULT_LOG_TAIL, MAX_LOG_REPLY_BYTES};
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
 pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
+
+/// Runs blocking work (file I/O, `podman unshare`, hashing) on tokio's
+/// blocking threads, so that it never stalls the agent's async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .with_context(|| format!("{what} did not finish (panicked or cancelled)"))?
+}
 
 /// Suffix of the stopped container an upgrade keeps until the new one is
 /// healthy.
@@ -112,7 +127,9 @@ pub trait ContainerOrchestrator: Send + Sync {
     async fn status(&self, app: &str) -> Result<AppStatus>;
     /// Every app's status, in start order.
     async fn list(&self) -> Result<Vec<AppStatus>>;
-    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<String>;
+    /// The last `tail` lines of the app's log ([`DEFAULT_LOG_TAIL`] when
+    /// `None`), at most [`MAX_LOG_REPLY_BYTES`] of them, saying when cut.
+    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<LogsReport>;
     async fn health(&self, app: &str) -> Result<HealthReport>;
 }
 
@@ -152,6 +169,10 @@ pub struct Orchestrator {
     config: OrchestratorConfig,
     apps: RwLock<Arc<LoadReport>>,
     locks: AppLocks,
+    /// The most log bytes one reply carries ([`MAX_LOG_REPLY_BYTES`]).
+    log_reply_limit: usize,
+    /// Each built app's context hash, kept until its context changes.
+    context_hashes: Arc<ContextHashes>,
 }
 
 impl Orchestrator {
@@ -190,6 +211,8 @@ impl Orchestrator {
             config,
             apps: RwLock::new(Arc::new(LoadReport::default())),
             locks: AppLocks::default(),
+            log_reply_limit: MAX_LOG_REPLY_BYTES,
+            context_hashes: Arc::default(),
         };
         orch.reload();
         orch
@@ -239,9 +262,24 @@ impl Orchestrator {
             })
     }
 
-    /// The container `app` should have.
-    pub fn spec(&self, m: &Manifest) -> Result<ContainerSpec> {
-        let built = install::built_tag(m)?;
+    /// The container `app` should have. A built app's image tag follows
+    /// its context's hash, computed off the async threads and only when the
+    /// context changed ([`ContextHashes`]).
+    pub async fn spec(&self, m: &Manifest) -> Result<ContainerSpec> {
+        let built = match &m.image {
+            ImageSource::Build { context, containerfile } => {
+                let (hashes, app) = (self.context_hashes.clone(), m.id.clone());
+                let (context, containerfile) = (context.clone(), containerfile.clone());
+                let hash = blocking("hashing a build context", move || {
+                    hashes.get(app.as_str(), &context, &containerfile, || {
+                        install::context_hash(&context, &containerfile)
+                    })
+                })
+                .await?;
+                Some(build_tag(&m.id, &hash))
+            }
+            ImageSource::Pinned(_) => None,
+        };
         Ok(ContainerSpec::from_manifest(
             m,
             &self.config.naming,
@@ -250,16 +288,26 @@ impl Orchestrator {
         )?)
     }
 
+    /// The build context hashes this orchestrator keeps.
+    pub fn context_hashes(&self) -> &ContextHashes {
+        &self.context_hashes
+    }
+
     /// Renders `m`'s config files and writes those that changed (see
-    /// [`crate::files`]). Returns the changed ones.
-    pub fn render_files(&self, m: &Manifest) -> Result<Vec<String>> {
-        let all = self.manifests();
-        Ok(crate::files::sync(
-            &self.config.data_root,
-            m,
-            &all,
-            &self.config.naming,
-        )?)
+    /// [`crate::files`]), off the async threads (rootless, giving a file
+    /// to its container user runs `podman unshare`). Returns the changed
+    /// ones.
+    pub async fn render_files(&self, m: &Manifest) -> Result<Vec<String>> {
+        let (data_root, m, all, naming) = (
+            self.config.data_root.clone(),
+            m.clone(),
+            self.manifests(),
+            self.config.naming,
+        );
+        Ok(blocking("rendering config files", move || {
+            crate::files::sync(&data_root, &m, &all, &naming)
+        })
+        .await?)
     }
 
     /// Renders `m`'s config files and refreshes its secret copies, then
@@ -278,9 +326,17 @@ impl Orchestrator {
         if self.is_adopted(m.id.as_str(), &spec.name).await? {
             return self.engine.start(&spec.name).await.map_err(map);
         }
-        let secrets_changed =
-            crate::secrets::provision_app_secrets(&self.config.data_root, &m.id, &m.secrets, m.owner())?;
-        if !self.render_files(m)?.is_empty() || secrets_changed {
+        let (data_root, app, secrets, owner) = (
+            self.config.data_root.clone(),
+            m.id.clone(),
+            m.secrets.clone(),
+            m.owner(),
+        );
+        let secrets_changed = blocking("copying secrets", move || {
+            crate::secrets::provision_app_secrets(&data_root, &app, &secrets, owner)
+        })
+        .await?;
+        if !self.render_files(m).await?.is_empty() || secrets_changed {
             self.engine
                 .stop(&spec.name, spec.stop_grace_period)
                 .await
@@ -366,7 +422,7 @@ impl Orchestrator {
     }
 
     async fn status_of(&self, m: &Manifest) -> Result<(AppStatus, Option<ProbeResult>)> {
-        let spec = self.spec(m)?;
+        let spec = self.spec(m).await?;
         let info = self.inspect(m.id.as_str(), &spec.name).await?;
         let mut probe = None;
         let mut health_state = None;
@@ -458,7 +514,7 @@ impl ContainerOrchestrator for Orchestrator {
 
     async fn stop(&self, app: &str) -> Result<()> {
         self.with_app(app, HoldPolicy::Place, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             self.engine
                 .stop(&spec.name, spec.stop_grace_period)
                 .await
@@ -474,7 +530,7 @@ impl ContainerOrchestrator for Orchestrator {
     async fn remove(&self, app: &str) -> Result<()> {
         // Removed on purpose: reconcile must not install it again.
         self.with_app(app, HoldPolicy::Place, |m| async move {
-            let spec = self.spec(&m)?;
+            let spec = self.spec(&m).await?;
             if self.inspect(app, &spec.name).await?.is_none() {
                 return Err(OrchestratorError::NotInstalled {
                     app: app.to_owned(),
@@ -507,13 +563,8 @@ impl ContainerOrchestrator for Orchestrator {
         Ok(out)
     }
 
-    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<String> {
-        let m = self.manifest(app)?;
-        let spec = self.spec(&m)?;
-        self.engine
-            .logs(&spec.name, tail)
-            .await
-            .map_err(Self::not_installed(app, &spec.name))
+    async fn logs(&self, app: &str, tail: Option<usize>) -> Result<LogsReport> {
+        self.logs_report(app, tail).await
     }
 
     async fn health(&self, app: &str) -> Result<HealthReport> {

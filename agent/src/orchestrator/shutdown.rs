@@ -118,7 +118,7 @@ impl Orchestrator {
 
     async fn stop_for_shutdown(&self, m: &Manifest) -> StopOutcome {
         let app = m.id.to_string();
-        let spec = match self.spec(m) {
+        let spec = match self.spec(m).await {
             Ok(spec) => spec,
             Err(e) => {
                 return StopOutcome {

@@ -99,6 +99,11 @@ pub async fn run(
         },
     ));
     let mut reconciler = Reconciler::new(orch.clone());
+    reconciler.retry_imports(crate::images::ImportRetry::from_report(
+        &imported,
+        &config.data_root,
+        Instant::now(),
+    ));
     // Requests from the control socket and from the caller share one queue.
     let (queue_tx, queue) = mpsc::channel::<ReconcileRequest>(8);
     let forward = queue_tx.clone();

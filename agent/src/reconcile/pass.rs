@@ -84,6 +84,9 @@ pub struct Reconciler {
     desired: Option<DesiredSet>,
     /// Whether the pass only plans (adopt --dry-run, reconcile reports).
     dry_run: bool,
+    /// What the boot import skipped, retried at the start of each pass
+    /// once its backoff ends (`boot` only).
+    image_retry: Option<crate::images::ImportRetry>,
 }
 
 impl Reconciler {
@@ -94,7 +97,13 @@ impl Reconciler {
             memory,
             desired: None,
             dry_run: false,
+            image_retry: None,
         }
+    }
+
+    /// Retries what the boot import skipped on later passes.
+    pub fn retry_imports(&mut self, retry: crate::images::ImportRetry) {
+        self.image_retry = Some(retry).filter(|r| !r.is_done());
     }
 
     /// A reconciler that plans but never acts or writes state.
@@ -117,14 +126,14 @@ impl Reconciler {
 
     /// The desired set, recomputed only when the manifests were reloaded:
     /// hashing build contexts on every event would make quiet passes slow.
-    fn desired(&mut self) -> &DesiredSet {
+    async fn desired(&mut self) -> &DesiredSet {
         let report = self.orch.report();
         let stale = self.desired.as_ref().is_none_or(|d| !Arc::ptr_eq(&d.report, &report));
         if stale {
             let mut desired = Vec::new();
             let mut errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
             for m in self.orch.manifests() {
-                match self.orch.spec(&m) {
+                match self.orch.spec(&m).await {
                     Ok(spec) => desired.push(Desired {
                         app: m.id.clone(),
                         container: spec.name.clone(),
@@ -156,7 +165,11 @@ impl Reconciler {
     /// One pass. Never fails: problems are in the report.
     pub async fn pass(&mut self) -> PassReport {
         let started = StdInstant::now();
-        let set = self.desired();
+        // First, so that an install in this pass finds the image.
+        if let Some(retry) = &mut self.image_retry {
+            retry.retry_due(self.orch.engine(), Instant::now()).await;
+        }
+        let set = self.desired().await;
         let manifest_errors = set.errors.clone();
         let mut desired = set.desired.clone();
         let (with_files, all) = (set.with_files.clone(), set.report.clone());
@@ -180,7 +193,7 @@ impl Reconciler {
                 d.differences = self.hand_made_differences(&d.app, &c.name).await;
             }
         }
-        let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps);
+        let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps).await;
         let now = Instant::now();
         let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
 
@@ -252,93 +265,63 @@ impl Reconciler {
     /// any file is written, so an agent killed in between still restarts
     /// the app on its next pass. A dry run writes nothing and returns the
     /// memory it would have. Returns render errors by app.
-    fn render_files(
+    async fn render_files(
         &mut self,
         desired: &[Desired],
         observed: &BTreeMap<String, ContainerSummary>,
         with_files: &[Manifest],
         all: &[Manifest],
     ) -> (BTreeMap<String, String>, Option<BTreeMap<AppId, AppMemory>>) {
-        let mut errors = BTreeMap::new();
-        let mut rendered = Vec::new();
-        let (data_root, naming) = (&self.orch.config().data_root, &self.orch.config().naming);
-        for m in with_files {
-            let Some(d) = desired.iter().find(|d| d.app == m.id) else {
-                continue;
-            };
-            if d.held || !observed.get(&d.container).is_some_and(|c| is_managed(&c.labels)) {
-                continue;
+        // Only apps with a container of the agent's own and no hold.
+        let eligible = |m: &Manifest| {
+            desired
+                .iter()
+                .find(|d| d.app == m.id)
+                .is_some_and(|d| !d.held && observed.get(&d.container).is_some_and(|c| is_managed(&c.labels)))
+        };
+        let with_files: Vec<Manifest> = with_files.iter().filter(|m| eligible(m)).cloned().collect();
+        let with_secrets: Vec<Manifest> = all
+            .iter()
+            .filter(|m| !m.secrets.is_empty() && eligible(m))
+            .cloned()
+            .collect();
+        let apps: Vec<String> = with_files
+            .iter()
+            .chain(&with_secrets)
+            .map(|m| m.id.to_string())
+            .collect();
+        let (data_root, naming, dry_run) = (
+            self.orch.config().data_root.clone(),
+            self.orch.config().naming,
+            self.dry_run,
+        );
+        let (all, mut memory) = (all.to_vec(), self.memory.clone());
+        // Off the async threads: files, secrets and, rootless, `podman unshare`.
+        let outcome = crate::orchestrator::blocking("rendering config files", move || {
+            let errors = render_and_apply(
+                &data_root,
+                &naming,
+                dry_run,
+                &with_files,
+                &with_secrets,
+                &all,
+                &mut memory,
+            );
+            Ok((errors, memory))
+        })
+        .await;
+        match outcome {
+            Ok((errors, memory)) if self.dry_run => (errors, Some(memory)),
+            Ok((errors, memory)) => {
+                self.memory = memory;
+                (errors, None)
             }
-            match files::render_app(data_root, m, all, naming, !self.dry_run) {
-                Ok(r) => rendered.push((m, r)),
-                Err(e) => {
-                    let error = format!("{e:#}");
-                    tracing::warn!(app = %m.id, error, "cannot render config files");
-                    errors.insert(m.id.to_string(), error);
-                }
-            }
-        }
-        // Secret copies follow the node's secrets the same way: the
-        // container sees a refreshed copy once the app restarts.
-        let mut stale_secrets = Vec::new();
-        for m in all.iter().filter(|m| !m.secrets.is_empty()) {
-            let Some(d) = desired.iter().find(|d| d.app == m.id) else {
-                continue;
-            };
-            if d.held || !observed.get(&d.container).is_some_and(|c| is_managed(&c.labels)) {
-                continue;
-            }
-            let stale = crate::secrets::stale_app_copies(data_root, &m.id, &m.secrets);
-            if !stale.is_empty() {
-                stale_secrets.push((m, stale));
-            }
-        }
-        let mut memory = self.dry_run.then(|| self.memory.clone());
-        let target = memory.as_mut().unwrap_or(&mut self.memory);
-        let mut pending = false;
-        let secret_changes = stale_secrets.iter().map(|(m, names)| {
-            let mounted = names.iter().map(|n| format!("{SECRETS_MOUNT_DIR}/{n}")).collect();
-            (*m, mounted)
-        });
-        let file_changes = rendered.iter().map(|(m, r)| (*m, files::changed(r)));
-        for (m, changed) in file_changes.chain(secret_changes) {
-            if changed.is_empty() {
-                continue;
-            }
-            let list = &mut target.entry(m.id.clone()).or_default().config_changed;
-            for file in changed {
-                if !list.contains(&file) {
-                    list.push(file);
-                    pending = true;
-                }
-            }
-        }
-        if self.dry_run {
-            return (errors, memory);
-        }
-        if pending {
-            if let Err(e) = state::save(data_root, &self.memory) {
-                tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
-            }
-        }
-        for (m, r) in &rendered {
-            if let Err(e) = files::apply(data_root, m, r) {
+            Err(e) => {
                 let error = format!("{e:#}");
-                tracing::warn!(app = %m.id, error, "cannot write config files");
-                errors.insert(m.id.to_string(), error);
+                tracing::error!(error, "rendering config files failed");
+                (apps.into_iter().map(|app| (app, error.clone())).collect(), None)
             }
         }
-        for (m, names) in &stale_secrets {
-            match crate::secrets::provision_app_secrets(data_root, &m.id, &m.secrets, m.owner()) {
-                Ok(_) => tracing::info!(app = %m.id, secrets = ?names, "refreshed the app's secret copies"),
-                Err(e) => {
-                    let error = format!("{e:#}");
-                    tracing::warn!(app = %m.id, error, "cannot refresh the app's secret copies");
-                    errors.entry(m.id.to_string()).or_insert(error);
-                }
-            }
-        }
-        (errors, None)
     }
 
     /// How the container made by hand `name` differs from `app`'s
@@ -349,7 +332,7 @@ impl Reconciler {
         let Ok(m) = self.orch.manifest(app.as_str()) else {
             return Vec::new();
         };
-        let (spec, info) = match (self.orch.spec(&m), self.orch.engine().inspect(name).await) {
+        let (spec, info) = match (self.orch.spec(&m).await, self.orch.engine().inspect(name).await) {
             (Ok(spec), Ok(info)) => (spec, info),
             (Err(e), _) => {
                 tracing::warn!(app = %app, error = %crate::error_chain(&e), "cannot compare the adopted container");
@@ -362,6 +345,87 @@ impl Reconciler {
         };
         self.orch.hand_made_differences(&m, &spec, &info).await
     }
+}
+
+/// What [`Reconciler::render_files`] does off the async threads: renders
+/// `with_files`' config files and finds `with_secrets`' stale secret
+/// copies, records the changes in `memory`, then (unless `dry_run`) saves
+/// it and only then writes the files and refreshes the copies. Returns
+/// the errors by app.
+fn render_and_apply(
+    data_root: &crate::dataroot::DataRoot,
+    naming: &crate::manifest::Naming,
+    dry_run: bool,
+    with_files: &[Manifest],
+    with_secrets: &[Manifest],
+    all: &[Manifest],
+    memory: &mut BTreeMap<AppId, AppMemory>,
+) -> BTreeMap<String, String> {
+    let mut errors = BTreeMap::new();
+    let mut rendered = Vec::new();
+    for m in with_files {
+        match files::render_app(data_root, m, all, naming, !dry_run) {
+            Ok(r) => rendered.push((m, r)),
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(app = %m.id, error, "cannot render config files");
+                errors.insert(m.id.to_string(), error);
+            }
+        }
+    }
+    // Secret copies follow the node's secrets the same way: the
+    // container sees a refreshed copy once the app restarts.
+    let mut stale_secrets = Vec::new();
+    for m in with_secrets {
+        let stale = crate::secrets::stale_app_copies(data_root, &m.id, &m.secrets);
+        if !stale.is_empty() {
+            stale_secrets.push((m, stale));
+        }
+    }
+    let mut pending = false;
+    let secret_changes = stale_secrets.iter().map(|(m, names)| {
+        let mounted = names.iter().map(|n| format!("{SECRETS_MOUNT_DIR}/{n}")).collect();
+        (*m, mounted)
+    });
+    let file_changes = rendered.iter().map(|(m, r)| (*m, files::changed(r)));
+    for (m, changed) in file_changes.chain(secret_changes) {
+        if changed.is_empty() {
+            continue;
+        }
+        let list = &mut memory.entry(m.id.clone()).or_default().config_changed;
+        for file in changed {
+            if !list.contains(&file) {
+                list.push(file);
+                pending = true;
+            }
+        }
+    }
+    if dry_run {
+        return errors;
+    }
+    if pending {
+        if let Err(e) = state::save(data_root, memory) {
+            tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
+        }
+    }
+    for (m, r) in &rendered {
+        if let Err(e) = files::apply(data_root, m, r) {
+            let error = format!("{e:#}");
+            tracing::warn!(app = %m.id, error, "cannot write config files");
+            errors.insert(m.id.to_string(), error);
+        }
+    }
+    for (m, names) in &stale_secrets {
+        match crate::secrets::provision_app_secrets(data_root, &m.id, &m.secrets, m.owner()) {
+            Ok(_) => tracing::info!(app = %m.id, secrets = ?names, "refreshed the app's secret copies"),
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(app = %m.id, error, "cannot refresh the app's secret copies");
+                errors.entry(m.id.to_string()).or_insert(error);
+            }
+        }
+    }
+    errors
 }
 
 fn elapsed_ms(started: StdInstant) -> u64 {
