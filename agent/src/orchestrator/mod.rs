@@ -12,6 +12,7 @@ pub mod commands;
 mod devcopy;
 mod health;
 mod hold;
+mod inflight;
 mod install;
 mod locks;
 mod shutdown;
@@ -32,7 +33,9 @@ use crate::spec::{ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
 
 pub use act::HoldPolicy;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
+pub use inflight::{InFlight, InFlightGuard, InFlightSet, InFlightStatus};
 pub use install::{built_tag, prepare_volumes, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
+pub use install::{Timeouts, TimeoutsError};
 pub use locks::AppLocks;
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
 pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
@@ -150,6 +153,8 @@ pub struct Orchestrator {
     config: OrchestratorConfig,
     apps: RwLock<Arc<LoadReport>>,
     locks: AppLocks,
+    in_flight: InFlightSet,
+    timeouts: Timeouts,
 }
 
 impl Orchestrator {
@@ -188,9 +193,27 @@ impl Orchestrator {
             config,
             apps: RwLock::new(Arc::new(LoadReport::default())),
             locks: AppLocks::default(),
+            in_flight: InFlightSet::default(),
+            timeouts: Timeouts::default(),
         };
         orch.reload();
         orch
+    }
+
+    /// The same orchestrator with other pull and build limits (tests set
+    /// short ones through `ARCHY_TIMEOUTS`, see [`Timeouts::from_env`]).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Orchestrator {
+        self.timeouts = timeouts;
+        self
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// The reconcile actions running now, one at most per app.
+    pub fn in_flight(&self) -> &InFlightSet {
+        &self.in_flight
     }
 
     pub fn config(&self) -> &OrchestratorConfig {
@@ -395,6 +418,10 @@ impl Orchestrator {
             status.differences = self.hand_made_differences(m, &spec, info).await;
             status.drifted |= !status.differences.is_empty();
         }
+        status.in_flight = self
+            .in_flight
+            .get(m.id.as_str())
+            .map(|f| f.status(tokio::time::Instant::now()));
         Ok((status, probe))
     }
 
