@@ -145,6 +145,9 @@ pub struct Reconciler {
     running: usize,
     /// Outcomes recorded since the last pass, for its report.
     ended: Vec<ActionOutcome>,
+    /// The error of each app's latest action, while it stands: shown in
+    /// every report until an action succeeds or the app runs well.
+    last_errors: BTreeMap<String, String>,
     /// Apps seen healthy, with the container id they were seen in: not
     /// probed again while they stay running.
     seen_healthy: BTreeMap<AppId, String>,
@@ -163,6 +166,7 @@ impl Reconciler {
             done_rx,
             running: 0,
             ended: Vec::new(),
+            last_errors: BTreeMap::new(),
             seen_healthy: BTreeMap::new(),
         }
     }
@@ -233,7 +237,7 @@ impl Reconciler {
         while let Some(outcome) = self.next_finished().await {
             let outcome = self.record_finished(outcome);
             if let Some(a) = report.apps.iter_mut().find(|a| a.app == outcome.app) {
-                if a.error.is_none() {
+                if outcome.error.is_some() {
                     a.error = outcome.error;
                 }
             }
@@ -279,6 +283,10 @@ impl Reconciler {
             action: f.action.name().to_owned(),
             secs: now.saturating_duration_since(f.started).as_secs(),
             error: f.result.err(),
+        };
+        match &outcome.error {
+            Some(e) => self.last_errors.insert(outcome.app.clone(), e.clone()),
+            None => self.last_errors.remove(&outcome.app),
         };
         // Recorded: the app is free for the next pass (drops its guard).
         drop(f.guard);
@@ -341,12 +349,15 @@ impl Reconciler {
                     record(mem, decision, true, &d.spec_hash, now);
                 }
             }
-            let error = ended
-                .iter()
-                .rev()
-                .find(|o| o.app == p.app)
-                .and_then(|o| o.error.clone())
-                .or_else(|| file_errors.get(&p.app).cloned());
+            if p.decision == Decision::Wait(Wait::Ok) {
+                self.last_errors.remove(&p.app);
+            }
+            // A new action supersedes the last one's error.
+            let standing = match &p.decision {
+                Decision::Act(_) => None,
+                Decision::Wait(_) => self.last_errors.get(&p.app).cloned(),
+            };
+            let error = standing.or_else(|| file_errors.get(&p.app).cloned());
             apps.push(AppReport {
                 observed: observed
                     .get(&p.container)
