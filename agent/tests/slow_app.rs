@@ -7,6 +7,9 @@
 //!
 //! Order is asserted, with bounds far above what each step takes: every
 //! answer comes while A is still in flight (its attempt has not ended).
+//! Before each app's action ran as its own task, the first pass waited
+//! for A's pull and this test failed: "B was not started again while A's
+//! pull hangs".
 
 mod common;
 
