@@ -34,18 +34,24 @@ fn json_line(out: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()>
 fn status_rows(list: &[AppStatus]) -> Vec<[String; 6]> {
     list.iter()
         .map(|s| {
+            let state = match s.health {
+                Some(h) => format!("{}/{h}", s.state),
+                None => match (s.state, s.exit_code) {
+                    (AppState::Stopped | AppState::Killed | AppState::Crashed, Some(code)) => {
+                        format!("{} (exit {code})", s.state)
+                    }
+                    _ => s.state.to_string(),
+                },
+            };
+            // What the agent is doing about it, when it is doing something.
+            let state = match &s.in_flight {
+                Some(f) => format!("{state}; {} in flight {} s", f.action, f.for_secs),
+                None => state,
+            };
             [
                 s.app.clone(),
                 s.container.clone(),
-                match s.health {
-                    Some(h) => format!("{}/{h}", s.state),
-                    None => match (s.state, s.exit_code) {
-                        (AppState::Stopped | AppState::Killed | AppState::Crashed, Some(code)) => {
-                            format!("{} (exit {code})", s.state)
-                        }
-                        _ => s.state.to_string(),
-                    },
-                },
+                state,
                 s.version.clone(),
                 s.running_version.clone().unwrap_or_else(|| "-".to_owned()),
                 if s.update_available || s.drifted { "yes" } else { "" }.to_owned(),

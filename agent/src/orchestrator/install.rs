@@ -20,8 +20,99 @@ use crate::manifest::{network_subnet, ImageSource, Manifest, PinnedImage};
 use crate::registry::{candidates, RegistryStore};
 use crate::spec::{build_tag, ContainerSpec, LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
-/// How long one pull attempt may take before the next registry is tried.
-const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one pull attempt (one registry) may take before the next
+/// registry is tried (docs/registries.md).
+pub const PULL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a pull may take over all its registries together.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long building an app's image from its context may take.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The environment variable that sets shorter limits, for tests only
+/// (`pull-attempt=5s,pull=20s,build=1m`; docs/registries.md).
+pub const TIMEOUTS_ENV: &str = "ARCHY_TIMEOUTS";
+
+/// How long pulls and builds may take: a registry that accepts the
+/// connection and never answers, or a build that hangs, ends in an error
+/// naming the image, the registry and the limit, and the app backs off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// One registry attempt ([`PULL_ATTEMPT_TIMEOUT`]).
+    pub pull_attempt: Duration,
+    /// A whole pull, every registry together ([`PULL_TIMEOUT`]).
+    pub pull: Duration,
+    /// A whole build ([`BUILD_TIMEOUT`]).
+    pub build: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            pull_attempt: PULL_ATTEMPT_TIMEOUT,
+            pull: PULL_TIMEOUT,
+            build: BUILD_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimeoutsError {
+    #[error("{var}: {item:?} is not NAME=DURATION; allowed names: pull-attempt, pull, build (for example pull-attempt=5s,pull=20s,build=1m)")]
+    Shape { var: &'static str, item: String },
+    #[error("{var}: {name}={value:?} is not a duration above zero (for example 5s, 2m): {reason}")]
+    Duration {
+        var: &'static str,
+        name: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Timeouts {
+    /// Parses `pull-attempt=5s,pull=20s,build=1m`; names left out keep
+    /// their defaults.
+    pub fn parse(text: &str) -> Result<Timeouts, TimeoutsError> {
+        let mut t = Timeouts::default();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let shape = || TimeoutsError::Shape {
+                var: TIMEOUTS_ENV,
+                item: item.to_owned(),
+            };
+            let (name, value) = item.split_once('=').ok_or_else(shape)?;
+            let (name, value) = (name.trim(), value.trim());
+            let slot = match name {
+                "pull-attempt" => &mut t.pull_attempt,
+                "pull" => &mut t.pull,
+                "build" => &mut t.build,
+                _ => return Err(shape()),
+            };
+            let bad = |reason: String| TimeoutsError::Duration {
+                var: TIMEOUTS_ENV,
+                name: name.to_owned(),
+                value: value.to_owned(),
+                reason,
+            };
+            let d = humantime::parse_duration(value).map_err(|e| bad(e.to_string()))?;
+            if d.is_zero() {
+                return Err(bad("zero would fail every pull".to_owned()));
+            }
+            *slot = d;
+        }
+        Ok(t)
+    }
+
+    /// The limits [`TIMEOUTS_ENV`] sets, or the defaults when it is unset.
+    pub fn from_env() -> Result<Timeouts, TimeoutsError> {
+        match std::env::var(TIMEOUTS_ENV) {
+            Ok(text) => Timeouts::parse(&text),
+            Err(_) => Ok(Timeouts::default()),
+        }
+    }
+}
+
+/// A duration as people write it (`10m`, `5s`).
+fn shown(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
 
 /// One try at one registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,10 +234,17 @@ async fn ensure_image(
                 return Ok((info.id, Vec::new(), false));
             }
             tracing::info!(app, context = %context.display(), tag = %spec.image, "building image");
-            let info = orch
-                .engine
-                .build_image(context, containerfile, &spec.image)
+            let limit = orch.timeouts().build;
+            let info = tokio::time::timeout(limit, orch.engine.build_image(context, containerfile, &spec.image))
                 .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{app}: building image {} from {} timed out after {} (the build limit)",
+                        spec.image,
+                        context.display(),
+                        shown(limit)
+                    )
+                })?
                 .map_err(Orchestrator::engine_err(app))?;
             Ok((info.id, Vec::new(), true))
         }
@@ -212,6 +310,8 @@ async fn pull_with_fallback(orch: &Orchestrator, app: &str, image: &PinnedImage)
         }
     }
     let mut attempts = Vec::new();
+    let limits = *orch.timeouts();
+    let pull_started = Instant::now();
     for c in cands {
         let registry = c.registry.clone().unwrap_or_else(|| c.image.registry().to_owned());
         let auth = c.credentials.as_ref().map(|cr| RegistryAuth {
@@ -219,8 +319,30 @@ async fn pull_with_fallback(orch: &Orchestrator, app: &str, image: &PinnedImage)
             password: cr.password().to_owned(),
         });
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(PULL_TIMEOUT, orch.engine.pull(&c.image, auth.as_ref())).await {
-            Err(_) => Err(format!("timed out after {}s", PULL_TIMEOUT.as_secs())),
+        // One attempt gets its own limit, or what is left of the pull's.
+        let left = limits.pull.saturating_sub(pull_started.elapsed());
+        if left.is_zero() {
+            attempts.push(PullAttempt {
+                registry,
+                reference: c.image.by_digest(),
+                error: Some(format!(
+                    "not tried: the pull's limit of {} was reached",
+                    shown(limits.pull)
+                )),
+                elapsed_ms: 0,
+            });
+            continue;
+        }
+        let (limit, which) = if left < limits.pull_attempt {
+            (
+                left,
+                format!("what was left of the pull's limit of {}", shown(limits.pull)),
+            )
+        } else {
+            (limits.pull_attempt, "the limit for one registry".to_owned())
+        };
+        let outcome = match tokio::time::timeout(limit, orch.engine.pull(&c.image, auth.as_ref())).await {
+            Err(_) => Err(format!("timed out after {} ({which})", shown(limit))),
             Ok(Err(e)) => Err(crate::error_chain(&e)),
             Ok(Ok(info)) if pinned_matches(&info.repo_digests, image) => Ok(info.id),
             Ok(Ok(info)) => {
@@ -571,4 +693,37 @@ fn files_to_keep(orch: &Orchestrator, m: &Manifest, adopted: bool) -> Result<Vec
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_names_durations_and_keep_defaults_for_the_rest() {
+        let t = Timeouts::parse("pull-attempt=5s, build=1m").expect("valid");
+        assert_eq!(
+            t,
+            Timeouts {
+                pull_attempt: Duration::from_secs(5),
+                pull: PULL_TIMEOUT,
+                build: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(Timeouts::parse("").expect("empty"), Timeouts::default());
+    }
+
+    #[test]
+    fn timeouts_parse_refuses_unknown_names_bad_and_zero_durations_naming_them() {
+        let e = Timeouts::parse("pul=5s").expect_err("unknown name").to_string();
+        assert!(
+            e.contains("ARCHY_TIMEOUTS") && e.contains("\"pul=5s\"") && e.contains("pull-attempt, pull, build"),
+            "{e}"
+        );
+        let e = Timeouts::parse("pull=soon").expect_err("bad duration").to_string();
+        assert!(e.contains("pull=\"soon\""), "{e}");
+        let e = Timeouts::parse("build=0s").expect_err("zero").to_string();
+        assert!(e.contains("build=\"0s\"") && e.contains("above zero"), "{e}");
+        assert!(Timeouts::parse("pull").is_err(), "no value");
+    }
 }

@@ -13,6 +13,7 @@ mod context_hash;
 mod devcopy;
 mod health;
 mod hold;
+mod inflight;
 mod install;
 pub mod journal;
 mod locks;
@@ -36,8 +37,10 @@ use crate::spec::{build_tag, ContainerSpec, LABEL_MANAGED_BY, MANAGED_BY};
 pub use act::HoldPolicy;
 pub use context_hash::ContextHashes;
 pub use health::{http_url, probe_address, NetProbe, ProbeResult};
+pub use inflight::{InFlight, InFlightGuard, InFlightSet, InFlightStatus};
 pub use install::{built_tag, prepare_volumes, InstallReport, PullAttempt, UpgradeReport, PRE_ARCHIPELAGO};
 pub use journal::{recover_upgrades, Recovered, Recovery};
+pub use install::{Timeouts, TimeoutsError};
 pub use locks::AppLocks;
 pub use logs::{LogCut, LogsReport, DEFAULT_LOG_TAIL, MAX_LOG_REPLY_BYTES};
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
@@ -173,6 +176,8 @@ pub struct Orchestrator {
     log_reply_limit: usize,
     /// Each built app's context hash, kept until its context changes.
     context_hashes: Arc<ContextHashes>,
+    in_flight: InFlightSet,
+    timeouts: Timeouts,
 }
 
 impl Orchestrator {
@@ -213,9 +218,27 @@ impl Orchestrator {
             locks: AppLocks::default(),
             log_reply_limit: MAX_LOG_REPLY_BYTES,
             context_hashes: Arc::default(),
+            in_flight: InFlightSet::default(),
+            timeouts: Timeouts::default(),
         };
         orch.reload();
         orch
+    }
+
+    /// The same orchestrator with other pull and build limits (tests set
+    /// short ones through `ARCHY_TIMEOUTS`, see [`Timeouts::from_env`]).
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Orchestrator {
+        self.timeouts = timeouts;
+        self
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// The reconcile actions running now, one at most per app.
+    pub fn in_flight(&self) -> &InFlightSet {
+        &self.in_flight
     }
 
     pub fn config(&self) -> &OrchestratorConfig {
@@ -453,6 +476,10 @@ impl Orchestrator {
             status.differences = self.hand_made_differences(m, &spec, info).await;
             status.drifted |= !status.differences.is_empty();
         }
+        status.in_flight = self
+            .in_flight
+            .get(m.id.as_str())
+            .map(|f| f.status(tokio::time::Instant::now()));
         Ok((status, probe))
     }
 

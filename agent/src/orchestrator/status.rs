@@ -95,6 +95,10 @@ pub struct AppStatus {
     /// is until `upgrade` converts it (see [`differences`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub differences: Vec<String>,
+    /// The reconcile action running for it now, if any (see
+    /// [`super::InFlightSet`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<super::InFlightStatus>,
 }
 
 /// Maps engine state to an [`AppState`].
@@ -143,6 +147,7 @@ pub fn app_status(
         managed,
         drifted,
         differences: Vec::new(),
+        in_flight: None,
     }
 }
 

@@ -2,13 +2,19 @@
 //!
 //! Shape (tokio's mini-redis): a thin `main` sets up tracing and config and
 //! calls [`run`] with a shutdown future. `run` connects to the engine
-//! (retrying while it is away), reconciles once, tells systemd it is ready,
-//! then reconciles on engine events, on a periodic resync, at backoff
-//! deadlines and on request, until shutdown. A pass in flight always
-//! finishes before the agent exits; containers belong to the engine and
-//! outlive the agent.
+//! (retrying while it is away), makes a first pass, then turns its loop:
+//! a pass on engine events, on a periodic resync, at backoff deadlines, on
+//! request and whenever an app's action ends. Each pass starts the actions
+//! it plans as tasks of their own and does not wait for them
+//! ([`Reconciler::turn`]): one slow app (a pull, a build, a health wait)
+//! never holds up the others, the events, or `reconcile-now`. systemd hears
+//! READY once the first pass's actions have ended, and a watchdog ping
+//! after every turn of the loop, which turns at least every half watchdog
+//! period: a wedged loop is restarted. Actions in flight finish before the
+//! agent exits; containers belong to the engine and outlive the agent.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,10 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::pass::{PassReport, Reconciler};
+use super::plan::{Action, Decision, Wait};
 use crate::dataroot::DataRoot;
 use crate::engine::{Engine, EngineEvent, EventKind};
 use crate::manifest::Naming;
-use crate::orchestrator::{ContainerOrchestrator as _, Orchestrator, OrchestratorConfig};
+use crate::orchestrator::{ContainerOrchestrator as _, HealthState, Orchestrator, OrchestratorConfig, Timeouts};
 
 /// Engine events that can change what a pass would decide.
 const EVENT_ACTIONS: &[&str] = &[
@@ -36,8 +43,9 @@ const EVENT_ACTIONS: &[&str] = &[
     "health_status",
     "create",
 ];
-/// How often the agent looks whether every app is healthy yet, until they are.
-const HEALTHY_POLL: Duration = Duration::from_secs(2);
+/// Backing off after this many failures in a row counts as a crash loop
+/// for the console's healthy line: it stops waiting for that app.
+const CRASH_LOOP_AFTER: u32 = 3;
 /// Events that arrive together (a stop sends several) make one pass.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Waiting for the engine: from 1 s doubling to 30 s.
@@ -67,17 +75,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    // Pings from their own task: a first pass that pulls for many minutes
-    // must not look like a hang, while a wedged runtime still stops them.
-    let watchdog = watchdog_interval().map(|period| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                notify(&[sd_notify::NotifyState::Watchdog]);
-            }
-        })
-    });
+    // Bad limits are refused before anything happens.
+    let timeouts = Timeouts::from_env()?;
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
@@ -88,16 +87,19 @@ pub async fn run(
     // a node with no network still starts every app.
     let imported = crate::images::import_all(&engine, &config.images_dir, &config.data_root).await;
     log_import(&imported);
-    let orch = Arc::new(Orchestrator::new(
-        engine,
-        OrchestratorConfig {
-            apps_dir: config.apps_dir.clone(),
-            data_root: config.data_root.clone(),
-            naming: config.naming,
-            // `AgentConfig` does not carry `--images` yet: the node's folder.
-            images_dir: config.images_dir.clone(),
-        },
-    ));
+    let orch = Arc::new(
+        Orchestrator::new(
+            engine,
+            OrchestratorConfig {
+                apps_dir: config.apps_dir.clone(),
+                data_root: config.data_root.clone(),
+                naming: config.naming,
+                // `AgentConfig` does not carry `--images` yet: the node's folder.
+                images_dir: config.images_dir.clone(),
+            },
+        )
+        .with_timeouts(timeouts),
+    );
     let mut reconciler = Reconciler::new(orch.clone());
     reconciler.retry_imports(crate::images::ImportRetry::from_report(
         &imported,
@@ -131,25 +133,106 @@ pub async fn run(
         })
     });
     drop(queue_tx);
-    let first = reconciler.pass().await;
+    let first = reconciler.turn().await;
     log_report(&first, true);
-    print_console_summary(orch.as_ref()).await;
-    notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(since_kernel_start_s = since_kernel_start(), "agent ready");
-    let healthy_watch = tokio::spawn(announce_all_healthy(orch.clone()));
-    run_loop(&config, &mut reconciler, queue, &mut shutdown, first.next_deadline()).await;
+    let mut watch = Watch {
+        first_actions: acted_on(&first),
+        ready: false,
+        healthy: HealthyLine::default(),
+    };
+    watch.after_turn(&orch, &first).await;
+    run_loop(
+        &config,
+        &mut reconciler,
+        queue,
+        &mut shutdown,
+        &mut watch,
+        first.next_deadline(),
+    )
+    .await;
     let _ = stop_control.send(());
     if let Some(control) = control {
         // In-flight calls finish; the socket file is removed.
         let _ = control.await;
     }
+    finish_actions(&mut reconciler).await;
     notify(&[sd_notify::NotifyState::Stopping]);
-    healthy_watch.abort();
-    if let Some(task) = watchdog {
-        task.abort();
-    }
     tracing::info!("agent stopped; containers keep running");
     Ok(())
+}
+
+/// The apps whose actions a pass started.
+fn acted_on(report: &PassReport) -> BTreeSet<String> {
+    report
+        .apps
+        .iter()
+        .filter(|a| matches!(&a.decision, Decision::Act(action) if !matches!(action, Action::Adopt { .. })))
+        .map(|a| a.app.clone())
+        .collect()
+}
+
+/// What the loop tells the world after each turn: READY, once the first
+/// pass's actions have ended, and the console's healthy line.
+struct Watch {
+    /// The apps the first pass acted on: READY waits for their actions.
+    first_actions: BTreeSet<String>,
+    ready: bool,
+    healthy: HealthyLine,
+}
+
+impl Watch {
+    async fn after_turn(&mut self, orch: &Orchestrator, report: &PassReport) {
+        if !self.ready {
+            let in_flight = orch.in_flight().snapshot();
+            if self.first_actions.iter().any(|app| in_flight.contains_key(app)) {
+                return;
+            }
+            self.ready = true;
+            print_console_summary(orch).await;
+            notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!(since_kernel_start_s = since_kernel_start(), "agent ready");
+        }
+        self.healthy.observe(report);
+    }
+}
+
+/// Lets the actions in flight end, and records them, before the agent
+/// exits: an install or an upgrade is never cut short by a stop. The
+/// watchdog keeps hearing from the agent meanwhile.
+async fn finish_actions(reconciler: &mut Reconciler) {
+    if reconciler.busy() {
+        tracing::info!("waiting for the actions in flight to end");
+    }
+    let mut tick = watchdog_tick();
+    loop {
+        tokio::select! {
+            finished = reconciler.next_finished() => match finished {
+                Some(f) => {
+                    reconciler.record_finished(f);
+                }
+                None => break,
+            },
+            _ = next_tick(&mut tick) => notify(&[sd_notify::NotifyState::Watchdog]),
+        }
+    }
+}
+
+/// Ticks every half watchdog period; `None` without a watchdog.
+fn watchdog_tick() -> Option<tokio::time::Interval> {
+    watchdog_interval().map(|period| {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    })
+}
+
+async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Connects to the engine, retrying with backoff. `None` on shutdown.
@@ -175,15 +258,23 @@ async fn run_loop(
     reconciler: &mut Reconciler,
     requests: mpsc::Receiver<ReconcileRequest>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
+    watch: &mut Watch,
     mut deadline: Option<Instant>,
 ) {
     let mut requests = Some(requests);
+    // The loop turns at least this often, so that it can ping the watchdog.
+    let mut tick = watchdog_tick();
     let mut resync = tokio::time::interval_at(Instant::now() + config.resync, config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = None;
     let mut events_retry = Duration::from_secs(1);
     let mut events_next_try = Instant::now();
     loop {
+        // After every turn, and only from here: a loop that stops turning
+        // stops the pings, and systemd restarts the agent.
+        if tick.is_some() {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
         if events.is_none() && Instant::now() >= events_next_try {
             match reconciler.orchestrator().engine().events(&event_filters()).await {
                 Ok(stream) => {
@@ -205,6 +296,15 @@ async fn run_loop(
             _ = resync.tick() => reconciler.reload(),
             _ = tokio::time::sleep_until(wake) => {}
             _ = tokio::time::sleep_until(events_wake), if events.is_none() => continue,
+            // An idle turn: nothing to observe, only the ping above.
+            _ = next_tick(&mut tick) => continue,
+            // An action ended: its outcome goes into the app's memory, and
+            // a pass follows.
+            finished = reconciler.next_finished(), if reconciler.busy() => {
+                if let Some(f) = finished {
+                    reconciler.record_finished(f);
+                }
+            }
             request = next_request(&mut requests) => match request {
                 Some(r) => reply = Some(r),
                 // Nobody can ask any more; keep reconciling on our own.
@@ -234,9 +334,10 @@ async fn run_loop(
                 }
             },
         }
-        let report = reconciler.pass().await;
+        let report = reconciler.turn().await;
         log_report(&report, false);
         deadline = report.next_deadline();
+        watch.after_turn(reconciler.orchestrator(), &report).await;
         if let Some(reply) = reply {
             // The asker may have gone away; the pass happened regardless.
             let _ = reply.send(report);
@@ -346,47 +447,223 @@ fn since_kernel_start() -> Option<f64> {
     uptime.split_whitespace().next()?.parse().ok()
 }
 
-/// Running, and healthy if it has a health check.
-fn is_healthy(app: &crate::orchestrator::AppStatus) -> bool {
-    use crate::orchestrator::{AppState, HealthState};
-    app.state == AppState::Running && matches!(app.health, None | Some(HealthState::Healthy))
+/// The console's line about health, derived from the passes' own
+/// observations (no poll of its own): printed once, when every app is
+/// healthy, or when the apps not healthy are settled that way (held by
+/// their owner, unhealthy, crash-looping, left alone); then it is done.
+#[derive(Debug, Default)]
+struct HealthyLine {
+    done: bool,
 }
 
-/// Prints, once, how long after kernel start every app became healthy:
-/// the figure a node's owner waits for after power on.
-///
-/// Each poll probes only the apps not yet seen healthy: on a rootless node
-/// a probe spawns `podman unshare`, which costs a slow machine dearly while
-/// it is still starting its apps. Once every app has been seen healthy,
-/// one listing of them all confirms it at one moment; an app that has
-/// failed since is probed again from then on.
-async fn announce_all_healthy(orch: Arc<Orchestrator>) {
-    let mut seen_healthy: BTreeSet<String> = BTreeSet::new();
-    loop {
-        for m in orch.manifests() {
-            let app = m.id.to_string();
-            if !seen_healthy.contains(&app) && orch.status(&app).await.is_ok_and(|s| is_healthy(&s)) {
-                seen_healthy.insert(app);
-            }
+/// What one pass says about every app's health.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Some app is still on its way (installing, starting, backing off).
+    Pending,
+    AllHealthy {
+        apps: usize,
+    },
+    /// Nothing is on its way any more, and these apps are not healthy.
+    NotAll {
+        healthy: usize,
+        apps: usize,
+        why: Vec<String>,
+    },
+}
+
+/// Whether one app is healthy (`Ok(true)`), on its way (`Ok(false)`), or
+/// settled not healthy (`Err(why)`).
+fn app_verdict(a: &super::pass::AppReport) -> Result<bool, String> {
+    let running = a.observed == "running";
+    let health_ok = matches!(a.health, None | Some(HealthState::Healthy));
+    match &a.decision {
+        Decision::Wait(Wait::Ok | Wait::Drift { .. }) if running => match a.health {
+            Some(HealthState::Unhealthy) => Err(format!("{} unhealthy", a.app)),
+            Some(HealthState::Starting) => Ok(false),
+            _ => Ok(health_ok),
+        },
+        Decision::Wait(Wait::Held) => Err(format!("{} held (stopped by its owner)", a.app)),
+        Decision::Wait(Wait::DriftLoop) => Err(format!("{} left alone after recreating it again and again", a.app)),
+        Decision::Wait(Wait::AdoptedDead) => Err(format!("{} dead (adopted; `upgrade` converts it)", a.app)),
+        Decision::Wait(Wait::Drift { .. }) => {
+            Err(format!("{} {} (adopted, differs from its manifest)", a.app, a.observed))
         }
-        let all_seen = orch.manifests().iter().all(|m| seen_healthy.contains(m.id.as_str()));
-        if all_seen {
-            if let Ok(apps) = orch.list().await {
-                seen_healthy.retain(|app| apps.iter().any(|a| &a.app == app && is_healthy(a)));
-                if apps.iter().all(is_healthy) {
-                    let since = since_kernel_start();
-                    let shown = since
-                        .map(|s| format!("{s:.1} s"))
-                        .unwrap_or_else(|| "an unknown time".to_owned());
-                    eprintln!(
-                        "archipelago: all {} apps healthy {shown} after kernel start",
-                        apps.len()
-                    );
-                    tracing::info!(apps = apps.len(), since_kernel_start_s = since, "all apps healthy");
-                    return;
+        Decision::Wait(Wait::UnknownState { state }) => Err(format!("{} in an unknown state {state}", a.app)),
+        Decision::Wait(Wait::Backoff { failures, .. }) if *failures >= CRASH_LOOP_AFTER => {
+            Err(format!("{} failing ({failures} times in a row)", a.app))
+        }
+        _ => Ok(false),
+    }
+}
+
+fn verdict(report: &PassReport) -> Verdict {
+    if report.error.is_some() {
+        return Verdict::Pending;
+    }
+    let mut healthy = 0;
+    let mut why = Vec::new();
+    for a in &report.apps {
+        match app_verdict(a) {
+            Ok(true) => healthy += 1,
+            Ok(false) => return Verdict::Pending,
+            Err(reason) => why.push(reason),
+        }
+    }
+    let apps = report.apps.len();
+    if why.is_empty() {
+        Verdict::AllHealthy { apps }
+    } else {
+        Verdict::NotAll { healthy, apps, why }
+    }
+}
+
+impl HealthyLine {
+    /// Looks at one pass; prints the line when the verdict is in.
+    fn observe(&mut self, report: &PassReport) {
+        if self.done {
+            return;
+        }
+        let since = since_kernel_start();
+        let shown = since
+            .map(|s| format!("{s:.1} s"))
+            .unwrap_or_else(|| "an unknown time".to_owned());
+        match verdict(report) {
+            Verdict::Pending => return,
+            Verdict::AllHealthy { apps } => {
+                // The e2e reads this line (xtask/src/harness/e2e/qemu.rs).
+                eprintln!("archipelago: all {apps} apps healthy {shown} after kernel start");
+                tracing::info!(apps, since_kernel_start_s = since, "all apps healthy");
+            }
+            Verdict::NotAll { healthy, apps, why } => {
+                let mut line = format!(
+                    "archipelago: not all apps healthy {shown} after kernel start: {healthy} of {apps} healthy"
+                );
+                for w in &why {
+                    let _ = write!(line, "; {w}");
                 }
+                eprintln!("{line}");
+                tracing::warn!(healthy, apps, not_healthy = ?why, since_kernel_start_s = since, "not all apps healthy");
             }
         }
-        tokio::time::sleep(HEALTHY_POLL).await;
+        self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pass::AppReport;
+    use super::*;
+
+    fn app(name: &str, observed: &str, decision: Decision, health: Option<HealthState>) -> AppReport {
+        AppReport {
+            app: name.to_owned(),
+            container: name.to_owned(),
+            observed: observed.to_owned(),
+            decision,
+            error: None,
+            health,
+        }
+    }
+
+    fn report(apps: Vec<AppReport>) -> PassReport {
+        PassReport {
+            duration_ms: 0,
+            apps,
+            unmatched: Vec::new(),
+            manifest_errors: Vec::new(),
+            error: None,
+            ended: Vec::new(),
+        }
+    }
+
+    const OK: Decision = Decision::Wait(Wait::Ok);
+
+    #[tokio::test]
+    async fn the_healthy_line_waits_for_apps_on_their_way_and_names_the_settled_ones() {
+        let healthy = app("web", "running", OK, Some(HealthState::Healthy));
+        let no_check = app("db", "running", OK, None);
+        assert_eq!(
+            verdict(&report(vec![healthy.clone(), no_check.clone()])),
+            Verdict::AllHealthy { apps: 2 }
+        );
+        // On their way: starting, installing, in flight, waiting for a dependency.
+        let on_the_way = [
+            app("web", "running", OK, Some(HealthState::Starting)),
+            app("web", "missing", Decision::Act(Action::Install), None),
+            app(
+                "web",
+                "missing",
+                Decision::Wait(Wait::InFlight {
+                    action: "install".to_owned(),
+                    since: Instant::now(),
+                    for_secs: 3,
+                }),
+                None,
+            ),
+            app(
+                "web",
+                "exited",
+                Decision::Wait(Wait::Backoff {
+                    until: Instant::now(),
+                    in_secs: 10,
+                    failures: 1,
+                }),
+                None,
+            ),
+        ];
+        for a in on_the_way {
+            assert_eq!(
+                verdict(&report(vec![a.clone(), no_check.clone()])),
+                Verdict::Pending,
+                "{a:?}"
+            );
+        }
+        // Settled: held, unhealthy, crash-looping. The line names them.
+        let settled = report(vec![
+            healthy,
+            app("db", "exited", Decision::Wait(Wait::Held), None),
+            app("lnd", "running", OK, Some(HealthState::Unhealthy)),
+            app(
+                "electrs",
+                "exited",
+                Decision::Wait(Wait::Backoff {
+                    until: Instant::now(),
+                    in_secs: 40,
+                    failures: CRASH_LOOP_AFTER,
+                }),
+                None,
+            ),
+        ]);
+        assert_eq!(
+            verdict(&settled),
+            Verdict::NotAll {
+                healthy: 1,
+                apps: 4,
+                why: vec![
+                    "db held (stopped by its owner)".to_owned(),
+                    "lnd unhealthy".to_owned(),
+                    "electrs failing (3 times in a row)".to_owned(),
+                ],
+            }
+        );
+        // A pass that could not look says nothing.
+        let mut failed = report(Vec::new());
+        failed.error = Some("engine away".to_owned());
+        assert_eq!(verdict(&failed), Verdict::Pending);
+    }
+
+    #[tokio::test]
+    async fn the_healthy_line_is_printed_once() {
+        let mut line = HealthyLine::default();
+        line.observe(&report(vec![app(
+            "web",
+            "missing",
+            Decision::Act(Action::Install),
+            None,
+        )]));
+        assert!(!line.done, "still on its way");
+        line.observe(&report(vec![app("web", "running", OK, None)]));
+        assert!(line.done);
     }
 }

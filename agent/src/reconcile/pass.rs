@@ -1,15 +1,23 @@
 //! One reconcile pass: observe, plan, act, remember.
 //!
 //! A pass reads the engine once (one listing), plans with the pure
-//! [`plan`], and carries out every app's action concurrently, so an app
-//! that takes minutes to pull never holds up the others. Each app's
-//! failure lands in the report; none aborts the pass.
+//! [`plan`], and starts every app's action as its own task
+//! ([`Reconciler::turn`]): the pass does not wait for them, so an app that
+//! takes minutes to pull never holds up the others, and the next pass sees
+//! it in flight ([`crate::orchestrator::InFlightSet`]) and starts no second
+//! action for it. When a task ends, its outcome goes into the app's memory
+//! ([`Reconciler::record_finished`]) and into the next pass's report.
+//! [`Reconciler::pass`] waits for the actions it started, for the CLI's
+//! `reconcile --once`. Each app's failure lands in the report; none aborts
+//! the pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
+use futures_util::FutureExt as _;
 use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
@@ -17,7 +25,14 @@ use super::state;
 use crate::engine::ContainerSummary;
 use crate::files;
 use crate::manifest::{AppId, LoadReport, Manifest};
-use crate::orchestrator::{is_managed, HoldPolicy, Orchestrator, OrchestratorError, BACKUP_SUFFIX};
+use crate::orchestrator::{
+    is_managed, AppState, ContainerOrchestrator as _, HealthState, HoldPolicy, InFlightGuard, Orchestrator,
+    OrchestratorError, BACKUP_SUFFIX,
+};
+
+/// While an app's health check says `starting`, the loop passes again this
+/// soon to see it become healthy (or not).
+pub const HEALTH_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::spec::SECRETS_MOUNT_DIR;
 
 /// One app in a pass report.
@@ -28,7 +43,23 @@ pub struct AppReport {
     /// The container's state as the pass found it (`missing` when absent).
     pub observed: String,
     pub decision: Decision,
-    /// Set when the action failed: the whole error chain.
+    /// Set when the action failed (this pass's, or one that ended since
+    /// the last pass): the whole error chain.
+    pub error: Option<String>,
+    /// For a running app with a health check: what its probe says
+    /// (probed until it is seen healthy, then again after it stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthState>,
+}
+
+/// An action that ended since the previous pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionOutcome {
+    pub app: String,
+    pub action: String,
+    /// How long it ran.
+    pub secs: u64,
+    /// `None` when it succeeded: the whole error chain otherwise.
     pub error: Option<String>,
 }
 
@@ -43,6 +74,9 @@ pub struct PassReport {
     pub manifest_errors: Vec<String>,
     /// Set when the pass could not run at all (engine unreachable).
     pub error: Option<String>,
+    /// Actions of earlier passes that ended since the previous pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended: Vec<ActionOutcome>,
 }
 
 impl PassReport {
@@ -55,16 +89,36 @@ impl PassReport {
                 .all(|a| matches!(a.decision, Decision::Wait(Wait::Ok | Wait::Held)))
     }
 
-    /// The earliest backoff deadline: when the loop must wake up again.
+    /// When the loop must pass again: the earliest backoff deadline, or
+    /// soon while a health check still says `starting`.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let recheck = self
+            .apps
+            .iter()
+            .any(|a| a.health == Some(HealthState::Starting))
+            .then(|| Instant::now() + HEALTH_RECHECK);
         self.apps
             .iter()
             .filter_map(|a| match &a.decision {
                 Decision::Wait(Wait::Backoff { until, .. }) => Some(*until),
                 _ => None,
             })
+            .chain(recheck)
             .min()
     }
+}
+
+/// What the task that ran one app's action sends back when it ends.
+#[derive(Debug)]
+pub struct Finished {
+    app: AppId,
+    action: Action,
+    spec_hash: String,
+    started: Instant,
+    result: Result<(), String>,
+    /// Keeps the app in flight until its outcome is recorded: no pass in
+    /// between plans it from memory that does not know the outcome yet.
+    guard: InFlightGuard,
 }
 
 /// Desired state derived from one load of the manifests.
@@ -87,17 +141,37 @@ pub struct Reconciler {
     /// What the boot import skipped, retried at the start of each pass
     /// once its backoff ends (`boot` only).
     image_retry: Option<crate::images::ImportRetry>,
+    /// Where the action tasks report their end.
+    done_tx: mpsc::UnboundedSender<Finished>,
+    done_rx: mpsc::UnboundedReceiver<Finished>,
+    /// Tasks started and not yet recorded.
+    running: usize,
+    /// Outcomes recorded since the last pass, for its report.
+    ended: Vec<ActionOutcome>,
+    /// The error of each app's latest action, while it stands: shown in
+    /// every report until an action succeeds or the app runs well.
+    last_errors: BTreeMap<String, String>,
+    /// Apps seen healthy, with the container id they were seen in: not
+    /// probed again while they stay running.
+    seen_healthy: BTreeMap<AppId, String>,
 }
 
 impl Reconciler {
     pub fn new(orch: Arc<Orchestrator>) -> Reconciler {
         let memory = state::load(&orch.config().data_root);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Reconciler {
             orch,
             memory,
             desired: None,
             dry_run: false,
             image_retry: None,
+            done_tx,
+            done_rx,
+            running: 0,
+            ended: Vec::new(),
+            last_errors: BTreeMap::new(),
+            seen_healthy: BTreeMap::new(),
         }
     }
 
@@ -141,6 +215,7 @@ impl Reconciler {
                         depends_on: m.depends_on.clone(),
                         differences: Vec::new(),
                         held: false,
+                        in_flight: None,
                     }),
                     Err(e) => errors.push(format!("{}: {e:#}", m.id)),
                 }
@@ -162,10 +237,78 @@ impl Reconciler {
         })
     }
 
-    /// One pass. Never fails: problems are in the report.
+    /// One pass that waits for the actions it starts and reports their
+    /// outcomes: `reconcile --once`, and callers that want a pass done.
+    /// Never fails: problems are in the report.
     pub async fn pass(&mut self) -> PassReport {
         let started = StdInstant::now();
-        // First, so that an install in this pass finds the image.
+        let mut report = self.turn().await;
+        while let Some(outcome) = self.next_finished().await {
+            let outcome = self.record_finished(outcome);
+            if let Some(a) = report.apps.iter_mut().find(|a| a.app == outcome.app) {
+                if outcome.error.is_some() {
+                    a.error = outcome.error;
+                }
+            }
+        }
+        // Their outcomes are in this report already.
+        self.ended.clear();
+        report.duration_ms = elapsed_ms(started);
+        report
+    }
+
+    /// Whether actions started by earlier turns are still running.
+    pub fn busy(&self) -> bool {
+        self.running > 0
+    }
+
+    /// The next action to end; `None` at once when none is running.
+    /// Cancel-safe: a `select!` may drop it and call it again.
+    pub async fn next_finished(&mut self) -> Option<Finished> {
+        if self.running == 0 {
+            return None;
+        }
+        // `self` holds a sender: the channel never closes.
+        self.done_rx.recv().await
+    }
+
+    /// Records an ended action into its app's memory (backoff, drift
+    /// history, config changes read), saves the state, and keeps the
+    /// outcome for the next pass's report.
+    pub fn record_finished(&mut self, f: Finished) -> ActionOutcome {
+        self.running = self.running.saturating_sub(1);
+        let now = Instant::now();
+        let before = self.memory.clone();
+        let spec_hash = f.spec_hash.clone();
+        let mem = self.memory.entry(f.app.clone()).or_default();
+        record(mem, &Decision::Act(f.action.clone()), f.result.is_ok(), &spec_hash, now);
+        if self.memory != before {
+            if let Err(e) = state::save(&self.orch.config().data_root, &self.memory) {
+                tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
+            }
+        }
+        let outcome = ActionOutcome {
+            app: f.app.to_string(),
+            action: f.action.name().to_owned(),
+            secs: now.saturating_duration_since(f.started).as_secs(),
+            error: f.result.err(),
+        };
+        match &outcome.error {
+            Some(e) => self.last_errors.insert(outcome.app.clone(), e.clone()),
+            None => self.last_errors.remove(&outcome.app),
+        };
+        // Recorded: the app is free for the next pass (drops its guard).
+        drop(f.guard);
+        self.ended.push(outcome.clone());
+        outcome
+    }
+
+    /// Observes, plans, and starts each app's action as its own task,
+    /// without waiting for any: apps with an action in flight wait for it.
+    /// Never fails: problems are in the report.
+    pub async fn turn(&mut self) -> PassReport {
+        let started = StdInstant::now();
+        // First, so that an install in this turn finds the image.
         if let Some(retry) = &mut self.image_retry {
             retry.retry_due(self.orch.engine(), Instant::now()).await;
         }
@@ -173,6 +316,7 @@ impl Reconciler {
         let manifest_errors = set.errors.clone();
         let mut desired = set.desired.clone();
         let (with_files, all) = (set.with_files.clone(), set.report.clone());
+        let ended = std::mem::take(&mut self.ended);
         let listing = match self.orch.engine().list().await {
             Ok(l) => l,
             Err(e) => {
@@ -182,51 +326,51 @@ impl Reconciler {
                     unmatched: Vec::new(),
                     manifest_errors,
                     error: Some(crate::error_chain(&e)),
+                    ended,
                 }
             }
         };
         let observed: BTreeMap<String, ContainerSummary> = listing.into_iter().map(|c| (c.name.clone(), c)).collect();
+        let in_flight = self.orch.in_flight().snapshot();
         for d in &mut desired {
             d.held = self.orch.is_held(d.app.as_str());
+            d.in_flight = in_flight.get(d.app.as_str()).cloned();
             // Only a container made by hand needs comparing field by field.
             if let Some(c) = observed.get(&d.container).filter(|c| !is_managed(&c.labels)) {
                 d.differences = self.hand_made_differences(&d.app, &c.name).await;
             }
         }
-        let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps).await;
+        // An app busy with an action has its files rendered by it.
+        let idle: Vec<Desired> = desired.iter().filter(|d| d.in_flight.is_none()).cloned().collect();
+        let (file_errors, dry_memory) = self.render_files(&idle, &observed, &with_files, &all.apps).await;
         let now = Instant::now();
         let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
-
-        let mut tasks = Vec::new();
-        for p in &plans {
-            if let (Decision::Act(action), false) = (&p.decision, self.dry_run) {
-                let orch = self.orch.clone();
-                let (app, action) = (p.app.clone(), action.clone());
-                tasks.push(async move {
-                    let result = act(&orch, &app, &action).await.map_err(|e| crate::error_chain(&e));
-                    if let Err(e) = &result {
-                        tracing::warn!(app, action = ?action, error = %e, "reconcile action failed");
-                    } else {
-                        tracing::info!(app, action = ?action, "reconciled");
-                    }
-                    (app, result)
-                });
-            }
-        }
-        let outcomes: BTreeMap<String, Result<(), String>> =
-            futures_util::future::join_all(tasks).await.into_iter().collect();
 
         let mut apps = Vec::new();
         let before = self.memory.clone();
         for (p, d) in plans.into_iter().zip(&desired) {
-            let outcome = outcomes.get(&p.app);
-            if !self.dry_run {
-                let mem = self.memory.entry(d.app.clone()).or_default();
-                record(mem, &p.decision, !matches!(outcome, Some(Err(_))), &d.spec_hash, now);
+            match (&p.decision, self.dry_run) {
+                (_, true) => {}
+                // Claiming is bookkeeping only: recorded at once.
+                (Decision::Act(action @ Action::Adopt { .. }), false) => {
+                    let mem = self.memory.entry(d.app.clone()).or_default();
+                    record(mem, &Decision::Act(action.clone()), true, &d.spec_hash, now);
+                }
+                (Decision::Act(action), false) => self.spawn(&d.app, action, &d.spec_hash, now),
+                (decision, false) => {
+                    let mem = self.memory.entry(d.app.clone()).or_default();
+                    record(mem, decision, true, &d.spec_hash, now);
+                }
             }
-            let error = outcome
-                .and_then(|o| o.clone().err())
-                .or_else(|| file_errors.get(&p.app).cloned());
+            if p.decision == Decision::Wait(Wait::Ok) {
+                self.last_errors.remove(&p.app);
+            }
+            // A new action supersedes the last one's error.
+            let standing = match &p.decision {
+                Decision::Act(_) => None,
+                Decision::Wait(_) => self.last_errors.get(&p.app).cloned(),
+            };
+            let error = standing.or_else(|| file_errors.get(&p.app).cloned());
             apps.push(AppReport {
                 observed: observed
                     .get(&p.container)
@@ -235,6 +379,7 @@ impl Reconciler {
                 container: p.container,
                 decision: p.decision,
                 error,
+                health: None,
             });
         }
         if !self.dry_run && self.memory != before {
@@ -242,6 +387,7 @@ impl Reconciler {
                 tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
             }
         }
+        self.observe_health(&mut apps, &observed).await;
         let wanted: BTreeSet<&str> = desired.iter().map(|d| d.container.as_str()).collect();
         let unmatched = observed
             .keys()
@@ -254,6 +400,70 @@ impl Reconciler {
             unmatched,
             manifest_errors,
             error: None,
+            ended,
+        }
+    }
+
+    /// Starts `action` for `app` as its own task, marked in flight until
+    /// it ends. Its end comes back through [`Reconciler::next_finished`].
+    fn spawn(&mut self, app: &AppId, action: &Action, spec_hash: &str, now: Instant) {
+        let Some(guard) = self.orch.in_flight().begin(app.as_str(), action.name(), now) else {
+            // Planned from a snapshot that saw it free; it is not now.
+            return;
+        };
+        self.running += 1;
+        let task = ActionTask {
+            orch: self.orch.clone(),
+            app: app.clone(),
+            action: action.clone(),
+            spec_hash: spec_hash.to_owned(),
+            started: now,
+            done: self.done_tx.clone(),
+            guard,
+        };
+        tokio::spawn(task.run());
+    }
+
+    /// Fills in the health of each running app that has a health check and
+    /// was not yet seen healthy in its current container, probing them
+    /// side by side. An app that stops or is acted on is probed again when
+    /// it runs again.
+    async fn observe_health(&mut self, apps: &mut [AppReport], observed: &BTreeMap<String, ContainerSummary>) {
+        let manifests = self.orch.manifests();
+        let has_check = |app: &str| manifests.iter().any(|m| m.id.as_str() == app && m.health.is_some());
+        let mut probes = Vec::new();
+        for (i, a) in apps.iter_mut().enumerate() {
+            let running_ok = matches!(a.decision, Decision::Wait(Wait::Ok));
+            let id = observed.get(&a.container).map(|c| c.id.clone());
+            let Some(app) = AppId::parse(&a.app) else { continue };
+            if !running_ok || id.is_none() {
+                self.seen_healthy.remove(&app);
+                continue;
+            }
+            if !has_check(&a.app) {
+                continue;
+            }
+            if self.seen_healthy.get(&app) == id.as_ref() {
+                a.health = Some(HealthState::Healthy);
+                continue;
+            }
+            let orch = self.orch.clone();
+            probes.push(async move {
+                let status = orch.status(app.as_str()).await;
+                (i, app, id, status)
+            });
+        }
+        for (i, app, id, status) in futures_util::future::join_all(probes).await {
+            match status {
+                Ok(s) if s.state == AppState::Running => {
+                    apps[i].health = s.health;
+                    if let (Some(HealthState::Healthy), Some(id)) = (s.health, id) {
+                        self.seen_healthy.insert(app, id);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(app = %app, error = %crate::error_chain(&e), "cannot probe the app's health"),
+            }
         }
     }
 
@@ -430,6 +640,42 @@ fn render_and_apply(
 
 fn elapsed_ms(started: StdInstant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One app's action, run as its own task.
+struct ActionTask {
+    orch: Arc<Orchestrator>,
+    app: AppId,
+    action: Action,
+    spec_hash: String,
+    started: Instant,
+    done: mpsc::UnboundedSender<Finished>,
+    /// Handed over with the outcome (see [`Finished`]).
+    guard: InFlightGuard,
+}
+
+impl ActionTask {
+    async fn run(self) {
+        let app = self.app.as_str();
+        let run = std::panic::AssertUnwindSafe(act(&self.orch, app, &self.action)).catch_unwind();
+        let result = match run.await {
+            Ok(r) => r.map_err(|e| crate::error_chain(&e)),
+            Err(_) => Err(format!("the {} action panicked", self.action.name())),
+        };
+        match &result {
+            Err(e) => tracing::warn!(app, action = ?self.action, error = %e, "reconcile action failed"),
+            Ok(()) => tracing::info!(app, action = ?self.action, "reconciled"),
+        }
+        // The receiver lives as long as the reconciler; gone only at exit.
+        let _ = self.done.send(Finished {
+            app: self.app,
+            action: self.action,
+            spec_hash: self.spec_hash,
+            started: self.started,
+            result,
+            guard: self.guard,
+        });
+    }
 }
 
 /// Carries out one app's action through the orchestrator. An app its

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::backoff;
 use crate::engine::{ContainerStatus, ContainerSummary};
 use crate::manifest::AppId;
-use crate::orchestrator::short_id;
+use crate::orchestrator::{short_id, InFlight};
 use crate::spec::{LABEL_MANAGED_BY, LABEL_SPEC_HASH, MANAGED_BY};
 
 /// Drift recreates within this window count towards a drift loop.
@@ -34,6 +34,8 @@ pub struct Desired {
     pub differences: Vec<String>,
     /// Stopped by its owner (`archy-agent stop`): reconcile leaves it be.
     pub held: bool,
+    /// The action running for it now, if any: never a second one.
+    pub in_flight: Option<InFlight>,
 }
 
 /// What the agent remembers about one app between passes.
@@ -87,10 +89,33 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The action's name, as the report spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Install => "install",
+            Action::Start => "start",
+            Action::Unpause => "unpause",
+            Action::Restart { .. } => "restart",
+            Action::Recreate { .. } => "recreate",
+            Action::Rebuild { .. } => "rebuild",
+            Action::Adopt { .. } => "adopt",
+        }
+    }
+}
+
 /// Why an app is left alone this pass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", rename_all = "kebab-case")]
 pub enum Wait {
+    /// An action started by an earlier pass is still running (a pull, a
+    /// build, a health wait): its outcome is recorded when it ends.
+    InFlight {
+        action: String,
+        #[serde(skip)]
+        since: Instant,
+        for_secs: u64,
+    },
     /// Running and matching its manifest.
     Ok,
     /// A dependency is not running.
@@ -184,6 +209,13 @@ fn decide(
     observed: &BTreeMap<String, ContainerSummary>,
     now: Instant,
 ) -> Decision {
+    if let Some(f) = &d.in_flight {
+        return Decision::Wait(Wait::InFlight {
+            action: f.action.clone(),
+            since: f.since,
+            for_secs: now.saturating_duration_since(f.since).as_secs(),
+        });
+    }
     if mem.drift_loop_hash.as_deref() == Some(d.spec_hash.as_str()) {
         return Decision::Wait(Wait::DriftLoop);
     }
@@ -339,6 +371,7 @@ mod tests {
             depends_on: Vec::new(),
             differences: Vec::new(),
             held: false,
+            in_flight: None,
         }
     }
 
@@ -530,6 +563,47 @@ mod tests {
         assert_eq!(
             decision_of(d, &observed, AppMemory::default(), Instant::now()),
             Decision::Wait(Wait::Held)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_with_an_action_in_flight_gets_no_second_one_whatever_it_looks_like() {
+        let now = Instant::now();
+        let since = now - Duration::from_secs(42);
+        let in_flight = Some(InFlight {
+            action: "install".to_owned(),
+            since,
+        });
+        let want = Decision::Wait(Wait::InFlight {
+            action: "install".to_owned(),
+            since,
+            for_secs: 42,
+        });
+        // Missing (would install), exited (would start), drifted (would
+        // recreate), held: the action in flight decides.
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        managed(&mut observed, "fixture-pod-infra", "old");
+        for (container, held) in [
+            ("absent", false),
+            ("fixture-app", false),
+            ("fixture-pod-infra", false),
+            ("fixture-app", true),
+        ] {
+            let mut d = desired("demo", container);
+            d.held = held;
+            d.in_flight = in_flight.clone();
+            assert_eq!(
+                decision_of(d, &observed, AppMemory::default(), now),
+                want,
+                "{container}, held {held}"
+            );
+        }
+        // Another app is planned as usual.
+        let other = desired("other", "absent");
+        assert_eq!(
+            decision_of(other, &observed, AppMemory::default(), now),
+            Decision::Act(Action::Install)
         );
     }
 

@@ -8,6 +8,7 @@
 //! | stripped release binary | the podman binary, for scale |
 //! | no-op reconcile pass, 50 apps (`duration_ms` of `reconcile --once --json`) | one raw `GET /containers/json?all=true` on the same socket, in-process |
 //! | container killed → started again by `boot` (engine events) | one raw `POST /containers/{id}/start` of a stopped container |
+//! | the same, while another app's pull hangs (its registry never answers) | the kill → started again above, same run |
 //! | RSS and CPU of `boot` managing 20 apps, idle | the podman API service over the same window |
 //! | `images import` of a 100 MB archive | `podman load -i` of the same file |
 //!
@@ -71,6 +72,9 @@ const IMPORT_PAYLOAD_BYTES: u64 = 100_000_000;
 /// What every bench app runs: busybox `sleep`, no ports.
 const APP_COMMAND: &str = r#"["sleep", "3600"]"#;
 const SLEEP: &[&str] = &["sleep", "3600"];
+/// The app whose registry accepts and never answers, in the kill-while-hanging run.
+const HANGING_APP: &str = "bench-hang";
+const KILL_WHILE_HANGING: &str = "container killed → started again, while another app's pull hangs";
 /// The container the kill baseline starts by hand.
 const KILL_REFERENCE: &str = "bench-kill-reference";
 /// Long enough that only engine events can explain a quick restart.
@@ -239,7 +243,10 @@ impl Bench<'_> {
                 &["no-op reconcile pass, 50 apps", "reconcile --once, whole process"],
                 Self::noop_pass,
             ),
-            (&["container killed → started again"], Self::kill_to_start),
+            (
+                &["container killed → started again", KILL_WHILE_HANGING],
+                Self::kill_to_start,
+            ),
             (&["RSS of boot, 20 apps, idle", "CPU of boot while idle"], Self::idle),
             (
                 &["images import, 100 MB archive", "raw POST /images/load"],
