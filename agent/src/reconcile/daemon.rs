@@ -181,16 +181,18 @@ struct Watch {
 }
 
 impl Watch {
-    async fn after_turn(&mut self, orch: &Orchestrator, report: &PassReport) {
+    async fn after_turn(&mut self, orch: &Arc<Orchestrator>, report: &PassReport) {
         if !self.ready {
             let in_flight = orch.in_flight().snapshot();
             if self.first_actions.iter().any(|app| in_flight.contains_key(app)) {
                 return;
             }
             self.ready = true;
-            print_console_summary(orch).await;
             notify(&[sd_notify::NotifyState::Ready]);
             tracing::info!(since_kernel_start_s = since_kernel_start(), "agent ready");
+            // Its health probes take seconds on a slow rootless node: never
+            // before ready, and never in the loop's way.
+            tokio::spawn(print_console_summary(orch.clone()));
         }
         self.healthy.observe(report);
     }
@@ -425,7 +427,7 @@ fn log_report(report: &PassReport, first: bool) {
 /// One line per app on the console when the first pass ends.
 /// One line per app on the console (the unit sends stderr there): what a
 /// person at a headless node's serial port sees when the first pass ends.
-async fn print_console_summary(orch: &Orchestrator) {
+async fn print_console_summary(orch: Arc<Orchestrator>) {
     match orch.list().await {
         Ok(apps) => {
             for a in &apps {
