@@ -95,6 +95,10 @@ pub struct AppStatus {
     /// is until `upgrade` converts it (see [`differences`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub differences: Vec<String>,
+    /// What the running agent is busy with that holds up every app's
+    /// changes, e.g. "importing images (2 of 5)"; absent when nothing is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// Maps engine state to an [`AppState`].
@@ -143,6 +147,7 @@ pub fn app_status(
         managed,
         drifted,
         differences: Vec::new(),
+        agent: None,
     }
 }
 

@@ -1,8 +1,10 @@
 //! `archy-agent boot`: the long-running agent.
 //!
 //! Shape (tokio's mini-redis): a thin `main` sets up tracing and config and
-//! calls [`run`] with a shutdown future. `run` connects to the engine
-//! (retrying while it is away), reconciles once, tells systemd it is ready,
+//! calls [`run`] with a shutdown future. `run` takes the data root's writer
+//! lock (`writer.rs`), connects to the engine (retrying while it is away),
+//! opens the control socket, imports the pre-pulled images (saying how far
+//! it is in `status` and `list`), reconciles once, tells systemd it is ready,
 //! then reconciles on engine events, on a periodic resync, at backoff
 //! deadlines and on request, until shutdown. A pass in flight always
 //! finishes before the agent exits; containers belong to the engine and
@@ -67,6 +69,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    // One writer per data root: held for the agent's life. A second agent
+    // is refused; a command acting in-process is waited for.
+    let _writer = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        lock = crate::writer::acquire(&config.data_root, crate::writer::AGENT_COMMAND, crate::writer::WAIT) => lock?,
+    };
     // Pings from their own task: a first pass that pulls for many minutes
     // must not look like a hang, while a wedged runtime still stops them.
     let watchdog = watchdog_interval().map(|period| {
@@ -81,10 +89,6 @@ pub async fn run(
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
-    // Before the first pass, so installs find the pre-pulled images and
-    // a node with no network still starts every app.
-    let imported = crate::images::import_all(&engine, &config.images_dir, &config.data_root).await;
-    log_import(&imported);
     let orch = Arc::new(Orchestrator::new(
         engine,
         OrchestratorConfig {
@@ -95,7 +99,6 @@ pub async fn run(
             images_dir: config.images_dir.clone(),
         },
     ));
-    let mut reconciler = Reconciler::new(orch.clone());
     // Requests from the control socket and from the caller share one queue.
     let (queue_tx, queue) = mpsc::channel::<ReconcileRequest>(8);
     let forward = queue_tx.clone();
@@ -107,12 +110,18 @@ pub async fn run(
             }
         }
     });
+    // The socket opens before the import: `status` and `list` answer during
+    // it and say how far it is; app changes wait for it to end.
+    let (busy, busy_rx) = tokio::sync::watch::channel(Some("importing images".to_owned()));
     let (stop_control, control_stopped) = oneshot::channel::<()>();
     let control = config.control.clone().map(|path| {
-        let handler = Arc::new(crate::control::OrchestratorHandler::new(
-            orch.clone(),
-            Some(crate::control::reconcile_bridge(queue_tx.clone())),
-        ));
+        let handler = Arc::new(
+            crate::control::OrchestratorHandler::new(
+                orch.clone(),
+                Some(crate::control::reconcile_bridge(queue_tx.clone())),
+            )
+            .with_busy(busy_rx),
+        );
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = control_stopped.await;
@@ -122,6 +131,15 @@ pub async fn run(
             }
         })
     });
+    // Before the first pass, so installs find the pre-pulled images and
+    // a node with no network still starts every app.
+    let imported = crate::images::import_all_reporting(orch.engine(), &config.images_dir, &config.data_root, |n, m| {
+        busy.send_replace(Some(format!("importing images ({n} of {m})")));
+    })
+    .await;
+    busy.send_replace(None);
+    log_import(&imported);
+    let mut reconciler = Reconciler::new(orch.clone());
     drop(queue_tx);
     let first = reconciler.pass().await;
     log_report(&first, true);
