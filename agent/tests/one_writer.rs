@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use archy_agent::dataroot::DataRoot;
 use archy_agent::images::{ImageLock, LockEntry, LOCK_FILE};
 use archy_agent::manifest::Digest;
 use archy_agent::reconcile::state;
+use archy_agent::writer;
 use common::node::{app_id, Node, SERVE};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -215,8 +217,9 @@ async fn list(setup: &Setup) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("list is JSON ({e}): {}", show(&out)))
 }
 
-/// Twenty app changes from real CLI processes, started together with the
-/// agent (before its socket is open, and during its image import), four
+/// Twenty app changes from real CLI processes, started as soon as the
+/// agent holds the data root's lock (before its socket is open, and during
+/// its image import), four
 /// apps' sequences at once while the agent's own passes run every second:
 /// every one goes through the agent (the CLI is given no engine, so acting
 /// beside the agent would fail), none fails, the state file is valid after
@@ -224,7 +227,7 @@ async fn list(setup: &Setup) -> Vec<Value> {
 #[tokio::test]
 async fn twenty_cli_changes_beside_a_booting_agent_all_go_through_it_and_the_last_one_wins() {
     let setup = Setup::new();
-    setup.slow_images(3, 256 << 20);
+    setup.slow_images(2, 64 << 20);
     let apps: Vec<String> = (0..4).map(|n| setup.app(&format!("writer{n}"))).collect();
     let plans: [[&str; 5]; 4] = [
         ["install", "stop", "start", "upgrade", "stop"],
@@ -233,6 +236,18 @@ async fn twenty_cli_changes_beside_a_booting_agent_all_go_through_it_and_the_las
         ["install", "start", "upgrade", "stop", "upgrade"],
     ];
     let agent = setup.boot("agent", 1);
+    // The agent is running once it holds the data root's lock; its socket
+    // opens later, when the engine answers.
+    let data = DataRoot::new(&setup.node.data);
+    let held = common::eventually(Duration::from_secs(30), || async {
+        writer::holder(&data).filter(writer::Holder::is_agent)
+    })
+    .await;
+    assert!(
+        held.is_some(),
+        "the agent never took the data root's lock:\n{}",
+        setup.log("agent")
+    );
     let setup = std::sync::Arc::new(setup);
     let mut chains = Vec::new();
     for (app, plan) in apps.iter().cloned().zip(plans) {
@@ -354,7 +369,7 @@ async fn a_second_agent_and_reconcile_once_are_refused_while_an_agent_runs() {
 #[tokio::test]
 async fn status_and_list_answer_during_the_image_import_and_say_how_far_it_is() {
     let setup = Setup::new();
-    setup.slow_images(4, 512 << 20);
+    setup.slow_images(4, 128 << 20);
     let id = setup.app("importing");
     let agent = setup.boot("agent", 3600);
     wait_for_socket(&setup.sock, Duration::from_secs(60)).await;

@@ -69,12 +69,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    // One writer per data root: held for the agent's life. A second agent
-    // is refused; a command acting in-process is waited for.
-    let _writer = tokio::select! {
-        _ = &mut shutdown => return Ok(()),
-        lock = crate::writer::acquire(&config.data_root, crate::writer::AGENT_COMMAND, crate::writer::WAIT) => lock?,
-    };
     // Pings from their own task: a first pass that pulls for many minutes
     // must not look like a hang, while a wedged runtime still stops them.
     let watchdog = watchdog_interval().map(|period| {
@@ -86,6 +80,13 @@ pub async fn run(
             }
         })
     });
+    // One writer per data root: held for the agent's life. A second agent
+    // is refused; a command acting in-process is waited for
+    // (the watchdog is pinged meanwhile).
+    let _writer = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        lock = crate::writer::acquire(&config.data_root, crate::writer::AGENT_COMMAND, crate::writer::WAIT) => lock?,
+    };
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
