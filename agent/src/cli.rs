@@ -17,6 +17,7 @@ use crate::orchestrator::commands::AppOp;
 use crate::orchestrator::{self, Orchestrator, OrchestratorConfig, OrchestratorError, DEFAULT_LOG_TAIL};
 use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry::{self, commands::RegistryOp};
+use crate::writer;
 
 /// Default location of the engine's API socket (rootful podman).
 pub const DEFAULT_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
@@ -352,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Install {
             app: None,
             manifest: Some(path),
-        } => with_orchestrator(&cli.global, |orch, global| {
+        } => with_orchestrator(&cli.global, Some("install"), |orch, global| {
             Box::pin(async move {
                 let r = orch.install_from_path(&path).await?;
                 orchestrator::commands::print_install(&r, global.json, &mut std::io::stdout().lock())?;
@@ -383,7 +384,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::ProbeNet { .. }
                 | Command::ConfineGive { .. } => unreachable!("handled above"),
             };
-            with_orchestrator(&cli.global, |orch, global| {
+            let writes = op.writes();
+            with_orchestrator(&cli.global, writes, |orch, global| {
                 Box::pin(async move {
                     let mut out = Vec::new();
                     let code = orchestrator::commands::run(orch, op, global.json, &mut out).await;
@@ -407,6 +409,9 @@ fn shutdown(global: &GlobalOpts) -> anyhow::Result<ExitCode> {
                 global.control.display()
             );
         }
+        // No agent answers: this command is the data root's writer while it
+        // stops the apps (refused if an agent holds the lock after all).
+        let _writer = writer::acquire(&global.data, "shutdown", writer::WAIT).await?;
         let config = orchestrator_config(global);
         let engine = Engine::connect(&global.engine).await?;
         orchestrator::recover_upgrades(&engine, &global.data).await;
@@ -439,15 +444,18 @@ type OrchFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow:
 
 /// Runs `f` on a fresh runtime with the running agent's orchestrator when
 /// one answers on `--control` (so its per-app locks apply), else with one
-/// of our own over the engine, for the mode in force.
+/// of our own over the engine, for the mode in force: under the data
+/// root's writer lock when the command changes anything (`writes` names it;
+/// see [`control::route`]).
 fn with_orchestrator(
     global: &GlobalOpts,
+    writes: Option<&str>,
     f: impl for<'a> FnOnce(&'a AppBackend, &'a GlobalOpts) -> OrchFuture<'a>,
 ) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let config = orchestrator_config(global);
-        let backend = AppBackend::open(&global.control, &global.engine, config).await?;
+        let backend = AppBackend::open(&global.control, &global.engine, config, writes).await?;
         f(&backend, global).await
     })
 }
@@ -455,6 +463,11 @@ fn with_orchestrator(
 /// Runs a `registry` subcommand through the running agent when one answers
 /// on `--control`, else on the list under `--data`.
 fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let writes = match &cmd {
+        RegistryCommand::Add { .. } => Some("registry add"),
+        RegistryCommand::Remove { .. } => Some("registry remove"),
+        RegistryCommand::List | RegistryCommand::Test { .. } => None,
+    };
     let op = match cmd {
         RegistryCommand::List => RegistryOp::List,
         RegistryCommand::Add {
@@ -475,7 +488,7 @@ fn registry_command(cmd: RegistryCommand, global: &GlobalOpts) -> anyhow::Result
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let ops = control::registry_backend(&global.control, &global.data).await?;
+        let (ops, _writer) = control::registry_backend(&global.control, &global.data, writes).await?;
         let (stdin, out) = (&mut std::io::stdin().lock(), &mut std::io::stdout().lock());
         registry::commands::run(ops.as_ref(), op, stdin, global.json, out).await
     })
@@ -486,6 +499,8 @@ fn images_command(cmd: ImagesCommand, global: &GlobalOpts) -> anyhow::Result<Exi
         ImagesCommand::Import => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let report = runtime.block_on(async {
+                // The agent imports at its own start: refused while it runs.
+                let _writer = writer::acquire(&global.data, "images import", writer::WAIT).await?;
                 let engine = Engine::connect(&global.engine).await?;
                 anyhow::Ok(images::import_all(&engine, &global.images, &global.data).await)
             })?;

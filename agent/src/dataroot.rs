@@ -55,6 +55,7 @@ top_level! {
 pub const REGISTRIES_FILE: &str = "registries.json";
 // File and folder names below the top level.
 const AGENT_STATE_FILE: &str = "agent.json";
+const WRITER_LOCK_FILE: &str = "agent.lock";
 const IMAGES_LEDGER_FILE: &str = "images.json";
 const HELD_DIR: &str = "held";
 const UPGRADES_DIR: &str = "upgrades";
@@ -169,6 +170,13 @@ impl DataRoot {
         self.state_dir().join(AGENT_STATE_FILE)
     }
 
+    /// `<data>/state/agent.lock` (0600): the data root's one writer lock;
+    /// `archy-agent boot` holds it for its life, an in-process command
+    /// while it acts (`writer.rs`).
+    pub fn writer_lock(&self) -> PathBuf {
+        self.state_dir().join(WRITER_LOCK_FILE)
+    }
+
     /// `<data>/state/images.json` (0644): the pre-pulled images' ledger.
     pub fn images_ledger(&self) -> PathBuf {
         self.state_dir().join(IMAGES_LEDGER_FILE)
@@ -261,6 +269,7 @@ mod tests {
         );
         assert_eq!(d.state_dir(), p("/var/lib/archipelago/state"));
         assert_eq!(d.agent_state(), p("/var/lib/archipelago/state/agent.json"));
+        assert_eq!(d.writer_lock(), p("/var/lib/archipelago/state/agent.lock"));
         assert_eq!(d.images_ledger(), p("/var/lib/archipelago/state/images.json"));
         assert_eq!(d.held_dir(), p("/var/lib/archipelago/state/held"));
         assert_eq!(d.held_marker("wallet"), p("/var/lib/archipelago/state/held/wallet"));
@@ -292,6 +301,7 @@ mod tests {
             d.app_secret(&app, "s"),
             d.state_dir(),
             d.agent_state(),
+            d.writer_lock(),
             d.images_ledger(),
             d.held_dir(),
             d.held_marker("x"),
@@ -381,6 +391,7 @@ mod tests {
             d.secrets_dir(),
             d.state_dir(),
             d.agent_state(),
+            d.writer_lock(),
             d.images_ledger(),
             d.held_dir(),
             d.upgrades_dir(),

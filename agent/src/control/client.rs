@@ -26,9 +26,10 @@ use crate::orchestrator::{
 };
 use crate::registry::commands::{LocalRegistries, NewRegistry, RegistryListing, RegistryOps, TestResults};
 use crate::registry::RegistrySummary;
+use crate::writer::{self, WriterLock};
 
-/// A socket that accepts but does not answer for this long is treated as
-/// no agent at all.
+/// A socket that does not accept in this long is an agent that does not
+/// answer: an error, never "no agent" (acting beside it would race it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Responses carry logs, at most `MAX_LOG_REPLY_BYTES` of them, escaped as
 /// JSON (up to six bytes for one); this only guards against a peer that is
@@ -55,10 +56,11 @@ fn transport(message: String) -> RpcError {
 
 impl ControlClient {
     /// Connects to the agent at `path`. `None` when no agent is there: no
-    /// socket file, a stale one (connection refused), or one that does not
-    /// accept in time; callers then act in-process. Other failures, such as
-    /// a socket this user may not open, are errors: an agent is running, and
-    /// acting beside it would bypass its locks.
+    /// socket file, or a stale one (connection refused); callers then act
+    /// in-process, under the data root's writer lock when they change
+    /// anything ([`route`]). Other failures, such as a socket this user may
+    /// not open or one that does not accept in time, are errors: an agent
+    /// is there, and acting beside it would bypass its locks.
     pub async fn connect(path: &Path) -> anyhow::Result<Option<ControlClient>> {
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
             Ok(Ok(stream)) => stream,
@@ -66,10 +68,12 @@ impl ControlClient {
                 tracing::debug!(socket = %path.display(), error = %e, "no agent on the control socket; acting in-process");
                 return Ok(None);
             }
-            Err(_) => {
-                tracing::debug!(socket = %path.display(), "the control socket does not answer; acting in-process");
-                return Ok(None);
-            }
+            Err(_) => anyhow::bail!(
+                "the agent's control socket {} does not accept a connection within {} s: the agent is stuck \
+                 or overloaded; nothing was done (acting beside it would race it)",
+                path.display(),
+                CONNECT_TIMEOUT.as_secs()
+            ),
             Ok(Err(e)) => {
                 let hint = if e.kind() == io::ErrorKind::PermissionDenied {
                     " (run as root or as a member of the socket's group)"
@@ -247,28 +251,41 @@ impl ContainerOrchestrator for RemoteOrchestrator {
 /// Where `archy-agent`'s app subcommands run: through the agent when one
 /// answers on the control socket, so its per-app locks apply, else here.
 pub enum AppBackend {
-    /// Boxed: an orchestrator is large, and a backend is made once.
-    Local(Box<Orchestrator>),
+    /// Boxed: an orchestrator is large, and a backend is made once. With
+    /// the data root's writer lock, held until the backend is dropped, when
+    /// the command changes anything.
+    Local(Box<Orchestrator>, Option<WriterLock>),
     Remote(RemoteOrchestrator),
 }
 
 impl AppBackend {
     /// The running agent at `control`, else a local orchestrator over the
-    /// engine at `engine` (which is then connected, and must answer).
-    pub async fn open(control: &Path, engine: &Path, config: OrchestratorConfig) -> anyhow::Result<AppBackend> {
-        if let Some(client) = ControlClient::connect(control).await? {
-            return Ok(AppBackend::Remote(RemoteOrchestrator::new(client)));
-        }
+    /// engine at `engine` (which is then connected, and must answer). A
+    /// command that changes anything names itself in `writes` and acts
+    /// in-process only under the data root's writer lock ([`route`]).
+    pub async fn open(
+        control: &Path,
+        engine: &Path,
+        config: OrchestratorConfig,
+        writes: Option<&str>,
+    ) -> anyhow::Result<AppBackend> {
+        let lock = match route(control, &config.data_root, writes).await? {
+            Route::Agent(client) => return Ok(AppBackend::Remote(RemoteOrchestrator::new(client))),
+            Route::Local(lock) => lock,
+        };
         let engine = Engine::connect(engine).await?;
-        // No agent: this command acts alone, once every interrupted upgrade
-        // is finished or undone.
-        orchestrator::recover_upgrades(&engine, &config.data_root).await;
-        Ok(AppBackend::Local(Box::new(Orchestrator::new(engine, config))))
+        // No agent, and this command changes things: it acts alone, once
+        // every interrupted upgrade is finished or undone. A read-only
+        // command holds no lock and changes nothing.
+        if lock.is_some() {
+            orchestrator::recover_upgrades(&engine, &config.data_root).await;
+        }
+        Ok(AppBackend::Local(Box::new(Orchestrator::new(engine, config)), lock))
     }
 
     fn inner(&self) -> &dyn ContainerOrchestrator {
         match self {
-            AppBackend::Local(orch) => orch.as_ref(),
+            AppBackend::Local(orch, _) => orch.as_ref(),
             AppBackend::Remote(remote) => remote,
         }
     }
@@ -277,7 +294,7 @@ impl AppBackend {
     /// doing the work decides).
     pub async fn install_from_path(&self, path: &Path) -> orchestrator::Result<InstallReport> {
         match self {
-            AppBackend::Local(orch) => orch.install_from_path(path).await,
+            AppBackend::Local(orch, _) => orch.install_from_path(path).await,
             AppBackend::Remote(remote) => remote.install_from_path(path).await,
         }
     }
@@ -366,12 +383,76 @@ impl RegistryOps for RemoteRegistries {
 }
 
 /// Where `archy-agent registry …` runs: through the agent when one answers
-/// on `control`, else on the list under `data_root`.
-pub async fn registry_backend(control: &Path, data_root: &DataRoot) -> anyhow::Result<Box<dyn RegistryOps>> {
-    Ok(match ControlClient::connect(control).await? {
-        Some(client) => Box::new(RemoteRegistries::new(client)),
-        None => Box::new(LocalRegistries {
-            data_root: data_root.clone(),
-        }),
+/// on `control`, else on the list under `data_root`, with the writer lock
+/// (kept by the caller while it acts) when the command names itself in
+/// `writes` ([`route`]).
+pub async fn registry_backend(
+    control: &Path,
+    data_root: &DataRoot,
+    writes: Option<&str>,
+) -> anyhow::Result<(Box<dyn RegistryOps>, Option<WriterLock>)> {
+    Ok(match route(control, data_root, writes).await? {
+        Route::Agent(client) => (Box::new(RemoteRegistries::new(client)), None),
+        Route::Local(lock) => (
+            Box::new(LocalRegistries {
+                data_root: data_root.clone(),
+            }),
+            lock,
+        ),
     })
+}
+
+/// Where a command runs.
+pub enum Route {
+    /// Through the running agent, the data root's one writer.
+    Agent(ControlClient),
+    /// In-process: no agent answers. With the writer lock when the command
+    /// changes anything.
+    Local(Option<WriterLock>),
+}
+
+/// Where a command runs: through the agent when one answers on `control`.
+/// Else a command that only reads (`writes` is `None`) runs in-process; one
+/// that changes anything (`writes` names it, for the lock file) takes the
+/// data root's writer lock first. While the lock is held and no agent
+/// answers (another command acting in-process, or an agent still starting:
+/// its socket opens once the engine answers), it waits, up to
+/// [`writer::WAIT`], looking for the agent's socket and the lock by turns.
+/// A socket that does not accept in time is an error, never "no agent".
+pub async fn route(control: &Path, data_root: &DataRoot, writes: Option<&str>) -> anyhow::Result<Route> {
+    let started = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        if let Some(client) = ControlClient::connect(control).await? {
+            return Ok(Route::Agent(client));
+        }
+        let Some(command) = writes else {
+            return Ok(Route::Local(None));
+        };
+        if let Some(lock) = WriterLock::try_acquire(data_root, command)? {
+            return Ok(Route::Local(Some(lock)));
+        }
+        let holder = writer::holder(data_root);
+        if started.elapsed() >= writer::WAIT {
+            let busy = writer::busy(data_root, holder.clone(), started.elapsed());
+            return Err(match holder.filter(writer::Holder::is_agent) {
+                Some(_) => anyhow::anyhow!(
+                    "{busy}: that is the agent, and its control socket {} still does not answer \
+                     (it opens once the engine answers); nothing was done",
+                    control.display()
+                ),
+                None => busy.into(),
+            });
+        }
+        if !told {
+            let who = holder.map_or_else(|| "another process".to_owned(), |h| h.to_string());
+            tracing::warn!(
+                lock = %data_root.writer_lock().display(),
+                socket = %control.display(),
+                "waiting for {who} to finish (or for the agent's socket to answer)"
+            );
+            told = true;
+        }
+        tokio::time::sleep(writer::POLL).await;
+    }
 }

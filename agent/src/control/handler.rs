@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use super::protocol::{
     self, params_of, Call, InstallTarget, RpcError, INTERNAL_ERROR, SERVER_ERROR, UNAVAILABLE, UNKNOWN_REGISTRY,
@@ -60,6 +60,10 @@ pub struct OrchestratorHandler {
     /// Registry changes read, modify and rewrite one file: two at once
     /// would lose one.
     registry_lock: Mutex<()>,
+    /// What the agent is busy with before its loop starts ("importing
+    /// images (2 of 5)"), `None` once it is done: `status` and `list` say
+    /// it, and app changes wait for it to end ([`OrchestratorHandler::with_busy`]).
+    busy: Option<watch::Receiver<Option<String>>>,
 }
 
 impl OrchestratorHandler {
@@ -71,6 +75,29 @@ impl OrchestratorHandler {
             data_root,
             reconcile_now,
             registry_lock: Mutex::new(()),
+            busy: None,
+        }
+    }
+
+    /// Says what the agent is busy with (`Some`) until it is done (`None`):
+    /// meanwhile `status` and `list` carry it in each app's `agent` field,
+    /// and calls that change an app wait for it (the pre-pulled images an
+    /// install needs are what is being imported).
+    pub fn with_busy(mut self, busy: watch::Receiver<Option<String>>) -> OrchestratorHandler {
+        self.busy = Some(busy);
+        self
+    }
+
+    fn busy_now(&self) -> Option<String> {
+        self.busy.as_ref().and_then(|b| b.borrow().clone())
+    }
+
+    /// Returns once the agent is no longer busy (or can no longer say).
+    async fn until_idle(&self) {
+        if let Some(busy) = &self.busy {
+            let mut busy = busy.clone();
+            // An error is a sender gone: nothing left to wait for.
+            let _ = busy.wait_for(Option::is_none).await;
         }
     }
 
@@ -144,6 +171,17 @@ impl OrchestratorHandler {
 impl ControlHandler for OrchestratorHandler {
     async fn handle(&self, call: Call) -> Result<Value, RpcError> {
         let o = &*self.orch;
+        if matches!(
+            call,
+            Call::Install(_)
+                | Call::Start { .. }
+                | Call::Stop { .. }
+                | Call::Restart { .. }
+                | Call::Remove { .. }
+                | Call::Upgrade { .. }
+        ) {
+            self.until_idle().await;
+        }
         match call {
             Call::Install(InstallTarget::App(app)) => orch(o.install(&app).await),
             Call::Install(InstallTarget::Manifest(path)) => orch(o.install_from_path(&path).await),
@@ -152,8 +190,17 @@ impl ControlHandler for OrchestratorHandler {
             Call::Restart { app } => done(&app, o.restart(&app).await, "restarted"),
             Call::Remove { app } => done(&app, o.remove(&app).await, "removed"),
             Call::Upgrade { app } => orch(o.upgrade(&app).await),
-            Call::Status { app } => orch(o.status(&app).await),
-            Call::List => orch(o.list().await),
+            Call::Status { app } => orch(o.status(&app).await.map(|mut s| {
+                s.agent = self.busy_now();
+                s
+            })),
+            Call::List => orch(o.list().await.map(|mut list| {
+                let busy = self.busy_now();
+                for s in &mut list {
+                    s.agent.clone_from(&busy);
+                }
+                list
+            })),
             Call::Logs { app, tail } => orch(o.logs(&app, tail).await),
             Call::Health { app } => orch(o.health(&app).await),
             Call::RegistryList => {

@@ -15,7 +15,7 @@ mod server;
 use async_trait::async_trait;
 use serde_json::Value;
 
-pub use client::{registry_backend, AppBackend, ControlClient, RemoteOrchestrator, RemoteRegistries};
+pub use client::{registry_backend, route, AppBackend, ControlClient, RemoteOrchestrator, RemoteRegistries, Route};
 pub use handler::{reconcile_bridge, OrchestratorHandler, ReconcileNow};
 pub use protocol::{Call, InstallTarget, RpcError};
 pub use server::{respond, serve, serve_connection, serve_with, ServeLimits};

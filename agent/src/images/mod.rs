@@ -134,6 +134,17 @@ impl ImportReport {
 /// fails as a whole: a missing folder or lock is a note, an unusable lock
 /// is `error`, and each entry has its own outcome.
 pub async fn import_all(engine: &Engine, dir: &Path, data_root: &DataRoot) -> ImportReport {
+    import_all_reporting(engine, dir, data_root, |_, _| {}).await
+}
+
+/// [`import_all`], calling `progress(n, m)` as entry `n` (from 1) of the
+/// lock's `m` starts: the agent says so in `status` and `list`.
+pub async fn import_all_reporting(
+    engine: &Engine,
+    dir: &Path,
+    data_root: &DataRoot,
+    progress: impl Fn(usize, usize),
+) -> ImportReport {
     let mut report = ImportReport {
         dir: dir.to_path_buf(),
         ..ImportReport::default()
@@ -167,7 +178,8 @@ pub async fn import_all(engine: &Engine, dir: &Path, data_root: &DataRoot) -> Im
         version: old.version,
         images: Vec::new(),
     };
-    for entry in &lock.images {
+    for (n, entry) in lock.images.iter().enumerate() {
+        progress(n + 1, lock.images.len());
         let (outcome, in_store) = import_one(engine, dir, entry).await;
         match &outcome {
             Outcome::AlreadyPresent => {

@@ -25,9 +25,34 @@ pub enum AppOp {
     Logs { app: String, tail: Option<usize> },
 }
 
+impl AppOp {
+    /// The subcommand's name when it changes anything (it then runs through
+    /// the agent or under the data root's writer lock); `None` when it only
+    /// reads.
+    pub fn writes(&self) -> Option<&'static str> {
+        match self {
+            AppOp::Install(_) => Some("install"),
+            AppOp::Start(_) => Some("start"),
+            AppOp::Stop(_) => Some("stop"),
+            AppOp::Restart(_) => Some("restart"),
+            AppOp::Remove(_) => Some("remove"),
+            AppOp::Upgrade(_) => Some("upgrade"),
+            AppOp::Status(_) | AppOp::Health(_) | AppOp::List | AppOp::Logs { .. } => None,
+        }
+    }
+}
+
 fn json_line(out: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value).context("cannot write JSON")?;
     writeln!(out)?;
+    Ok(())
+}
+
+/// What the agent is busy with (the same for every app), once.
+fn print_agent_note(list: &[AppStatus], out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(note) = list.iter().find_map(|s| s.agent.as_deref()) {
+        writeln!(out, "agent: {note}")?;
+    }
     Ok(())
 }
 
@@ -174,6 +199,7 @@ pub async fn run(
             } else {
                 write_table(out, STATUS_HEADER, &status_rows(std::slice::from_ref(&s)))?;
                 print_differences(std::slice::from_ref(&s), out)?;
+                print_agent_note(std::slice::from_ref(&s), out)?;
             }
             if !running {
                 return Ok(ExitCode::from(3));
@@ -186,6 +212,7 @@ pub async fn run(
             } else {
                 write_table(out, STATUS_HEADER, &status_rows(&list))?;
                 print_differences(&list, out)?;
+                print_agent_note(&list, out)?;
             }
         }
         AppOp::Health(app) => {

@@ -99,6 +99,10 @@ pub struct AppStatus {
     /// [`super::InFlightSet`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<super::InFlightStatus>,
+    /// What the running agent is busy with that holds up every app's
+    /// changes, e.g. "importing images (2 of 5)"; absent when nothing is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// Maps engine state to an [`AppState`].
@@ -148,6 +152,7 @@ pub fn app_status(
         drifted,
         differences: Vec::new(),
         in_flight: None,
+        agent: None,
     }
 }
 

@@ -124,9 +124,20 @@ fn print_report(report: &PassReport, json: bool, out: &mut impl Write) -> anyhow
 }
 
 /// One pass, printed. Fails when the pass could not run or any app failed.
+/// Refused while an agent runs on the data root (it reconciles on its own;
+/// two writers would race), and run under its writer lock otherwise.
 pub fn reconcile_once(config: AgentConfig, json: bool) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let report = runtime.block_on(async { anyhow::Ok(reconciler(&config, false).await?.pass().await) })?;
+    let report = runtime.block_on(async {
+        let _writer = crate::writer::acquire(&config.data_root, "reconcile --once", crate::writer::WAIT)
+            .await
+            .map_err(|e| match e {
+                e @ crate::writer::WriterError::AgentRuns { .. } => anyhow::Error::new(e)
+                    .context("reconcile --once is refused while the agent runs: it reconciles on its own"),
+                e => e.into(),
+            })?;
+        anyhow::Ok(reconciler(&config, false).await?.pass().await)
+    })?;
     print_report(&report, json, &mut std::io::stdout().lock())?;
     let failed = report.error.is_some() || report.apps.iter().any(|a| a.error.is_some());
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })

@@ -1,17 +1,21 @@
 //! `archy-agent boot`: the long-running agent.
 //!
 //! Shape (tokio's mini-redis): a thin `main` sets up tracing and config and
-//! calls [`run`] with a shutdown future. `run` connects to the engine
-//! (retrying while it is away), makes a first pass, then turns its loop:
-//! a pass on engine events, on a periodic resync, at backoff deadlines, on
-//! request and whenever an app's action ends. Each pass starts the actions
-//! it plans as tasks of their own and does not wait for them
-//! ([`Reconciler::turn`]): one slow app (a pull, a build, a health wait)
-//! never holds up the others, the events, or `reconcile-now`. systemd hears
-//! READY once the first pass's actions have ended, and a watchdog ping
-//! after every turn of the loop, which turns at least every half watchdog
-//! period: a wedged loop is restarted. Actions in flight finish before the
-//! agent exits; containers belong to the engine and outlive the agent.
+//! calls [`run`] with a shutdown future. `run` takes the data root's writer
+//! lock (`writer.rs`), connects to the engine (retrying while it is away),
+//! finishes or undoes an interrupted upgrade, opens the control socket,
+//! imports the pre-pulled images (saying how far it is in `status` and
+//! `list`), makes a first pass, then turns its loop: a pass on engine
+//! events, on a periodic resync, at backoff deadlines, on request and
+//! whenever an app's action ends. Each pass starts the actions it plans as
+//! tasks of their own and does not wait for them ([`Reconciler::turn`]):
+//! one slow app (a pull, a build, a health wait) never holds up the others,
+//! the events, or `reconcile-now`. systemd hears READY once the first
+//! pass's actions have ended, and a watchdog ping after every turn of the
+//! loop, which turns at least every half watchdog period: a wedged loop is
+//! restarted (before the loop, through the lock wait, the engine wait and
+//! the import, a task of its own pings). Actions in flight finish before
+//! the agent exits; containers belong to the engine and outlive the agent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -77,16 +81,30 @@ pub async fn run(
     tokio::pin!(shutdown);
     // Bad limits are refused before anything happens.
     let timeouts = Timeouts::from_env()?;
+    // Until the loop turns, a task pings the watchdog: waiting for the
+    // writer lock, the engine and the image import are long waits, not a
+    // hang. From the loop's first turn on, only the loop pings.
+    let preamble_pings = watchdog_interval().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        })
+    });
+    // One writer per data root: held for the agent's life. A second agent
+    // is refused; a command acting in-process is waited for.
+    let _writer = tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        lock = crate::writer::acquire(&config.data_root, crate::writer::AGENT_COMMAND, crate::writer::WAIT) => lock?,
+    };
     let Some(engine) = connect_until(&config, &mut shutdown).await else {
         return Ok(());
     };
     // An upgrade a kill interrupted is finished or undone before anything
     // else acts (docs/upgrades.md).
     crate::orchestrator::recover_upgrades(&engine, &config.data_root).await;
-    // Before the first pass, so installs find the pre-pulled images and
-    // a node with no network still starts every app.
-    let imported = crate::images::import_all(&engine, &config.images_dir, &config.data_root).await;
-    log_import(&imported);
     let orch = Arc::new(
         Orchestrator::new(
             engine,
@@ -100,12 +118,6 @@ pub async fn run(
         )
         .with_timeouts(timeouts),
     );
-    let mut reconciler = Reconciler::new(orch.clone());
-    reconciler.retry_imports(crate::images::ImportRetry::from_report(
-        &imported,
-        &config.data_root,
-        Instant::now(),
-    ));
     // Requests from the control socket and from the caller share one queue.
     let (queue_tx, queue) = mpsc::channel::<ReconcileRequest>(8);
     let forward = queue_tx.clone();
@@ -117,12 +129,18 @@ pub async fn run(
             }
         }
     });
+    // The socket opens before the import: `status` and `list` answer during
+    // it and say how far it is; app changes wait for it to end.
+    let (busy, busy_rx) = tokio::sync::watch::channel(Some("importing images".to_owned()));
     let (stop_control, control_stopped) = oneshot::channel::<()>();
     let control = config.control.clone().map(|path| {
-        let handler = Arc::new(crate::control::OrchestratorHandler::new(
-            orch.clone(),
-            Some(crate::control::reconcile_bridge(queue_tx.clone())),
-        ));
+        let handler = Arc::new(
+            crate::control::OrchestratorHandler::new(
+                orch.clone(),
+                Some(crate::control::reconcile_bridge(queue_tx.clone())),
+            )
+            .with_busy(busy_rx),
+        );
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = control_stopped.await;
@@ -132,6 +150,20 @@ pub async fn run(
             }
         })
     });
+    // Before the first pass, so installs find the pre-pulled images and
+    // a node with no network still starts every app.
+    let imported = crate::images::import_all_reporting(orch.engine(), &config.images_dir, &config.data_root, |n, m| {
+        busy.send_replace(Some(format!("importing images ({n} of {m})")));
+    })
+    .await;
+    busy.send_replace(None);
+    log_import(&imported);
+    let mut reconciler = Reconciler::new(orch.clone());
+    reconciler.retry_imports(crate::images::ImportRetry::from_report(
+        &imported,
+        &config.data_root,
+        Instant::now(),
+    ));
     drop(queue_tx);
     let first = reconciler.turn().await;
     log_report(&first, true);
@@ -141,6 +173,9 @@ pub async fn run(
         healthy: HealthyLine::default(),
     };
     watch.after_turn(&orch, &first).await;
+    if let Some(task) = preamble_pings {
+        task.abort();
+    }
     run_loop(
         &config,
         &mut reconciler,

@@ -83,6 +83,22 @@ impl Anchor {
     }
 }
 
+/// The state file's bytes read as this agent reads them.
+fn parse(bytes: &[u8]) -> Result<StateFile, String> {
+    let file = serde_json::from_slice::<StateFile>(bytes).map_err(|e| e.to_string())?;
+    if file.version == VERSION {
+        Ok(file)
+    } else {
+        Err(format!("unknown version {}", file.version))
+    }
+}
+
+/// Whether `bytes` are a state file this agent reads (what [`load`] would
+/// otherwise move aside), and why not.
+pub fn check(bytes: &[u8]) -> Result<(), String> {
+    parse(bytes).map(drop)
+}
+
 /// Loads the remembered state. A missing file is an empty state; a file
 /// that cannot be read as state is moved aside and reported, never fatal.
 pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
@@ -95,16 +111,7 @@ pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
             return BTreeMap::new();
         }
     };
-    let parsed: Result<StateFile, String> = serde_json::from_slice::<StateFile>(&bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|f| {
-            if f.version == VERSION {
-                Ok(f)
-            } else {
-                Err(format!("unknown version {}", f.version))
-            }
-        });
-    let file = match parsed {
+    let file = match parse(&bytes) {
         Ok(f) => f,
         Err(error) => {
             match fsutil::move_aside(&path) {
