@@ -275,10 +275,19 @@ impl AppBackend {
         };
         let engine = Engine::connect(engine).await?;
         // No agent, and this command changes things: it acts alone, once
-        // every interrupted upgrade is finished or undone. A read-only
-        // command holds no lock and changes nothing.
-        if lock.is_some() {
-            orchestrator::recover_upgrades(&engine, &config.data_root).await;
+        // every interrupted upgrade is finished or undone under the lock.
+        // A read-only command does it too when the lock is free at once
+        // (a `list` after a crash shows the app as it will stay), and
+        // never beside another writer.
+        match &lock {
+            Some(_) => {
+                orchestrator::recover_upgrades(&engine, &config.data_root).await;
+            }
+            None => {
+                if let Ok(Some(_briefly)) = WriterLock::try_acquire(&config.data_root, "recover-upgrades") {
+                    orchestrator::recover_upgrades(&engine, &config.data_root).await;
+                }
+            }
         }
         Ok(AppBackend::Local(Box::new(Orchestrator::new(engine, config)), lock))
     }
