@@ -12,7 +12,10 @@ use std::time::Instant as StdInstant;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
+use super::plan::{
+    next_probe, note_restart, plan, probe_due, record, record_probe, Action, AppMemory, Decision, Desired, HealthRule,
+    Wait,
+};
 use super::state;
 use crate::engine::ContainerSummary;
 use crate::files;
@@ -28,7 +31,12 @@ pub struct AppReport {
     /// The container's state as the pass found it (`missing` when absent).
     pub observed: String,
     pub decision: Decision,
-    /// Set when the action failed: the whole error chain.
+    /// Why the action was taken (`exited 137`, `unhealthy: 3 failed
+    /// probes …`, `config changed: …`); `None` when waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Set when the action failed, or the container cannot be observed:
+    /// the whole error chain.
     pub error: Option<String>,
 }
 
@@ -43,6 +51,9 @@ pub struct PassReport {
     pub manifest_errors: Vec<String>,
     /// Set when the pass could not run at all (engine unreachable).
     pub error: Option<String>,
+    /// When the next health probe falls due: the loop wakes up for it.
+    #[serde(skip)]
+    pub next_probe: Option<Instant>,
 }
 
 impl PassReport {
@@ -55,7 +66,8 @@ impl PassReport {
                 .all(|a| matches!(a.decision, Decision::Wait(Wait::Ok | Wait::Held)))
     }
 
-    /// The earliest backoff deadline: when the loop must wake up again.
+    /// The earliest backoff deadline or health probe: when the loop must
+    /// wake up again.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.apps
             .iter()
@@ -63,6 +75,7 @@ impl PassReport {
                 Decision::Wait(Wait::Backoff { until, .. }) => Some(*until),
                 _ => None,
             })
+            .chain(self.next_probe)
             .min()
     }
 }
@@ -132,6 +145,12 @@ impl Reconciler {
                         depends_on: m.depends_on.clone(),
                         differences: Vec::new(),
                         held: false,
+                        health: m.health.as_ref().map(|h| HealthRule {
+                            interval: h.interval,
+                            retries: h.retries,
+                            start_period: h.start_period,
+                        }),
+                        unobservable: None,
                     }),
                     Err(e) => errors.push(format!("{}: {e:#}", m.id)),
                 }
@@ -169,18 +188,26 @@ impl Reconciler {
                     unmatched: Vec::new(),
                     manifest_errors,
                     error: Some(crate::error_chain(&e)),
+                    next_probe: None,
                 }
             }
         };
-        let observed: BTreeMap<String, ContainerSummary> = listing.into_iter().map(|c| (c.name.clone(), c)).collect();
+        let unobservable: BTreeMap<String, String> =
+            listing.unobservable.into_iter().map(|u| (u.name, u.error)).collect();
+        let observed: BTreeMap<String, ContainerSummary> =
+            listing.containers.into_iter().map(|c| (c.name.clone(), c)).collect();
         for d in &mut desired {
             d.held = self.orch.is_held(d.app.as_str());
+            d.unobservable = unobservable.get(&d.container).cloned();
             // Only a container made by hand needs comparing field by field.
             if let Some(c) = observed.get(&d.container).filter(|c| !is_managed(&c.labels)) {
                 d.differences = self.hand_made_differences(&d.app, &c.name).await;
             }
         }
         let (file_errors, dry_memory) = self.render_files(&desired, &observed, &with_files, &all.apps);
+        if !self.dry_run {
+            self.probe_due(&desired, &observed).await;
+        }
         let now = Instant::now();
         let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
 
@@ -209,11 +236,14 @@ impl Reconciler {
             let outcome = outcomes.get(&p.app);
             if !self.dry_run {
                 let mem = self.memory.entry(d.app.clone()).or_default();
-                record(mem, &p.decision, !matches!(outcome, Some(Err(_))), &d.spec_hash, now);
+                let ok = !matches!(outcome, Some(Err(_)));
+                record(mem, &p.decision, ok, &d.spec_hash, now);
+                note_restart(mem, &p, ok, now);
             }
             let error = outcome
                 .and_then(|o| o.clone().err())
-                .or_else(|| file_errors.get(&p.app).cloned());
+                .or_else(|| file_errors.get(&p.app).cloned())
+                .or_else(|| d.unobservable.clone());
             apps.push(AppReport {
                 observed: observed
                     .get(&p.container)
@@ -221,6 +251,7 @@ impl Reconciler {
                 app: p.app,
                 container: p.container,
                 decision: p.decision,
+                reason: p.reason,
                 error,
             });
         }
@@ -232,15 +263,79 @@ impl Reconciler {
         let wanted: BTreeSet<&str> = desired.iter().map(|d| d.container.as_str()).collect();
         let unmatched = observed
             .keys()
+            .chain(unobservable.keys())
             .filter(|n| !wanted.contains(n.as_str()) && !n.ends_with(BACKUP_SUFFIX))
             .cloned()
             .collect();
+        let (empty, now) = (AppMemory::default(), Instant::now());
+        let next_probe = desired
+            .iter()
+            .filter_map(|d| {
+                let mem = self.memory.get(&d.app).unwrap_or(&empty);
+                next_probe(d, observed.get(&d.container), mem, now)
+            })
+            .min();
         PassReport {
             duration_ms: elapsed_ms(started),
             apps,
             unmatched,
             manifest_errors,
             error: None,
+            next_probe,
+        }
+    }
+
+    /// Probes, together, every running app of the agent's own whose health
+    /// probe is due, and counts the outcomes in the memory: the planner
+    /// restarts an app whose probes failed `retries` times in a row. Each
+    /// probe is bounded by the manifest's `timeout`.
+    async fn probe_due(&mut self, desired: &[Desired], observed: &BTreeMap<String, ContainerSummary>) {
+        let now = Instant::now();
+        let empty = AppMemory::default();
+        let due: Vec<&Desired> = desired
+            .iter()
+            .filter(|d| {
+                let mem = self.memory.get(&d.app).unwrap_or(&empty);
+                probe_due(d, observed.get(&d.container), mem, now)
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let orch = &self.orch;
+        let results = futures_util::future::join_all(due.iter().map(|d| async move {
+            let result = match orch.manifest(d.app.as_str()) {
+                Ok(m) => orch.probe_once(&m).await,
+                Err(e) => Err(e),
+            };
+            (*d, result)
+        }))
+        .await;
+        let now = Instant::now();
+        for (d, result) in results {
+            let Some(rule) = d.health else { continue };
+            let mem = self.memory.entry(d.app.clone()).or_default();
+            match result {
+                Ok(Some(probe)) => {
+                    if !probe.ok {
+                        tracing::info!(app = %d.app, target = probe.target, detail = probe.detail, "health probe failed");
+                    }
+                    record_probe(
+                        mem,
+                        &rule,
+                        probe.ok,
+                        &format!("{}: {}", probe.target, probe.detail),
+                        now,
+                    );
+                }
+                // Not running any more: the planner sees that in the listing.
+                Ok(None) => {}
+                // A probe that cannot run says nothing about the app's health.
+                Err(e) => {
+                    mem.last_probe = Some(now);
+                    tracing::warn!(app = %d.app, error = %crate::error_chain(&e), "cannot probe the app");
+                }
+            }
         }
     }
 
@@ -376,7 +471,7 @@ async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), Orch
         Action::Install => orch.install_app(app, hold).await.map(drop),
         Action::Start => orch.start_app(app, hold).await,
         Action::Unpause => orch.unpause(app, hold).await,
-        Action::Restart { .. } => orch.restart_app(app, hold).await,
+        Action::Restart { .. } | Action::RestartUnhealthy { .. } => orch.restart_app(app, hold).await,
         Action::Recreate { .. } => orch.upgrade_app(app, hold).await.map(drop),
         Action::Rebuild { .. } => orch.rebuild(app, hold).await,
         // Claiming is bookkeeping only: adoption never touches a container.
