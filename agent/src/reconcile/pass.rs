@@ -51,9 +51,10 @@ pub struct PassReport {
     pub manifest_errors: Vec<String>,
     /// Set when the pass could not run at all (engine unreachable).
     pub error: Option<String>,
-    /// When the next health probe falls due: the loop wakes up for it.
+    /// When the next health probe falls due, or the backoff of an action
+    /// that failed in this pass ends: the loop wakes up for it.
     #[serde(skip)]
-    pub next_probe: Option<Instant>,
+    pub wake_at: Option<Instant>,
 }
 
 impl PassReport {
@@ -75,7 +76,7 @@ impl PassReport {
                 Decision::Wait(Wait::Backoff { until, .. }) => Some(*until),
                 _ => None,
             })
-            .chain(self.next_probe)
+            .chain(self.wake_at)
             .min()
     }
 }
@@ -188,7 +189,7 @@ impl Reconciler {
                     unmatched: Vec::new(),
                     manifest_errors,
                     error: Some(crate::error_chain(&e)),
-                    next_probe: None,
+                    wake_at: None,
                 }
             }
         };
@@ -268,11 +269,17 @@ impl Reconciler {
             .cloned()
             .collect();
         let (empty, now) = (AppMemory::default(), Instant::now());
-        let next_probe = desired
+        let wake_at = desired
             .iter()
             .filter_map(|d| {
                 let mem = self.memory.get(&d.app).unwrap_or(&empty);
+                let retry = mem
+                    .next_try
+                    .filter(|t| *t > now && outcomes.contains_key(d.app.as_str()));
                 next_probe(d, observed.get(&d.container), mem, now)
+                    .into_iter()
+                    .chain(retry)
+                    .min()
             })
             .min();
         PassReport {
@@ -281,7 +288,7 @@ impl Reconciler {
             unmatched,
             manifest_errors,
             error: None,
-            next_probe,
+            wake_at,
         }
     }
 
