@@ -111,8 +111,16 @@ async fn an_app_whose_probe_starts_failing_is_restarted_once_then_backed_off_and
         "probe failing -> restarted in {:?} (target {bound:?})",
         first_restart - broke
     );
-    let s = owner.status(&id).await.expect("status");
-    let last = s.last_restart.expect("the restart is remembered");
+    // The pass saves its memory once the restart has returned.
+    let deadline = Instant::now() + MARGIN;
+    let last = loop {
+        let s = owner.status(&id).await.expect("status");
+        match s.last_restart {
+            Some(last) if last.reason != "no container" => break last,
+            other => assert!(Instant::now() < deadline, "the restart is never remembered: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(
         last.reason.starts_with("unhealthy: 2 failed probes") && last.ok,
         "{last:?}"
