@@ -273,12 +273,15 @@ impl Reconciler {
             .iter()
             .filter_map(|d| {
                 let mem = self.memory.get(&d.app).unwrap_or(&empty);
-                let retry = mem
-                    .next_try
-                    .filter(|t| *t > now && outcomes.contains_key(d.app.as_str()));
+                let acted = outcomes.contains_key(d.app.as_str());
+                let retry = mem.next_try.filter(|t| *t > now && acted);
+                // An app just (re)started is probed an interval later,
+                // whatever the listing taken before its action said.
+                let first_probe = d.health.filter(|_| acted && !d.held).map(|rule| now + rule.interval);
                 next_probe(d, observed.get(&d.container), mem, now)
                     .into_iter()
                     .chain(retry)
+                    .chain(first_probe)
                     .min()
             })
             .min();
