@@ -286,7 +286,8 @@ async fn listing_reports_a_container_being_stopped_as_stopping() {
     let (e, n) = (&engine, name.as_str());
     let seen = common::eventually(SETTLE, || async move {
         let list = e.list().await.expect("list while a stop is in progress");
-        list.into_iter()
+        list.containers
+            .into_iter()
             .find(|c| c.name == n && c.status == ContainerStatus::Stopping)
     })
     .await;
@@ -337,7 +338,7 @@ async fn a_pod_made_with_the_cli_neither_breaks_the_listing_nor_the_event_stream
         .expect("run podman run --pod");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 
-    let list = engine.list().await.expect("list with a pod");
+    let list = engine.list().await.expect("list with a pod").containers;
     let status = |n: &str| list.iter().find(|c| c.name == n).map(|c| c.status.clone());
     assert_eq!(status(&infra), Some(ContainerStatus::Running), "{list:#?}");
     assert_eq!(status(&member), Some(ContainerStatus::Running), "{list:#?}");

@@ -94,7 +94,7 @@ use crate::spec::ContainerSpec;
 pub use error::{BoxError, EngineError};
 pub use exec::ExecOutput;
 pub use images::{ImageInfo, RegistryAuth};
-pub use model::{ContainerInfo, ContainerStatus, ContainerSummary, EngineEvent, EventKind};
+pub use model::{ContainerInfo, ContainerStatus, ContainerSummary, EngineEvent, EventKind, Listing, Unobservable};
 
 /// The last lines of a log, as they stream in: at most `tail` lines, of
 /// which the oldest are left out (whole) while they hold more than
@@ -186,6 +186,10 @@ pub const API_VERSION: ClientVersion = ClientVersion {
 };
 /// The same, as a path prefix for the raw client.
 const API_PREFIX: &str = "/v1.41";
+/// Podman's own API, for what the Docker API does not say (a network's
+/// DNS flag, a listing that does not fail on one container). Podman 4.x
+/// serves it under any 4.x version.
+const LIBPOD_PREFIX: &str = "/v4.0.0/libpod";
 
 /// Per request, until the answer's headers arrive; a pull's progress
 /// stream is not limited by it.
@@ -274,13 +278,44 @@ impl Engine {
     /// Every container, whatever its state. Read by the raw client: a
     /// state bollard does not know (Podman's `stopped`) must not fail the
     /// whole listing.
-    pub async fn list(&self) -> Result<Vec<ContainerSummary>> {
+    ///
+    /// Podman 4.3's Docker-compatible listing inspects every container and
+    /// fails as a whole (HTTP 500 "getting container from store …:
+    /// container not known") when one container's record is gone from the
+    /// storage library (another engine on the same storage removed it).
+    /// Then the listing is read from Podman's own API, which does not look
+    /// into the storage library, and each container is inspected: those
+    /// that cannot be are in [`Listing::unobservable`] with the engine's
+    /// error, every other one is listed. Only an engine that cannot be
+    /// reached, or a refusal of both listings, fails the whole call.
+    pub async fn list(&self) -> Result<Listing> {
         let what = "the container list";
-        let value = self
+        let compat = self
             .raw
             .get_json(&format!("{API_PREFIX}/containers/json?all=true"), what)
+            .await;
+        let refusal = match compat {
+            Ok(value) => {
+                return Ok(Listing {
+                    containers: model::parse_summaries(&value)?,
+                    unobservable: Vec::new(),
+                })
+            }
+            Err(e @ EngineError::Api { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(error = %refusal, "the engine cannot list its containers as a whole; listing them one by one");
+        let value = self
+            .raw
+            .get_json(&format!("{LIBPOD_PREFIX}/containers/json?all=true"), what)
             .await?;
-        model::parse_summaries(&value)
+        let candidates = model::parse_summaries(&value)?;
+        let mut inspected = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let result = self.inspect(&c.id).await;
+            inspected.push((c, result));
+        }
+        Ok(Listing::from_inspected(inspected))
     }
 
     /// One container, by name or id; `NotFound` when absent.
@@ -482,5 +517,112 @@ mod log_window_tests {
         assert_eq!(dropped, 4, "only the tail's own lines count as dropped");
         // One line alone over the cap leaves nothing, and says so.
         assert_eq!(window(5, 3, &["12345\n"]), (String::new(), 6));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The listing's fallback at the seam: an engine on a socket of the
+    //! test's own, answering as Podman 4.3.1 did when one container's
+    //! record was gone from its storage library.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const NOT_KNOWN: &str = r#"{"cause":"container not known","message":"getting container from store \"bbbb\": container not known","response":500}"#;
+
+    /// Serves canned answers on a unix socket: `answer(path)` gives the
+    /// status and the body.
+    fn serve(socket: &Path, answer: fn(&str) -> (u16, String)) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let (status, body) = answer(&path);
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        })
+    }
+
+    fn summary(id: &str, name: &str, state: &str) -> String {
+        format!(
+            r#"{{"Id":"{id}","Names":["{name}"],"State":"{state}","Status":"","ExitCode":0,"Labels":{{"io.archipelago.managed-by":"archipelago"}},"Image":"img","ImageID":"sha256:1"}}"#
+        )
+    }
+
+    /// Podman 4.3.1 with container `broken` (id `bbbb`) gone from its
+    /// storage library, and `gone` removed between listing and inspect.
+    fn one_broken(path: &str) -> (u16, String) {
+        match path {
+            p if p.ends_with("/_ping") => (200, "OK".to_owned()),
+            "/v1.41/containers/json?all=true" => (500, NOT_KNOWN.to_owned()),
+            "/v4.0.0/libpod/containers/json?all=true" => (
+                200,
+                format!(
+                    "[{},{},{}]",
+                    summary("aaaa", "fine", "running"),
+                    summary("bbbb", "broken", "exited"),
+                    summary("cccc", "gone", "running")
+                ),
+            ),
+            "/v1.41/containers/aaaa/json" => (
+                200,
+                r#"{"Id":"aaaa","Name":"/fine","State":{"Status":"running"}}"#.to_owned(),
+            ),
+            "/v1.41/containers/bbbb/json" => (500, NOT_KNOWN.to_owned()),
+            _ => (404, r#"{"message":"no such container"}"#.to_owned()),
+        }
+    }
+
+    /// Both listings refused: nothing to go on.
+    fn both_refused(path: &str) -> (u16, String) {
+        match path {
+            p if p.ends_with("/_ping") => (200, "OK".to_owned()),
+            _ => (500, NOT_KNOWN.to_owned()),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_container_the_engine_cannot_describe_is_set_apart_and_the_rest_listed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let socket = tmp.path().join("engine.sock");
+        let server = serve(&socket, one_broken);
+        let engine = Engine::connect(&socket).await.expect("connect");
+        let listing = engine.list().await.expect("listed despite one broken container");
+        let names: Vec<&str> = listing.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["fine"], "gone since the listing: left out");
+        assert_eq!(listing.containers[0].status, ContainerStatus::Running);
+        assert_eq!(listing.unobservable.len(), 1, "{listing:?}");
+        let u = &listing.unobservable[0];
+        assert_eq!((u.id.as_str(), u.name.as_str()), ("bbbb", "broken"));
+        assert!(
+            u.error.contains("HTTP 500") && u.error.contains("container not known"),
+            "{}",
+            u.error
+        );
+        server.abort();
+
+        let socket = tmp.path().join("refusing.sock");
+        let server = serve(&socket, both_refused);
+        let engine = Engine::connect(&socket).await.expect("connect");
+        let err = engine.list().await.expect_err("no listing at all");
+        assert!(matches!(err, EngineError::Api { status: 500, .. }), "{err:?}");
+        server.abort();
     }
 }

@@ -89,6 +89,52 @@ pub struct ContainerSummary {
     pub image: String,
     /// `sha256:…` of the image config the container runs.
     pub image_id: String,
+    /// The exit code of a container whose process ended, when the listing
+    /// tells it (Podman's `ExitCode`, or Docker's `Status` text "Exited (137) …").
+    pub exit_code: Option<i64>,
+}
+
+/// The engine's containers, as one pass sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub containers: Vec<ContainerSummary>,
+    /// Containers the engine lists but cannot describe: reported with the
+    /// engine's error, never acted on.
+    pub unobservable: Vec<Unobservable>,
+}
+
+/// A container the engine lists but cannot inspect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unobservable {
+    pub id: String,
+    /// Without Docker's leading `/`.
+    pub name: String,
+    /// The engine's error, its whole chain.
+    pub error: String,
+}
+
+impl Listing {
+    /// Sorts a one-by-one listing: each listed container with what
+    /// inspecting it gave. One gone since the listing (`NotFound`) is left
+    /// out; one that fails otherwise is unobservable, with the error.
+    pub fn from_inspected(inspected: Vec<(ContainerSummary, Result<ContainerInfo>)>) -> Listing {
+        let mut listing = Listing::default();
+        for (summary, result) in inspected {
+            match result {
+                Ok(_) => listing.containers.push(summary),
+                Err(EngineError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(container = %summary.name, error = %crate::error_chain(&e), "the engine cannot describe this container");
+                    listing.unobservable.push(Unobservable {
+                        id: summary.id,
+                        name: summary.name,
+                        error: crate::error_chain(&e),
+                    });
+                }
+            }
+        }
+        listing
+    }
 }
 
 /// One container, inspected.
@@ -244,14 +290,27 @@ fn parse_summary(entry: &Value) -> Option<ContainerSummary> {
         .and_then(|names| names.into_iter().next())
         .map(|n| without_slash(&n))
         .unwrap_or_default();
+    let status = ContainerStatus::parse(&text(c, "State").unwrap_or_default());
+    let exit_code = text(c, "Status")
+        .as_deref()
+        .and_then(exit_code_of_status)
+        .or_else(|| c.get("ExitCode").and_then(Value::as_i64))
+        .filter(|_| status.has_ended());
     Some(ContainerSummary {
         id,
         name,
-        status: ContainerStatus::parse(&text(c, "State").unwrap_or_default()),
+        status,
+        exit_code,
         labels: string_map(c.get("Labels")),
         image: text(c, "Image").unwrap_or_default(),
         image_id: text(c, "ImageID").unwrap_or_default(),
     })
+}
+
+/// The code in a Docker-style status text: `Exited (137) 3 seconds ago`.
+fn exit_code_of_status(status: &str) -> Option<i64> {
+    let rest = status.strip_prefix("Exited (")?;
+    rest.split_once(')')?.0.parse().ok()
 }
 
 /// Reads `GET /containers/{name}/json`.
@@ -359,6 +418,22 @@ mod tests {
 
     fn json(text: &str) -> Value {
         serde_json::from_str(text).expect("fixture is JSON")
+    }
+
+    #[test]
+    fn a_listed_exit_code_is_read_from_the_status_text_or_podmans_field_for_ended_containers_only() {
+        assert_eq!(exit_code_of_status("Exited (137) 3 seconds ago"), Some(137));
+        assert_eq!(exit_code_of_status("Up 1 second"), None);
+        let list = parse_summaries(&json(LIST)).expect("parses");
+        let codes: Vec<(ContainerStatus, Option<i64>)> = list.iter().map(|c| (c.status.clone(), c.exit_code)).collect();
+        assert!(codes.contains(&(ContainerStatus::Stopped, Some(0))), "{codes:?}");
+        assert!(
+            codes.iter().all(|(s, code)| s.has_ended() || code.is_none()),
+            "{codes:?}"
+        );
+        // Podman's own listing says it in a field of its own.
+        let libpod = serde_json::json!([{"Id": "a", "Names": ["x"], "State": "exited", "Status": "", "ExitCode": 3}]);
+        assert_eq!(parse_summaries(&libpod).expect("parses")[0].exit_code, Some(3));
     }
 
     fn by_name<'a>(list: &'a [ContainerSummary], name: &str) -> &'a ContainerSummary {

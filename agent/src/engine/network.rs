@@ -4,11 +4,8 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use serde_json::Value;
 
 use super::raw::encode;
-use super::{Engine, EngineError, Result};
+use super::{Engine, EngineError, Result, LIBPOD_PREFIX};
 
-/// Podman's own API, for what the Docker API does not say (a network's
-/// DNS flag). Podman 4.x serves it under any 4.x version.
-const LIBPOD_PREFIX: &str = "/v4.0.0/libpod";
 /// The driver of the networks the agent creates: the only one with DNS.
 const NETWORK_DRIVER: &str = "bridge";
 

@@ -85,6 +85,25 @@ fn status_rows(list: &[AppStatus]) -> Vec<[String; 6]> {
         .collect()
 }
 
+/// Below a status table: each app the engine cannot describe, with its
+/// error, and why the reconcile loop last restarted each app.
+fn print_notes(list: &[AppStatus], out: &mut impl Write) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for s in list {
+        if let Some(e) = &s.error {
+            writeln!(out, "{}: the engine cannot describe its container: {e}", s.app)?;
+        }
+        if let Some(r) = &s.last_restart {
+            let ago = humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(r.at)));
+            let failed = if r.ok { "" } else { " (failed)" };
+            writeln!(out, "{}: last restarted {ago} ago{failed}: {}", s.app, r.reason)?;
+        }
+    }
+    Ok(())
+}
+
 /// Below a status table: what differs for each adopted app that drifted,
 /// and how its owner converts it.
 fn print_differences(list: &[AppStatus], out: &mut impl Write) -> anyhow::Result<()> {
@@ -200,6 +219,7 @@ pub async fn run(
                 write_table(out, STATUS_HEADER, &status_rows(std::slice::from_ref(&s)))?;
                 print_differences(std::slice::from_ref(&s), out)?;
                 print_agent_note(std::slice::from_ref(&s), out)?;
+                print_notes(std::slice::from_ref(&s), out)?;
             }
             if !running {
                 return Ok(ExitCode::from(3));
@@ -213,6 +233,7 @@ pub async fn run(
                 write_table(out, STATUS_HEADER, &status_rows(&list))?;
                 print_differences(&list, out)?;
                 print_agent_note(&list, out)?;
+                print_notes(&list, out)?;
             }
         }
         AppOp::Health(app) => {

@@ -21,6 +21,7 @@ mod logs;
 mod shutdown;
 mod status;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -44,7 +45,7 @@ pub use journal::{recover_upgrades, Recovered, Recovery};
 pub use locks::AppLocks;
 pub use logs::{LogCut, LogsReport, DEFAULT_LOG_TAIL, MAX_LOG_REPLY_BYTES};
 pub use shutdown::{stop_waves, StopOutcome, Stopped};
-pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState};
+pub use status::{app_state, app_status, differences, short_id, AppState, AppStatus, HealthState, LastRestart};
 
 /// Runs blocking work (file I/O, `podman unshare`, hashing) on tokio's
 /// blocking threads, so that it never stalls the agent's async threads.
@@ -444,6 +445,47 @@ impl Orchestrator {
         differences(spec, self.pinned_image_id(m).await.as_deref(), info)
     }
 
+    /// Runs `m`'s health probe once against its container; `None` when the
+    /// app has no health check or its container is not running.
+    pub async fn probe_once(&self, m: &Manifest) -> Result<Option<ProbeResult>> {
+        let Some(h) = &m.health else { return Ok(None) };
+        let spec = self.spec(m).await?;
+        let Some(info) = self.inspect(m.id.as_str(), &spec.name).await? else {
+            return Ok(None);
+        };
+        if app_state(Some(&info)) != AppState::Running {
+            return Ok(None);
+        }
+        let probe = health::run_probe(&self.engine, &h.probe, h.timeout, &spec.ports, &spec.network, &info).await;
+        Ok(Some(probe))
+    }
+
+    /// `m`'s status with the last restart the reconcile loop remembers
+    /// (`restarts`, from its state file). A container the engine cannot
+    /// describe gives a status in state `unknown` with the engine's error:
+    /// one app never hides the others.
+    async fn status_with(&self, m: &Manifest, restarts: &BTreeMap<String, LastRestart>) -> Result<AppStatus> {
+        let mut status = match self.status_of(m).await {
+            Ok((status, _)) => status,
+            // An engine that cannot be reached fails the whole call.
+            Err(
+                e @ OrchestratorError::Engine {
+                    source: EngineError::Api { .. } | EngineError::Decode { .. },
+                    ..
+                },
+            ) => {
+                let container = self.spec(m).await?.name;
+                let mut status = app_status(m.id.as_str(), &container, &m.version, "", None, None);
+                status.state = AppState::Unknown;
+                status.error = Some(crate::error_chain(&e));
+                status
+            }
+            Err(e) => return Err(e),
+        };
+        status.last_restart = restarts.get(m.id.as_str()).cloned();
+        Ok(status)
+    }
+
     async fn status_of(&self, m: &Manifest) -> Result<(AppStatus, Option<ProbeResult>)> {
         let spec = self.spec(m).await?;
         let info = self.inspect(m.id.as_str(), &spec.name).await?;
@@ -579,13 +621,15 @@ impl ContainerOrchestrator for Orchestrator {
 
     async fn status(&self, app: &str) -> Result<AppStatus> {
         let m = self.manifest(app)?;
-        Ok(self.status_of(&m).await?.0)
+        let restarts = crate::reconcile::state::last_restarts(&self.config.data_root);
+        self.status_with(&m, &restarts).await
     }
 
     async fn list(&self) -> Result<Vec<AppStatus>> {
+        let restarts = crate::reconcile::state::last_restarts(&self.config.data_root);
         let mut out = Vec::new();
         for m in self.manifests() {
-            out.push(self.status_of(&m).await?.0);
+            out.push(self.status_with(&m, &restarts).await?);
         }
         Ok(out)
     }

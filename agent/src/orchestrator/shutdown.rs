@@ -77,7 +77,8 @@ impl Orchestrator {
             return Vec::new();
         }
         let containers = match self.engine.list().await {
-            Ok(list) => list,
+            // One the engine cannot describe cannot be stopped with care either.
+            Ok(listing) => listing.containers,
             Err(e) => {
                 return vec![StopOutcome {
                     app: "(apps without a valid manifest)".to_owned(),

@@ -103,6 +103,27 @@ pub struct AppStatus {
     /// changes, e.g. "importing images (2 of 5)"; absent when nothing is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The last action the reconcile loop took on the app, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<LastRestart>,
+    /// Set when the engine cannot describe the app's container (its error);
+    /// the state is then `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The last action the reconcile loop took on an app, as it is kept in
+/// `<data>/state/agent.json` and shown by `list` and `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastRestart {
+    /// Why: `unhealthy: 3 failed probes (…)`, `exited 137`,
+    /// `config changed: data/app.conf`, `no container`.
+    pub reason: String,
+    /// Whether the action succeeded.
+    pub ok: bool,
+    /// When, in Unix seconds.
+    pub at: u64,
 }
 
 /// Maps engine state to an [`AppState`].
@@ -153,6 +174,8 @@ pub fn app_status(
         differences: Vec::new(),
         in_flight: None,
         agent: None,
+        last_restart: None,
+        error: None,
     }
 }
 

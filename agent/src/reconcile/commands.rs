@@ -65,7 +65,7 @@ fn decision_text(d: &Decision) -> String {
             Action::Install => "install".to_owned(),
             Action::Start => "start".to_owned(),
             Action::Unpause => "unpause".to_owned(),
-            Action::Restart { reason } => format!("restart: {reason}"),
+            Action::Restart { reason } | Action::RestartUnhealthy { reason } => format!("restart: {reason}"),
             Action::Recreate { reason } => format!("recreate: {reason}"),
             Action::Rebuild { state } => format!("rebuild: stuck {state}"),
             Action::Adopt { container_id } => format!("adopt {}", container_id.get(..12).unwrap_or(container_id)),
@@ -107,7 +107,10 @@ fn print_report(report: &PassReport, json: bool, out: &mut impl Write) -> anyhow
             [
                 a.app.clone(),
                 a.observed.clone(),
-                decision_text(&a.decision),
+                match (&a.decision, &a.reason) {
+                    (Decision::Act(Action::Start), Some(why)) => format!("start: {why}"),
+                    (decision, _) => decision_text(decision),
+                },
                 a.error.clone().unwrap_or_default(),
             ]
         })

@@ -598,6 +598,7 @@ mod tests {
             container: name.to_owned(),
             observed: observed.to_owned(),
             decision,
+            reason: None,
             error: None,
             health,
         }
@@ -611,6 +612,7 @@ mod tests {
             manifest_errors: Vec::new(),
             error: None,
             ended: Vec::new(),
+            wake_at: None,
         }
     }
 

@@ -20,7 +20,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::plan::{plan, record, Action, AppMemory, Decision, Desired, Wait};
+use super::plan::{
+    next_probe, note_restart, plan, probe_due, record, record_probe, Action, AppMemory, Decision, Desired, HealthRule,
+    Wait,
+};
 use super::state;
 use crate::engine::ContainerSummary;
 use crate::files;
@@ -43,8 +46,13 @@ pub struct AppReport {
     /// The container's state as the pass found it (`missing` when absent).
     pub observed: String,
     pub decision: Decision,
+    /// Why the action was taken (`exited 137`, `unhealthy: 3 failed
+    /// probes …`, `config changed: …`); `None` when waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Set when the action failed (this pass's, or one that ended since
-    /// the last pass): the whole error chain.
+    /// the last pass), or the container cannot be observed: the whole
+    /// error chain.
     pub error: Option<String>,
     /// For a running app with a health check: what its probe says
     /// (probed until it is seen healthy, then again after it stops).
@@ -77,6 +85,10 @@ pub struct PassReport {
     /// Actions of earlier passes that ended since the previous pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ended: Vec<ActionOutcome>,
+    /// When the next health probe falls due, or the backoff of an action
+    /// that failed in this pass ends: the loop wakes up for it.
+    #[serde(skip)]
+    pub wake_at: Option<Instant>,
 }
 
 impl PassReport {
@@ -89,8 +101,8 @@ impl PassReport {
                 .all(|a| matches!(a.decision, Decision::Wait(Wait::Ok | Wait::Held)))
     }
 
-    /// When the loop must pass again: the earliest backoff deadline, or
-    /// soon while a health check still says `starting`.
+    /// When the loop must pass again: the earliest backoff deadline or
+    /// health probe, or soon while a health check still says `starting`.
     pub fn next_deadline(&self) -> Option<Instant> {
         let recheck = self
             .apps
@@ -104,6 +116,7 @@ impl PassReport {
                 _ => None,
             })
             .chain(recheck)
+            .chain(self.wake_at)
             .min()
     }
 }
@@ -114,6 +127,7 @@ pub struct Finished {
     app: AppId,
     action: Action,
     spec_hash: String,
+    reason: Option<String>,
     started: Instant,
     result: Result<(), String>,
     /// Keeps the app in flight until its outcome is recorded: no pass in
@@ -216,6 +230,12 @@ impl Reconciler {
                         differences: Vec::new(),
                         held: false,
                         in_flight: None,
+                        health: m.health.as_ref().map(|h| HealthRule {
+                            interval: h.interval,
+                            retries: h.retries,
+                            start_period: h.start_period,
+                        }),
+                        unobservable: None,
                     }),
                     Err(e) => errors.push(format!("{}: {e:#}", m.id)),
                 }
@@ -282,6 +302,7 @@ impl Reconciler {
         let spec_hash = f.spec_hash.clone();
         let mem = self.memory.entry(f.app.clone()).or_default();
         record(mem, &Decision::Act(f.action.clone()), f.result.is_ok(), &spec_hash, now);
+        note_restart(mem, f.reason.as_deref(), f.result.is_ok(), now);
         if self.memory != before {
             if let Err(e) = state::save(&self.orch.config().data_root, &self.memory) {
                 tracing::error!(error = %format!("{e:#}"), "cannot save the agent state");
@@ -327,22 +348,31 @@ impl Reconciler {
                     manifest_errors,
                     error: Some(crate::error_chain(&e)),
                     ended,
+                    wake_at: None,
                 }
             }
         };
-        let observed: BTreeMap<String, ContainerSummary> = listing.into_iter().map(|c| (c.name.clone(), c)).collect();
+        let unobservable: BTreeMap<String, String> =
+            listing.unobservable.into_iter().map(|u| (u.name, u.error)).collect();
+        let observed: BTreeMap<String, ContainerSummary> =
+            listing.containers.into_iter().map(|c| (c.name.clone(), c)).collect();
         let in_flight = self.orch.in_flight().snapshot();
         for d in &mut desired {
             d.held = self.orch.is_held(d.app.as_str());
             d.in_flight = in_flight.get(d.app.as_str()).cloned();
+            d.unobservable = unobservable.get(&d.container).cloned();
             // Only a container made by hand needs comparing field by field.
             if let Some(c) = observed.get(&d.container).filter(|c| !is_managed(&c.labels)) {
                 d.differences = self.hand_made_differences(&d.app, &c.name).await;
             }
         }
-        // An app busy with an action has its files rendered by it.
+        // An app busy with an action has its files rendered by it, and is
+        // not probed while it acts.
         let idle: Vec<Desired> = desired.iter().filter(|d| d.in_flight.is_none()).cloned().collect();
         let (file_errors, dry_memory) = self.render_files(&idle, &observed, &with_files, &all.apps).await;
+        if !self.dry_run {
+            self.probe_due(&idle, &observed).await;
+        }
         let now = Instant::now();
         let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
 
@@ -355,8 +385,9 @@ impl Reconciler {
                 (Decision::Act(action @ Action::Adopt { .. }), false) => {
                     let mem = self.memory.entry(d.app.clone()).or_default();
                     record(mem, &Decision::Act(action.clone()), true, &d.spec_hash, now);
+                    note_restart(mem, p.reason.as_deref(), true, now);
                 }
-                (Decision::Act(action), false) => self.spawn(&d.app, action, &d.spec_hash, now),
+                (Decision::Act(action), false) => self.spawn(&d.app, action, &d.spec_hash, p.reason.clone(), now),
                 (decision, false) => {
                     let mem = self.memory.entry(d.app.clone()).or_default();
                     record(mem, decision, true, &d.spec_hash, now);
@@ -370,7 +401,9 @@ impl Reconciler {
                 Decision::Act(_) => None,
                 Decision::Wait(_) => self.last_errors.get(&p.app).cloned(),
             };
-            let error = standing.or_else(|| file_errors.get(&p.app).cloned());
+            let error = standing
+                .or_else(|| file_errors.get(&p.app).cloned())
+                .or_else(|| d.unobservable.clone());
             apps.push(AppReport {
                 observed: observed
                     .get(&p.container)
@@ -378,6 +411,7 @@ impl Reconciler {
                 app: p.app,
                 container: p.container,
                 decision: p.decision,
+                reason: p.reason,
                 error,
                 health: None,
             });
@@ -391,9 +425,32 @@ impl Reconciler {
         let wanted: BTreeSet<&str> = desired.iter().map(|d| d.container.as_str()).collect();
         let unmatched = observed
             .keys()
+            .chain(unobservable.keys())
             .filter(|n| !wanted.contains(n.as_str()) && !n.ends_with(BACKUP_SUFFIX))
             .cloned()
             .collect();
+        let (empty, now) = (AppMemory::default(), Instant::now());
+        let acted_on: BTreeSet<&str> = apps
+            .iter()
+            .filter(|a| matches!(a.decision, Decision::Act(_)))
+            .map(|a| a.app.as_str())
+            .collect();
+        let wake_at = desired
+            .iter()
+            .filter_map(|d| {
+                let mem = self.memory.get(&d.app).unwrap_or(&empty);
+                let acted = acted_on.contains(d.app.as_str());
+                let retry = mem.next_try.filter(|t| *t > now && acted);
+                // An app just (re)started is probed an interval later,
+                // whatever the listing taken before its action said.
+                let first_probe = d.health.filter(|_| acted && !d.held).map(|rule| now + rule.interval);
+                next_probe(d, observed.get(&d.container), mem, now)
+                    .into_iter()
+                    .chain(retry)
+                    .chain(first_probe)
+                    .min()
+            })
+            .min();
         PassReport {
             duration_ms: elapsed_ms(started),
             apps,
@@ -401,12 +458,13 @@ impl Reconciler {
             manifest_errors,
             error: None,
             ended,
+            wake_at,
         }
     }
 
     /// Starts `action` for `app` as its own task, marked in flight until
     /// it ends. Its end comes back through [`Reconciler::next_finished`].
-    fn spawn(&mut self, app: &AppId, action: &Action, spec_hash: &str, now: Instant) {
+    fn spawn(&mut self, app: &AppId, action: &Action, spec_hash: &str, reason: Option<String>, now: Instant) {
         let Some(guard) = self.orch.in_flight().begin(app.as_str(), action.name(), now) else {
             // Planned from a snapshot that saw it free; it is not now.
             return;
@@ -417,6 +475,7 @@ impl Reconciler {
             app: app.clone(),
             action: action.clone(),
             spec_hash: spec_hash.to_owned(),
+            reason,
             started: now,
             done: self.done_tx.clone(),
             guard,
@@ -463,6 +522,60 @@ impl Reconciler {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(app = %app, error = %crate::error_chain(&e), "cannot probe the app's health"),
+            }
+        }
+    }
+
+    /// Probes, together, every running app of the agent's own whose health
+    /// probe is due, and counts the outcomes in the memory: the planner
+    /// restarts an app whose probes failed `retries` times in a row. Each
+    /// probe is bounded by the manifest's `timeout`.
+    async fn probe_due(&mut self, desired: &[Desired], observed: &BTreeMap<String, ContainerSummary>) {
+        let now = Instant::now();
+        let empty = AppMemory::default();
+        let due: Vec<&Desired> = desired
+            .iter()
+            .filter(|d| {
+                let mem = self.memory.get(&d.app).unwrap_or(&empty);
+                probe_due(d, observed.get(&d.container), mem, now)
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let orch = &self.orch;
+        let results = futures_util::future::join_all(due.iter().map(|d| async move {
+            let result = match orch.manifest(d.app.as_str()) {
+                Ok(m) => orch.probe_once(&m).await,
+                Err(e) => Err(e),
+            };
+            (*d, result)
+        }))
+        .await;
+        let now = Instant::now();
+        for (d, result) in results {
+            let Some(rule) = d.health else { continue };
+            let mem = self.memory.entry(d.app.clone()).or_default();
+            match result {
+                Ok(Some(probe)) => {
+                    if !probe.ok {
+                        tracing::info!(app = %d.app, target = probe.target, detail = probe.detail, "health probe failed");
+                    }
+                    record_probe(
+                        mem,
+                        &rule,
+                        probe.ok,
+                        &format!("{}: {}", probe.target, probe.detail),
+                        now,
+                    );
+                }
+                // Not running any more: the planner sees that in the listing.
+                Ok(None) => {}
+                // A probe that cannot run says nothing about the app's health.
+                Err(e) => {
+                    mem.last_probe = Some(now);
+                    tracing::warn!(app = %d.app, error = %crate::error_chain(&e), "cannot probe the app");
+                }
             }
         }
     }
@@ -648,6 +761,8 @@ struct ActionTask {
     app: AppId,
     action: Action,
     spec_hash: String,
+    /// Why it was planned, for the app's `last_restart`.
+    reason: Option<String>,
     started: Instant,
     done: mpsc::UnboundedSender<Finished>,
     /// Handed over with the outcome (see [`Finished`]).
@@ -671,6 +786,7 @@ impl ActionTask {
             app: self.app,
             action: self.action,
             spec_hash: self.spec_hash,
+            reason: self.reason,
             started: self.started,
             result,
             guard: self.guard,
@@ -686,7 +802,7 @@ async fn act(orch: &Orchestrator, app: &str, action: &Action) -> Result<(), Orch
         Action::Install => orch.install_app(app, hold).await.map(drop),
         Action::Start => orch.start_app(app, hold).await,
         Action::Unpause => orch.unpause(app, hold).await,
-        Action::Restart { .. } => orch.restart_app(app, hold).await,
+        Action::Restart { .. } | Action::RestartUnhealthy { .. } => orch.restart_app(app, hold).await,
         Action::Recreate { .. } => orch.upgrade_app(app, hold).await.map(drop),
         Action::Rebuild { .. } => orch.rebuild(app, hold).await,
         // Claiming is bookkeeping only: adoption never touches a container.

@@ -5,7 +5,7 @@
 //! No I/O and no clock here: `now` comes in as a value, so every rule is
 //! a table-driven unit test. Adoption is one case of the plan.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -36,6 +36,32 @@ pub struct Desired {
     pub held: bool,
     /// The action running for it now, if any: never a second one.
     pub in_flight: Option<InFlight>,
+    /// The manifest's health check, as the restart rule reads it.
+    pub health: Option<HealthRule>,
+    /// The engine lists the container but cannot describe it: its error.
+    /// Every doubt means no: the app is reported and left alone.
+    pub unobservable: Option<String>,
+}
+
+/// When failing probes make a running app unhealthy (the manifest's
+/// `health:`): after `start_period` since it started, `retries` failed
+/// probes in a row, one every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthRule {
+    pub interval: Duration,
+    pub retries: u32,
+    pub start_period: Duration,
+}
+
+/// The last action the agent took on an app, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restarted {
+    /// As a person reads it: `unhealthy: 3 failed probes (…)`,
+    /// `exited 137`, `config changed: data/app.conf`.
+    pub reason: String,
+    /// Whether the action succeeded.
+    pub ok: bool,
+    pub at: Instant,
 }
 
 /// What the agent remembers about one app between passes.
@@ -57,6 +83,15 @@ pub struct AppMemory {
     /// manifest names them: a running container gets restarted to read
     /// them. Kept across passes and agent restarts until a start succeeds.
     pub config_changed: Vec<String>,
+    /// Failed health probes in a row since the container last started,
+    /// counted only after its start period.
+    pub probe_failures: u32,
+    /// When the app was last probed; `None` since it (re)started.
+    pub last_probe: Option<Instant>,
+    /// What the last failed probe said.
+    pub last_probe_error: Option<String>,
+    /// The last action taken on the app and why (shown by `list`).
+    pub last_restart: Option<Restarted>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,6 +105,12 @@ pub enum Action {
     /// A running container whose config files changed: stop and start it
     /// again (the same container) so that it reads them.
     Restart {
+        reason: String,
+    },
+    /// A running container whose health probes failed `retries` times in
+    /// a row after its start period: stop and start it again. Counts as a
+    /// failure for the crash-loop backoff, like a crash.
+    RestartUnhealthy {
         reason: String,
     },
     /// The container no longer matches the manifest: replace it, keeping
@@ -97,6 +138,7 @@ impl Action {
             Action::Start => "start",
             Action::Unpause => "unpause",
             Action::Restart { .. } => "restart",
+            Action::RestartUnhealthy { .. } => "restart-unhealthy",
             Action::Recreate { .. } => "recreate",
             Action::Rebuild { .. } => "rebuild",
             Action::Adopt { .. } => "adopt",
@@ -142,6 +184,9 @@ pub enum Wait {
     AdoptedDead,
     /// Stopped by its owner.
     Held,
+    /// The engine lists the container but cannot describe it (its error):
+    /// reported, never acted on.
+    Unobservable { error: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -156,6 +201,8 @@ pub struct AppPlan {
     pub app: String,
     pub container: String,
     pub decision: Decision,
+    /// Why the action is taken, as a person reads it (`None` when waiting).
+    pub reason: Option<String>,
 }
 
 /// Whether a listed container counts as up, for dependants.
@@ -176,15 +223,27 @@ pub fn plan(
     now: Instant,
 ) -> Vec<AppPlan> {
     let container_of: BTreeMap<&AppId, &str> = desired.iter().map(|d| (&d.app, d.container.as_str())).collect();
+    let unobservable: BTreeSet<&AppId> = desired
+        .iter()
+        .filter(|d| d.unobservable.is_some())
+        .map(|d| &d.app)
+        .collect();
     let empty = AppMemory::default();
     desired
         .iter()
         .map(|d| {
             let mem = memory.get(&d.app).unwrap_or(&empty);
+            let container = observed.get(&d.container);
+            let decision = decide(d, container, mem, &container_of, &unobservable, observed, now);
+            let reason = match &decision {
+                Decision::Act(action) => reason_for(action, container),
+                Decision::Wait(_) => None,
+            };
             AppPlan {
                 app: d.app.to_string(),
                 container: d.container.clone(),
-                decision: decide(d, observed.get(&d.container), mem, &container_of, observed, now),
+                decision,
+                reason,
             }
         })
         .collect()
@@ -201,11 +260,33 @@ fn backoff_or(mem: &AppMemory, now: Instant, action: Action) -> Decision {
     }
 }
 
+/// Why `action` is taken on `container`, as `list` and the report say it.
+/// `None` for a claim, which is no action on the container.
+fn reason_for(action: &Action, container: Option<&ContainerSummary>) -> Option<String> {
+    Some(match action {
+        Action::Install => "no container".to_owned(),
+        Action::Start => match container.map(|c| (&c.status, c.exit_code)) {
+            Some((ContainerStatus::Created, _)) => "created, never started".to_owned(),
+            Some((_, Some(code))) => format!("exited {code}"),
+            Some((status, None)) => status.to_string(),
+            None => "not running".to_owned(),
+        },
+        Action::Unpause => "paused".to_owned(),
+        Action::Restart { reason } | Action::RestartUnhealthy { reason } | Action::Recreate { reason } => {
+            reason.clone()
+        }
+        Action::Rebuild { state } => state.clone(),
+        Action::Adopt { .. } => return None,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn decide(
     d: &Desired,
     container: Option<&ContainerSummary>,
     mem: &AppMemory,
     container_of: &BTreeMap<&AppId, &str>,
+    unobservable: &BTreeSet<&AppId>,
     observed: &BTreeMap<String, ContainerSummary>,
     now: Instant,
 ) -> Decision {
@@ -216,6 +297,11 @@ fn decide(
             for_secs: now.saturating_duration_since(f.since).as_secs(),
         });
     }
+    // Every doubt means no: a container the engine cannot describe is
+    // never started, replaced or claimed.
+    if let Some(error) = &d.unobservable {
+        return Decision::Wait(Wait::Unobservable { error: error.clone() });
+    }
     if mem.drift_loop_hash.as_deref() == Some(d.spec_hash.as_str()) {
         return Decision::Wait(Wait::DriftLoop);
     }
@@ -225,6 +311,12 @@ fn decide(
     // Dependencies first: an app whose dependency is not up waits.
     for dep in &d.depends_on {
         let Some(name) = container_of.get(dep) else { continue };
+        if unobservable.contains(dep) {
+            return Decision::Wait(Wait::Dependency {
+                app: dep.to_string(),
+                state: "unobservable".to_owned(),
+            });
+        }
         let dep_state = observed.get(*name);
         if !dep_state.is_some_and(is_up) {
             return Decision::Wait(Wait::Dependency {
@@ -281,7 +373,10 @@ fn decide(
                 reason: format!("config changed: {}", mem.config_changed.join(", ")),
             },
         ),
-        ContainerStatus::Running => Decision::Wait(Wait::Ok),
+        ContainerStatus::Running => match unhealthy(d, c, mem, now) {
+            Some(reason) => backoff_or(mem, now, Action::RestartUnhealthy { reason }),
+            None => Decision::Wait(Wait::Ok),
+        },
         ContainerStatus::Created | ContainerStatus::Exited | ContainerStatus::Stopped => {
             backoff_or(mem, now, Action::Start)
         }
@@ -302,6 +397,68 @@ fn decide(
     }
 }
 
+/// Why a running container counts as unhealthy, or `None`: only one the
+/// agent created (an adopted one is never stopped unasked), with a health
+/// check, past its start period since the agent saw it start, whose
+/// probes failed `retries` times in a row.
+fn unhealthy(d: &Desired, c: &ContainerSummary, mem: &AppMemory, now: Instant) -> Option<String> {
+    let rule = d.health?;
+    let past_start = mem
+        .running_since
+        .is_some_and(|since| now.saturating_duration_since(since) >= rule.start_period);
+    if !is_managed(c) || !past_start || mem.probe_failures < rule.retries {
+        return None;
+    }
+    let last = mem
+        .last_probe_error
+        .as_deref()
+        .map(|e| format!(" (last: {e})"))
+        .unwrap_or_default();
+    Some(format!("unhealthy: {} failed probes{last}", mem.probe_failures))
+}
+
+/// The health rule of `d` when its container `c` is one to probe: running,
+/// the agent's own, with a health check, neither held nor unobservable.
+fn probed(d: &Desired, c: Option<&ContainerSummary>) -> Option<HealthRule> {
+    let c = c?;
+    let probed = !d.held && d.unobservable.is_none() && c.status == ContainerStatus::Running && is_managed(c);
+    d.health.filter(|_| probed)
+}
+
+/// Whether the app of `d` is due a health probe at `now`: probed last at
+/// least an interval ago, or not since it started.
+pub fn probe_due(d: &Desired, c: Option<&ContainerSummary>, mem: &AppMemory, now: Instant) -> bool {
+    probed(d, c).is_some_and(|rule| {
+        mem.last_probe
+            .is_none_or(|last| now.saturating_duration_since(last) >= rule.interval)
+    })
+}
+
+/// When the next health probe of `d` falls due.
+pub fn next_probe(d: &Desired, c: Option<&ContainerSummary>, mem: &AppMemory, now: Instant) -> Option<Instant> {
+    let rule = probed(d, c)?;
+    Some(mem.last_probe.unwrap_or(now) + rule.interval)
+}
+
+/// Counts one probe of a running app: a pass resets the count, a failure
+/// adds one once the start period is over (a failure during it does not
+/// count, as with Podman's own healthchecks).
+pub fn record_probe(mem: &mut AppMemory, rule: &HealthRule, ok: bool, detail: &str, now: Instant) {
+    mem.last_probe = Some(now);
+    if ok {
+        mem.probe_failures = 0;
+        mem.last_probe_error = None;
+        return;
+    }
+    let past_start = mem
+        .running_since
+        .is_some_and(|since| now.saturating_duration_since(since) >= rule.start_period);
+    if past_start {
+        mem.probe_failures = mem.probe_failures.saturating_add(1);
+        mem.last_probe_error = Some(detail.to_owned());
+    }
+}
+
 /// Updates `mem` after the pass that saw the app in `status` ran `action`
 /// with `ok`. Pure, so the backoff rule is testable with any clock.
 pub fn record(mem: &mut AppMemory, decision: &Decision, ok: bool, spec_hash: &str, now: Instant) {
@@ -318,6 +475,10 @@ pub fn record(mem: &mut AppMemory, decision: &Decision, ok: bool, spec_hash: &st
         }
         Decision::Act(action) => {
             mem.running_since = None;
+            // A new run: its probes count afresh.
+            mem.probe_failures = 0;
+            mem.last_probe = None;
+            mem.last_probe_error = None;
             if let Action::Recreate { .. } = action {
                 mem.drift_recreates
                     .retain(|t| now.saturating_duration_since(*t) < DRIFT_WINDOW);
@@ -332,12 +493,28 @@ pub fn record(mem: &mut AppMemory, decision: &Decision, ok: bool, spec_hash: &st
             }
             // Every restart counts until the app stays up: a container that
             // starts fine and crashes a second later is a crash loop too.
-            if matches!(action, Action::Start | Action::Rebuild { .. }) || !ok {
+            if matches!(
+                action,
+                Action::Start | Action::Rebuild { .. } | Action::RestartUnhealthy { .. }
+            ) || !ok
+            {
                 mem.failures = mem.failures.saturating_add(1);
                 mem.next_try = Some(now + backoff::delay(mem.failures));
             }
         }
         Decision::Wait(_) => {}
+    }
+}
+
+/// Remembers why the planned action was taken and whether it worked, for
+/// `list` and `status`.
+pub fn note_restart(mem: &mut AppMemory, reason: Option<&str>, ok: bool, now: Instant) {
+    if let Some(reason) = reason {
+        mem.last_restart = Some(Restarted {
+            reason: reason.to_owned(),
+            ok,
+            at: now,
+        });
     }
 }
 
@@ -372,6 +549,8 @@ mod tests {
             differences: Vec::new(),
             held: false,
             in_flight: None,
+            health: None,
+            unobservable: None,
         }
     }
 
@@ -755,5 +934,188 @@ mod tests {
             decision_of(changed, &observed, mem, Instant::now()),
             Decision::Act(Action::Recreate { .. })
         ));
+    }
+
+    const RULE: HealthRule = HealthRule {
+        interval: Duration::from_secs(1),
+        retries: 3,
+        start_period: Duration::from_secs(5),
+    };
+
+    /// A running container of the agent's own, with `RULE`.
+    fn healthy_app() -> (Desired, BTreeMap<String, ContainerSummary>) {
+        let mut observed = captured();
+        managed(&mut observed, "fixture-pod-infra", "want");
+        let mut d = desired("demo", "fixture-pod-infra");
+        d.health = Some(RULE);
+        (d, observed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probes_count_only_after_the_start_period_and_restart_at_retries() {
+        let start = Instant::now();
+        // (seconds since the app was first seen running, probes in order
+        // after it, expected decision after them)
+        let unhealthy = |n: u32| {
+            Decision::Act(Action::RestartUnhealthy {
+                reason: format!("unhealthy: {n} failed probes (last: exit code 1)"),
+            })
+        };
+        let table: Vec<(u64, Vec<bool>, Decision)> = vec![
+            // Inside the start period failures do not count.
+            (0, vec![false; 4], Decision::Wait(Wait::Ok)),
+            (6, vec![false, false], Decision::Wait(Wait::Ok)),
+            (6, vec![false, false, false], unhealthy(3)),
+            // A pass in between resets the count.
+            (6, vec![false, false, true, false, false], Decision::Wait(Wait::Ok)),
+            (6, vec![false, false, true, false, false, false], unhealthy(3)),
+        ];
+        for (row, (after, probes, want)) in table.into_iter().enumerate() {
+            let (d, observed) = healthy_app();
+            let mut mem = AppMemory {
+                running_since: Some(start),
+                ..AppMemory::default()
+            };
+            let now = start + Duration::from_secs(after);
+            for ok in &probes {
+                record_probe(&mut mem, &RULE, *ok, "exit code 1", now);
+            }
+            assert_eq!(decision_of(d, &observed, mem, now), want, "row {row}: {probes:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_app_is_left_alone_when_held_adopted_in_a_drift_loop_or_without_a_check() {
+        let now = Instant::now();
+        let failing = AppMemory {
+            running_since: now.checked_sub(Duration::from_secs(60)),
+            probe_failures: 5,
+            ..AppMemory::default()
+        };
+        let (d, observed) = healthy_app();
+        assert!(matches!(
+            decision_of(d.clone(), &observed, failing.clone(), now),
+            Decision::Act(Action::RestartUnhealthy { .. })
+        ));
+        let mut held = d.clone();
+        held.held = true;
+        assert_eq!(
+            decision_of(held, &observed, failing.clone(), now),
+            Decision::Wait(Wait::Held)
+        );
+        let mut no_check = d.clone();
+        no_check.health = None;
+        assert_eq!(
+            decision_of(no_check, &observed, failing.clone(), now),
+            Decision::Wait(Wait::Ok)
+        );
+        let looping = AppMemory {
+            drift_loop_hash: Some(d.spec_hash.clone()),
+            ..failing.clone()
+        };
+        assert_eq!(
+            decision_of(d.clone(), &observed, looping, now),
+            Decision::Wait(Wait::DriftLoop)
+        );
+        // Made by hand and claimed: never stopped unasked.
+        let observed = captured();
+        let adopted = AppMemory {
+            adopted: Some(observed["fixture-pod-infra"].id.clone()),
+            ..failing
+        };
+        assert_eq!(decision_of(d, &observed, adopted, now), Decision::Wait(Wait::Ok));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unhealthy_restarts_back_off_like_crashes_and_say_why() {
+        let (d, observed) = healthy_app();
+        let mut mem = AppMemory::default();
+        let mut restarts = Vec::new();
+        let start = Instant::now();
+        // Fails every probe from the start; a pass and a probe every second.
+        for _ in 0..400 {
+            let now = Instant::now();
+            if probe_due(&d, observed.get(&d.container), &mem, now) {
+                record_probe(&mut mem, &RULE, false, "exit code 1", now);
+            }
+            let memory = BTreeMap::from([(d.app.clone(), mem.clone())]);
+            let p = plan(std::slice::from_ref(&d), &observed, &memory, now).remove(0);
+            if let Decision::Act(Action::RestartUnhealthy { reason }) = &p.decision {
+                assert_eq!(p.reason.as_deref(), Some(reason.as_str()));
+                restarts.push(((now - start).as_secs(), reason.clone()));
+            }
+            record(&mut mem, &p.decision, true, &d.spec_hash, now);
+            note_restart(&mut mem, p.reason.as_deref(), true, now);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // Seen running at 0, start period 5 s, then 3 failures a second
+        // apart: the first restart at 7 s; each later one waits for the
+        // start period and retries again, and for the backoff.
+        assert_eq!(
+            restarts[0],
+            (7, "unhealthy: 3 failed probes (last: exit code 1)".to_owned())
+        );
+        let gaps: Vec<u64> = restarts.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        assert_eq!(gaps, [10, 20, 40, 80, 160], "{restarts:?}");
+        // Probes failing while it backs off still count: the reason says how many.
+        let last = mem.last_restart.expect("remembered");
+        assert_eq!(Some(&last.reason), restarts.last().map(|r| &r.1));
+        assert!(last.reason.starts_with("unhealthy: ") && last.ok, "{last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_restart_says_why_it_happened() {
+        let now = Instant::now();
+        let mut observed = captured();
+        managed(&mut observed, "fixture-app", "want");
+        observed.get_mut("fixture-app").expect("fixture").exit_code = Some(137);
+        let d = desired("demo", "fixture-app");
+        let p = plan(&[d], &observed, &BTreeMap::new(), now).remove(0);
+        assert_eq!(p.decision, Decision::Act(Action::Start));
+        assert_eq!(p.reason.as_deref(), Some("exited 137"));
+        let mut mem = AppMemory::default();
+        note_restart(&mut mem, p.reason.as_deref(), false, now);
+        assert_eq!(
+            mem.last_restart,
+            Some(Restarted {
+                reason: "exited 137".to_owned(),
+                ok: false,
+                at: now
+            })
+        );
+        let (d, observed) = healthy_app();
+        let p = plan(&[d], &observed, &BTreeMap::from([(id("demo"), config_changed())]), now).remove(0);
+        assert_eq!(p.reason.as_deref(), Some("config changed: data/app.conf"));
+        let p = plan(&[desired("demo", "absent")], &observed, &BTreeMap::new(), now).remove(0);
+        assert_eq!(p.reason.as_deref(), Some("no container"));
+    }
+
+    #[tokio::test]
+    async fn an_unobservable_container_is_never_acted_on_and_its_dependants_wait() {
+        let now = Instant::now();
+        let observed = captured();
+        let error = "the engine refused the request (HTTP 500): getting container from store: container not known";
+        // Missing from the listing, unobservable, or listed: never acted on.
+        for name in ["absent", "fixture-app", "fixture-pod-member"] {
+            let mut d = desired("db", name);
+            d.unobservable = Some(error.to_owned());
+            let mut web = desired("web", "fixture-pod-infra");
+            web.depends_on = vec![id("db")];
+            let plans = plan(&[d, web], &observed, &BTreeMap::new(), now);
+            assert_eq!(
+                plans[0].decision,
+                Decision::Wait(Wait::Unobservable {
+                    error: error.to_owned()
+                }),
+                "{name}"
+            );
+            assert_eq!(
+                plans[1].decision,
+                Decision::Wait(Wait::Dependency {
+                    app: "db".to_owned(),
+                    state: "unobservable".to_owned()
+                })
+            );
+        }
     }
 }

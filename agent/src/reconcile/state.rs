@@ -13,10 +13,11 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::plan::AppMemory;
+use super::plan::{AppMemory, Restarted};
 use crate::dataroot::DataRoot;
 use crate::fsutil;
 use crate::manifest::AppId;
+use crate::orchestrator::LastRestart;
 
 const VERSION: u32 = 1;
 
@@ -45,6 +46,9 @@ struct AppRecord {
     /// Config files rewritten that the running container has not read yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     config_changed: Vec<String>,
+    /// The last action taken and why (absent in files older than it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_restart: Option<LastRestart>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -99,6 +103,23 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
     parse(bytes).map(drop)
 }
 
+/// The last restart of each app, by app id, as `list` and `status` show
+/// it. Read only: a file that is missing or cannot be read gives none
+/// (the reconcile loop, its writer, deals with a corrupt one).
+pub fn last_restarts(data_root: &DataRoot) -> BTreeMap<String, LastRestart> {
+    let Ok(bytes) = std::fs::read(data_root.agent_state()) else {
+        return BTreeMap::new();
+    };
+    match serde_json::from_slice::<StateFile>(&bytes) {
+        Ok(file) => file
+            .apps
+            .into_iter()
+            .filter_map(|(app, r)| Some((app, r.last_restart?)))
+            .collect(),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
 /// Loads the remembered state. A missing file is an empty state; a file
 /// that cannot be read as state is moved aside and reported, never fatal.
 pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
@@ -137,11 +158,16 @@ pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
                 AppMemory {
                     failures: r.failures,
                     next_try: r.next_try.map(|s| anchor.instant_of(s)),
-                    running_since: None,
                     drift_recreates: r.drift_recreates.iter().map(|s| anchor.instant_of(*s)).collect(),
                     drift_loop_hash: r.drift_loop_hash,
                     adopted: r.adopted,
                     config_changed: r.config_changed,
+                    last_restart: r.last_restart.map(|l| Restarted {
+                        reason: l.reason,
+                        ok: l.ok,
+                        at: anchor.instant_of(l.at),
+                    }),
+                    ..AppMemory::default()
                 },
             ))
         })
@@ -165,6 +191,11 @@ pub fn save(data_root: &DataRoot, memory: &BTreeMap<AppId, AppMemory>) -> anyhow
                         drift_loop_hash: m.drift_loop_hash.clone(),
                         adopted: m.adopted.clone(),
                         config_changed: m.config_changed.clone(),
+                        last_restart: m.last_restart.as_ref().map(|l| LastRestart {
+                            reason: l.reason.clone(),
+                            ok: l.ok,
+                            at: anchor.unix_of(l.at),
+                        }),
                     },
                 )
             })
@@ -229,5 +260,40 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with("agent.json.corrupt-"))
             .collect();
         assert_eq!(aside.len(), 1, "the corrupt bytes are kept for a person to look at");
+    }
+
+    #[tokio::test]
+    async fn the_last_restart_round_trips_and_a_file_from_before_it_still_loads() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = DataRoot::new(tmp.path());
+        let path = root.agent_state();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        // Written by the agent before it kept the last restart.
+        std::fs::write(
+            &path,
+            br#"{"version": 1, "apps": {"electrs": {"failures": 2, "next_try": null, "drift_recreates": [], "drift_loop_hash": null, "adopted": null}}}"#,
+        )
+        .expect("write");
+        let app = AppId::parse("electrs").expect("id");
+        let mut memory = load(&root);
+        assert_eq!(memory[&app].failures, 2, "an older file loads");
+        assert!(path.exists(), "and is not moved aside");
+        assert!(last_restarts(&root).is_empty());
+
+        let wall = unix(SystemTime::now());
+        memory.get_mut(&app).expect("loaded").last_restart = Some(Restarted {
+            reason: "unhealthy: 3 failed probes".to_owned(),
+            ok: true,
+            at: Instant::now(),
+        });
+        save(&root, &memory).expect("save");
+        let shown = &last_restarts(&root)["electrs"];
+        assert_eq!((shown.reason.as_str(), shown.ok), ("unhealthy: 3 failed probes", true));
+        assert!(shown.at.abs_diff(wall) <= 2, "{} vs {wall}", shown.at);
+        let loaded = load(&root);
+        assert_eq!(
+            loaded[&app].last_restart.as_ref().map(|l| l.reason.as_str()),
+            Some("unhealthy: 3 failed probes")
+        );
     }
 }
