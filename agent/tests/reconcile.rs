@@ -6,22 +6,11 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use archy_agent::dataroot::DataRoot;
-use archy_agent::manifest::Naming;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, OrchestratorError, PRE_ARCHIPELAGO};
 use archy_agent::reconcile::daemon::{self, AgentConfig};
 use archy_agent::reconcile::pass::Reconciler;
 use archy_agent::reconcile::plan::{Action, Decision, Wait};
-use common::node::{app_id, Node, SERVE};
-
-fn decision<'a>(report: &'a archy_agent::reconcile::pass::PassReport, app: &str) -> &'a Decision {
-    &report
-        .apps
-        .iter()
-        .find(|a| a.app == app)
-        .unwrap_or_else(|| panic!("{app} in {report:#?}"))
-        .decision
-}
+use common::node::{app_id, decision, Node, SERVE};
 
 fn started_at(node: &Node, container: &str) -> String {
     node.podman(&["inspect", "--format", "{{.State.StartedAt}}", container])
@@ -460,16 +449,8 @@ async fn the_agent_restarts_a_killed_app_from_events_not_the_resync() {
     let node = Node::new();
     let id = app_id("evented");
     node.app(&id, &node.env.image.to_string(), SERVE);
-    let config = AgentConfig {
-        engine: node.env.engine_socket.clone(),
-        apps_dir: node.apps.clone(),
-        data_root: DataRoot::new(&node.data),
-        images_dir: node.data.join("no-images"),
-        naming: Naming::Prod,
-        // Far beyond the test: only events can explain a quick restart.
-        resync: Duration::from_secs(3600),
-        control: None,
-    };
+    // Far beyond the test: only events can explain a quick restart.
+    let config = node.agent_config(Duration::from_secs(3600));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
     let agent = tokio::spawn(daemon::run(config, req_rx, async move {
@@ -649,12 +630,7 @@ async fn the_agent_survives_the_engine_going_away_and_converges_when_it_returns(
     let mut flaky = FlakySocket::new(socket.clone(), node.env.engine_socket.clone());
     let config = AgentConfig {
         engine: socket,
-        apps_dir: node.apps.clone(),
-        data_root: DataRoot::new(&node.data),
-        images_dir: node.data.join("no-images"),
-        naming: Naming::Prod,
-        resync: Duration::from_secs(2),
-        control: None,
+        ..node.agent_config(Duration::from_secs(2))
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);

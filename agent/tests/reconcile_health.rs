@@ -7,10 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use archy_agent::dataroot::DataRoot;
-use archy_agent::manifest::Naming;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator, HealthState};
-use archy_agent::reconcile::daemon::{self, AgentConfig};
+use archy_agent::reconcile::daemon;
 use common::node::{app_id, Node};
 
 /// Healthy while `/tmp/ok` exists; the command makes it at every start.
@@ -73,16 +71,8 @@ async fn an_app_whose_probe_starts_failing_is_restarted_once_then_backed_off_and
     let node = Node::new();
     let id = app_id("sick");
     node.app(&id, &node.env.image.to_string(), FLAKY);
-    let config = AgentConfig {
-        engine: node.env.engine_socket.clone(),
-        apps_dir: node.apps.clone(),
-        data_root: DataRoot::new(&node.data),
-        images_dir: node.data.join("no-images"),
-        naming: Naming::Prod,
-        // Far beyond the test: only the probes can explain a restart.
-        resync: Duration::from_secs(3600),
-        control: None,
-    };
+    // Far beyond the test: only the probes can explain a restart.
+    let config = node.agent_config(Duration::from_secs(3600));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);
     let agent = tokio::spawn(daemon::run(config, req_rx, async move {
@@ -134,21 +124,8 @@ async fn an_app_whose_probe_starts_failing_is_restarted_once_then_backed_off_and
         Some(last.reason.as_str()),
         "list says why"
     );
-    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_archy-agent"))
-        .arg("--engine")
-        .arg(&node.env.engine_socket)
-        .arg("--apps")
-        .arg(&node.apps)
-        .arg("--data")
-        .arg(&node.data)
-        .arg("--images")
-        .arg(node.data.join("no-images"))
-        .arg("--control")
-        .arg(node.data.join("no-agent.sock"))
-        .env_remove("ARCHY_CONTROL")
-        .arg("list")
-        .output()
-        .expect("list runs");
+    // The agent runs in this process without a socket: `list` works in-process.
+    let cli = node.agent_cmd().arg("list").output().expect("list runs");
     let table = String::from_utf8_lossy(&cli.stdout);
     assert!(
         table.contains(&format!("{id}: last restarted")) && table.contains("unhealthy: 2 failed probes"),

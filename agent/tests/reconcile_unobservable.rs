@@ -18,7 +18,7 @@ use std::sync::Arc;
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator};
 use archy_agent::reconcile::pass::Reconciler;
 use archy_agent::reconcile::plan::{Action, Decision, Wait};
-use common::node::{app_id, Node, SERVE};
+use common::node::{app_id, decision, Node, SERVE};
 
 /// Runs `edit` on the storage library's container records under its
 /// lock, then marks the library as written so the service reads it again
@@ -47,15 +47,6 @@ fn edit_records(graph_root: &Path, edit: impl FnOnce(Vec<serde_json::Value>) -> 
     std::os::unix::fs::FileExt::write_all_at(&lock, token.as_bytes(), 0).expect("mark written");
     // Closing the descriptor releases the lock.
     drop(lock);
-}
-
-fn decision<'a>(report: &'a archy_agent::reconcile::pass::PassReport, app: &str) -> &'a Decision {
-    &report
-        .apps
-        .iter()
-        .find(|a| a.app == app)
-        .unwrap_or_else(|| panic!("{app} in {report:#?}"))
-        .decision
 }
 
 #[tokio::test]

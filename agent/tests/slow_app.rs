@@ -32,19 +32,8 @@ const ATTEMPT_LIMIT_S: u64 = 45;
 /// The agent as `boot` runs it, on this node, with short pull limits.
 fn boot(node: &Node, log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_archy-agent"))
-        .arg("--engine")
-        .arg(&node.env.engine_socket)
-        .arg("--apps")
-        .arg(&node.apps)
-        .arg("--data")
-        .arg(&node.data)
-        .arg("--images")
-        .arg(node.data.join("no-images"))
-        .arg("--control")
-        .arg(node.data.join("agent.sock"))
+    node.agent_cmd()
         .arg("boot")
-        .env_remove("ARCHY_CONTROL")
         .env(
             "ARCHY_TIMEOUTS",
             format!("pull-attempt={ATTEMPT_LIMIT_S}s,pull={}s", ATTEMPT_LIMIT_S + 5),

@@ -74,6 +74,20 @@ impl Node {
         )
     }
 
+    /// The configuration of a `boot` agent on this node, run in the test's
+    /// own process: no image folder, no control socket.
+    pub fn agent_config(&self, resync: std::time::Duration) -> archy_agent::reconcile::daemon::AgentConfig {
+        archy_agent::reconcile::daemon::AgentConfig {
+            engine: self.env.engine_socket.clone(),
+            apps_dir: self.apps.clone(),
+            data_root: DataRoot::new(&self.data),
+            images_dir: self.data.join("no-images"),
+            naming: Naming::Prod,
+            resync,
+            control: None,
+        }
+    }
+
     /// The agent's command line on this node: its engine, apps, data root
     /// and a control socket where no agent answers (commands run
     /// in-process), whatever the environment says.
@@ -161,3 +175,16 @@ pub fn push_unique_image(node: &Node, registry: &str, creds: Option<&str>) -> (S
 
 /// A shell loop that exits 0 on SIGTERM, so a stop is clean and quick.
 pub const SERVE: &str = "command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n";
+
+/// What a pass decided for `app`.
+pub fn decision<'a>(
+    report: &'a archy_agent::reconcile::pass::PassReport,
+    app: &str,
+) -> &'a archy_agent::reconcile::plan::Decision {
+    &report
+        .apps
+        .iter()
+        .find(|a| a.app == app)
+        .unwrap_or_else(|| panic!("{app} in {report:#?}"))
+        .decision
+}
