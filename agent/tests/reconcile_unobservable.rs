@@ -12,7 +12,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use archy_agent::orchestrator::{AppState, ContainerOrchestrator};
@@ -49,6 +49,22 @@ fn edit_records(graph_root: &Path, edit: impl FnOnce(Vec<serde_json::Value>) -> 
     drop(lock);
 }
 
+/// Puts container records back into the storage library on drop.
+struct RestoreRecords {
+    graph_root: PathBuf,
+    records: Vec<serde_json::Value>,
+}
+
+impl Drop for RestoreRecords {
+    fn drop(&mut self) {
+        let records = std::mem::take(&mut self.records);
+        edit_records(&self.graph_root, |mut all| {
+            all.extend(records);
+            all
+        });
+    }
+}
+
 #[tokio::test]
 async fn a_container_the_engine_cannot_describe_is_reported_and_every_other_app_reconciled() {
     let node = Node::new();
@@ -72,12 +88,21 @@ async fn a_container_the_engine_cannot_describe_is_reported_and_every_other_app_
         .podman(&["info", "--format", "{{.Store.GraphRoot}}"])
         .trim()
         .to_owned();
+    let mut removed = Vec::new();
     edit_records(Path::new(&graph_root), |records| {
-        records
+        let (gone, kept) = records
             .into_iter()
-            .filter(|r| r["id"].as_str() != Some(broken_id.as_str()))
-            .collect()
+            .partition(|r| r["id"].as_str() == Some(broken_id.as_str()));
+        removed = gone;
+        kept
     });
+    assert_eq!(removed.len(), 1, "the broken container's record was found");
+    // Put back when the test ends, pass or fail: with its record gone,
+    // Podman can neither remove the container nor reset its storage.
+    let _restore = RestoreRecords {
+        graph_root: PathBuf::from(&graph_root),
+        records: removed,
+    };
 
     let mut reconciler = Reconciler::new(orch.clone());
     let report = reconciler.pass().await;
