@@ -225,7 +225,7 @@ pub const ISO_STAGE: &[Tool] = &[
 ];
 
 /// What `cargo xtask e2e` needs beyond the ISO stages: a guest to boot the
-/// ISO in, UEFI firmware for it, and a data disk.
+/// ISO in, UEFI firmware for it, its disks, and an SSH client.
 pub const E2E_STAGE: &[Tool] = &[
     Tool {
         name: "qemu-system-x86_64",
@@ -244,6 +244,36 @@ pub const E2E_STAGE: &[Tool] = &[
         package: "e2fsprogs",
         probe: Probe::OnPath("mkfs.ext4"),
         why: "makes the guest's ARCHY-DATA disk",
+    },
+    Tool {
+        name: "ssh",
+        package: "openssh-client",
+        probe: Probe::OnPath("ssh"),
+        why: "logs into the installed node with a test key (also ssh-keygen, ssh-keyscan)",
+    },
+    Tool {
+        name: "sfdisk",
+        package: "fdisk",
+        probe: Probe::OnPath("sfdisk"),
+        why: "reads the table the installer wrote (sfdisk --json) and makes the ARCHY-CONF stick's",
+    },
+    Tool {
+        name: "sgdisk",
+        package: "gdisk",
+        probe: Probe::OnPath("sgdisk"),
+        why: "prints the installed disk's GPT (sgdisk -p) in the log",
+    },
+    Tool {
+        name: "mkfs.vfat",
+        package: "dosfstools",
+        probe: Probe::OnPath("mkfs.vfat"),
+        why: "the ARCHY-CONF stick's FAT file system",
+    },
+    Tool {
+        name: "mcopy",
+        package: "mtools",
+        probe: Probe::OnPath("mcopy"),
+        why: "copies the test key onto the ARCHY-CONF stick without mounting it",
     },
 ];
 

@@ -2,27 +2,40 @@
 //!
 //! Builds an ISO with a test app set (three apps from the loopback test
 //! registries, pre-pulled into it: a `ui`, one with a dependency, one with a
-//! secret and a data volume), makes an ext4 data disk labelled ARCHY-DATA,
-//! and boots the ISO under TCG with no network device at all:
+//! secret and a data volume) and boots it under TCG in two sequences side
+//! by side, each scenario under one firmware and the installed disk under
+//! both:
 //!
-//! 1. first boot: every app running and healthy, every image from the ISO,
-//!    secrets 0600, netavark, rootless under `archipelago`;
-//! 2. power off (every app stopped by `archy-apps.service`), boot again on
-//!    the same disk: the same container IDs, nothing installed, no image
-//!    imported; under SeaBIOS this boot then kills an app's process, and
-//!    the agent restarts it.
+//! - SeaBIOS: **live** (`live.rs`): the ISO's live entry with an ext4
+//!   `ARCHY-DATA` disk, no network: a first boot (every app healthy, every
+//!   image from the ISO, secrets 0600, netavark, rootless), then a second
+//!   (same container IDs, nothing installed or imported) that kills an
+//!   app's process for the agent to restart; then **refusals**
+//!   (`install.rs`): one unattended install boot shown only disks it must
+//!   refuse, none of which changes.
+//! - OVMF: **install** (`install.rs`): the unattended install onto a blank
+//!   20 GiB disk with an `ARCHY-CONF` stick (fresh, empty UEFI variables),
+//!   the layout read on the host; the disk alone under OVMF, then under
+//!   SeaBIOS, each logged into over SSH with the stick's key; a reinstall
+//!   that keeps the data partition byte for byte; the disk again (same
+//!   containers, nothing pulled or imported).
 //!
-//! Both boots run under SeaBIOS and under OVMF (UEFI), each firmware with
-//! a fresh disk, the two sequences side by side. The guest reports through a test-only
-//! probe unit (`tests/fixtures/e2e/overlay`) that prints `ARCHY-E2E key
-//! value` lines on the serial console and powers off; the host reads
-//! instructions to it through QEMU's fw_cfg. Any failure names the step
-//! and shows the guest's last console lines.
+//! Disks are raw sparse images on virtio with serials (`disks.rs`); SSH
+//! goes through a restricted user-mode network's port forward (`ssh.rs`).
+//! The guest reports through a test-only probe unit
+//! (`tests/fixtures/e2e/overlay`) that prints `ARCHY-E2E key value` lines
+//! on the serial console and powers off; the host reads instructions to it
+//! through QEMU's fw_cfg, and GRUB picks the ISO's install entry from the
+//! guest's SMBIOS serial (`e2e_menu`). Any failure names the step and
+//! shows the guest's last console lines.
 
+mod disks;
+mod install;
+mod live;
 mod qemu;
+mod ssh;
 
-pub use qemu::Firmware;
-use qemu::{boot, make_disk, BootReport};
+use qemu::{BootReport, Firmware, INSTALL_SERIAL};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -53,7 +66,6 @@ const KILLED: &str = API;
 
 const OVERLAY: &str = "xtask/tests/fixtures/e2e/overlay";
 const WORK_DIR: &str = "e2e";
-const DISK_SIZE: &str = "3G";
 const MARKER: &str = "ARCHY-E2E ";
 /// The `SOURCE_DATE_EPOCH` of the build tests (xtask/tests/common/mod.rs).
 const SHARED_EPOCH: &str = "1700000000";
@@ -62,9 +74,10 @@ const DEFAULT_BOOT_TIMEOUT: u64 = 900;
 /// How many console lines a failure shows.
 const TAIL_LINES: usize = 40;
 
-/// The guest: TCG (nested KVM hangs at kernel start on the build
-/// machines), no network device, the ISO as a CD, the data disk on virtio,
-/// the serial console to a file.
+/// Every guest: TCG (nested KVM hangs at kernel start on the build
+/// machines), no screen, powers off instead of rebooting; the serial
+/// console, disks, network and firmware are the guest's own
+/// (`qemu::Guest`).
 const QEMU_FLAGS: &[&str] = &[
     "-m",
     "2048",
@@ -77,11 +90,38 @@ const QEMU_FLAGS: &[&str] = &[
     "-monitor",
     "none",
     "-no-reboot",
-    "-nic",
-    "none",
-    "-boot",
-    "order=d",
 ];
+
+/// A scenario, or a firmware's sequence of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The live boots from the ISO with a data disk (SeaBIOS).
+    Live,
+    /// One install boot shown only disks it must refuse (SeaBIOS).
+    Refusals,
+    /// Install, the disk under OVMF and SeaBIOS, reinstall, the disk again.
+    Install,
+    /// The SeaBIOS sequence: live, then refusals.
+    #[value(name = "seabios")]
+    SeaBios,
+    /// The OVMF sequence: install.
+    Ovmf,
+}
+
+impl Only {
+    fn selects(self, scenario: Only) -> bool {
+        self == scenario
+            || matches!(
+                (self, scenario),
+                (Only::SeaBios, Only::Live | Only::Refusals) | (Only::Ovmf, Only::Install)
+            )
+    }
+}
+
+/// Whether `scenario` runs: every one when nothing is picked.
+fn runs(only: &[Only], scenario: Only) -> bool {
+    only.is_empty() || only.iter().any(|o| o.selects(scenario))
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct E2eArgs {
@@ -91,10 +131,12 @@ pub struct E2eArgs {
     /// Embed this agent binary instead of building one with `cargo build --release`.
     #[arg(long, value_name = "FILE")]
     pub agent: Option<PathBuf>,
-    /// Boot under this firmware only (for iterating; the full check, and
-    /// `cargo xtask test`, boot under both).
-    #[arg(long, value_enum)]
-    pub only: Option<Firmware>,
+    /// Run only these scenarios (for iterating; the full check, and
+    /// `cargo xtask test`, run them all): `live`, `refusals`, `install`, or
+    /// a firmware's whole sequence, `seabios` (live, refusals) or `ovmf`
+    /// (install). Comma-separated or repeated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Only>,
 }
 
 impl Default for E2eArgs {
@@ -102,7 +144,7 @@ impl Default for E2eArgs {
         E2eArgs {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             agent: None,
-            only: None,
+            only: Vec::new(),
         }
     }
 }
@@ -161,7 +203,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
         std::env::set_var("SOURCE_DATE_EPOCH", SHARED_EPOCH);
     }
     let menu = work.join("grub.cfg");
-    write_file(&menu, &serial_first_menu(&read(&root.join(iso::GRUB_CFG))?)?)?;
+    write_file(&menu, &e2e_menu(&read(&root.join(iso::GRUB_CFG))?)?)?;
     let iso_out = work.join("iso");
     iso::run(
         root,
@@ -188,28 +230,44 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     // The two firmware sequences share nothing but the ISO: they run side
     // by side (TCG is slow, and a guest rarely keeps both cores busy).
     let timeout = Duration::from_secs(args.boot_timeout);
-    let sequences: Vec<_> = [Firmware::SeaBios, Firmware::Ovmf]
-        .into_iter()
-        .filter(|f| args.only.is_none_or(|only| only == *f))
-        .map(|firmware| {
-            let (work, iso) = (work.clone(), iso.clone());
-            std::thread::spawn(move || sequence(&work, &iso, firmware, timeout))
+    let only = args.only.clone();
+    let seabios = {
+        let (work, iso, only) = (work.clone(), iso.clone(), only.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<BootReport>> {
+            let mut reports = Vec::new();
+            if runs(&only, Only::Live) {
+                reports.extend(live::sequence(&work, &iso, Firmware::SeaBios, timeout)?);
+            }
+            if runs(&only, Only::Refusals) {
+                reports.extend(install::refusals(&work, &iso, timeout)?);
+            }
+            Ok(reports)
         })
-        .collect();
+    };
+    let ovmf = {
+        let (work, iso) = (work.clone(), iso.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<BootReport>> {
+            if runs(&only, Only::Install) {
+                install::sequence(&work, &iso, timeout)
+            } else {
+                Ok(Vec::new())
+            }
+        })
+    };
     let mut reports = Vec::new();
     let mut failures = Vec::new();
-    for handle in sequences {
+    for handle in [seabios, ovmf] {
         match handle.join() {
             Ok(Ok(mut r)) => reports.append(&mut r),
             Ok(Err(e)) => failures.push(format!("{e:#}")),
             Err(_) => failures.push("an e2e sequence panicked".to_owned()),
         }
     }
+    // What the sequence that did not fail showed still counts.
+    print_timeline(&reports);
     if !failures.is_empty() {
         bail!("{}", failures.join("\n\n"));
     }
-
-    print_timeline(&reports);
     progress::say(
         STAGE,
         &format!(
@@ -229,17 +287,20 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
 fn print_timeline(reports: &[BootReport]) {
     let shown = |v: Option<f64>| v.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".to_owned());
     let ms = |r: &BootReport, key: &str| r.facts.get(key).cloned().unwrap_or_else(|| "-".to_owned());
-    println!("\ne2e timeline (seconds after kernel start; TCG, no KVM):");
+    let first_start = reports.iter().map(|r| r.started).min();
+    println!("\ne2e timeline (seconds after kernel start; TCG, no KVM; the two sequences side by side):");
     println!(
-        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
-        "boot", "systemd", "data disk", "user mgr", "podman", "agent", "ready", "healthy", "+ready", "wall"
+        "{:<22} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "boot", "at", "systemd", "data disk", "user mgr", "podman", "agent", "ready", "healthy", "+ready", "wall"
     );
     for r in reports {
         let (ready, healthy) = r.timeline();
         let after_ready = ready.zip(healthy).map(|(a, b)| b - a);
+        let at = first_start.map_or(0.0, |t| r.started.duration_since(t).as_secs_f64());
         println!(
-            "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5.0}s",
+            "{:<22} {:>5.0}s {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5.0}s",
             r.step,
+            at,
             shown(r.milestone("userspace")),
             shown(r.milestone("data-disk")),
             shown(r.milestone("user-manager")),
@@ -254,7 +315,9 @@ fn print_timeline(reports: &[BootReport]) {
     println!(
         "columns: systemd = first userspace unit; data disk = archy-data.service active; user mgr = \
          user@1000.service; podman = the user's podman.socket; agent = archy-agent started; ready = its \
-         READY; healthy = its \"all N apps healthy\" line; +ready = healthy - ready.\n\
+         READY; healthy = its \"all N apps healthy\" line; +ready = healthy - ready; at = QEMU started, \
+         after the first boot's start; wall = power on to power off (an install boot runs no probe: wall only; \
+         a disk boot's wall includes the host's SSH checks).\n\
          targets (issue 14, not asserted): ready <= 65 s on a second boot, <= 80 s on a first; +ready <= 20 s."
     );
     for r in reports.iter().filter(|r| r.facts.contains_key("restart-ms")) {
@@ -293,139 +356,118 @@ const ANALYSIS_BLOCKS: &[&str] = &[
     "agent-log",
 ];
 
-/// Boots 1 and 2 on a fresh disk under `firmware`. Under SeaBIOS, boot 2
-/// also kills an app once it has reported everything a second boot must
-/// show: a third boot would add minutes under TCG and prove nothing more.
-fn sequence(work: &Path, iso: &Path, firmware: Firmware, timeout: Duration) -> anyhow::Result<Vec<BootReport>> {
-    let sh = Shell::new().context("creating a shell")?;
-    let disk = work.join(format!("data-{}.img", firmware.name()));
-    make_disk(&sh, &disk)?;
-    let first = boot(work, iso, &disk, firmware, "first", "check", timeout)?;
-    check_first_boot(&first)?;
-    let kills = firmware == Firmware::SeaBios;
-    let second = boot(
-        work,
-        iso,
-        &disk,
-        firmware,
-        "second",
-        if kills { "kill" } else { "check" },
-        timeout,
-    )?;
-    check_second_boot(&first, &second)?;
-    if kills {
-        check_kill(&second)?;
-    }
-    Ok(vec![first, second])
-}
-
-fn check_first_boot(r: &BootReport) -> anyhow::Result<()> {
-    r.check(r.fact("healthy")? == "yes", || {
-        "not every app became running and healthy".into()
-    })?;
-    let containers = r.containers()?;
-    for app in APPS {
-        let name = container_name(app);
-        r.check(containers.contains_key(&name), || {
-            format!("container {name} is missing: {containers:?}")
-        })?;
-    }
-    r.check(r.fact("agent-user")? == "archipelago", || {
-        "the agent does not run as archipelago".into()
-    })?;
-    r.check(r.fact("rootless")? == "true", || "podman is not rootless".into())?;
-    r.check(r.fact("network-backend")? == "netavark", || {
-        "the network backend is not netavark".into()
-    })?;
-    r.check(r.fact("data-mount")?.contains("ARCHY-DATA"), || {
-        "/var/lib/archipelago is not the ARCHY-DATA disk".into()
-    })?;
-    let secrets = r.fact("secrets")?;
-    r.check(
-        !secrets.is_empty() && secrets.split_whitespace().all(|s| s.starts_with("600:")),
-        || format!("secrets are not all mode 0600: {secrets:?}"),
-    )?;
-    r.check(r.fact("pulls")? == "0", || "the agent pulled an image".into())?;
-    check_graceful_shutdown(r)?;
-    // One lock entry per app; two apps share an image.
-    let imported = r.fact("agent-images")?;
-    r.check(
-        imported.contains("imported=2") && imported.contains("already_present=1") && imported.contains("skipped=0"),
-        || format!("both images should come from the ISO, once each: {imported:?}"),
-    )?;
-    Ok(())
-}
-
-/// archy-apps.service stopped every app at power-off, each with its grace
-/// period (it prints a line per app on the console), rather than leaving
-/// them to the user manager's SIGTERM and SIGKILL.
-fn check_graceful_shutdown(r: &BootReport) -> anyhow::Result<()> {
-    let after_probe = r.console.split("ARCHY-E2E done").nth(1).unwrap_or_default();
-    for app in APPS {
-        let line = format!("{app}: stopped {} in ", container_name(app));
-        r.check(after_probe.contains(&line), || {
-            format!("at power-off, archy-apps.service did not report `{line}…`")
-        })?;
-    }
-    Ok(())
-}
-
-fn check_second_boot(first: &BootReport, second: &BootReport) -> anyhow::Result<()> {
-    second.check(second.fact("healthy")? == "yes", || {
-        "not every app became running and healthy again".into()
-    })?;
-    let (before, after) = (first.containers()?, second.containers()?);
-    second.check(before == after, || {
-        format!("containers changed across the reboot:\n  before {before:?}\n  after  {after:?}")
-    })?;
-    check_graceful_shutdown(second)?;
-    second.check(second.fact("installs")? == "0", || {
-        "the agent installed an app again".into()
-    })?;
-    let imported = second.fact("agent-images")?;
-    second.check(
-        imported.contains("imported=0") && imported.contains("already_present=3"),
-        || format!("the second boot should import nothing: {imported:?}"),
-    )?;
-    Ok(())
-}
-
-fn check_kill(r: &BootReport) -> anyhow::Result<()> {
-    r.check(r.fact("mode")? == "kill", || {
-        "the guest did not get the kill instruction".into()
-    })?;
-    r.check(r.fact("restarted")? == "yes", || {
-        format!("the agent did not restart {KILLED} after its process was killed")
-    })?;
-    progress::say(
-        STAGE,
-        &format!("{}: {KILLED} killed, restarted in {} ms", r.step, r.fact("restart-ms")?),
-    );
-    Ok(())
-}
-
-/// The product's boot menu with its serial-console entry as the default
-/// and a short timeout: the guest has no screen.
-fn serial_first_menu(menu: &str) -> anyhow::Result<String> {
+/// The product's boot menu as the e2e boots it: the live serial-console
+/// entry as the default and a short timeout (the guest has no screen);
+/// the serial install entry made unattended (`archipelago.install=auto`)
+/// and the default instead when the guest's SMBIOS serial says so
+/// (`qemu::INSTALL_SERIAL`; GRUB's `smbios` reads it), so that one ISO
+/// serves the live and the install boots.
+fn e2e_menu(menu: &str) -> anyhow::Result<String> {
     ensure!(
         menu.contains("set default=0") && menu.contains("set timeout=5"),
         "{} no longer has `set default=0` and `set timeout=5`; update the e2e's menu edit",
         iso::GRUB_CFG
     );
+    let entries = menu_entries(menu);
+    let serial = |e: &&MenuEntry| e.last_console().is_some_and(|c| c.starts_with("ttyS0"));
+    let live = entries.iter().filter(serial).find(|e| !e.installs()).with_context(|| {
+        format!(
+            "{} has no live entry on the serial console (console=ttyS0 last)",
+            iso::GRUB_CFG
+        )
+    })?;
+    let install = entries.iter().filter(serial).find(|e| e.installs()).with_context(|| {
+        format!(
+            "{} has no install entry (archipelago.install) on the serial console (console=ttyS0 last)",
+            iso::GRUB_CFG
+        )
+    })?;
+    let picker = format!(
+        "set timeout=1\n\
+         # cargo xtask e2e: a guest whose SMBIOS serial is {INSTALL_SERIAL} installs.\n\
+         insmod smbios\n\
+         smbios --type 1 --get-string 7 --set archy_e2e\n\
+         if [ \"$archy_e2e\" = \"{INSTALL_SERIAL}\" ]; then set default={}; fi",
+        install.index
+    );
+    let mut lines: Vec<String> = menu.lines().map(str::to_owned).collect();
+    for line in &mut lines[install.lines.clone()] {
+        *line = line
+            .split(' ')
+            .map(|w| {
+                if w == "archipelago.install" {
+                    "archipelago.install=auto"
+                } else {
+                    w
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    let edited = lines.join("\n") + "\n";
     ensure!(
-        menu.contains("console=ttyS0"),
-        "{} has no serial-console entry",
+        edited.contains("archipelago.install=auto"),
+        "the install entry of {} has no `archipelago.install` word to make unattended",
         iso::GRUB_CFG
     );
     // `quiet`: every kernel line costs time on an emulated serial port;
     // systemd's own status lines still show.
-    Ok(menu
-        .replacen("set default=0", "set default=1", 1)
-        .replacen("set timeout=5", "set timeout=1", 1)
+    Ok(edited
+        .replacen("set default=0", &format!("set default={}", live.index), 1)
+        .replacen("set timeout=5", &picker, 1)
         .replace(
             "console=ttyS0,115200n8",
             "console=ttyS0,115200n8 quiet systemd.show_status=1",
         ))
+}
+
+/// One `menuentry` of a GRUB menu: its index (GRUB's `default` counts
+/// them from 0), its lines and its `linux` line.
+#[derive(Debug)]
+struct MenuEntry {
+    index: usize,
+    lines: std::ops::Range<usize>,
+    linux: String,
+}
+
+impl MenuEntry {
+    /// The last `console=` of the kernel line: Linux's /dev/console.
+    fn last_console(&self) -> Option<&str> {
+        self.linux
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("console="))
+            .next_back()
+    }
+
+    fn installs(&self) -> bool {
+        self.linux
+            .split_whitespace()
+            .any(|w| w == "archipelago.install" || w.starts_with("archipelago.install="))
+    }
+}
+
+/// The top-level `menuentry` blocks of a GRUB menu (no submenus).
+fn menu_entries(menu: &str) -> Vec<MenuEntry> {
+    let mut entries = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (i, line) in menu.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("menuentry ") {
+            open = Some((i, String::new()));
+        } else if let Some((start, linux)) = open.as_mut() {
+            if trimmed.starts_with("linux ") {
+                *linux = trimmed.to_owned();
+            } else if trimmed.starts_with('}') {
+                entries.push(MenuEntry {
+                    index: entries.len(),
+                    lines: *start..i + 1,
+                    linux: std::mem::take(linux),
+                });
+                open = None;
+            }
+        }
+    }
+    entries
 }
 
 fn write_apps(dir: &Path, image: &str, image_v2: &str) -> anyhow::Result<()> {
@@ -534,11 +576,40 @@ mod tests {
         assert_eq!(only.priority, 10);
     }
 
+    const MENU: &str = "set default=0\nset timeout=5\n\
+        menuentry \"Archipelago\" {\n    linux /live/vmlinuz boot=live\n    initrd /live/initrd.img\n}\n\
+        menuentry \"Archipelago (serial)\" {\n    linux /live/vmlinuz boot=live console=tty0 console=ttyS0,115200n8\n}\n\
+        menuentry \"Install Archipelago on this machine's disk\" {\n    linux /live/vmlinuz boot=live archipelago.install console=ttyS0,115200n8 console=tty0\n}\n\
+        menuentry \"Install Archipelago on this machine's disk (serial)\" {\n    linux /live/vmlinuz boot=live archipelago.install console=tty0 console=ttyS0,115200n8\n}\n";
+
     #[test]
-    fn the_menu_edit_boots_the_serial_entry_and_refuses_a_changed_menu() {
+    fn the_menu_edit_boots_the_live_serial_entry_or_the_unattended_install() {
+        let edited = e2e_menu(MENU).unwrap();
+        assert!(edited.contains("set default=1\n"), "{edited}");
+        assert!(
+            edited.contains(&format!(
+                "if [ \"$archy_e2e\" = \"{INSTALL_SERIAL}\" ]; then set default=3; fi"
+            )),
+            "{edited}"
+        );
+        let entries = menu_entries(&edited);
+        assert_eq!(entries.len(), 4);
+        // Only the serial install entry becomes unattended.
+        assert!(entries[3].linux.contains(" archipelago.install=auto "), "{edited}");
+        assert!(entries[2].linux.contains(" archipelago.install "), "{edited}");
+        assert!(!entries[1].installs());
+        assert!(entries[1].linux.contains("quiet systemd.show_status=1"), "{edited}");
+        assert!(e2e_menu("set default=2\n").is_err());
+        // A menu without a serial install entry is refused, naming it.
+        let live_only = MENU.split("menuentry \"Install").next().unwrap();
+        let err = e2e_menu(live_only).unwrap_err().to_string();
+        assert!(err.contains("no install entry"), "{err}");
+    }
+
+    #[test]
+    fn the_products_menu_has_what_the_e2e_edits() {
         let menu = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(iso::GRUB_CFG)).unwrap();
-        let edited = serial_first_menu(&menu).unwrap();
-        assert!(edited.contains("set default=1") && edited.contains("set timeout=1"));
-        assert!(serial_first_menu("set default=2\n").is_err());
+        let edited = e2e_menu(&menu).unwrap();
+        assert!(edited.contains("archipelago.install=auto") && edited.contains("set timeout=1"));
     }
 }

@@ -1,21 +1,21 @@
-//! One QEMU boot of the ISO (TCG, no network, SeaBIOS or OVMF) with a data
-//! disk, and what its probe printed on the serial console.
+//! One QEMU boot (TCG, SeaBIOS or OVMF): of the ISO's live or install
+//! entry, or of an installed disk, with virtio disks that carry serials
+//! and optionally a restricted user-mode network with an SSH port
+//! forward; and what its probe printed on the serial console.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use xshell::{cmd, Shell};
 
-use super::{progress, DISK_SIZE, MARKER, QEMU_FLAGS, STAGE, TAIL_LINES};
+use super::{progress, MARKER, QEMU_FLAGS, STAGE, TAIL_LINES};
 use crate::tools;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Firmware {
-    #[value(name = "seabios")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Firmware {
     SeaBios,
     Ovmf,
 }
@@ -35,6 +35,8 @@ pub(super) struct BootReport {
     pub(super) step: String,
     pub(super) facts: BTreeMap<String, String>,
     pub(super) console: String,
+    /// When QEMU started, and how long it ran.
+    pub(super) started: Instant,
     pub(super) wall: Duration,
 }
 
@@ -112,71 +114,220 @@ impl BootReport {
 /// the agent's log); not a fact line (no space after the marker's name).
 pub(super) const BLOCK_MARKER: &str = "ARCHY-E2E-BLOCK ";
 
-/// Boots the ISO once with `disk`, telling the probe `mode`, and returns
-/// what it reported. Fails when the guest hangs or stops without `done`.
+/// The probe's line that hands the turn to the host (`wait-host`): the
+/// guest keeps running until the host says it is done.
+const HOST_TURN: &str = "ARCHY-E2E host-turn";
+
+/// The SMBIOS system serial number that makes the e2e's boot menu start
+/// its install entry (`super::e2e_menu`); GRUB reads it with `smbios`.
+pub(super) const INSTALL_SERIAL: &str = "archy-e2e-install";
+
+/// What the host does while the probe waits for it (`wait-host`), given
+/// the console so far.
+pub(super) type HostTurn<'a> = &'a mut dyn FnMut(&str) -> anyhow::Result<()>;
+
+/// One disk image on virtio; the guest names it
+/// `/dev/disk/by-id/virtio-<serial>`.
+#[derive(Debug, Clone)]
+pub(super) struct Disk {
+    pub(super) path: PathBuf,
+    pub(super) serial: String,
+}
+
+impl Disk {
+    pub(super) fn new(path: PathBuf, serial: &str) -> Disk {
+        Disk {
+            path,
+            serial: serial.to_owned(),
+        }
+    }
+}
+
+/// What the guest starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start<'a> {
+    /// The ISO's default entry: the live system (serial console).
+    Live(&'a Path),
+    /// The ISO's install entry, unattended (`archipelago.install=auto`).
+    Install(&'a Path),
+    /// The first disk, no ISO: an installed node.
+    Disk,
+}
+
+/// One guest: its firmware, what it starts from, its disks (in order;
+/// under `Start::Disk` the first one boots), the probe's instruction and
+/// an optional SSH port forward.
+#[derive(Debug, Clone)]
+pub(super) struct Guest<'a> {
+    /// Short and file-safe: names the console log.
+    pub(super) name: String,
+    pub(super) firmware: Firmware,
+    pub(super) start: Start<'a>,
+    pub(super) disks: Vec<Disk>,
+    /// The probe's instruction (fw_cfg `opt/archipelago/e2e`): words
+    /// joined by `+` (`kill`, `write-data`, `wait-host`).
+    pub(super) mode: String,
+    /// `127.0.0.1:<port>` on the host forwards to the guest's port 22.
+    pub(super) ssh_port: Option<u16>,
+}
+
+impl Guest<'_> {
+    pub(super) fn step(&self) -> String {
+        format!("{} ({})", self.name, self.firmware.name())
+    }
+
+    pub(super) fn console(&self, work: &Path) -> PathBuf {
+        work.join(format!("console-{}-{}.log", self.name, self.firmware.name()))
+    }
+
+    /// QEMU's arguments beyond `QEMU_FLAGS`.
+    fn args(&self, work: &Path) -> anyhow::Result<Vec<String>> {
+        let mut args = vec![
+            "-serial".to_owned(),
+            format!("file:{}", self.console(work).display()),
+            "-fw_cfg".to_owned(),
+            format!("name=opt/archipelago/e2e,string={}", self.mode),
+        ];
+        // Boot order by `bootindex` (SeaBIOS and OVMF both follow it): the
+        // ISO first when there is one, else the first disk.
+        let mut index = 0;
+        if let Start::Live(iso) | Start::Install(iso) = self.start {
+            args.extend([
+                "-drive".to_owned(),
+                format!(
+                    "file={},if=none,id=cd0,media=cdrom,readonly=on,format=raw",
+                    iso.display()
+                ),
+                "-device".to_owned(),
+                "ide-cd,drive=cd0,bootindex=0".to_owned(),
+            ]);
+            index = 1;
+        }
+        if let Start::Install(_) = self.start {
+            args.extend(["-smbios".to_owned(), format!("type=1,serial={INSTALL_SERIAL}")]);
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            args.extend([
+                "-drive".to_owned(),
+                format!("file={},if=none,id=d{i},format=raw,cache=unsafe", disk.path.display()),
+                "-device".to_owned(),
+                format!(
+                    "virtio-blk-pci,drive=d{i},serial={},bootindex={}",
+                    disk.serial,
+                    index + i
+                ),
+            ]);
+        }
+        match self.ssh_port {
+            // restrict=on: the guest reaches nothing outside QEMU. No
+            // option ROM: the firmware has nothing to boot over the network.
+            Some(port) => args.extend([
+                "-netdev".to_owned(),
+                format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"),
+                "-device".to_owned(),
+                "virtio-net-pci,netdev=n0,romfile=".to_owned(),
+            ]),
+            None => args.extend(["-nic".to_owned(), "none".to_owned()]),
+        }
+        if self.firmware == Firmware::Ovmf {
+            // A fresh, empty variable store at every boot: an installed
+            // disk must boot with empty NVRAM (the removable path).
+            let vars = work.join(format!("ovmf-vars-{}.fd", self.name));
+            fs::copy(tools::OVMF_VARS, &vars).with_context(|| format!("copying {}", tools::OVMF_VARS))?;
+            args.extend([
+                "-drive".to_owned(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE),
+                "-drive".to_owned(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
+        }
+        Ok(args)
+    }
+}
+
+/// Boots `guest` until it powers itself off and returns what its console
+/// showed. When the probe hands the turn to the host (`wait-host`),
+/// `host_turn` runs while the guest waits; an error there stops the guest
+/// and fails the boot. A guest that does not power off within `timeout`
+/// fails the boot. Whether the probe finished is the caller's to check.
 pub(super) fn boot(
     work: &Path,
-    iso: &Path,
-    disk: &Path,
-    firmware: Firmware,
-    which: &str,
-    mode: &str,
+    guest: &Guest<'_>,
     timeout: Duration,
+    mut host_turn: Option<HostTurn<'_>>,
 ) -> anyhow::Result<BootReport> {
-    let step = format!("{which} boot ({})", firmware.name());
+    let step = guest.step();
     progress::say(STAGE, &format!("{step}: booting (up to {} s)", timeout.as_secs()));
-    let console = work.join(format!("console-{which}-{}.log", firmware.name()));
+    let console = guest.console(work);
+    let _ = fs::remove_file(&console);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(QEMU_FLAGS)
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-cdrom")
-        .arg(iso)
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        .arg("-fw_cfg")
-        .arg(format!("name=opt/archipelago/e2e,string={mode}"));
-    if firmware == Firmware::Ovmf {
-        let vars = work.join(format!("ovmf-vars-{which}.fd"));
-        fs::copy(tools::OVMF_VARS, &vars).with_context(|| format!("copying {}", tools::OVMF_VARS))?;
-        cmd.arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                tools::OVMF_CODE
-            ))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
-    }
+    cmd.args(QEMU_FLAGS).args(guest.args(work)?);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
     let child = cmd
         .spawn()
         .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
-    let outcome = wait(child, timeout);
-    let console_text = fs::read(&console)
-        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
-        .unwrap_or_default();
+    let outcome = wait(child, timeout, || {
+        let Some(turn) = host_turn.as_mut() else {
+            return Ok(());
+        };
+        let text = read_console(&console);
+        if !text.contains(HOST_TURN) {
+            return Ok(());
+        }
+        progress::say(STAGE, &format!("{step}: the guest waits; the host's turn"));
+        let result = turn(&text);
+        host_turn = None;
+        result
+    });
+    let console_text = read_console(&console);
     let report = BootReport {
         step: step.clone(),
         facts: parse_facts(&console_text),
         console: console_text,
+        started,
         wall: started.elapsed(),
     };
-    match outcome {
-        Ok(()) => {}
-        Err(e) => bail!(report.failure(&format!("{e:#}"))),
+    if let Err(e) = outcome {
+        bail!(report.failure(&format!("{e:#}")));
     }
-    report.check(report.facts.contains_key("done"), || {
-        "the guest powered off before the probe finished".into()
-    })?;
-    progress::say(STAGE, &format!("{step}: done in {:.0} s", report.wall.as_secs_f64()));
+    progress::say(
+        STAGE,
+        &format!("{step}: powered off after {:.0} s", report.wall.as_secs_f64()),
+    );
     Ok(report)
 }
 
-/// Waits for QEMU to exit (the guest powers itself off), killing it after
-/// `timeout`.
-pub(super) fn wait(mut child: Child, timeout: Duration) -> anyhow::Result<()> {
+/// [`boot`] of a guest whose probe runs: fails unless it finished.
+pub(super) fn probe_boot(
+    work: &Path,
+    guest: &Guest<'_>,
+    timeout: Duration,
+    host_turn: Option<HostTurn<'_>>,
+) -> anyhow::Result<BootReport> {
+    let report = boot(work, guest, timeout, host_turn)?;
+    report.check(report.facts.contains_key("done"), || {
+        "the guest powered off before the probe finished".into()
+    })?;
+    Ok(report)
+}
+
+fn read_console(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default()
+}
+
+/// Waits for QEMU to exit (the guest powers itself off), calling `tick`
+/// every half second meanwhile; kills it after `timeout` or when `tick`
+/// fails.
+fn wait(mut child: Child, timeout: Duration, mut tick: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
+    let stop = |child: &mut Child| {
+        // Best effort: the error that matters is the one that stops it.
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     loop {
         if let Some(status) = child.try_wait().context("waiting for qemu")? {
             if status.success() {
@@ -189,14 +340,13 @@ pub(super) fn wait(mut child: Child, timeout: Duration) -> anyhow::Result<()> {
             bail!("qemu exited with {status}: {}", stderr.trim());
         }
         if Instant::now() >= deadline {
-            // Best effort: the error that matters is the hang.
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(&mut child);
             bail!("the guest did not power off within {} s", timeout.as_secs());
         }
-        crate::harness::procs::bail_if_interrupted().inspect_err(|_| {
-            let _ = child.kill();
-        })?;
+        if let Err(e) = crate::harness::procs::bail_if_interrupted().and_then(|()| tick()) {
+            stop(&mut child);
+            return Err(e);
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -211,13 +361,6 @@ pub(super) fn parse_facts(console: &str) -> BTreeMap<String, String> {
             None => (rest.trim().to_owned(), String::new()),
         })
         .collect()
-}
-
-pub(super) fn make_disk(sh: &Shell, disk: &Path) -> anyhow::Result<()> {
-    let _ = fs::remove_file(disk);
-    cmd!(sh, "truncate -s {DISK_SIZE} {disk}").quiet().run()?;
-    cmd!(sh, "mkfs.ext4 -q -F -L ARCHY-DATA {disk}").quiet().run()?;
-    Ok(())
 }
 
 pub(super) fn tail(text: &str, n: usize) -> String {
@@ -247,6 +390,7 @@ mod tests {
             step: "first boot (seabios)".into(),
             facts: parse_facts("ARCHY-E2E agent-ready-s 41500000\n"),
             console: "archipelago: all 3 apps healthy 57.3 s after kernel start\n".into(),
+            started: Instant::now(),
             wall: Duration::from_secs(90),
         };
         assert_eq!(report.timeline(), (Some(41.5), Some(57.3)));
@@ -261,6 +405,7 @@ mod tests {
             step: "first boot (seabios)".into(),
             facts: parse_facts(console),
             console: console.into(),
+            started: Instant::now(),
             wall: Duration::from_secs(90),
         };
         assert_eq!(report.milestone("data-disk"), Some(12.5));
@@ -277,6 +422,7 @@ mod tests {
             step: "second boot (ovmf)".into(),
             facts: BTreeMap::new(),
             console,
+            started: Instant::now(),
             wall: Duration::ZERO,
         };
         let message = report.fact("healthy").unwrap_err().to_string();
