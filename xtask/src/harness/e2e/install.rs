@@ -382,32 +382,39 @@ fn same_partitions(a: &Table, b: &Table) -> bool {
     a.label == b.label && a.id.eq_ignore_ascii_case(&b.id) && key(a) == key(b)
 }
 
-/// The refusals (SeaBIOS), in one install boot: two blank eligible disks
-/// and no `archipelago.install.disk` (ambiguous), a 1 GiB disk (too
-/// small), a disk holding another system's file system (not blank): the
-/// installer changes nothing, says why, and powers off.
+/// The refusals (SeaBIOS), in one install boot from the ISO written to a
+/// stick: two blank eligible disks and no `archipelago.install.disk`
+/// (ambiguous), a 1 GiB blank disk (too small: were it eligible, it would
+/// be a third candidate), a disk holding another system's file system
+/// (never taken unnamed: it would be a candidate too), and the stick
+/// itself (the boot medium: never offered). The installer changes
+/// nothing, names exactly the two blank disks, and powers off; every
+/// disk's first and last MiB are as they were.
 pub(super) fn refusals(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Result<Vec<BootReport>> {
     let sh = Shell::new().context("creating a shell")?;
-    let blank_a = Disk::new(work.join("blank-a.img"), "archy-blank-a");
-    let blank_b = Disk::new(work.join("blank-b.img"), "archy-blank-b");
-    let small = Disk::new(work.join("small.img"), "archy-small");
-    let foreign = Disk::new(work.join("foreign.img"), "archy-foreign");
-    disks::blank(&blank_a.path, TARGET_SIZE)?;
-    disks::blank(&blank_b.path, TARGET_SIZE)?;
-    disks::blank(&small.path, SMALL_SIZE)?;
-    disks::foreign_disk(&sh, &foreign.path, TARGET_SIZE)?;
-    let all = [&blank_a, &blank_b, &small, &foreign];
-    let before = all
+    // In the guest's order (virtio disks are named in the order they are
+    // attached; the stick comes last).
+    let disks = [
+        (Disk::new(work.join("blank-a.img"), "archy-blank-a"), "/dev/vda"),
+        (Disk::new(work.join("blank-b.img"), "archy-blank-b"), "/dev/vdb"),
+        (Disk::new(work.join("small.img"), "archy-small"), "/dev/vdc"),
+        (Disk::new(work.join("foreign.img"), "archy-foreign"), "/dev/vdd"),
+    ];
+    disks::blank(&disks[0].0.path, TARGET_SIZE)?;
+    disks::blank(&disks[1].0.path, TARGET_SIZE)?;
+    disks::blank(&disks[2].0.path, SMALL_SIZE)?;
+    disks::foreign_disk(&sh, &disks[3].0.path, TARGET_SIZE)?;
+    let before = disks
         .iter()
-        .map(|d| Edges::read(&d.path))
+        .map(|(d, _)| Edges::read(&d.path))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let report = boot(
         work,
         &Guest {
             name: "refusals".into(),
             firmware: Firmware::SeaBios,
-            start: Start::Install(iso),
-            disks: all.iter().map(|d| (*d).clone()).collect(),
+            start: Start::InstallStick(iso),
+            disks: disks.iter().map(|(d, _)| d.clone()).collect(),
             mode: "check".into(),
             ssh_port: None,
         },
@@ -418,7 +425,14 @@ pub(super) fn refusals(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
     report.check(outcome.starts_with("nothing changed: "), || {
         format!("the installer did not refuse: `{INSTALLER}{outcome}`")
     })?;
-    for (disk, edges) in all.iter().zip(&before) {
+    let candidates = candidates(outcome);
+    report.check(candidates == [disks[0].1, disks[1].1], || {
+        format!(
+            "the installer should name exactly the two blank disks ({}, {}) as candidates, not {candidates:?}: `{outcome}`",
+            disks[0].1, disks[1].1
+        )
+    })?;
+    for ((disk, _), edges) in disks.iter().zip(&before) {
         if let Err(e) = disks::ensure_unchanged(&disk.path, edges, &disk.serial) {
             bail!(report.failure(&format!("{e:#}")));
         }
@@ -428,6 +442,16 @@ pub(super) fn refusals(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
         &format!("{}: {INSTALLER}{outcome}; no disk changed", report.step),
     );
     Ok(vec![report])
+}
+
+/// The device paths an unattended install found it could take, from its
+/// refusal (`N disks could be installed onto (/dev/vda, /dev/vdb); …`).
+fn candidates(outcome: &str) -> Vec<&str> {
+    outcome
+        .split_once(" could be installed onto (")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(list, _)| list.split(", ").map(str::trim).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -448,5 +472,17 @@ mod tests {
         );
         assert!(listed_apps("{}").is_err());
         assert!(listed_apps("not json").is_err());
+    }
+
+    #[test]
+    fn the_candidates_are_read_from_the_refusal() {
+        assert_eq!(
+            candidates(
+                "nothing changed: 2 disks could be installed onto (/dev/vda, /dev/vdb); name one with \
+                 archipelago.install.disk=/dev/disk/by-id/…"
+            ),
+            ["/dev/vda", "/dev/vdb"]
+        );
+        assert!(candidates("nothing changed: no disk is blank").is_empty());
     }
 }

@@ -126,6 +126,9 @@ pub(super) const INSTALL_SERIAL: &str = "archy-e2e-install";
 /// the console so far.
 pub(super) type HostTurn<'a> = &'a mut dyn FnMut(&str) -> anyhow::Result<()>;
 
+/// The serial of the ISO attached as a stick (`Start::InstallStick`).
+pub(super) const STICK_SERIAL: &str = "archy-stick";
+
 /// One disk image on virtio; the guest names it
 /// `/dev/disk/by-id/virtio-<serial>`.
 #[derive(Debug, Clone)]
@@ -148,8 +151,12 @@ impl Disk {
 pub(super) enum Start<'a> {
     /// The ISO's default entry: the live system (serial console).
     Live(&'a Path),
-    /// The ISO's install entry, unattended (`archipelago.install=auto`).
+    /// The ISO's install entry, unattended (`archipelago.install=auto`),
+    /// from a CD.
     Install(&'a Path),
+    /// The same from the ISO written to a USB stick: a read-only virtio
+    /// disk (serial [`STICK_SERIAL`]) attached after the others.
+    InstallStick(&'a Path),
     /// The first disk, no ISO: an installed node.
     Disk,
 }
@@ -190,7 +197,10 @@ impl Guest<'_> {
         ];
         // Boot order by `bootindex` (SeaBIOS and OVMF both follow it): the
         // ISO first when there is one, else the first disk.
-        let mut index = 0;
+        let iso = match self.start {
+            Start::Live(iso) | Start::Install(iso) | Start::InstallStick(iso) => Some(iso),
+            Start::Disk => None,
+        };
         if let Start::Live(iso) | Start::Install(iso) = self.start {
             args.extend([
                 "-drive".to_owned(),
@@ -201,11 +211,11 @@ impl Guest<'_> {
                 "-device".to_owned(),
                 "ide-cd,drive=cd0,bootindex=0".to_owned(),
             ]);
-            index = 1;
         }
-        if let Start::Install(_) = self.start {
+        if let Start::Install(_) | Start::InstallStick(_) = self.start {
             args.extend(["-smbios".to_owned(), format!("type=1,serial={INSTALL_SERIAL}")]);
         }
+        let first_disk = usize::from(iso.is_some());
         for (i, disk) in self.disks.iter().enumerate() {
             args.extend([
                 "-drive".to_owned(),
@@ -214,8 +224,17 @@ impl Guest<'_> {
                 format!(
                     "virtio-blk-pci,drive=d{i},serial={},bootindex={}",
                     disk.serial,
-                    index + i
+                    first_disk + i
                 ),
+            ]);
+        }
+        if let Start::InstallStick(iso) = self.start {
+            // Read-only: the other sequence boots the same file.
+            args.extend([
+                "-drive".to_owned(),
+                format!("file={},if=none,id=stick,format=raw,readonly=on", iso.display()),
+                "-device".to_owned(),
+                format!("virtio-blk-pci,drive=stick,serial={STICK_SERIAL},bootindex=0"),
             ]);
         }
         match self.ssh_port {
