@@ -164,6 +164,9 @@ pub enum Command {
     /// The node's own OS on its own disk: which disks the installer may use.
     #[command(subcommand)]
     Os(crate::os::commands::OsCommand),
+    /// Reach the node headless: the SSH host key, the authorized keys, the console text.
+    #[command(subcommand)]
+    Ssh(crate::ssh::SshCommand),
     /// Probe an address from this process's network namespace (the agent runs it inside the
     /// rootless engine's namespace); prints the detail, exit status 1 when it fails.
     #[command(hide = true)]
@@ -218,7 +221,7 @@ pub enum Command {
     },
 }
 
-fn parse_owner(text: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_owner(text: &str) -> Result<(u32, u32), String> {
     let allowed = "allowed: UID:GID in numbers, e.g. 1000:1000";
     let (u, g) = text.split_once(':').ok_or_else(|| format!("{text:?}: {allowed}"))?;
     match (u.parse(), g.parse()) {
@@ -319,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
         Command::Os(cmd) => crate::os::commands::run(&cmd, cli.global.json, &mut std::io::stdout().lock()),
+        Command::Ssh(cmd) => crate::ssh::run(cmd, &cli.global.data, cli.global.apps_dir(), cli.global.json),
         Command::ProbeNet { http, tcp, timeout_ms } => {
             let probe = match (http, tcp) {
                 (Some(url), _) => crate::orchestrator::NetProbe::Http(url),
@@ -400,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Adopt { .. }
                 | Command::Images(_)
                 | Command::Os(_)
+                | Command::Ssh(_)
                 | Command::DataDisk { .. }
                 | Command::Shutdown
                 | Command::ProbeNet { .. }

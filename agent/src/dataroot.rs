@@ -71,6 +71,7 @@ const ROOTLESS_STORAGE_DIR: &str = "rootless";
 const MACHINE_ID_FILE: &str = "machine-id";
 const SSH_HOST_KEYS_DIR: &str = "ssh";
 const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
 const JOURNAL_DIR: &str = "journal";
 const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
 
@@ -238,6 +239,12 @@ impl DataRoot {
         self.ssh_host_keys_dir().join(SSH_HOST_KEY_FILE)
     }
 
+    /// `<data>/system/ssh/ssh_host_ed25519_key.pub` (root, 0644): its
+    /// public half.
+    pub fn ssh_host_key_pub_file(&self) -> PathBuf {
+        self.ssh_host_keys_dir().join(SSH_HOST_KEY_PUB_FILE)
+    }
+
     /// `<data>/system/journal/` (root): bound on `/var/log/journal` by
     /// `data-disk`, the persistent journal.
     pub fn journal_dir(&self) -> PathBuf {
@@ -335,6 +342,10 @@ mod tests {
             d.ssh_host_key_file(),
             p("/var/lib/archipelago/system/ssh/ssh_host_ed25519_key")
         );
+        assert_eq!(
+            d.ssh_host_key_pub_file(),
+            p("/var/lib/archipelago/system/ssh/ssh_host_ed25519_key.pub")
+        );
         assert_eq!(d.journal_dir(), p("/var/lib/archipelago/system/journal"));
         assert_eq!(d.ssh_dir(), p("/var/lib/archipelago/ssh"));
         assert_eq!(d.authorized_keys_file(), p("/var/lib/archipelago/ssh/authorized_keys"));
@@ -369,6 +380,7 @@ mod tests {
             d.machine_id_file(),
             d.ssh_host_keys_dir(),
             d.ssh_host_key_file(),
+            d.ssh_host_key_pub_file(),
             d.journal_dir(),
             d.ssh_dir(),
             d.authorized_keys_file(),
@@ -476,6 +488,7 @@ mod tests {
             d.machine_id_file(),
             d.ssh_host_keys_dir(),
             d.ssh_host_key_file(),
+            d.ssh_host_key_pub_file(),
             d.journal_dir(),
             d.ssh_dir(),
             d.authorized_keys_file(),
