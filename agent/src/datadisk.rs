@@ -55,6 +55,12 @@ pub fn blank(facts: &DiskFacts) -> bool {
     }
 }
 
+/// Every device with a file system labelled `label`, probed afresh (no
+/// blkid cache); `Err` says why blkid could not tell.
+pub fn devices_labelled(label: &str) -> Result<Vec<PathBuf>, String> {
+    gather::labelled(label)
+}
+
 /// The stable names (under [`DISK_DIR`]) that lead to `device`.
 pub fn stable_names_of(device: &Path) -> Vec<StableName> {
     gather::stable_names(device, Path::new(DISK_DIR))

@@ -197,14 +197,17 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
     );
     // systemd of the rootfs itself parses them: a typo only warns (exit 0),
     // so any output at all fails the test.
+    // With the drop-ins of Debian's units (their Documentation= man pages
+    // are left out of the image: --man=no).
     let verify = Command::new("chroot")
         .arg(&tree)
+        .args(["systemd-analyze", "verify", "--man=no"])
+        .args(NODE_UNITS.iter().map(|(unit, _)| *unit))
         .args([
-            "systemd-analyze",
-            "verify",
-            "archy-data.service",
-            "archy-apps.service",
-            "archy-agent.service",
+            "ssh.service",
+            "getty@tty1.service",
+            "serial-getty@ttyS0.service",
+            "user@1000.service",
         ])
         .output()
         .unwrap();
@@ -214,13 +217,14 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
     );
-    for unit in ["archy-data.service", "archy-apps.service", "archy-agent.service"] {
+    for (unit, target) in NODE_UNITS {
         assert_eq!(
-            fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants").join(unit)).unwrap(),
+            fs::read_link(tree.join(format!("etc/systemd/system/{target}.wants")).join(unit)).unwrap(),
             Path::new("/usr/lib/systemd/system").join(unit),
-            "{unit} is enabled"
+            "{unit} is enabled in {target}"
         );
     }
+    check_install_mode_and_ssh(&tree);
     for app in fs::read_dir(project_root().join("manifests")).unwrap() {
         let app = app.unwrap().file_name();
         let copied = tree.join("opt/archipelago/apps").join(&app).join("manifest.yml");
@@ -246,6 +250,259 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         .any(|p| p["name"] == "netavark" && p["version"].as_str() == Some(version.as_str())));
     assert!(packages.len() > 100, "{} packages", packages.len());
     check_base_is_shared(&report);
+}
+
+/// The node's own units and the target each is enabled in.
+const NODE_UNITS: &[(&str, &str)] = &[
+    ("archy-medium.service", "sysinit.target"),
+    ("archy-data.service", "multi-user.target"),
+    ("archy-apps.service", "multi-user.target"),
+    ("archy-agent.service", "multi-user.target"),
+    ("archy-ssh.service", "multi-user.target"),
+    ("archy-installer.service", "multi-user.target"),
+];
+
+/// The lines of a unit's file and of its drop-ins (the instance's and the
+/// template's) in the tree, where systemd reads them (`systemctl cat` needs
+/// a running systemd).
+fn unit_lines(tree: &Path, unit: &str) -> Vec<String> {
+    let template = unit
+        .split_once('@')
+        .map(|(prefix, rest)| format!("{prefix}@.{}", rest.rsplit('.').next().unwrap()));
+    let file_name = template.clone().unwrap_or_else(|| unit.to_owned());
+    let mut text = ["usr/lib/systemd/system", "lib/systemd/system", "etc/systemd/system"]
+        .iter()
+        .find_map(|dir| fs::read_to_string(tree.join(dir).join(&file_name)).ok())
+        .unwrap_or_else(|| panic!("no unit file for {unit}"));
+    for name in std::iter::once(unit.to_owned()).chain(template) {
+        let dir = tree.join("etc/systemd/system").join(format!("{name}.d"));
+        for entry in fs::read_dir(&dir).into_iter().flatten() {
+            text.push_str(&fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+    }
+    text.lines().map(|l| l.trim().to_owned()).collect()
+}
+
+/// Install mode, the installer's console, SSH, mDNS and the appliance's
+/// timers, in the built tree.
+fn check_install_mode_and_ssh(tree: &Path) {
+    // Install mode starts neither the data disk nor anything on it; a
+    // skipped condition counts as started for dependents, so each unit
+    // (or its drop-in) carries the condition itself. The gettys too: the
+    // installer owns the console.
+    let not_in_install_mode = "ConditionKernelCommandLine=!archipelago.install";
+    for unit in [
+        "archy-data.service",
+        "archy-agent.service",
+        "archy-apps.service",
+        "archy-ssh.service",
+        "ssh.service",
+        "user@1000.service",
+        "getty@tty1.service",
+        "serial-getty@ttyS0.service",
+    ] {
+        let lines = unit_lines(tree, unit);
+        assert!(lines.iter().any(|l| l == not_in_install_mode), "{unit}: {lines:#?}");
+    }
+    let installer = unit_lines(tree, "archy-installer.service");
+    for line in [
+        "ConditionKernelCommandLine=archipelago.install",
+        "ExecStart=/usr/bin/archy-agent os install --cmdline /proc/cmdline",
+        "TTYPath=/dev/console",
+        "SuccessAction=poweroff",
+        "FailureAction=poweroff",
+    ] {
+        assert!(installer.iter().any(|l| l == line), "{line}: {installer:#?}");
+    }
+    let medium = unit_lines(tree, "archy-medium.service");
+    for line in [
+        "ConditionKernelCommandLine=archipelago.slot",
+        "DefaultDependencies=no",
+        "ExecStart=/usr/bin/archy-agent os check-medium --cmdline /proc/cmdline",
+    ] {
+        assert!(medium.iter().any(|l| l == line), "{line}: {medium:#?}");
+    }
+    let ssh = unit_lines(tree, "ssh.service");
+    for line in ["Requires=archy-ssh.service", "After=archy-ssh.service"] {
+        assert!(ssh.iter().any(|l| l == line), "{line}: {ssh:#?}");
+    }
+    assert_eq!(
+        fs::read_link(tree.join("etc/systemd/system/multi-user.target.wants/ssh.service")).unwrap(),
+        Path::new("/lib/systemd/system/ssh.service"),
+        "openssh-server enables sshd"
+    );
+
+    // The tools the installer runs, from Debian's packages.
+    for tool in [
+        "sfdisk",
+        "mkfs.vfat",
+        "mkfs.ext4",
+        "grub-install",
+        "grub-editenv",
+        "wipefs",
+        "partx",
+        "udevadm",
+        "sshd",
+        "ssh-keygen",
+    ] {
+        chroot(tree, &["sh", "-c", &format!("command -v {tool}")]);
+    }
+    for platform in ["i386-pc", "x86_64-efi"] {
+        assert!(
+            tree.join("usr/lib/grub").join(platform).join("normal.mod").is_file(),
+            "GRUB's {platform} modules"
+        );
+    }
+
+    // No host key: each node makes its own.
+    let host_keys: Vec<_> = fs::read_dir(tree.join("etc/ssh"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ssh_host_"))
+        .collect();
+    assert!(host_keys.is_empty(), "{host_keys:?}");
+    let shadow = fs::read_to_string(tree.join("etc/shadow")).unwrap();
+    assert!(
+        shadow.lines().any(|l| l.starts_with("archipelago:*:")),
+        "a password field that sshd never takes for a lock"
+    );
+    // sshd's own reading of its configuration, with a throwaway key (the
+    // node's lives on its data disk).
+    let scratch_key = tree.join("tmp/scratch_host_key");
+    let _ = fs::remove_file(&scratch_key);
+    chroot(
+        tree,
+        &[
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            "/tmp/scratch_host_key",
+        ],
+    );
+    fs::create_dir_all(tree.join("run/sshd")).unwrap();
+    let effective = Command::new("chroot")
+        .arg(tree)
+        .args(["/usr/sbin/sshd", "-T", "-h", "/tmp/scratch_host_key"])
+        .output()
+        .unwrap();
+    let effective_text = String::from_utf8_lossy(&effective.stdout).into_owned();
+    for file in ["tmp/scratch_host_key", "tmp/scratch_host_key.pub"] {
+        fs::remove_file(tree.join(file)).unwrap();
+    }
+    fs::remove_dir(tree.join("run/sshd")).unwrap();
+    assert!(
+        effective.status.success(),
+        "sshd -T: {}",
+        String::from_utf8_lossy(&effective.stderr)
+    );
+    for line in [
+        "passwordauthentication no",
+        "kbdinteractiveauthentication no",
+        "permitrootlogin no",
+        "allowusers archipelago",
+        "authorizedkeysfile /var/lib/archipelago/ssh/authorized_keys",
+        "hostkey /var/lib/archipelago/system/ssh/ssh_host_ed25519_key",
+        "usepam yes",
+    ] {
+        assert!(
+            effective_text.lines().any(|l| l == line),
+            "{line} missing from sshd -T:\n{effective_text}"
+        );
+    }
+
+    // The console text part C writes in /run/issue.d is what the rootfs's
+    // own agetty shows (it reads /etc/issue.d, linked to it), with the
+    // address escape expanded; without the file, nothing of it shows.
+    let issue_dir = tree.join("run/issue.d");
+    fs::create_dir_all(&issue_dir).unwrap();
+    fs::write(
+        issue_dir.join("50-archipelago.issue"),
+        "ssh archipelago@\\4 (issue test)\n",
+    )
+    .unwrap();
+    let shown = show_issue(tree);
+    fs::remove_dir_all(&issue_dir).unwrap();
+    let line = shown
+        .lines()
+        .find(|l| l.contains("(issue test)"))
+        .unwrap_or_else(|| panic!("agetty does not show the console text:\n{shown}"));
+    assert!(!line.contains('\\'), "agetty expands \\4: {line}");
+    let shown = show_issue(tree);
+    assert!(shown.contains("Debian GNU/Linux 12"), "/etc/issue: {shown}");
+    assert!(!shown.contains("issue test"), "{shown}");
+
+    // mDNS on the wired links (archipelago.local).
+    let resolved = fs::read_to_string(tree.join("etc/systemd/resolved.conf.d/archipelago.conf")).unwrap();
+    assert!(resolved.lines().any(|l| l == "MulticastDNS=yes"), "{resolved}");
+    let network = fs::read_to_string(tree.join("etc/systemd/network/80-wired.network")).unwrap();
+    assert!(network.lines().any(|l| l == "MulticastDNS=yes"), "{network}");
+    assert_eq!(fs::read_to_string(tree.join("etc/hostname")).unwrap(), "archipelago\n");
+
+    // An appliance: apt and dpkg run nothing on their own.
+    for unit in ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer"] {
+        assert_eq!(
+            fs::read_link(tree.join("etc/systemd/system").join(unit)).unwrap(),
+            Path::new("/dev/null"),
+            "{unit} is masked"
+        );
+    }
+}
+
+/// What the tree's own agetty prints above a login prompt. agetty needs a
+/// terminal: the host's `script` makes one (the tree has no /dev/pts), the
+/// chrooted agetty inherits it.
+fn show_issue(tree: &Path) -> String {
+    let output = Command::new("script")
+        .arg("-qc")
+        .arg(format!("chroot {} agetty --show-issue", tree.display()))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "agetty --show-issue: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A rootfs that enables a timer `rootfs/timers.allow` does not list is
+/// refused, naming the timer and the list.
+#[test]
+fn a_timer_not_on_the_allow_list_stops_the_build() {
+    let _base = BASE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("rootfs-timer-");
+    let overlay = dir.path().join("overlay");
+    let wants = overlay.join("etc/systemd/system/timers.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink("/lib/systemd/system/apt-daily.timer", wants.join("stray-daily.timer")).unwrap();
+    let out = dir.path().join("out");
+    let agent = stand_in_agent();
+    let built = xtask(&[
+        "rootfs",
+        "--no-images",
+        "--overlay",
+        overlay.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+    ]);
+    assert!(!built.status.success(), "a stray timer must fail the build");
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(
+        stderr.contains("stray-daily.timer (enabled for the system's systemd by /etc/systemd/system/timers.target.wants/stray-daily.timer)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rootfs/timers.allow does not allow"), "{stderr}");
+    assert!(
+        !stderr.contains("apt-daily.timer (enabled"),
+        "apt's own timer is masked: {stderr}"
+    );
 }
 
 #[test]

@@ -150,7 +150,7 @@ fn parse_blkid_export(text: &str) -> Option<Signature> {
 
 /// Every device with a file system labelled `label`, probed afresh
 /// (`-c /dev/null`: a stale cache must not hide one).
-fn labelled(label: &str) -> Fact<Vec<PathBuf>> {
+pub fn labelled(label: &str) -> Fact<Vec<PathBuf>> {
     let token = format!("LABEL={label}");
     let found = blkid(&[
         "-c".as_ref(),

@@ -538,13 +538,63 @@ mod tests {
         assert!(boot_entries("El Torito catalog  : 33  1\n").is_empty());
     }
 
+    /// Each `menuentry "title"` of a GRUB menu with its `linux` line.
+    fn menu_entries(cfg: &str) -> Vec<(String, String)> {
+        let mut entries = Vec::new();
+        let mut lines = cfg.lines().map(str::trim);
+        while let Some(line) = lines.next() {
+            let Some(rest) = line.strip_prefix("menuentry \"") else {
+                continue;
+            };
+            let title = rest.split('"').next().unwrap().to_owned();
+            let linux = lines
+                .by_ref()
+                .take_while(|l| *l != "}")
+                .find(|l| l.starts_with("linux "))
+                .unwrap_or_default()
+                .to_owned();
+            entries.push((title, linux));
+        }
+        entries
+    }
+
     #[test]
-    fn the_boot_menu_boots_live_and_has_a_serial_entry() {
+    fn the_boot_menu_boots_live_then_offers_the_installer_each_on_screen_and_serial() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let cfg = fs::read_to_string(root.join(GRUB_CFG)).unwrap();
-        assert_eq!(cfg.matches("menuentry").count(), 2, "{cfg}");
-        assert_eq!(cfg.matches("linux /live/vmlinuz boot=live").count(), 2, "{cfg}");
-        assert!(cfg.contains("console=ttyS0,115200"), "{cfg}");
-        assert!(cfg.contains("initrd /live/initrd.img"), "{cfg}");
+        assert_eq!(cfg.matches("menuentry").count(), 4, "{cfg}");
+        assert_eq!(cfg.matches("initrd /live/initrd.img").count(), 4, "{cfg}");
+        // The e2e's menu edit (harness/e2e) boots entry 1, the live serial one.
+        assert!(
+            cfg.contains("set default=0\n") && cfg.contains("set timeout=5\n"),
+            "{cfg}"
+        );
+        let entries = menu_entries(&cfg);
+        let kinds: Vec<(bool, bool)> = entries
+            .iter()
+            .map(|(_, linux)| {
+                let words: Vec<&str> = linux.split_whitespace().collect();
+                assert_eq!(words[..3], ["linux", "/live/vmlinuz", "boot=live"], "{linux}");
+                let serial = words.contains(&"console=ttyS0,115200n8");
+                if serial {
+                    // The serial console last: /dev/console, where systemd
+                    // and the installer write, is the last console=.
+                    let tty0 = words.iter().position(|w| *w == "console=tty0").unwrap();
+                    let ttys0 = words.iter().position(|w| *w == "console=ttyS0,115200n8").unwrap();
+                    assert!(tty0 < ttys0, "{linux}");
+                }
+                (words.contains(&"archipelago.install"), serial)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [(false, false), (false, true), (true, false), (true, true)],
+            "live, live serial, install, install serial: {entries:?}"
+        );
+        assert_eq!(entries[2].0, "Install Archipelago on this machine's disk");
+        assert!(entries[3]
+            .0
+            .starts_with("Install Archipelago on this machine's disk (serial"));
+        assert!(entries[1].0.contains("serial"));
     }
 }

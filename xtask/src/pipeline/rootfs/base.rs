@@ -11,7 +11,7 @@ use xshell::{cmd, Shell};
 
 use super::{
     short, BasePolicy, CACHE_FORMAT, CACHE_KEEP, DPKG_STATUS_MEMBER, ENABLE_HOOK, MIRRORS, MMDEBSTRAP_FLAGS,
-    OVERLAY_DIR, PACKAGES_FILE, RELEASE, SLIM_FLAGS, TREE_TAR_FLAGS, USER_HOOK,
+    OVERLAY_DIR, PACKAGES_FILE, RELEASE, SLIM_FLAGS, SSH_HOST_KEYS_HOOK, TREE_TAR_FLAGS, USER_HOOK,
 };
 use crate::harness::procs::capture;
 use crate::pipeline::flags::{Arch, Epoch};
@@ -114,6 +114,7 @@ impl BaseSpec {
         args.push(format!("--customize-hook={USER_HOOK}"));
         args.push(format!("--customize-hook=tar-in {} /", overlay_tar.display()));
         args.push(format!("--customize-hook={ENABLE_HOOK}"));
+        args.push(format!("--customize-hook={SSH_HOST_KEYS_HOOK}"));
         args.extend(debs.map(debs_sync_out_hook));
         args.extend(release_and_mirrors(output));
         args

@@ -8,14 +8,17 @@ use anyhow::{bail, Context as _};
 use xshell::{cmd, Shell};
 
 use super::{
-    BOOKWORM_NETAVARK_SERIES, CONTAINERS_CONF, DEBIAN_VERSION_PREFIX, NETAVARK_PACKAGE, NETAVARK_PATH, NODE_AGENT_PATH,
-    RELEASE, SLIM_FLAGS, VERIFIED_PACKAGES,
+    timers, BOOKWORM_NETAVARK_SERIES, CONSOLE_ISSUE_FILE, CONSOLE_ISSUE_LINK, CONTAINERS_CONF, DEBIAN_VERSION_PREFIX,
+    NETAVARK_PACKAGE, NETAVARK_PATH, NODE_AGENT_PATH, NODE_USER, RELEASE, SLIM_FLAGS, SSH_HOST_KEYS_DIR,
+    SSH_HOST_KEY_PREFIX, TIMERS_ALLOW_FILE, USER_PASSWORD_FIELD, VERIFIED_PACKAGES,
 };
 use crate::harness::procs::capture;
 
 /// The checks that prove the rootfs is Debian 12's, runs netavark from
-/// Debian's package, and can run the agent.
-pub fn verify(sh: &Shell, tree: &Path) -> anyhow::Result<()> {
+/// Debian's package, can run the agent, carries no SSH host key, lets the
+/// node user in with a key, shows the console text, and enables only the
+/// timers `rootfs/timers.allow` (under `root`) allows.
+pub fn verify(sh: &Shell, root: &Path, tree: &Path) -> anyhow::Result<()> {
     let debian_version = fs::read_to_string(tree.join("etc/debian_version")).context("reading etc/debian_version")?;
     if !debian_version.starts_with(DEBIAN_VERSION_PREFIX) {
         bail!(
@@ -66,7 +69,64 @@ pub fn verify(sh: &Shell, tree: &Path) -> anyhow::Result<()> {
         bail!("{CONTAINERS_CONF} does not set network_backend = \"netavark\" in [network]");
     }
     capture(cmd!(sh, "chroot {tree} /{NODE_AGENT_PATH} --help")).context("the agent does not run inside the rootfs")?;
+
+    let keys = ssh_host_keys(tree)?;
+    if !keys.is_empty() {
+        bail!(
+            "the rootfs carries SSH host keys ({}): every node would share them; each node makes its own on its data disk",
+            keys.join(", ")
+        );
+    }
+    let shadow = fs::read_to_string(tree.join("etc/shadow")).context("reading etc/shadow")?;
+    match password_field(&shadow, NODE_USER) {
+        Some(USER_PASSWORD_FIELD) => {}
+        other => bail!(
+            "etc/shadow gives {NODE_USER} the password field {other:?}, not {USER_PASSWORD_FIELD:?}: \
+             sshd without PAM refuses a key login to an account whose field starts with `!`"
+        ),
+    }
+    let link = tree.join(CONSOLE_ISSUE_LINK.trim_start_matches('/'));
+    let target = fs::read_link(&link).with_context(|| format!("{CONSOLE_ISSUE_LINK} is not a symlink"))?;
+    if target != Path::new(CONSOLE_ISSUE_FILE) {
+        bail!(
+            "{CONSOLE_ISSUE_LINK} points at {}, not at {CONSOLE_ISSUE_FILE}: the console would not show the node's addresses",
+            target.display()
+        );
+    }
+
+    let allow_path = root.join(TIMERS_ALLOW_FILE);
+    let allow = fs::read_to_string(&allow_path).with_context(|| format!("reading {}", allow_path.display()))?;
+    timers::check(tree, &allow, TIMERS_ALLOW_FILE)?;
     Ok(())
+}
+
+/// The files of `etc/ssh` in `tree` whose name says they are host keys.
+pub(super) fn ssh_host_keys(tree: &Path) -> anyhow::Result<Vec<String>> {
+    let dir = tree.join(SSH_HOST_KEYS_DIR);
+    let mut keys = Vec::new();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(keys);
+    };
+    for entry in entries {
+        let name = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with(SSH_HOST_KEY_PREFIX) {
+            keys.push(format!("/{SSH_HOST_KEYS_DIR}/{name}"));
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// The password field of `user` in a shadow file.
+pub(super) fn password_field<'a>(shadow: &'a str, user: &str) -> Option<&'a str> {
+    shadow.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next() == Some(user)).then(|| fields.next()).flatten()
+    })
 }
 
 /// The lines of `dpkg --verify` output that are real changes: files left
@@ -161,6 +221,35 @@ mod tests {
                 "missing     /usr/share/documentation",
             ]
         );
+    }
+
+    #[test]
+    fn host_keys_and_password_fields_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ssh_host_keys(dir.path()).unwrap().is_empty(), "no etc/ssh at all");
+        let ssh = dir.path().join(SSH_HOST_KEYS_DIR);
+        fs::create_dir_all(ssh.join("sshd_config.d")).unwrap();
+        fs::write(ssh.join("sshd_config"), "").unwrap();
+        fs::write(ssh.join("moduli"), "").unwrap();
+        assert!(ssh_host_keys(dir.path()).unwrap().is_empty());
+        fs::write(ssh.join("ssh_host_rsa_key.pub"), "").unwrap();
+        fs::write(ssh.join("ssh_host_ed25519_key"), "").unwrap();
+        assert_eq!(
+            ssh_host_keys(dir.path()).unwrap(),
+            ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key.pub"]
+        );
+
+        let shadow = "root:*:20000:0:99999:7:::\narchipelago-x:!:1::::::\narchipelago:!:20000:0:99999:7:::\n";
+        assert_eq!(password_field(shadow, "archipelago"), Some("!"));
+        assert_eq!(password_field(shadow, "root"), Some("*"));
+        assert_eq!(password_field(shadow, "nobody"), None);
+    }
+
+    #[test]
+    fn the_overlay_links_the_console_text_into_etc_issue_d() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let link = root.join(OVERLAY_DIR).join(CONSOLE_ISSUE_LINK.trim_start_matches('/'));
+        assert_eq!(fs::read_link(link).unwrap(), Path::new(CONSOLE_ISSUE_FILE));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 mod base;
 mod checks;
+mod timers;
 
 pub use base::{
     debs_setup_hooks, debs_sync_out_hook, parse_package_list, release_and_mirrors, BaseSpec, CachedTarball,
@@ -77,8 +78,32 @@ pub const SLIM_FLAGS: &[&str] = &[
 ];
 
 /// The user apps' rootless containers map to (subuid/subgid 100000:65536
-/// come from the overlay).
-const USER_HOOK: &str = r#"chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/bash archipelago"#;
+/// come from the overlay). useradd leaves the password field `!`, which
+/// sshd without PAM takes for a locked account and refuses even with a key;
+/// `*` matches no password either and is no lock, so a key login never
+/// depends on Debian's `UsePAM yes`. The installer may set a console
+/// password; sshd never takes one (sshd_config.d/archipelago.conf).
+const USER_HOOK: &str = r#"chroot "$1" useradd --uid 1000 --user-group --create-home --shell /bin/bash archipelago && chroot "$1" usermod --password '*' archipelago"#;
+/// The node's user, made by [`USER_HOOK`].
+const NODE_USER: &str = "archipelago";
+/// The user's password field after [`USER_HOOK`], checked in the tree.
+const USER_PASSWORD_FIELD: &str = "*";
+/// openssh-server's postinst makes host keys: every node would share them
+/// and no two builds would be the same. Each node makes its own, once, on
+/// its data disk (`archy-agent ssh prepare`).
+const SSH_HOST_KEYS_HOOK: &str = r#"rm -f "$1"/etc/ssh/ssh_host_*"#;
+const SSH_HOST_KEYS_DIR: &str = "etc/ssh";
+const SSH_HOST_KEY_PREFIX: &str = "ssh_host_";
+/// The console text `archy-agent ssh prepare` writes (the node's addresses
+/// as agetty's `\4`, `ssh archipelago@…`, the host key's fingerprint, the
+/// apps' UIs). Debian 12's agetty (util-linux 2.38) reads /run/issue.d only
+/// when /etc/issue does not exist, and base-files ships /etc/issue; it does
+/// read /etc/issue.d/*.issue, following symlinks and skipping a dangling
+/// one. So the overlay links the file there, and every getty (tty1, the
+/// serial console) shows it and reprints it when an address changes (the
+/// `\4` escape makes agetty watch netlink) or on `agetty --reload`.
+pub const CONSOLE_ISSUE_FILE: &str = "/run/issue.d/50-archipelago.issue";
+const CONSOLE_ISSUE_LINK: &str = "/etc/issue.d/50-archipelago.issue";
 /// Services Debian does not enable by itself.
 /// Rootless: the archipelago user's Podman socket starts with its systemd
 /// (which lingering starts at boot).
@@ -97,12 +122,33 @@ const AGENT_PACKAGE: &str = "archy-agent";
 const AGENT_BIN: &str = "archy-agent";
 const NODE_AGENT_PATH: &str = "usr/bin/archy-agent";
 /// The node's own units, from `rootfs/units/`, each installed and enabled
-/// (multi-user.target): the data disk first, then the apps unit (it
-/// stops them at shutdown), then the agent.
+/// in its target: the medium check early (installed boots), the data disk
+/// first, then the apps unit (it stops them at shutdown), the agent, and
+/// SSH's preparation; the installer in install mode only. Each unit's
+/// conditions decide whether it runs (install mode, installed boot).
 pub const UNITS_DIR: &str = "rootfs/units";
-const NODE_UNITS: &[&str] = &["archy-data.service", "archy-apps.service", "archy-agent.service"];
+const NODE_UNITS: &[(&str, &str)] = &[
+    ("archy-medium.service", "sysinit.target"),
+    ("archy-data.service", "multi-user.target"),
+    ("archy-apps.service", "multi-user.target"),
+    ("archy-agent.service", "multi-user.target"),
+    ("archy-ssh.service", "multi-user.target"),
+    ("archy-installer.service", "multi-user.target"),
+];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
-const NODE_UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants";
+const SYSTEM_UNIT_ETC: &str = "etc/systemd/system";
+/// Units that expect a mutable, networked Debian: a node's OS is replaced
+/// whole by updates, never upgraded by apt in place. Masked; every timer
+/// still enabled must be on `rootfs/timers.allow`.
+const APPLIANCE_MASKED_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    // e2scrub checks ext4 file systems on LVM snapshots; a node has no LVM.
+    "e2scrub_all.timer",
+];
+/// The enabled timers the rootfs may have, beside packages.txt.
+pub const TIMERS_ALLOW_FILE: &str = "rootfs/timers.allow";
 const ROOT_PODMAN_UNITS: &[&str] = &[
     "podman.socket",
     "podman.service",
@@ -243,10 +289,16 @@ pub fn build(
                 .as_deref()
                 .map(|f| payload::add_registries(&mut layer, f))
                 .transpose()?;
-            for name in NODE_UNITS {
+            for (name, target) in NODE_UNITS {
                 let installed = format!("{NODE_UNIT_DIR}/{name}");
                 layer.add_file_with_mode(&installed, &root.join(UNITS_DIR).join(name), FILE_MODE)?;
-                layer.add_symlink(&format!("{NODE_UNIT_WANTS}/{name}"), &format!("/{installed}"))?;
+                layer.add_symlink(
+                    &format!("{SYSTEM_UNIT_ETC}/{target}.wants/{name}"),
+                    &format!("/{installed}"),
+                )?;
+            }
+            for unit in APPLIANCE_MASKED_UNITS {
+                layer.add_symlink(&format!("{SYSTEM_UNIT_ETC}/{unit}"), "/dev/null")?;
             }
             // Apps run rootless: root's own Podman units, which Debian
             // enables, are masked (README: the rootful option unmasks
@@ -254,7 +306,7 @@ pub fn build(
             // which made /var/lib/archipelago/containers root's and left the
             // rootless engine unable to start.
             for unit in ROOT_PODMAN_UNITS {
-                layer.add_symlink(&format!("etc/systemd/system/{unit}"), "/dev/null")?;
+                layer.add_symlink(&format!("{SYSTEM_UNIT_ETC}/{unit}"), "/dev/null")?;
             }
             if let Some(extra) = &args.overlay {
                 layer
@@ -355,9 +407,9 @@ pub fn build(
             }
             progress::say(
                 "rootfs",
-                "checking netavark, containers.conf and the agent inside the rootfs",
+                "checking netavark, containers.conf, the agent, SSH and the enabled timers inside the rootfs",
             );
-            verify(sh, tree)?;
+            verify(sh, root, tree)?;
             Ok((
                 (),
                 StageOutput {
