@@ -123,7 +123,7 @@ mod tests {
     use super::*;
 
     // ssh-keygen -t ed25519 (a throwaway key).
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ5bJ3Ye6PnxmGd8dZ4bX3Hnqcr0kUeRkiIHbZD7sR+ owner@laptop";
+    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0uuTaaPauXcmjuorxd6ozbeGxPgKdbBm9W1fjQMifX owner@laptop";
 
     #[test]
     fn a_real_key_passes_normalised() {

@@ -224,8 +224,8 @@ pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -
         release.version,
         disk.display(),
         gib(decision.disk.size),
-        decision.disk.model,
-        decision.disk.serial,
+        or_unknown(&decision.disk.model),
+        or_unknown(&decision.disk.serial),
         match kind {
             Kind::Fresh => "everything on it is replaced",
             Kind::Reinstall => "its data partition is kept",
@@ -358,10 +358,18 @@ fn describe(d: &Offered) -> String {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         gib(d.size),
-        if d.model.is_empty() { "?" } else { &d.model },
-        if d.serial.is_empty() { "?" } else { &d.serial },
+        or_unknown(&d.model),
+        or_unknown(&d.serial),
         d.contents
     )
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "?"
+    } else {
+        s
+    }
 }
 
 /// The dialogue on the console: the list, the typed name, the second
