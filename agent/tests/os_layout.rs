@@ -293,3 +293,277 @@ fn a_release_goes_into_a_slot_verified_and_a_bad_one_never_does() {
     let kernel = run("debugfs", &["-R", "cat /live/vmlinuz", path(&slot_a)]).stdout;
     assert_eq!(kernel, fs::read(src.join("live/vmlinuz")).expect("source"));
 }
+
+// ---- archy-agent os install on loop devices -------------------------------
+//
+// GRUB is left out (`--skip-bootloader`): this host's kernel has no vfat, so
+// the ESP cannot be mounted here; the QEMU tests install and boot GRUB.
+
+/// A throwaway ed25519 key (ssh-keygen), as an owner would paste it.
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0uuTaaPauXcmjuorxd6ozbeGxPgKdbBm9W1fjQMifX owner@laptop";
+/// Another one, on the ARCHY-CONF stick.
+const CONF_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMqlvosMrkI0h4Lt1RhGnRIXYpdqIUybt8IWuHPKOUBh stick@node";
+
+/// `archy-agent os install` with `args` and `stdin`; its stdout and exit code.
+fn install(args: &[&str], stdin: &str) -> (String, Option<i32>) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+        .args(["os", "install", "--allow-loop-devices", "--skip-bootloader"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("archy-agent os install");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (stdout, out.status.code())
+}
+
+fn last_line(out: &str) -> &str {
+    out.lines().last().unwrap_or("")
+}
+
+/// An ARCHY-CONF stick: a small ext4 disk holding `authorized_keys`.
+fn conf_stick(keys: &str) -> Disk {
+    let stick = Disk::new("64M");
+    run("mkfs.ext4", &["-q", "-L", "ARCHY-CONF", path(&stick.device)]);
+    mounted(&stick.device, |m| {
+        fs::write(m.join("authorized_keys"), keys).expect("keys")
+    });
+    stick
+}
+
+/// `debugfs -R "stat PATH"`'s owner and mode line parts.
+fn owner_and_mode(node: &Path, file: &str) -> (String, String) {
+    let out = run("debugfs", &["-R", &format!("stat {file}"), path(node)]).stdout;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let user = text
+        .split_whitespace()
+        .skip_while(|w| *w != "User:")
+        .nth(1)
+        .unwrap_or("")
+        .to_owned();
+    let mode = text
+        .split_whitespace()
+        .skip_while(|w| *w != "Mode:")
+        .nth(1)
+        .unwrap_or("")
+        .to_owned();
+    (user, mode)
+}
+
+fn debugfs_cat(node: &Path, file: &str) -> String {
+    String::from_utf8_lossy(&run("debugfs", &["-R", &format!("cat {file}"), path(node)]).stdout).into_owned()
+}
+
+/// The machine-id the summary line names.
+fn summary_machine_id(line: &str) -> String {
+    line.split("machine-id ")
+        .nth(1)
+        .and_then(|rest| rest.get(..32))
+        .unwrap_or_else(|| panic!("no machine-id in {line:?}"))
+        .to_owned()
+}
+
+#[test]
+fn the_installer_installs_reinstalls_keeping_data_and_erases_only_when_told() {
+    let disk = Disk::new("20G");
+    let name = disk.device.file_name().expect("name").to_string_lossy().into_owned();
+    let src = disk.dir.path().join("iso");
+    let release = small_release(&src, "0.2.0");
+    fs::write(src.join("release.json"), release.to_file_bytes().expect("bytes")).expect("release.json");
+    let stick = conf_stick(&format!("# the owner's laptop\n{CONF_KEY}\n"));
+    let source = path(&src).to_owned();
+    let conf = path(&stick.device).to_owned();
+
+    // Interactive, fresh: the disk's name, a refused key, then a good one.
+    let answers = format!("{name}\nssh-dss AAAAB3NzaC1kc3M=\n{KEY}\n");
+    let (out, code) = install(&["--source", &source, "--conf-device", &conf], &answers);
+    assert!(out.contains(&format!("{name}  20.0 GiB")), "the disk is listed: {out}");
+    assert!(out.contains("the key type is \"ssh-dss\""), "{out}");
+    let line = last_line(&out);
+    assert!(
+        line.starts_with(&format!(
+            "archipelago install: installed 0.2.0 on {} (fresh install;",
+            disk.device.display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("2 SSH keys"), "{line}");
+    assert_eq!(code, Some(0));
+    let machine_id = summary_machine_id(line);
+
+    let dump = run("sfdisk", &["--json", path(&disk.device)]);
+    let parts = match layout::recognize(&String::from_utf8_lossy(&dump.stdout)).expect("json") {
+        layout::Recognized::Archipelago(found) => found,
+        other => panic!("not the layout: {other:?}"),
+    };
+    // Slot A holds the release, slot B is empty.
+    let slot_a = disk.partition(Part::SlotA);
+    let json = run("debugfs", &["-R", "cat /release.json", path(&slot_a)]).stdout;
+    assert_eq!(Release::parse(&json, Path::new("slot a")).expect("release"), release);
+    let b = run("debugfs", &["-R", "ls -p /", path(&disk.partition(Part::SlotB))]).stdout;
+    let b = String::from_utf8_lossy(&b);
+    assert!(
+        b.contains("lost+found") && !b.contains("live") && !b.contains("release.json"),
+        "{b}"
+    );
+    // The data partition: machine-id, and both keys for the archipelago user.
+    let data = disk.partition(Part::Data);
+    assert_eq!(debugfs_cat(&data, "/system/machine-id"), format!("{machine_id}\n"));
+    assert_eq!(
+        debugfs_cat(&data, "/ssh/authorized_keys"),
+        format!("{CONF_KEY}\n{KEY}\n")
+    );
+    assert_eq!(
+        owner_and_mode(&data, "/ssh/authorized_keys"),
+        ("1000".into(), "0600".into())
+    );
+    assert_eq!(owner_and_mode(&data, "/ssh"), ("1000".into(), "0700".into()));
+    assert_eq!(owner_and_mode(&data, "/system"), ("0".into(), "0755".into()));
+
+    // App data, then an unattended reinstall from the kernel command line:
+    // the data partition byte for byte, the same machine-id, the same table.
+    mounted(&data, |m| {
+        fs::create_dir_all(m.join("chain")).expect("mkdir");
+        fs::write(m.join("chain/blocks.dat"), b"the owner's chain data").expect("write");
+    });
+    let before = data_fingerprint(&disk);
+    let cmdline = disk.dir.path().join("cmdline");
+    fs::write(
+        &cmdline,
+        format!(
+            "boot=live archipelago.install=auto archipelago.install.disk={}\n",
+            disk.device.display()
+        ),
+    )
+    .expect("cmdline");
+    let (out, code) = install(&["--source", &source, "--cmdline", path(&cmdline)], "");
+    let line = last_line(&out);
+    assert!(line.contains("(reinstall, data partition kept;"), "{line}");
+    assert_eq!(summary_machine_id(line), machine_id, "the kept machine-id");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        data_fingerprint(&disk),
+        before,
+        "the data partition is kept byte for byte"
+    );
+    let dump = run("sfdisk", &["--json", path(&disk.device)]);
+    match layout::recognize(&String::from_utf8_lossy(&dump.stdout)).expect("json") {
+        layout::Recognized::Archipelago(found) => assert_eq!(found, parts, "the same PARTUUIDs"),
+        other => panic!("{other:?}"),
+    }
+
+    // Interactive over the layout: Enter keeps the data...
+    let (out, _) = install(&["--source", &source, "--conf-device", &conf], &format!("{name}\n\n"));
+    assert!(last_line(&out).contains("(reinstall, data partition kept;"), "{out}");
+    assert_eq!(data_fingerprint(&disk), before);
+    // ...and "erase data" erases it: a new file system and machine-id.
+    let (out, code) = install(
+        &["--source", &source, "--conf-device", &conf],
+        &format!("{name}\nerase data\n\n"),
+    );
+    let line = last_line(&out);
+    assert!(line.contains("(fresh install;"), "{line}");
+    assert_eq!(code, Some(0));
+    assert_ne!(summary_machine_id(line), machine_id);
+    assert_ne!(blkid(&data, "UUID"), before.0, "a new data file system");
+    assert_eq!(debugfs_cat(&data, "/ssh/authorized_keys"), format!("{CONF_KEY}\n"));
+}
+
+#[test]
+fn the_installer_changes_nothing_it_was_not_asked_to() {
+    let disk = Disk::new("17G");
+    let name = disk.device.file_name().expect("name").to_string_lossy().into_owned();
+    let src = disk.dir.path().join("iso");
+    let release = small_release(&src, "0.3.0");
+    fs::write(src.join("release.json"), release.to_file_bytes().expect("bytes")).expect("release.json");
+    let source = path(&src).to_owned();
+    let empty_stick = conf_stick("");
+    let conf = path(&empty_stick.device).to_owned();
+    let before = disk.edges();
+    let nothing = |args: &[&str], stdin: &str, says: &str| {
+        let (out, code) = install(args, stdin);
+        let line = last_line(&out);
+        assert!(line.starts_with("archipelago install: nothing changed: "), "{line}");
+        assert!(line.contains(says), "{line} should say {says:?}");
+        assert_eq!(code, Some(2));
+        assert_eq!(disk.edges(), before, "{args:?}: the disk is unchanged");
+    };
+    let cmdline = disk.dir.path().join("cmdline");
+    fs::write(&cmdline, "boot=live quiet\n").expect("cmdline");
+    nothing(
+        &["--source", &source, "--cmdline", path(&cmdline)],
+        "",
+        "does not ask for an install",
+    );
+    nothing(&["--source", &source, "--disk", "/dev/sda"], "", "not a stable name");
+    nothing(
+        &["--source", &source, "--disk", "/dev/disk/by-id/no-such-disk"],
+        "",
+        "no disk this machine has",
+    );
+    // The owner mistypes, then presses Enter.
+    nothing(
+        &["--source", &source, "--conf-device", &conf],
+        &format!("{name}x\n\n"),
+        "no disk was chosen",
+    );
+    nothing(&["--source", &source, "--conf-device", &conf], "", "console closed");
+
+    // A damaged source fails before the disk is touched.
+    fs::write(src.join("live/initrd.img"), b"truncated").expect("corrupt");
+    let (out, code) = install(
+        &[
+            "--source",
+            &source,
+            "--disk",
+            path(&disk.device),
+            "--conf-device",
+            &conf,
+        ],
+        "",
+    );
+    let line = last_line(&out);
+    assert!(
+        line.starts_with("archipelago install: failed: ") && line.contains("live/initrd.img"),
+        "{line}"
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(disk.edges(), before, "a failed install left the disk as it was");
+}
+
+#[test]
+fn check_medium_passes_a_live_boot_and_refuses_a_medium_it_cannot_match() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |cmdline: &str| {
+        let file = dir.path().join("cmdline");
+        fs::write(&file, cmdline).expect("cmdline");
+        Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+            .args(["os", "check-medium", "--no-panic", "--medium"])
+            .arg(dir.path())
+            .arg("--cmdline")
+            .arg(&file)
+            .output()
+            .expect("check-medium")
+    };
+    let out = check("boot=live archipelago.install\n");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to check"));
+    let out =
+        check("boot=live live-media=/dev/disk/by-partuuid/00000000-0000-4000-8000-000000000000 archipelago.slot=a\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("wrong boot medium") && err.contains("names no device"),
+        "{err}"
+    );
+}

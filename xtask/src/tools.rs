@@ -125,6 +125,12 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::OnPath("mcopy"),
         why: "reads and writes the EFI system partition in the tests without mounting it (a build machine's kernel may lack vfat)",
     },
+    Tool {
+        name: "grub-editenv",
+        package: "grub-common",
+        probe: Probe::OnPath("grub-editenv"),
+        why: "the installer's GRUB environment block, and grub-script-check for its grub.cfg, in the unit tests",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:

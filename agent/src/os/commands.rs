@@ -1,6 +1,7 @@
 //! `archy-agent os …`: the node's OS on its own disk.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -18,6 +19,47 @@ pub enum OsCommand {
         #[arg(long, hide = true)]
         allow_loop_devices: bool,
     },
+    /// Install Archipelago onto this machine's disk from the live medium: asks on the console,
+    /// or unattended with --auto or a named disk. The last line always starts with
+    /// "archipelago install: " (installed, nothing changed, or failed).
+    Install {
+        /// Read the mode from this kernel command line (/proc/cmdline): archipelago.install
+        /// (questions), archipelago.install=auto, archipelago.install.disk=/dev/disk/by-id/….
+        #[arg(long, value_name = "FILE")]
+        cmdline: Option<PathBuf>,
+        /// Install without questions onto the only blank or Archipelago disk.
+        #[arg(long)]
+        auto: bool,
+        /// Install without questions onto this disk, by its stable name (/dev/disk/by-id/…).
+        #[arg(long, value_name = "NAME")]
+        disk: Option<String>,
+        /// The live medium holding the release (release.json and live/).
+        #[arg(long, value_name = "DIR", default_value = super::install::DEFAULT_SOURCE)]
+        source: PathBuf,
+        /// Offer loop devices too (tests only).
+        #[arg(long, hide = true)]
+        allow_loop_devices: bool,
+        /// Read SSH keys from this partition instead of looking for ARCHY-CONF (tests only).
+        #[arg(long, hide = true, value_name = "DEVICE")]
+        conf_device: Option<PathBuf>,
+        /// Leave GRUB out (tests only: a host kernel without vfat cannot mount the ESP).
+        #[arg(long, hide = true)]
+        skip_bootloader: bool,
+    },
+    /// On a boot from an installed disk (archipelago.slot= on the command line), check that the
+    /// live system came from the slot partition live-media= names; otherwise panic the kernel
+    /// (panic=10 restarts the machine).
+    CheckMedium {
+        /// The kernel command line to read (/proc/cmdline).
+        #[arg(long, value_name = "FILE")]
+        cmdline: PathBuf,
+        /// Where live-boot mounted the medium.
+        #[arg(long, hide = true, default_value = super::medium::MEDIUM_DIR)]
+        medium: PathBuf,
+        /// Say what would happen and exit 1 instead of panicking (tests only).
+        #[arg(long, hide = true)]
+        no_panic: bool,
+    },
 }
 
 pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
@@ -26,6 +68,72 @@ pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<
             let survey = disks::gather(*allow_loop_devices)?;
             print_disks(&survey, json, out)?;
             Ok(ExitCode::SUCCESS)
+        }
+        OsCommand::Install {
+            cmdline,
+            auto,
+            disk,
+            source,
+            allow_loop_devices,
+            conf_device,
+            skip_bootloader,
+        } => {
+            let opts = super::install::Options {
+                cmdline: cmdline.clone(),
+                auto: *auto,
+                disk: disk.clone(),
+                source: source.clone(),
+                allow_loop: *allow_loop_devices,
+                conf_device: conf_device.clone(),
+                skip_bootloader: *skip_bootloader,
+            };
+            let result = super::install::install(&opts, &mut std::io::stdin().lock(), out);
+            // The last line, always, whatever happened before.
+            let (line, code) = match &result {
+                Ok(o @ super::install::Outcome::Installed { .. }) => (o.summary(), ExitCode::SUCCESS),
+                Ok(o @ super::install::Outcome::NothingChanged(_)) => (o.summary(), ExitCode::from(2)),
+                Err(e) => (super::install::failure_summary(e), ExitCode::FAILURE),
+            };
+            writeln!(out)?;
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            Ok(code)
+        }
+        OsCommand::CheckMedium {
+            cmdline,
+            medium,
+            no_panic,
+        } => {
+            use super::medium::{self, MediumDecision};
+            let cmd = super::cmdline::read(cmdline)?;
+            let facts = medium::gather(&cmd, medium);
+            match medium::decide(&cmd, &facts) {
+                MediumDecision::NotInstalled => {
+                    writeln!(
+                        out,
+                        "not a boot from an installed disk (no archipelago.slot=): nothing to check"
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                MediumDecision::Good { device } => {
+                    writeln!(
+                        out,
+                        "{} is mounted from {}, as live-media= names",
+                        medium.display(),
+                        device.display()
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                MediumDecision::Panic(why) => {
+                    if *no_panic {
+                        eprintln!("archipelago: wrong boot medium: {why}; would panic the kernel (--no-panic)");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    eprintln!("archipelago: wrong boot medium: {why}; panicking the kernel (panic=10 restarts)");
+                    medium::panic_kernel()?;
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
     }
 }

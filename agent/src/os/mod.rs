@@ -8,10 +8,24 @@
 //! `sfdisk`, `mkfs.vfat` and `mkfs.ext4`); `release.rs` is `release.json`,
 //! one type for the ISO, the slots and xtask; `slot.rs` copies a verified
 //! release into a slot and reads it back.
+//!
+//! The installer (`archy-agent os install`, `install.rs`) reads the kernel
+//! command line (`cmdline.rs`), the `ARCHY-CONF` stick (`conf.rs`, keys
+//! checked by `authkey.rs`), makes or keeps the machine-id
+//! (`machine_id.rs`) and installs GRUB with its `grub.cfg` (`grub.rs`).
+//! `medium.rs` is `archy-agent os check-medium`, run early on every boot
+//! from an installed disk.
 
+pub mod authkey;
+pub mod cmdline;
 pub mod commands;
+pub mod conf;
 pub mod disks;
+pub mod grub;
+pub mod install;
 pub mod layout;
+pub mod machine_id;
+pub mod medium;
 pub mod partition;
 pub mod release;
 pub mod slot;

@@ -27,8 +27,8 @@ pub enum Plan {
     Reinstall,
 }
 
-/// The owner's yes to one plan on one disk. Only [`Consent::typed`] and
-/// [`Consent::unattended`] make one.
+/// The owner's yes to one plan on one disk. Only [`Consent::typed`],
+/// [`Consent::unattended`] and [`Consent::named`] make one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consent {
     disk: PathBuf,
@@ -93,6 +93,22 @@ impl Consent {
             disk: disk.to_owned(),
             plan,
         })
+    }
+
+    /// An unattended install onto a disk named by its stable name
+    /// (`archipelago.install.disk=`): that name is the owner's yes. A
+    /// disk that holds this layout is reinstalled keeping its data; any
+    /// other is replaced.
+    pub fn named(disk: &Path, content: super::disks::Content, layout: Layout) -> Consent {
+        use super::disks::Content;
+        let plan = match content {
+            Content::Archipelago => Plan::Reinstall,
+            Content::Blank | Content::Other => Plan::Fresh(layout),
+        };
+        Consent {
+            disk: disk.to_owned(),
+            plan,
+        }
     }
 
     pub fn disk(&self) -> &Path {

@@ -10,15 +10,21 @@ use anyhow::{bail, Context as _};
 use super::release::{Release, LIVE_FILES, RELEASE_FILE};
 
 /// A file system mounted at a folder of its own, unmounted on drop.
-struct Mounted {
-    dir: PathBuf,
+pub(crate) struct Mounted {
+    pub(crate) dir: PathBuf,
     mounted: bool,
 }
 
 impl Mounted {
     fn new(node: &Path, read_only: bool) -> anyhow::Result<Mounted> {
+        Mounted::with(node, "ext4", if read_only { "ro" } else { "rw" })
+    }
+
+    /// Mounts `node` (file system `fstype`, mount options `options`) at a
+    /// new folder under the temp dir.
+    pub(crate) fn with(node: &Path, fstype: &str, options: &str) -> anyhow::Result<Mounted> {
         let dir = std::env::temp_dir().join(format!(
-            "archy-slot-{}-{}",
+            "archy-mnt-{}-{}",
             std::process::id(),
             node.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -26,12 +32,16 @@ impl Mounted {
         ));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut mount = Command::new("mount");
-        mount.args(["-t", "ext4", "-o", if read_only { "ro" } else { "rw" }]);
-        run(mount.arg(node).arg(&dir), "mount", "mount")?;
+        mount.args(["-t", fstype, "-o", options]);
+        if let Err(e) = run(mount.arg(node).arg(&dir), "mount", "mount") {
+            let _ = fs::remove_dir(&dir);
+            return Err(e.context(format!("cannot mount {} ({fstype}, {options})", node.display())));
+        }
         Ok(Mounted { dir, mounted: true })
     }
 
-    fn unmount(mut self) -> anyhow::Result<()> {
+    /// Unmounts, failing when the kernel refuses.
+    pub(crate) fn unmount(mut self) -> anyhow::Result<()> {
         self.mounted = false;
         run(Command::new("umount").arg(&self.dir), "umount", "mount")?;
         let _ = fs::remove_dir(&self.dir);
@@ -48,7 +58,7 @@ impl Drop for Mounted {
     }
 }
 
-fn run(cmd: &mut Command, program: &str, package: &str) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command, program: &str, package: &str) -> anyhow::Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

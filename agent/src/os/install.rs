@@ -1,0 +1,586 @@
+//! `archy-agent os install`: the installer (`docs/disk-layout.md`).
+//!
+//! In order, and nothing is written before the partition table:
+//! 1. the mode: the kernel command line (`--cmdline`, `cmdline.rs`) or
+//!    the flags; unattended when asked (`auto`) or when a disk is named;
+//! 2. the source release, verified against its own `release.json`;
+//! 3. the disk: the survey (`disks.rs`), then the owner's typed answer
+//!    (the dialogue, [`ask`]) or the unattended choice (`disks::choose`),
+//!    made into a `partition::Consent`;
+//! 4. what goes onto the data partition (fresh install: a new machine-id,
+//!    the `ARCHY-CONF` stick's or the pasted keys) or what is read from
+//!    it (reinstall: its machine-id, through a read-only mount);
+//! 5. then the writes: table and file systems, slot A, the data
+//!    partition (fresh only), GRUB and its files on the ESP.
+//!
+//! The last line printed always starts with [`SUMMARY_PREFIX`].
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use super::cmdline::{self, InstallMode};
+use super::disks::{self, Content, Offered, Survey};
+use super::grub::{self, BootConfig, PartUuid};
+use super::layout::{self, gib, Found, Part};
+use super::machine_id::MachineId;
+use super::partition::{self, Consent, Plan};
+use super::release::{Release, RELEASE_FILE};
+use super::slot::{self, Mounted};
+use super::{authkey, conf};
+
+/// The start of the installer's last line, which tests and people look for.
+pub const SUMMARY_PREFIX: &str = "archipelago install: ";
+/// Where live-boot mounts the ISO.
+pub const DEFAULT_SOURCE: &str = "/run/live/medium";
+/// The `archipelago` user's ids in the image (rootfs/): the owner of its
+/// `ssh/` folder on the data partition.
+pub const ARCHIPELAGO_UID: u32 = 1000;
+pub const ARCHIPELAGO_GID: u32 = 1000;
+/// What the owner types to erase a kept data partition.
+pub const ERASE_ANSWER: &str = "erase data";
+
+/// The installer's flags.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The kernel command line to read the mode from (`/proc/cmdline`).
+    pub cmdline: Option<PathBuf>,
+    pub auto: bool,
+    /// A disk's stable name.
+    pub disk: Option<String>,
+    /// The live medium holding the release.
+    pub source: PathBuf,
+    /// Offer loop devices and take `/dev/loopN` as a name (tests only).
+    pub allow_loop: bool,
+    /// Read keys from this partition instead of looking for the label
+    /// (tests only: other tests' loop devices carry the label too).
+    pub conf_device: Option<PathBuf>,
+    /// Leave GRUB out (tests only: a host whose kernel lacks vfat cannot
+    /// mount the ESP).
+    pub skip_bootloader: bool,
+}
+
+/// Fresh install or reinstall keeping data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Fresh,
+    Reinstall,
+}
+
+/// How an install that did not fail ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Installed {
+        version: String,
+        disk: PathBuf,
+        kind: Kind,
+        detail: String,
+    },
+    NothingChanged(String),
+}
+
+impl Outcome {
+    /// The last line.
+    pub fn summary(&self) -> String {
+        match self {
+            Outcome::Installed {
+                version,
+                disk,
+                kind,
+                detail,
+            } => {
+                let kind = match kind {
+                    Kind::Fresh => "fresh install",
+                    Kind::Reinstall => "reinstall, data partition kept",
+                };
+                format!(
+                    "{SUMMARY_PREFIX}installed {version} on {} ({kind}; {detail})",
+                    disk.display()
+                )
+            }
+            Outcome::NothingChanged(why) => format!("{SUMMARY_PREFIX}nothing changed: {why}"),
+        }
+    }
+}
+
+/// The last line of a failed install.
+pub fn failure_summary(e: &anyhow::Error) -> String {
+    let why = format!("{e:#}").replace('\n', " ");
+    format!("{SUMMARY_PREFIX}failed: {why}")
+}
+
+/// The paths the installer writes under the data partition's root, in one
+/// place. `DataRoot` (dataroot.rs) gains the same entries in issue 15's
+/// data-root part; these are to be unified with it.
+struct DataPaths<'a>(&'a Path);
+
+impl DataPaths<'_> {
+    /// `<data>/system/`, root 0755.
+    fn system_dir(&self) -> PathBuf {
+        self.0.join("system")
+    }
+    /// `<data>/system/machine-id`.
+    fn machine_id_file(&self) -> PathBuf {
+        self.system_dir().join("machine-id")
+    }
+    /// `<data>/ssh/`, archipelago 0700.
+    fn ssh_dir(&self) -> PathBuf {
+        self.0.join("ssh")
+    }
+    /// `<data>/ssh/authorized_keys`, archipelago 0600.
+    fn authorized_keys_file(&self) -> PathBuf {
+        self.ssh_dir().join("authorized_keys")
+    }
+}
+
+/// The disk and the owner's (or the unattended rules') yes.
+struct Decision {
+    disk: Offered,
+    consent: Consent,
+    /// The key pasted at the prompt.
+    pasted_key: Option<String>,
+}
+
+/// Runs the installer. `Err` is a failure; the caller prints
+/// [`failure_summary`].
+pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Outcome> {
+    // 1. The mode.
+    let cmd = match &opts.cmdline {
+        Some(file) => cmdline::read(file)?,
+        None => cmdline::Cmdline::default(),
+    };
+    let named = opts.disk.clone().or_else(|| cmd.install_disk.clone());
+    let asked = opts.cmdline.is_none() || cmd.install.is_some() || opts.auto || opts.disk.is_some();
+    if !asked {
+        return Ok(Outcome::NothingChanged(format!(
+            "the kernel command line ({}) does not ask for an install (archipelago.install)",
+            opts.cmdline.as_deref().unwrap_or(Path::new("?")).display()
+        )));
+    }
+    let unattended = opts.auto || cmd.install == Some(InstallMode::Auto) || named.is_some();
+
+    // 2. The source, verified before anything else.
+    let release_file = opts.source.join(RELEASE_FILE);
+    writeln!(out, "Checking the release on {} ...", opts.source.display())?;
+    out.flush()?;
+    let release = Release::read(&release_file)?;
+    release.require_native(&release_file)?;
+    release.verify(&opts.source).with_context(|| {
+        format!(
+            "the release on {} is damaged; nothing was written",
+            opts.source.display()
+        )
+    })?;
+    let release_bytes = release.size(&opts.source)?;
+    writeln!(out, "Release {} ({}) is intact.", release.version, gib(release_bytes))?;
+
+    // 3. The disk.
+    let survey = disks::gather(opts.allow_loop)?;
+    let decision = if unattended {
+        match decide_unattended(&survey, named.as_deref(), opts.allow_loop, release_bytes)? {
+            Ok(d) => d,
+            Err(why) => return Ok(Outcome::NothingChanged(why)),
+        }
+    } else {
+        match ask(&survey, release_bytes, input, out)? {
+            Ok(d) => d,
+            Err(why) => return Ok(Outcome::NothingChanged(why)),
+        }
+    };
+    let disk = decision.consent.disk().to_owned();
+    let kind = match decision.consent.plan() {
+        Plan::Fresh(_) => Kind::Fresh,
+        Plan::Reinstall => Kind::Reinstall,
+    };
+
+    // 4. What the data partition gets, or gives.
+    let mut notes = Vec::new();
+    let (machine_id, keys) = match kind {
+        Kind::Fresh => {
+            let mut keys = conf_keys(opts, out)?;
+            keys.extend(decision.pasted_key.clone());
+            keys.dedup();
+            (MachineId::random()?, keys)
+        }
+        Kind::Reinstall => {
+            let parts = partition::read_layout(&disk)?.with_context(|| {
+                format!(
+                    "{}: no longer holds the Archipelago layout; nothing was written",
+                    disk.display()
+                )
+            })?;
+            let (id, note) = kept_machine_id(Path::new(&parts[4].node))?;
+            notes.extend(note);
+            (id, Vec::new())
+        }
+    };
+
+    // 5. The writes.
+    writeln!(
+        out,
+        "Installing {} onto {} ({}, {}, serial {}; {}) ...",
+        release.version,
+        disk.display(),
+        gib(decision.disk.size),
+        or_unknown(&decision.disk.model),
+        or_unknown(&decision.disk.serial),
+        match kind {
+            Kind::Fresh => "everything on it is replaced",
+            Kind::Reinstall => "its data partition is kept",
+        }
+    )?;
+    out.flush()?;
+    let parts = partition::write(&decision.consent)?;
+    writeln!(
+        out,
+        "Partitions and file systems written; copying the release into slot A ..."
+    )?;
+    out.flush()?;
+    slot::write_release(&opts.source, &release, Path::new(&parts[2].node))?;
+    if kind == Kind::Fresh {
+        write_data(Path::new(&parts[4].node), &machine_id, &keys)?;
+        notes.push(match keys.len() {
+            0 => "no SSH key: add one with an ARCHY-CONF stick".to_owned(),
+            1 => "1 SSH key".to_owned(),
+            n => format!("{n} SSH keys"),
+        });
+    }
+    let boot = boot_config(&parts, &machine_id)?;
+    if opts.skip_bootloader {
+        notes.push("GRUB not installed (--skip-bootloader)".to_owned());
+    } else {
+        writeln!(out, "Installing GRUB for BIOS and UEFI ...")?;
+        out.flush()?;
+        let esp = Mounted::with(Path::new(&parts[1].node), "vfat", "rw")?;
+        grub::install(&esp.dir, &disk, &boot)?;
+        esp.unmount()?;
+    }
+    let _ = std::process::Command::new("sync").status();
+    let mut detail = vec![format!("slot A, machine-id {machine_id}")];
+    detail.extend(notes);
+    Ok(Outcome::Installed {
+        version: release.version,
+        disk,
+        kind,
+        detail: detail.join("; "),
+    })
+}
+
+/// What `grub.cfg` names, from the disk's partitions.
+fn boot_config(parts: &[Found; 5], machine_id: &MachineId) -> anyhow::Result<BootConfig> {
+    let uuid = |p: Part| {
+        let found = &parts[(p.number() - 1) as usize];
+        PartUuid::parse(&found.partuuid).with_context(|| format!("{}'s PARTUUID", found.node))
+    };
+    Ok(BootConfig {
+        slot_a: uuid(Part::SlotA)?,
+        slot_b: uuid(Part::SlotB)?,
+        data: uuid(Part::Data)?,
+        machine_id: machine_id.clone(),
+    })
+}
+
+/// Whether `given` may name a disk: a stable name, or (tests) a loop device.
+fn stable_enough(given: &str, allow_loop: bool) -> bool {
+    given.starts_with("/dev/disk/by-id/")
+        || given.starts_with("/dev/disk/by-path/")
+        || (allow_loop && given.starts_with("/dev/loop"))
+}
+
+/// The unattended rules: the named disk, or the only blank or Archipelago
+/// disk. `Ok(Err(why))` when nothing may be done.
+fn decide_unattended(
+    survey: &Survey,
+    named: Option<&str>,
+    allow_loop: bool,
+    release_bytes: u64,
+) -> anyhow::Result<Result<Decision, String>> {
+    let resolved = match named {
+        Some(given) => {
+            if !stable_enough(given, allow_loop) {
+                return Ok(Err(format!(
+                    "archipelago.install.disk={given} is not a stable name; allowed: /dev/disk/by-id/… or /dev/disk/by-path/…"
+                )));
+            }
+            match std::fs::canonicalize(given) {
+                Ok(device) => Some((given, device)),
+                Err(_) => return Ok(Err(format!("{given} is no disk this machine has"))),
+            }
+        }
+        None => None,
+    };
+    let chosen = match disks::choose(
+        &survey.offered,
+        &survey.hidden,
+        resolved.as_ref().map(|(g, d)| (*g, d.as_path())),
+    ) {
+        Ok(d) => d.clone(),
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let layout = match layout::plan(chosen.size, release_bytes) {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(format!("{}: {e}", chosen.path.display()))),
+    };
+    let consent = if resolved.is_some() {
+        Consent::named(&chosen.path, chosen.content, layout)
+    } else {
+        match Consent::unattended(&chosen.path, chosen.content, layout) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e.to_string())),
+        }
+    };
+    Ok(Ok(Decision {
+        disk: chosen,
+        consent,
+        pasted_key: None,
+    }))
+}
+
+/// One line from the owner, trimmed; `None` at the end of input.
+fn read_answer(input: &mut impl BufRead) -> anyhow::Result<Option<String>> {
+    let mut line = String::new();
+    let n = input.read_line(&mut line).context("cannot read the console")?;
+    Ok((n > 0).then(|| line.trim().to_owned()))
+}
+
+fn describe(d: &Offered) -> String {
+    let content = match d.content {
+        Content::Blank => "blank",
+        Content::Archipelago => "holds Archipelago",
+        Content::Other => "holds other data",
+    };
+    format!(
+        "{}  {}  {}  serial {}  {content}: {}",
+        d.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        gib(d.size),
+        or_unknown(&d.model),
+        or_unknown(&d.serial),
+        d.contents
+    )
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "?"
+    } else {
+        s
+    }
+}
+
+/// The dialogue on the console: the list, the typed name, the second
+/// confirmation to erase a kept data partition, the optional key.
+/// `Ok(Err(why))` when the owner stopped or nothing can be installed.
+pub(crate) fn ask_disk(
+    survey: &Survey,
+    release_bytes: u64,
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+) -> anyhow::Result<Result<(Offered, Consent), String>> {
+    writeln!(out)?;
+    writeln!(out, "Disks:")?;
+    for d in &survey.offered {
+        writeln!(out, "  {}", describe(d))?;
+        for r in &d.refused {
+            writeln!(out, "      refused: {r}")?;
+        }
+    }
+    for (path, why) in &survey.hidden {
+        writeln!(out, "  ({} is not offered: {why})", path.display())?;
+    }
+    if !survey.offered.iter().any(|d| d.refused.is_empty()) {
+        return Ok(Err("no disk this installer may use".to_owned()));
+    }
+    let disk = loop {
+        write!(
+            out,
+            "Type the name of the disk to install onto (for example {}), or press Enter to stop: ",
+            survey
+                .offered
+                .iter()
+                .find(|d| d.refused.is_empty())
+                .and_then(|d| d.path.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )?;
+        out.flush()?;
+        let Some(typed) = read_answer(input)? else {
+            return Ok(Err("the console closed before a disk was chosen".to_owned()));
+        };
+        if typed.is_empty() {
+            return Ok(Err("no disk was chosen".to_owned()));
+        }
+        let is = |p: &Path| p.file_name().is_some_and(|n| n == typed.as_str()) || p == Path::new(&typed);
+        if let Some(d) = survey.offered.iter().find(|d| is(&d.path)) {
+            if d.refused.is_empty() {
+                break (d.clone(), typed);
+            }
+            let why: Vec<String> = d.refused.iter().map(ToString::to_string).collect();
+            writeln!(out, "{} is refused: {}", d.path.display(), why.join("; "))?;
+        } else if let Some((p, why)) = survey.hidden.iter().find(|(p, _)| is(p)) {
+            writeln!(out, "{} is not offered: {why}", p.display())?;
+        } else {
+            writeln!(out, "There is no disk {typed:?} in the list.")?;
+        }
+    };
+    let (disk, typed) = disk;
+    let layout = match layout::plan(disk.size, release_bytes) {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(format!("{}: {e}", disk.path.display()))),
+    };
+    let holds = disk.content == Content::Archipelago;
+    let (plan, wipe) = if holds {
+        write!(
+            out,
+            "{} holds Archipelago: it is reinstalled and its data partition is kept as it is.\n\
+             To erase the data partition too (every app's data), type \"{ERASE_ANSWER}\"; press Enter to keep it: ",
+            disk.path.display()
+        )?;
+        out.flush()?;
+        let answer = read_answer(input)?.unwrap_or_default();
+        if answer == ERASE_ANSWER {
+            writeln!(out, "The data partition will be erased.")?;
+            (Plan::Fresh(layout), true)
+        } else {
+            writeln!(out, "The data partition is kept.")?;
+            (Plan::Reinstall, false)
+        }
+    } else {
+        writeln!(
+            out,
+            "Everything on {} is replaced: {}.",
+            disk.path.display(),
+            disk.contents
+        )?;
+        (Plan::Fresh(layout), false)
+    };
+    match Consent::typed(&disk.path, plan, holds, &typed, wipe) {
+        Ok(c) => Ok(Ok((disk, c))),
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}
+
+/// Asks for one SSH public key (optional), until a valid one or nothing.
+pub(crate) fn ask_key(input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Option<String>> {
+    loop {
+        write!(
+            out,
+            "Paste an SSH public key for the archipelago user (one line, for example ssh-ed25519 AAAA… you@laptop),\n\
+             or press Enter to skip: "
+        )?;
+        out.flush()?;
+        let Some(line) = read_answer(input)? else {
+            return Ok(None);
+        };
+        if line.is_empty() {
+            return Ok(None);
+        }
+        match authkey::check_line(&line, "the pasted key") {
+            Ok(key) => {
+                writeln!(out, "Key accepted.")?;
+                return Ok(Some(key));
+            }
+            Err(e) => writeln!(out, "{e}; try again.")?,
+        }
+    }
+}
+
+fn ask(
+    survey: &Survey,
+    release_bytes: u64,
+    input: &mut impl BufRead,
+    out: &mut impl Write,
+) -> anyhow::Result<Result<Decision, String>> {
+    let (disk, consent) = match ask_disk(survey, release_bytes, input, out)? {
+        Ok(x) => x,
+        Err(why) => return Ok(Err(why)),
+    };
+    let pasted_key = match consent.plan() {
+        Plan::Fresh(_) => ask_key(input, out)?,
+        Plan::Reinstall => {
+            writeln!(out, "The node's SSH keys are kept with its data.")?;
+            None
+        }
+    };
+    Ok(Ok(Decision {
+        disk,
+        consent,
+        pasted_key,
+    }))
+}
+
+/// The keys of the `ARCHY-CONF` stick, if one is present.
+fn conf_keys(opts: &Options, out: &mut impl Write) -> anyhow::Result<Vec<String>> {
+    let device = match &opts.conf_device {
+        Some(d) => Some(d.clone()),
+        None => conf::find()?,
+    };
+    let Some(device) = device else {
+        return Ok(Vec::new());
+    };
+    let keys = conf::read_keys(&device)?;
+    writeln!(
+        out,
+        "{} ({}): {} SSH key(s) for the archipelago user.",
+        device.display(),
+        conf::CONF_LABEL,
+        keys.len()
+    )?;
+    Ok(keys)
+}
+
+/// The machine-id kept on the data partition `node`, read through a
+/// read-only mount that replays no journal (the partition stays byte for
+/// byte). Missing or unreadable: a new one, not written there (the data
+/// partition is never written on a reinstall), and a note saying so.
+fn kept_machine_id(node: &Path) -> anyhow::Result<(MachineId, Option<String>)> {
+    let mounted = Mounted::with(node, "ext4", "ro,noload")?;
+    let file = DataPaths(&mounted.dir).machine_id_file();
+    let read = std::fs::read_to_string(&file);
+    mounted.unmount()?;
+    let why = match read {
+        Ok(text) => match MachineId::parse(&text) {
+            Ok(id) => return Ok((id, None)),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    Ok((
+        MachineId::random()?,
+        Some(format!(
+            "the data partition has no usable system/machine-id ({why}): a new one, not written there"
+        )),
+    ))
+}
+
+/// A fresh data partition's first files: the machine-id and the keys.
+fn write_data(node: &Path, machine_id: &MachineId, keys: &[String]) -> anyhow::Result<()> {
+    let mounted = Mounted::with(node, "ext4", "rw")?;
+    let paths = DataPaths(&mounted.dir);
+    let mkdir = |dir: &Path, mode: u32| -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))
+    };
+    mkdir(&paths.system_dir(), 0o755)?;
+    crate::fsutil::write_atomic(&paths.machine_id_file(), &machine_id.file_bytes(), 0o444)
+        .with_context(|| format!("cannot write {}", paths.machine_id_file().display()))?;
+    if !keys.is_empty() {
+        let dir = paths.ssh_dir();
+        mkdir(&dir, 0o700)?;
+        let mut text = keys.join("\n");
+        text.push('\n');
+        let file = paths.authorized_keys_file();
+        crate::fsutil::write_atomic(&file, text.as_bytes(), 0o600)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        for p in [&dir, &file] {
+            std::os::unix::fs::chown(p, Some(ARCHIPELAGO_UID), Some(ARCHIPELAGO_GID))
+                .with_context(|| format!("cannot give {} to the archipelago user", p.display()))?;
+        }
+    }
+    mounted.unmount()
+}
