@@ -144,7 +144,7 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
     // installed, pulled or imported.
     let third = probe_boot(
         work,
-        &disk_boot("disk-third", Firmware::Ovmf, "check", None),
+        &disk_boot("disk-third", Firmware::Ovmf, "check", Some(ssh::free_port()?)),
         timeout,
         None,
     )?;
