@@ -143,12 +143,14 @@ for archy_slot in $ORDER; do
         fi
     fi
 done
+# By number (0: slot A, 1: slot B, 2: restart): GRUB 2.06 does not
+# follow a fallback given by entry id.
 if [ "$archy_pick" = "b" ]; then
-    set default=b
-    set fallback="a restart"
+    set default=1
+    set fallback="0 2"
 else
-    set default=a
-    set fallback="restart"
+    set default=0
+    set fallback="2"
 fi
 "#,
     );
@@ -335,7 +337,15 @@ mod tests {
         assert!(text.contains("set timeout=1\n"));
         assert!(!text.contains("timeout=-1"));
         assert!(text.contains("terminal_output console serial"));
-        assert!(text.contains("set fallback=\"a restart\""));
+        assert!(text.contains("set default=1\n    set fallback=\"0 2\""));
+        assert!(text.contains("set default=0\n    set fallback=\"2\""));
+        // The numbers are the entries' order.
+        let ids: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("menuentry "))
+            .filter_map(|l| l.split("--id ").nth(1))
+            .collect();
+        assert_eq!(ids, ["a {", "b {", "restart {"]);
         assert!(text.contains("--id restart {\n    echo"));
         assert!(text.contains("reboot\n}"));
         // Only the environment block's own variables are loaded from it.
