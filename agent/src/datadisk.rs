@@ -253,10 +253,14 @@ fn find_data_partition(cmdline: &Cmdline, opts: &Options) -> anyhow::Result<Opti
 fn keep_journal(data: &DataRoot, journal_dir: &Path) -> anyhow::Result<()> {
     let system = data.system_dir();
     let journal = data.journal_dir();
+    // Made once; journald and systemd-tmpfiles own the journal folder's
+    // mode after that.
     for dir in [&system, &journal] {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        }
     }
     if is_mountpoint(journal_dir)? {
         say(&format!("{} is already mounted", journal_dir.display()));
