@@ -197,10 +197,11 @@ pub enum Command {
         #[arg(long, value_parser = parse_octal_mode)]
         mode: u32,
     },
-    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a blank disk only
-    /// when the kernel command line names it by a stable name
-    /// (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or PARTUUID=…); warn when
-    /// there is none.
+    /// Mount the data partition at the data root (--data): the one archipelago.data=PARTUUID=…
+    /// names, else the one ARCHY-DATA partition not on an installed node's disk (none of two);
+    /// keep the journal on it. Format a blank disk only when the kernel command line names it
+    /// by a stable name (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or
+    /// PARTUUID=…); warn when there is none.
     /// Run as root at boot, before the agent.
     DataDisk {
         /// Give the data root to this uid:gid (the agent's user).
@@ -218,6 +219,9 @@ pub enum Command {
         /// Where the stable names' links are (tests on machines without udev make their own).
         #[arg(long, default_value = crate::datadisk::DISK_DIR, hide = true)]
         disk_dir: PathBuf,
+        /// Where <data>/system/journal is bound (tests on machines without systemd use their own).
+        #[arg(long, default_value = crate::datadisk::JOURNAL_DIR, hide = true)]
+        journal_dir: PathBuf,
     },
 }
 
@@ -353,6 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             label,
             wait_secs,
             disk_dir,
+            journal_dir,
         } => {
             crate::datadisk::run(&crate::datadisk::Options {
                 mountpoint: cli.global.data.path().to_path_buf(),
@@ -361,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 owner,
                 cmdline,
                 disk_dir,
+                journal_dir,
             })?;
             Ok(ExitCode::SUCCESS)
         }

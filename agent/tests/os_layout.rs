@@ -567,3 +567,128 @@ fn check_medium_passes_a_live_boot_and_refuses_a_medium_it_cannot_match() {
         "{err}"
     );
 }
+
+/// The menu GRUB itself shows and runs: `grub-emu` (package grub-emu)
+/// reads the installed `grub.cfg` and `grubenv` from the ESP of a loop
+/// disk, as the firmware's GRUB would (`$root` is the ESP). grub-emu cannot
+/// load a kernel, so `linux` and `initrd` are turned into `echo` here; the
+/// rest (the slot order from the environment block, the disk from `$root`,
+/// the PARTUUID check with `probe`, the fallbacks, the restart entry) runs
+/// as written.
+#[test]
+fn grub_itself_boots_the_slot_the_environment_block_picks() {
+    use archy_agent::os::grub::{self, BootConfig, PartUuid};
+    use archy_agent::os::machine_id::MachineId;
+
+    let disk = Disk::new("16G");
+    let plan = layout::plan(16 * GIB, 0).expect("plan");
+    let consent = Consent::unattended(&disk.device, Content::Blank, plan).expect("consent");
+    let parts = partition::write(&consent).expect("layout");
+    let uuid = |i: usize| PartUuid::parse(&parts[i].partuuid).expect("partuuid");
+    let cfg = BootConfig {
+        slot_a: uuid(2),
+        slot_b: uuid(3),
+        data: uuid(4),
+        machine_id: MachineId::random().expect("machine-id"),
+    };
+    let esp = disk.partition(Part::Esp);
+    let work = disk.dir.path();
+    run("mmd", &["-i", path(&esp), "::/grub"]);
+    let map = work.join("device.map");
+    fs::write(&map, format!("(hd0) {}\n", disk.device.display())).expect("device.map");
+
+    // Boots GRUB on the ESP with this grub.cfg and environment block; the
+    // lines that matter of what it printed.
+    let boot = |cfg_text: &str, env: &[&str]| -> Vec<String> {
+        let text = cfg_text
+            .replace("        linux (", "        echo LINUX (")
+            .replace("        initrd (", "        echo INITRD (")
+            .replace("sleep 30", "sleep 1");
+        let cfg_file = work.join("grub.cfg");
+        fs::write(&cfg_file, text).expect("grub.cfg");
+        let env_dir = work.join("env");
+        fs::create_dir_all(&env_dir).expect("mkdir");
+        let env_file = grub::write_env(&env_dir).expect("grubenv");
+        let mut set = vec![path(&env_file), "set"];
+        set.extend_from_slice(env);
+        run("grub-editenv", &set);
+        run("mcopy", &["-o", "-i", path(&esp), path(&cfg_file), "::/grub/grub.cfg"]);
+        run("mcopy", &["-o", "-i", path(&esp), path(&env_file), "::/grub/grubenv"]);
+        let out = Command::new("timeout")
+            .args(["120", "grub-emu", "-m", path(&map), "-r", "hd0,gpt2", "-d", "/grub"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("grub-emu (package grub-emu)");
+        // The restart entry's `reboot` ends grub-emu: nothing waited for a key.
+        assert!(out.status.success(), "grub-emu ended with {}", out.status);
+        let screen = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+        screen
+            .lines()
+            .map(|l| {
+                // Drop the terminal's escape sequences.
+                let mut clean = String::new();
+                let mut esc = false;
+                for c in l.chars() {
+                    match (esc, c) {
+                        (false, '\u{1b}') => esc = true,
+                        (true, c) if c.is_ascii_alphabetic() => esc = false,
+                        (true, _) => {}
+                        (false, c) => clean.push(c),
+                    }
+                }
+                clean.trim().to_owned()
+            })
+            .filter(|l| {
+                l.starts_with("LINUX") || l.starts_with("Falling back") || l.starts_with("Archipelago: partition")
+            })
+            .collect()
+    };
+    let slot = |gpt: u32, uuid: &PartUuid| {
+        format!(
+            "LINUX (hd0,gpt{gpt})/live/vmlinuz boot=live live-media=/dev/disk/by-partuuid/{}",
+            uuid.as_str()
+        )
+    };
+    let starts = |got: &[String], want: &[String]| {
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                g.starts_with(w.as_str()) || w.starts_with(g.as_str()),
+                "{g:?} is not {w:?}"
+            );
+        }
+    };
+    let text = grub::render_cfg(&cfg);
+    let restart = "Falling back to `Archipelago: no slot boots, restarting in 30 s'".to_owned();
+    let to_a = "Falling back to `Archipelago, slot A'".to_owned();
+
+    // A fresh install's block: slot A, then the restart entry.
+    starts(&boot(&text, &[]), &[slot(3, &cfg.slot_a), restart.clone()]);
+    // B first and good: B, then A, then restart.
+    starts(
+        &boot(&text, &["ORDER=B A", "B_OK=1"]),
+        &[
+            slot(4, &cfg.slot_b),
+            to_a.clone(),
+            slot(3, &cfg.slot_a),
+            restart.clone(),
+        ],
+    );
+    // B first but not good: A.
+    starts(&boot(&text, &["ORDER=B A"]), &[slot(3, &cfg.slot_a), restart.clone()]);
+    // A partition 4 that is not slot B's PARTUUID is never booted.
+    let other = PartUuid::parse("00000000-0000-4000-8000-000000000000").expect("uuid");
+    let wrong = grub::render_cfg(&BootConfig {
+        slot_b: other,
+        ..cfg.clone()
+    });
+    starts(
+        &boot(&wrong, &["ORDER=B A", "B_OK=1"]),
+        &[
+            "Archipelago: partition hd0,gpt4 has PARTUUID".to_owned(),
+            to_a,
+            slot(3, &cfg.slot_a),
+            restart,
+        ],
+    );
+}

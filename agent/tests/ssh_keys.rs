@@ -193,6 +193,19 @@ impl Drop for Stick {
     }
 }
 
+/// A service app with a port: not on the console.
+fn service_app(apps: &Path) {
+    let dir = apps.join("store-db");
+    fs::create_dir_all(&dir).expect("app dir");
+    fs::write(
+        dir.join("manifest.yml"),
+        "id: store-db\nname: Store database\nversion: \"16.4\"\n\
+         image: docker.io/library/postgres:16.4@sha256:061fced86838b54d645ae7a7fa572763ee892f26cccd2baed6eeb66c8943b301\n\
+         ports:\n  - { host: 15432, container: 5432 }\n",
+    )
+    .expect("manifest");
+}
+
 /// A ui app with a port, valid for any data root.
 fn ui_app(apps: &Path) {
     let dir = apps.join("web-ui");
@@ -210,6 +223,7 @@ fn ui_app(apps: &Path) {
 fn prepare_makes_the_host_key_once_keeps_it_and_shows_it_on_the_console() {
     let node = Node::new();
     ui_app(&node.apps);
+    service_app(&node.apps);
     let out = node.prepare(&unique_label());
     assert!(out.status.success(), "{}", stderr(&out));
     let key = node.host_key();
@@ -233,6 +247,8 @@ fn prepare_makes_the_host_key_once_keeps_it_and_shows_it_on_the_console() {
         "{issue}"
     );
     assert!(issue.contains("Web Wallet: http://\\4:18080\n"), "{issue}");
+    assert!(!issue.contains("15432"), "a service app has no web page: {issue}");
+    assert!(!issue.contains("problem"), "both manifests load: {issue}");
     assert_eq!(mode(&node.issue), 0o644);
     // The ssh folder is the owner's, even with no key yet.
     assert_eq!(owner(&node.data.join("ssh")), OWNER);

@@ -131,6 +131,12 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::OnPath("grub-editenv"),
         why: "the installer's GRUB environment block, and grub-script-check for its grub.cfg, in the unit tests",
     },
+    Tool {
+        name: "grub-emu",
+        package: "grub-emu",
+        probe: Probe::OnPath("grub-emu"),
+        why: "runs the installed grub.cfg in GRUB itself against a loop disk (os_layout tests)",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:

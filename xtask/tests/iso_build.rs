@@ -133,6 +133,13 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     let cfg = fs::read_to_string(&grub_cfg).unwrap();
     assert!(cfg.contains("boot=live"), "{cfg}");
     assert!(cfg.contains("console=ttyS0,115200"), "a serial console entry: {cfg}");
+    assert_eq!(
+        cfg.matches("menuentry \"Install Archipelago on this machine's disk")
+            .count(),
+        2,
+        "the installer's entries, screen and serial: {cfg}"
+    );
+    assert_eq!(cfg.matches(" archipelago.install\n").count(), 2, "{cfg}");
 
     let sha = sha256_hex(&fs::read(&iso).unwrap());
     assert_eq!(

@@ -143,12 +143,14 @@ for archy_slot in $ORDER; do
         fi
     fi
 done
+# By number (0: slot A, 1: slot B, 2: restart): GRUB 2.06 does not
+# follow a fallback given by entry id.
 if [ "$archy_pick" = "b" ]; then
-    set default=b
-    set fallback="a restart"
+    set default=1
+    set fallback="0 2"
 else
-    set default=a
-    set fallback="restart"
+    set default=0
+    set fallback="2"
 fi
 "#,
     );
@@ -270,6 +272,25 @@ pub fn install_commands(esp: &Path, disk: &Path) -> [Vec<String>; 2] {
     ]
 }
 
+/// Writes a file on the ESP: a temporary file, synced, renamed over the
+/// target, the folder synced. No mode is set: FAT has none to keep, and
+/// the kernel refuses a chmod that changes the read or execute bits.
+fn write_on_fat(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("new");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Installs GRUB onto the ESP mounted at `esp` and writes its `grub.cfg`
 /// and environment block.
 pub fn install(esp: &Path, disk: &Path, cfg: &BootConfig) -> anyhow::Result<()> {
@@ -283,8 +304,7 @@ pub fn install(esp: &Path, disk: &Path, cfg: &BootConfig) -> anyhow::Result<()> 
         )?;
     }
     let grub_dir = esp.join(GRUB_DIR);
-    crate::fsutil::write_atomic(&grub_dir.join(CFG_FILE), render_cfg(cfg).as_bytes(), 0o644)
-        .with_context(|| format!("cannot write {}", grub_dir.join(CFG_FILE).display()))?;
+    write_on_fat(&grub_dir.join(CFG_FILE), render_cfg(cfg).as_bytes())?;
     write_env(&grub_dir)?;
     for needed in [
         "EFI/BOOT/BOOTX64.EFI",
@@ -335,7 +355,15 @@ mod tests {
         assert!(text.contains("set timeout=1\n"));
         assert!(!text.contains("timeout=-1"));
         assert!(text.contains("terminal_output console serial"));
-        assert!(text.contains("set fallback=\"a restart\""));
+        assert!(text.contains("set default=1\n    set fallback=\"0 2\""));
+        assert!(text.contains("set default=0\n    set fallback=\"2\""));
+        // The numbers are the entries' order.
+        let ids: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("menuentry "))
+            .filter_map(|l| l.split("--id ").nth(1))
+            .collect();
+        assert_eq!(ids, ["a {", "b {", "restart {"]);
         assert!(text.contains("--id restart {\n    echo"));
         assert!(text.contains("reboot\n}"));
         // Only the environment block's own variables are loaded from it.

@@ -201,7 +201,8 @@ pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -
         Kind::Fresh => {
             let mut keys = conf_keys(opts, out)?;
             keys.extend(decision.pasted_key.clone());
-            keys.dedup();
+            let mut seen = std::collections::HashSet::new();
+            keys.retain(|k| seen.insert(k.clone()));
             (MachineId::random()?, keys)
         }
         Kind::Reinstall => {
@@ -583,4 +584,114 @@ fn write_data(node: &Path, machine_id: &MachineId, keys: &[String]) -> anyhow::R
         }
     }
     mounted.unmount()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::os::disks::{Hidden, Refused};
+    use crate::os::layout::GIB;
+
+    fn offered(name: &str, content: Content, refused: Vec<Refused>) -> Offered {
+        Offered {
+            path: PathBuf::from(format!("/dev/{name}")),
+            stable_names: vec![format!("/dev/disk/by-id/virtio-{name}")],
+            size: 20 * GIB,
+            model: "QEMU HARDDISK".into(),
+            serial: format!("s-{name}"),
+            contents: "nothing recognised".into(),
+            content,
+            refused,
+        }
+    }
+
+    fn dialogue(survey: &Survey, answers: &str) -> (Result<(Offered, Consent), String>, String) {
+        let mut out = Vec::new();
+        let r = ask_disk(survey, 0, &mut answers.as_bytes(), &mut out).unwrap();
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn the_owner_types_an_offered_unrefused_disk() {
+        let survey = Survey {
+            offered: vec![
+                offered("vda", Content::Blank, vec![]),
+                offered("vdb", Content::Other, vec![Refused::Mounted(vec!["/srv".into()])]),
+            ],
+            hidden: vec![(PathBuf::from("/dev/sr0"), Hidden::BootMedium)],
+        };
+        let (r, out) = dialogue(&survey, "sr0\nvdb\nvdz\n/dev/vda\n");
+        assert!(
+            out.contains("vda  20.0 GiB  QEMU HARDDISK  serial s-vda  blank"),
+            "{out}"
+        );
+        assert!(
+            out.contains("/dev/sr0 is not offered: it is the medium the installer booted from"),
+            "{out}"
+        );
+        assert!(out.contains("/dev/vdb is refused: it is mounted: /srv"), "{out}");
+        assert!(out.contains("There is no disk \"vdz\""), "{out}");
+        let (disk, consent) = r.unwrap();
+        assert_eq!(disk.path, PathBuf::from("/dev/vda"));
+        assert!(matches!(consent.plan(), Plan::Fresh(_)));
+        // Enter, or the end of input, stops with nothing chosen.
+        assert_eq!(dialogue(&survey, "\n").0.unwrap_err(), "no disk was chosen");
+        assert!(dialogue(&survey, "").0.unwrap_err().contains("console closed"));
+    }
+
+    #[test]
+    fn erasing_a_kept_data_partition_needs_the_exact_words() {
+        let survey = Survey {
+            offered: vec![offered("vda", Content::Archipelago, vec![])],
+            hidden: vec![],
+        };
+        for (answers, erase) in [("vda\n\n", false), ("vda\nyes\n", false), ("vda\nerase data\n", true)] {
+            let (r, _) = dialogue(&survey, answers);
+            let (_, consent) = r.unwrap();
+            assert_eq!(matches!(consent.plan(), Plan::Fresh(_)), erase, "{answers:?}");
+        }
+        let nothing = Survey {
+            offered: vec![offered(
+                "vda",
+                Content::Blank,
+                vec![Refused::Member(vec!["/dev/vda1".into()])],
+            )],
+            hidden: vec![],
+        };
+        assert_eq!(
+            dialogue(&nothing, "vda\n").0.unwrap_err(),
+            "no disk this installer may use"
+        );
+    }
+
+    #[test]
+    fn a_pasted_key_is_checked_and_optional() {
+        let mut out = Vec::new();
+        assert_eq!(ask_key(&mut "not a key\n\n".as_bytes(), &mut out).unwrap(), None);
+        assert!(String::from_utf8_lossy(&out).contains("the key type is \"not\""));
+    }
+
+    #[test]
+    fn the_last_line_says_what_happened() {
+        let o = Outcome::Installed {
+            version: "0.2.0".into(),
+            disk: PathBuf::from("/dev/vda"),
+            kind: Kind::Reinstall,
+            detail: "slot A".into(),
+        };
+        assert_eq!(
+            o.summary(),
+            "archipelago install: installed 0.2.0 on /dev/vda (reinstall, data partition kept; slot A)"
+        );
+        let e = anyhow::anyhow!("line one\nline two").context("cannot install");
+        assert_eq!(
+            failure_summary(&e),
+            "archipelago install: failed: cannot install: line one line two"
+        );
+        assert!(stable_enough("/dev/disk/by-id/ata-X", false));
+        assert!(!stable_enough("/dev/sda", false));
+        assert!(!stable_enough("/dev/loop3", false));
+        assert!(stable_enough("/dev/loop3", true));
+    }
 }

@@ -59,6 +59,41 @@ pub enum SshCommand {
     },
 }
 
+/// Adds every key of `text` (one per line, as in a `.pub` or
+/// `authorized_keys` file; `shown` names it in errors) to the node's
+/// `authorized_keys`, giving the file and its folder to `owner` (default:
+/// the data root's owner). Any line the node does not accept adds nothing.
+/// Returns each key and whether it was new. For `add-key`, and for the
+/// installer's pasted key.
+pub fn add_keys(
+    data: &DataRoot,
+    owner: Option<(u32, u32)>,
+    text: &str,
+    shown: &str,
+) -> anyhow::Result<Vec<(PublicKey, bool)>> {
+    let given: Vec<PublicKey> = store::parse_strict(text, shown)?
+        .into_iter()
+        .filter_map(|l| match l {
+            Line::Key(k) => Some(k),
+            Line::Other(_) => None,
+        })
+        .collect();
+    if given.is_empty() {
+        bail!("{shown} holds no key; a key is `TYPE BASE64 [COMMENT]`, as in a .pub file");
+    }
+    let locked = Locked::open(data, store::owner_or_data_roots(data, owner)?)?;
+    let mut file = locked.read()?;
+    let mut out = Vec::new();
+    for key in given {
+        let added = file.add(&key);
+        out.push((key, added));
+    }
+    if out.iter().any(|(_, added)| *added) {
+        locked.write(&file)?;
+    }
+    Ok(out)
+}
+
 /// Runs an `ssh` subcommand on the data root `data`.
 pub fn run(cmd: SshCommand, data: &DataRoot, apps_dir: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
     let out = &mut std::io::stdout().lock();
@@ -90,32 +125,12 @@ pub fn run(cmd: SshCommand, data: &DataRoot, apps_dir: PathBuf, json: bool) -> a
                 ),
                 None => (key.join(" "), "the key given".to_owned()),
             };
-            let given: Vec<PublicKey> = store::parse_strict(&text, &shown)?
-                .into_iter()
-                .filter_map(|l| match l {
-                    Line::Key(k) => Some(k),
-                    Line::Other(_) => None,
-                })
-                .collect();
-            if given.is_empty() {
-                bail!(
-                    "{shown} holds no key; {}",
-                    "a key is `TYPE BASE64 [COMMENT]`, as in a .pub file"
-                );
-            }
-            let locked = Locked::open(data, store::owner_or_data_roots(data, None)?)?;
-            let mut file = locked.read()?;
-            let mut changed = false;
-            for key in &given {
-                if file.add(key) {
-                    changed = true;
+            for (key, added) in add_keys(data, None, &text, &shown)? {
+                if added {
                     writeln!(out, "added {key}")?;
                 } else {
                     writeln!(out, "already authorized: {key}")?;
                 }
-            }
-            if changed {
-                locked.write(&file)?;
             }
         }
         SshCommand::ListKeys => {

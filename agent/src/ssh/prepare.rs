@@ -47,7 +47,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if let Err(e) = &host_key {
         say(&format!("ssh host key: {e:#}"));
     }
-    if let Err(e) = import(opts) {
+    if let Err(e) = import_conf_keys(&opts.data, opts.owner, &opts.conf_label) {
         say(&format!(
             "no keys imported from {}: {e:#}; the authorized keys already there are kept",
             opts.conf_label
@@ -166,16 +166,18 @@ fn generate(key: &Path, public: &Path) -> anyhow::Result<()> {
 }
 
 /// Imports the keys of every partition labelled `conf_label` into the
-/// node's `authorized_keys`, and gives the file and its folder to their
-/// owner.
-fn import(opts: &Options) -> anyhow::Result<()> {
-    let owner = store::owner_or_data_roots(&opts.data, opts.owner)?;
-    let locked = Locked::open(&opts.data, owner)?;
+/// `authorized_keys` of `data`, and gives the file and its folder to
+/// `owner` (default: the data root's owner). Each key is logged by
+/// fingerprint, each refused line by number and reason. For `prepare`, and
+/// for the installer (on the data partition it mounted).
+pub fn import_conf_keys(data: &DataRoot, owner: Option<(u32, u32)>, conf_label: &str) -> anyhow::Result<()> {
+    let owner = store::owner_or_data_roots(data, owner)?;
+    let locked = Locked::open(data, owner)?;
     locked.fix_file()?;
-    let devices = crate::datadisk::devices_labelled(&opts.conf_label)
-        .map_err(|e| anyhow::anyhow!("cannot look for partitions labelled {}: {e}", opts.conf_label))?;
+    let devices = crate::datadisk::devices_labelled(conf_label)
+        .map_err(|e| anyhow::anyhow!("cannot look for partitions labelled {conf_label}: {e}"))?;
     if devices.is_empty() {
-        say(&format!("no partition labelled {}: no keys to import", opts.conf_label));
+        say(&format!("no partition labelled {conf_label}: no keys to import"));
         return Ok(());
     }
     let mut file = locked.read()?;
@@ -185,18 +187,17 @@ fn import(opts: &Options) -> anyhow::Result<()> {
             Ok(Some(text)) => text,
             Ok(None) => {
                 say(&format!(
-                    "{} ({}) holds no {CONF_KEYS_FILE} at its top",
-                    opts.conf_label,
+                    "{conf_label} ({}) holds no {CONF_KEYS_FILE} at its top",
                     device.display()
                 ));
                 continue;
             }
             Err(e) => {
-                say(&format!("{} ({}): {e:#}", opts.conf_label, device.display()));
+                say(&format!("{conf_label} ({}): {e:#}", device.display()));
                 continue;
             }
         };
-        let shown = format!("{} ({}) {CONF_KEYS_FILE}", opts.conf_label, device.display());
+        let shown = format!("{conf_label} ({}) {CONF_KEYS_FILE}", device.display());
         let (good, bad) = super::keys::parse_text(&text);
         for line in &bad {
             say(&format!("{shown} {line}: not imported"));
