@@ -19,8 +19,8 @@ use crate::reconcile::{self, commands::DEFAULT_RESYNC};
 use crate::registry::{self, commands::RegistryOp};
 use crate::writer;
 
-/// Default location of the engine's API socket (rootful podman).
-pub const DEFAULT_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
+/// Root's engine API socket (rootful Podman).
+pub const ROOTFUL_ENGINE_SOCKET: &str = "/run/podman/podman.sock";
 /// Default location of the installed app manifests.
 pub const DEFAULT_APPS_DIR: &str = "/opt/archipelago/apps";
 
@@ -42,8 +42,9 @@ pub struct GlobalOpts {
     /// Data root: app data, secrets and agent state.
     #[arg(long, global = true, env = "ARCHY_DATA", default_value = DEFAULT_DATA_ROOT)]
     pub data: DataRoot,
-    /// Engine API socket (Podman's Docker-compatible API).
-    #[arg(long, global = true, env = "ARCHY_ENGINE", default_value = DEFAULT_ENGINE_SOCKET)]
+    /// Engine API socket (Podman's Docker-compatible API) [default: root's /run/podman/podman.sock, for
+    /// any other user its own rootless /run/user/<uid>/podman/podman.sock].
+    #[arg(long, global = true, env = "ARCHY_ENGINE", default_value_os_t = default_engine_socket(), hide_default_value = true)]
     pub engine: PathBuf,
     /// The agent's control socket: app and registry commands go through a running agent there, else run in-process.
     #[arg(long, global = true, env = "ARCHY_CONTROL", default_value = control::DEFAULT_CONTROL_SOCKET)]
@@ -57,6 +58,26 @@ pub struct GlobalOpts {
     /// Folder of pre-pulled image archives and their images.lock.json.
     #[arg(long, global = true, env = "ARCHY_IMAGES", default_value = images::DEFAULT_IMAGES_DIR)]
     pub images: PathBuf,
+}
+
+/// The engine socket a user's commands reach without `--engine` or
+/// `ARCHY_ENGINE`: root's rootful Podman for uid 0, else the user's own
+/// rootless Podman (its `podman.socket`), so that `archipelago` on the node
+/// reaches the apps' engine with no flags.
+pub fn default_engine_socket_for(uid: u32) -> PathBuf {
+    if uid == 0 {
+        PathBuf::from(ROOTFUL_ENGINE_SOCKET)
+    } else {
+        PathBuf::from(format!("/run/user/{uid}/podman/podman.sock"))
+    }
+}
+
+/// [`default_engine_socket_for`] the running process's effective uid
+/// (`/proc/self` belongs to it); root's when that cannot be read.
+fn default_engine_socket() -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    default_engine_socket_for(uid)
 }
 
 impl GlobalOpts {
@@ -143,6 +164,9 @@ pub enum Command {
     /// The node's own OS on its own disk: which disks the installer may use.
     #[command(subcommand)]
     Os(crate::os::commands::OsCommand),
+    /// Reach the node headless: the SSH host key, the authorized keys, the console text.
+    #[command(subcommand)]
+    Ssh(crate::ssh::SshCommand),
     /// Probe an address from this process's network namespace (the agent runs it inside the
     /// rootless engine's namespace); prints the detail, exit status 1 when it fails.
     #[command(hide = true)]
@@ -173,10 +197,11 @@ pub enum Command {
         #[arg(long, value_parser = parse_octal_mode)]
         mode: u32,
     },
-    /// Mount the ARCHY-DATA partition at the data root (--data), formatting a blank disk only
-    /// when the kernel command line names it by a stable name
-    /// (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or PARTUUID=…); warn when
-    /// there is none.
+    /// Mount the data partition at the data root (--data): the one archipelago.data=PARTUUID=…
+    /// names, else the one ARCHY-DATA partition not on an installed node's disk (none of two);
+    /// keep the journal on it. Format a blank disk only when the kernel command line names it
+    /// by a stable name (archipelago.format=/dev/disk/by-id/…, /dev/disk/by-path/… or
+    /// PARTUUID=…); warn when there is none.
     /// Run as root at boot, before the agent.
     DataDisk {
         /// Give the data root to this uid:gid (the agent's user).
@@ -194,10 +219,13 @@ pub enum Command {
         /// Where the stable names' links are (tests on machines without udev make their own).
         #[arg(long, default_value = crate::datadisk::DISK_DIR, hide = true)]
         disk_dir: PathBuf,
+        /// Where <data>/system/journal is bound (tests on machines without systemd use their own).
+        #[arg(long, default_value = crate::datadisk::JOURNAL_DIR, hide = true)]
+        journal_dir: PathBuf,
     },
 }
 
-fn parse_owner(text: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_owner(text: &str) -> Result<(u32, u32), String> {
     let allowed = "allowed: UID:GID in numbers, e.g. 1000:1000";
     let (u, g) = text.split_once(':').ok_or_else(|| format!("{text:?}: {allowed}"))?;
     match (u.parse(), g.parse()) {
@@ -298,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
         Command::Os(cmd) => crate::os::commands::run(&cmd, cli.global.json, &mut std::io::stdout().lock()),
+        Command::Ssh(cmd) => crate::ssh::run(cmd, &cli.global.data, cli.global.apps_dir(), cli.global.json),
         Command::ProbeNet { http, tcp, timeout_ms } => {
             let probe = match (http, tcp) {
                 (Some(url), _) => crate::orchestrator::NetProbe::Http(url),
@@ -328,6 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             label,
             wait_secs,
             disk_dir,
+            journal_dir,
         } => {
             crate::datadisk::run(&crate::datadisk::Options {
                 mountpoint: cli.global.data.path().to_path_buf(),
@@ -336,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 owner,
                 cmdline,
                 disk_dir,
+                journal_dir,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -379,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Adopt { .. }
                 | Command::Images(_)
                 | Command::Os(_)
+                | Command::Ssh(_)
                 | Command::DataDisk { .. }
                 | Command::Shutdown
                 | Command::ProbeNet { .. }
@@ -634,4 +666,29 @@ fn parse_octal_mode(text: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| format!("{text:?} is not an octal file mode (0 to 7777)"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_engine_is_roots_for_root_and_the_users_own_for_anyone_else() {
+        assert_eq!(default_engine_socket_for(0), PathBuf::from("/run/podman/podman.sock"));
+        assert_eq!(
+            default_engine_socket_for(1000),
+            PathBuf::from("/run/user/1000/podman/podman.sock")
+        );
+        assert_eq!(
+            default_engine_socket_for(4242),
+            PathBuf::from("/run/user/4242/podman/podman.sock")
+        );
+    }
+
+    #[test]
+    fn the_engine_option_wins_over_the_default() {
+        let cli = Cli::try_parse_from(["archy-agent", "list", "--engine", "/tmp/x.sock"]).unwrap();
+        assert_eq!(cli.global.engine, PathBuf::from("/tmp/x.sock"));
+    }
 }

@@ -12,11 +12,25 @@
 //! wiping the data it protects. A refused format is said loudly; the data
 //! disk that exists is still mounted, and without one the unit fails.
 //!
-//! The decisions are pure (`parse_cmdline`, `format::decide`); the effects
-//! (`gather.rs` and below) run Debian's own tools (util-linux, e2fsprogs).
+//! Which partition is mounted (`choose.rs`): on an installed node, exactly
+//! the one the kernel command line names (`archipelago.data=PARTUUID=…`),
+//! or none, and the boot stops; in live mode (no such parameter) the one
+//! partition labelled `ARCHY-DATA` that does not lie on a disk holding the
+//! installed layout, and none when there are two or more. Once mounted,
+//! `<data>/system/journal` is bound on `/var/log/journal`: the journal is
+//! kept on the data disk.
+//!
+//! The decisions are pure (`parse_cmdline`, `format::decide`,
+//! `choose.rs`); the effects (`gather.rs` and below) run Debian's own tools
+//! (util-linux, e2fsprogs, fdisk).
 
+mod choose;
 mod format;
 mod gather;
+
+pub use choose::{
+    choose_live, choose_named, parse_data_param, Candidate, LiveDecision, NamedError, SkipReason, Skipped, DATA_PARAM,
+};
 
 pub use format::{
     decide, DiskFacts, Fact, FormatDecision, FormatRequest, Lsblk, Refusal, Refused, Signature, StableName, DISK_DIR,
@@ -55,6 +69,12 @@ pub fn blank(facts: &DiskFacts) -> bool {
     }
 }
 
+/// Every device with a file system labelled `label`, probed afresh (no
+/// blkid cache); `Err` says why blkid could not tell.
+pub fn devices_labelled(label: &str) -> Result<Vec<PathBuf>, String> {
+    gather::labelled(label)
+}
+
 /// The stable names (under [`DISK_DIR`]) that lead to `device`.
 pub fn stable_names_of(device: &Path) -> Vec<StableName> {
     gather::stable_names(device, Path::new(DISK_DIR))
@@ -65,6 +85,9 @@ pub fn stable_names_of(device: &Path) -> Vec<StableName> {
 pub struct Cmdline {
     /// `archipelago.format=…`: the only way a disk is ever formatted.
     pub format: Option<FormatRequest>,
+    /// `archipelago.data=PARTUUID=…` (lower case): the installed node's
+    /// data partition, the only one mounted then.
+    pub data: Option<String>,
 }
 
 pub fn parse_cmdline(text: &str) -> anyhow::Result<Cmdline> {
@@ -72,6 +95,9 @@ pub fn parse_cmdline(text: &str) -> anyhow::Result<Cmdline> {
     for word in text.split_whitespace() {
         if let Some(value) = word.strip_prefix(FORMAT_PARAM) {
             out.format = Some(format::parse_request(FORMAT_PARAM, value)?);
+        }
+        if let Some(value) = word.strip_prefix(DATA_PARAM) {
+            out.data = Some(parse_data_param(value)?);
         }
     }
     Ok(out)
@@ -91,7 +117,13 @@ pub struct Options {
     /// Where the stable names' links are looked up ([`DISK_DIR`]; tests,
     /// on machines without udev, make their own).
     pub disk_dir: PathBuf,
+    /// Where `<data>/system/journal` is bound ([`JOURNAL_DIR`]; tests,
+    /// on machines without systemd, use a folder of their own).
+    pub journal_dir: PathBuf,
 }
+
+/// Where journald keeps a persistent journal.
+pub const JOURNAL_DIR: &str = "/var/log/journal";
 
 /// Formats if asked and allowed, mounts the data disk if there is one,
 /// warns if not. A refused format fails only when there is no data disk.
@@ -114,7 +146,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     let seed = read_seed(&DataRoot::new(&opts.mountpoint).seed_dir())?;
     if is_mountpoint(&opts.mountpoint)? {
         say(&format!("{} is already mounted", opts.mountpoint.display()));
-    } else if let Some(device) = wait_for_label(&opts.label, opts.wait)? {
+    } else if let Some(device) = find_data_partition(&cmdline, opts)? {
         // A power loss leaves the journal to replay and maybe more: the
         // same check fstab would run (exit 1 means errors were fixed).
         let status = Command::new("e2fsck")
@@ -139,6 +171,12 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
                 opts.mountpoint.as_os_str(),
             ],
         )?;
+        say(&format!(
+            "data disk {} ({}) mounted at {}",
+            opts.label,
+            device.display(),
+            opts.mountpoint.display()
+        ));
     } else if let Some(refused) = refused {
         // Asked for a data disk, got none: the agent must not start and
         // keep in RAM what its owner expects on a disk.
@@ -154,12 +192,117 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     }
     own(opts)?;
     write_seed(&DataRoot::new(&opts.mountpoint).seed_dir(), &seed, opts.owner)?;
-    say(&format!(
-        "data disk {} mounted at {}",
-        opts.label,
-        opts.mountpoint.display()
-    ));
+    keep_journal(&DataRoot::new(&opts.mountpoint), &opts.journal_dir)?;
     Ok(true)
+}
+
+/// The partition to mount, if any: the named one (or an error), else live
+/// mode's choice (an error when it is ambiguous). Waits up to `opts.wait`
+/// for it to appear.
+fn find_data_partition(cmdline: &Cmdline, opts: &Options) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(uuid) = &cmdline.data {
+        let token = format!("PARTUUID={uuid}");
+        let found = poll(opts.wait, || {
+            Ok(match gather::tagged(&token) {
+                Ok(found) if found.is_empty() => None,
+                other => Some(other),
+            })
+        })?
+        .unwrap_or_else(|| Ok(Vec::new()));
+        return match choose_named(uuid, found) {
+            Ok(device) => Ok(Some(device)),
+            Err(e) => {
+                loudly(&e.to_string());
+                Err(e.into())
+            }
+        };
+    }
+    let found = poll(opts.wait, || {
+        Ok(match gather::labelled(&opts.label) {
+            Ok(found) if found.is_empty() => None,
+            other => Some(other),
+        })
+    })?
+    .unwrap_or_else(|| Ok(Vec::new()))
+    .map_err(|e| anyhow::anyhow!("cannot look for partitions labelled {}: {e}", opts.label))?;
+    let candidates: Vec<Candidate> = found
+        .into_iter()
+        .map(|device| Candidate {
+            installed_disk: gather::installed_disk(&device),
+            device,
+        })
+        .collect();
+    let (decision, skipped) = choose_live(&candidates);
+    for skip in &skipped {
+        loudly(&skip.to_string());
+    }
+    match decision {
+        LiveDecision::Mount(device) => Ok(Some(device)),
+        LiveDecision::InRam => Ok(None),
+        LiveDecision::Ambiguous(devices) => {
+            let message = choose::ambiguous_message(&opts.label, &devices);
+            loudly(&message);
+            bail!("{message}")
+        }
+    }
+}
+
+/// Makes `<data>/system/journal`, binds it on `journal_dir` and has
+/// journald write there: the journal of this boot and the next is kept.
+/// Without journalctl (no systemd) it says so and only binds.
+fn keep_journal(data: &DataRoot, journal_dir: &Path) -> anyhow::Result<()> {
+    let system = data.system_dir();
+    let journal = data.journal_dir();
+    // Made once; journald and systemd-tmpfiles own the journal folder's
+    // mode after that.
+    for dir in [&system, &journal] {
+        if !dir.exists() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+        }
+    }
+    if is_mountpoint(journal_dir)? {
+        say(&format!("{} is already mounted", journal_dir.display()));
+        return Ok(());
+    }
+    // journald may have opened files under the target already: it lets go
+    // of them first, and writes to the data disk after.
+    journalctl("--relinquish-var");
+    fs::create_dir_all(journal_dir).with_context(|| format!("cannot create {}", journal_dir.display()))?;
+    tool(
+        "mount",
+        "mount",
+        &["--bind".as_ref(), journal.as_os_str(), journal_dir.as_os_str()],
+    )?;
+    say(&format!(
+        "the journal is kept on the data disk ({} on {})",
+        journal.display(),
+        journal_dir.display()
+    ));
+    journalctl("--flush");
+    Ok(())
+}
+
+/// `journalctl FLAG`; absent or failing, it says so and goes on (the data
+/// disk matters more than the journal's place).
+fn journalctl(flag: &str) {
+    match Command::new("journalctl")
+        .arg(flag)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => say(&format!(
+            "journalctl {flag} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            say(&format!("journalctl is not installed: skipping journalctl {flag}"))
+        }
+        Err(e) => say(&format!("cannot run journalctl {flag}: {e}")),
+    }
 }
 
 /// Formats the disk `request` names if it is blank; `Err(Refused)` says
@@ -323,21 +466,6 @@ fn wait_for_path(path: &Path, wait: Duration) {
     let _ = poll(wait, || Ok(path.exists().then_some(())));
 }
 
-/// The device carrying `label`, found by blkid's own probing: no need to
-/// wait for udev's links (`udevadm settle` cost half a minute at boot).
-/// Waits up to `wait` for it to appear.
-fn wait_for_label(label: &str, wait: Duration) -> anyhow::Result<Option<PathBuf>> {
-    poll(wait, || {
-        // blkid exits 2 when no device has the label.
-        let output = Command::new("blkid")
-            .args(["-L", label])
-            .output()
-            .context("cannot run blkid (package util-linux)")?;
-        let device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        Ok((output.status.success() && !device.is_empty()).then(|| PathBuf::from(device)))
-    })
-}
-
 fn is_mountpoint(path: &Path) -> anyhow::Result<bool> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     let want = path.to_string_lossy();
@@ -393,5 +521,21 @@ mod tests {
             "{err}"
         );
         assert!(parse_cmdline("archipelago.format=/dev/../etc/x").is_err());
+    }
+
+    #[test]
+    fn the_data_parameter_is_read_from_an_installed_boots_command_line() {
+        let c = parse_cmdline(
+            "linux boot=live live-media=/dev/disk/by-partuuid/aa archipelago.slot=a rauc.slot=A \
+             archipelago.data=PARTUUID=5E0F8C3A-1B2C-4D5E-8F90-A1B2C3D4E5F6 systemd.machine_id=0123 quiet\n",
+        )
+        .unwrap();
+        assert_eq!(c.data.as_deref(), Some("5e0f8c3a-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
+        assert_eq!(c.format, None);
+        let err = parse_cmdline("archipelago.data=/dev/vda5").unwrap_err().to_string();
+        assert!(
+            err.contains("archipelago.data=/dev/vda5") && err.contains("PARTUUID=<uuid>"),
+            "{err}"
+        );
     }
 }

@@ -45,10 +45,15 @@ top_level! {
     IMAGES = "images",
     /// The node's secrets and each app's copies of them.
     SECRETS = "secrets",
+    /// The login user's SSH files: `authorized_keys`.
+    SSH = "ssh",
     /// What the agent remembers across restarts.
     STATE = "state",
     /// Reserved since manifests were first checked; nothing uses it yet.
     STORAGE = "storage",
+    /// The OS's own files kept across boots (root's): the machine id, the
+    /// SSH host key, the persistent journal.
+    SYSTEM = "system",
 }
 
 /// The registry list's file name in `config/`.
@@ -63,6 +68,12 @@ const JOURNAL_SUFFIX: &str = ".json";
 const APP_SECRETS_DIR: &str = "apps";
 const ROOTFUL_STORAGE_DIR: &str = "storage";
 const ROOTLESS_STORAGE_DIR: &str = "rootless";
+const MACHINE_ID_FILE: &str = "machine-id";
+const SSH_HOST_KEYS_DIR: &str = "ssh";
+const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
+const JOURNAL_DIR: &str = "journal";
+const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
 
 /// A data root: the one way to name a path under it.
 ///
@@ -205,6 +216,52 @@ impl DataRoot {
         self.upgrades_dir().join(format!("{app}{JOURNAL_SUFFIX}"))
     }
 
+    /// `<data>/system/` (root, 0755): the OS's own files kept across boots.
+    pub fn system_dir(&self) -> PathBuf {
+        self.top(Self::SYSTEM)
+    }
+
+    /// `<data>/system/machine-id` (root, 0644): the node's `machine-id`,
+    /// 32 hex digits, made once by the installer; the installed boot
+    /// entries carry it as `systemd.machine_id=`.
+    pub fn machine_id_file(&self) -> PathBuf {
+        self.system_dir().join(MACHINE_ID_FILE)
+    }
+
+    /// `<data>/system/ssh/` (root, 0700): the SSH host key, made once.
+    pub fn ssh_host_keys_dir(&self) -> PathBuf {
+        self.system_dir().join(SSH_HOST_KEYS_DIR)
+    }
+
+    /// `<data>/system/ssh/ssh_host_ed25519_key` (root, 0600), and its
+    /// `.pub`: the node's one SSH host key (sshd's `HostKey`).
+    pub fn ssh_host_key_file(&self) -> PathBuf {
+        self.ssh_host_keys_dir().join(SSH_HOST_KEY_FILE)
+    }
+
+    /// `<data>/system/ssh/ssh_host_ed25519_key.pub` (root, 0644): its
+    /// public half.
+    pub fn ssh_host_key_pub_file(&self) -> PathBuf {
+        self.ssh_host_keys_dir().join(SSH_HOST_KEY_PUB_FILE)
+    }
+
+    /// `<data>/system/journal/` (root): bound on `/var/log/journal` by
+    /// `data-disk`, the persistent journal.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.system_dir().join(JOURNAL_DIR)
+    }
+
+    /// `<data>/ssh/` (`archipelago`, 0700): the login user's SSH files.
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.top(Self::SSH)
+    }
+
+    /// `<data>/ssh/authorized_keys` (`archipelago`, 0600): the keys that
+    /// may log in as `archipelago` (sshd's `AuthorizedKeysFile`).
+    pub fn authorized_keys_file(&self) -> PathBuf {
+        self.ssh_dir().join(AUTHORIZED_KEYS_FILE)
+    }
+
     /// The app a file in [`Self::upgrades_dir`] journals, from its name;
     /// `None` for anything else there (a temporary file).
     pub fn journaled_app(file_name: &str) -> Option<&str> {
@@ -278,6 +335,20 @@ mod tests {
             d.upgrade_journal("wallet"),
             p("/var/lib/archipelago/state/upgrades/wallet.json")
         );
+        assert_eq!(d.system_dir(), p("/var/lib/archipelago/system"));
+        assert_eq!(d.machine_id_file(), p("/var/lib/archipelago/system/machine-id"));
+        assert_eq!(d.ssh_host_keys_dir(), p("/var/lib/archipelago/system/ssh"));
+        assert_eq!(
+            d.ssh_host_key_file(),
+            p("/var/lib/archipelago/system/ssh/ssh_host_ed25519_key")
+        );
+        assert_eq!(
+            d.ssh_host_key_pub_file(),
+            p("/var/lib/archipelago/system/ssh/ssh_host_ed25519_key.pub")
+        );
+        assert_eq!(d.journal_dir(), p("/var/lib/archipelago/system/journal"));
+        assert_eq!(d.ssh_dir(), p("/var/lib/archipelago/ssh"));
+        assert_eq!(d.authorized_keys_file(), p("/var/lib/archipelago/ssh/authorized_keys"));
         assert_eq!(DataRoot::journaled_app("wallet.json"), Some("wallet"));
         assert_eq!(DataRoot::journaled_app(".wallet.json.1.2.tmp"), None);
     }
@@ -305,6 +376,14 @@ mod tests {
             d.images_ledger(),
             d.held_dir(),
             d.held_marker("x"),
+            d.system_dir(),
+            d.machine_id_file(),
+            d.ssh_host_keys_dir(),
+            d.ssh_host_key_file(),
+            d.ssh_host_key_pub_file(),
+            d.journal_dir(),
+            d.ssh_dir(),
+            d.authorized_keys_file(),
         ] {
             let first = path.strip_prefix("/d").unwrap().components().next().unwrap();
             let first = first.as_os_str().to_str().unwrap();
@@ -315,12 +394,22 @@ mod tests {
     }
 
     #[test]
-    fn reserved_names_are_the_ones_app_ids_were_always_refused() {
-        // Unchanged since manifests first refused them; sorted, as the
-        // error message lists them.
+    fn reserved_names_are_the_nodes_own_folders() {
+        // The ones manifests first refused, and `ssh` and `system` (issue
+        // 15); sorted, as the error message lists them.
         assert_eq!(
             DataRoot::RESERVED_NAMES,
-            ["apps", "config", "containers", "images", "secrets", "state", "storage"]
+            [
+                "apps",
+                "config",
+                "containers",
+                "images",
+                "secrets",
+                "ssh",
+                "state",
+                "storage",
+                "system"
+            ]
         );
         for name in DataRoot::RESERVED_NAMES {
             assert!(
@@ -395,6 +484,14 @@ mod tests {
             d.images_ledger(),
             d.held_dir(),
             d.upgrades_dir(),
+            d.system_dir(),
+            d.machine_id_file(),
+            d.ssh_host_keys_dir(),
+            d.ssh_host_key_file(),
+            d.ssh_host_key_pub_file(),
+            d.journal_dir(),
+            d.ssh_dir(),
+            d.authorized_keys_file(),
         ]
     }
 

@@ -8,9 +8,10 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Writes `bytes` to a fresh temporary file beside `path` with `mode` set
-/// before any byte is in it, and fsyncs it. The caller moves it into place.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+/// Writes `bytes` to a fresh temporary file beside `path` with `mode` (and
+/// `owner`, when given) set before any byte is in it, and fsyncs it. The
+/// caller moves it into place.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no parent folder"))?;
@@ -25,6 +26,9 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The creation mode passes through the umask; set it exactly.
         file.set_permissions(Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
         file.write_all(bytes)?;
         file.sync_all()
     })();
@@ -53,7 +57,13 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 /// it, fsync it, rename it over the target, fsync the folder. For the
 /// agent's own folders; below an app's folder, use `AppDir::write_atomic`.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(path, bytes, mode)?;
+    write_atomic_owned(path, bytes, mode, None)
+}
+
+/// [`write_atomic`], the new file given to `owner` (uid, gid) before it
+/// holds a byte or has its name, when given.
+pub fn write_atomic_owned(path: &Path, bytes: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let tmp = write_temp(path, bytes, mode, owner)?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -65,7 +75,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// an existing file is never replaced, not even by a concurrent writer
 /// (linking fails on an existing name). Returns whether it was created.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
-    let tmp = write_temp(path, bytes, mode)?;
+    let tmp = write_temp(path, bytes, mode, None)?;
     let linked = fs::hard_link(&tmp, path);
     fs::remove_file(&tmp)?;
     match linked {

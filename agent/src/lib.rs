@@ -24,6 +24,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod secrets;
 pub mod spec;
+pub mod ssh;
 pub mod writer;
 
 /// `e` and its causes on one line, `: `-separated, as anyhow's `{:#}`

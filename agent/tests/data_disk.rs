@@ -18,6 +18,9 @@ use sha2::{Digest as _, Sha256};
 
 const OWNER: &str = "4242:4243";
 const MIB: usize = 1 << 20;
+/// The MBR disk id of [`Disk::partitioned`]: its partition's PARTUUID is
+/// `41524348-01`.
+const MBR_DISK_ID: u32 = 0x4152_4348;
 
 /// A loop device over a sparse image file, detached (and unmounted) on drop.
 struct Disk {
@@ -28,6 +31,9 @@ struct Disk {
     cmdline: PathBuf,
     /// The lookup folder of stable names (`/dev/disk` on a node).
     disk_dir: PathBuf,
+    /// Where the data disk's journal folder is bound (`/var/log/journal`
+    /// on a node).
+    journal_dir: PathBuf,
     label: String,
     /// Prepended to PATH for the agent (a folder of failing tools).
     path_first: Option<PathBuf>,
@@ -50,16 +56,28 @@ impl Disk {
         Disk::create(unique_label(), true)
     }
 
+    /// [`Disk::partitioned`] with the MBR disk id `id` (its partition's
+    /// PARTUUID is `<id>-01`).
+    fn partitioned_with_id(id: u32) -> Disk {
+        Disk::create_sized(unique_label(), Some(id), "64M")
+    }
+
     fn create(label: String, partitioned: bool) -> Disk {
+        Disk::create_sized(label, partitioned.then_some(MBR_DISK_ID), "64M")
+    }
+
+    /// A blank disk of `size` (truncate's units), sparse; with an MBR of
+    /// that disk id when given.
+    fn create_sized(label: String, mbr: Option<u32>, size: &str) -> Disk {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
-        run("truncate", &["-s", "64M", image.to_str().expect("utf8")]);
-        if partitioned {
-            write_mbr(&image, 64 * MIB as u64);
+        run("truncate", &["-s", size, image.to_str().expect("utf8")]);
+        if let Some(id) = mbr {
+            write_mbr(&image, 64 * MIB as u64, id);
         }
         let out = run("losetup", &["--find", "--show", "-P", image.to_str().expect("utf8")]);
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if partitioned {
+        if mbr.is_some() {
             // losetup's own scan does not always show the partition here.
             run("partx", &["-u", device.to_str().expect("utf8")]);
         }
@@ -69,6 +87,7 @@ impl Disk {
         fs::write(&cmdline, "BOOT_IMAGE=/live/vmlinuz boot=live\n").expect("cmdline");
         let disk_dir = dir.path().join("disk");
         fs::create_dir_all(disk_dir.join("by-id")).expect("by-id");
+        let journal_dir = dir.path().join("var-log-journal");
         Disk {
             _dir: dir,
             image,
@@ -76,6 +95,7 @@ impl Disk {
             mountpoint,
             cmdline,
             disk_dir,
+            journal_dir,
             label,
             path_first: None,
         }
@@ -97,6 +117,16 @@ impl Disk {
         let name = format!("archy-test-{}", self.label.to_ascii_lowercase());
         std::os::unix::fs::symlink(&self.device, self.disk_dir.join("by-id").join(&name)).expect("by-id link");
         format!("/dev/disk/by-id/{name}")
+    }
+
+    /// Boots with `archipelago.data=VALUE` on the kernel command line, as
+    /// an installed node does.
+    fn name_data(&self, value: &str) {
+        fs::write(
+            &self.cmdline,
+            format!("boot=live archipelago.slot=a archipelago.data={value} quiet\n"),
+        )
+        .expect("cmdline");
     }
 
     /// Boots with `archipelago.format=VALUE` on the kernel command line.
@@ -121,7 +151,9 @@ impl Disk {
             .arg("--cmdline")
             .arg(&self.cmdline)
             .arg("--disk-dir")
-            .arg(&self.disk_dir);
+            .arg(&self.disk_dir)
+            .arg("--journal-dir")
+            .arg(&self.journal_dir);
         if let Some(first) = &self.path_first {
             let path = std::env::var("PATH").unwrap_or_default();
             command.env("PATH", format!("{}:{path}", first.display()));
@@ -132,9 +164,7 @@ impl Disk {
     }
 
     fn mounted(&self) -> bool {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        let want = self.mountpoint.to_string_lossy();
-        mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
+        is_mounted(&self.mountpoint)
     }
 
     /// What is mounted at the mountpoint.
@@ -153,6 +183,9 @@ impl Disk {
     }
 
     fn unmount(&self) {
+        if is_mounted(&self.journal_dir) {
+            run("umount", &[self.journal_dir.to_str().expect("utf8")]);
+        }
         if self.mounted() {
             run("umount", &[self.mountpoint.to_str().expect("utf8")]);
         }
@@ -209,20 +242,21 @@ fn assert_untouched(disk: &Disk, before: &Snapshot) {
 impl Drop for Disk {
     fn drop(&mut self) {
         // Best effort: a failed test must still free its loop device.
+        let _ = Command::new("umount").arg(&self.journal_dir).output();
         let _ = Command::new("umount").arg(&self.mountpoint).output();
         let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
     }
 }
 
 /// An MBR with one Linux partition from 1 MiB to the end, as fdisk makes.
-fn write_mbr(image: &Path, size: u64) {
+fn write_mbr(image: &Path, size: u64, disk_id: u32) {
     let sectors = size / 512;
     let mut entry = vec![0u8, 0, 0, 0, 0x83, 0, 0, 0];
     entry.extend_from_slice(&2048u32.to_le_bytes());
     entry.extend_from_slice(&u32::try_from(sectors - 2048).expect("small disk").to_le_bytes());
     let mut file = fs::OpenOptions::new().write(true).open(image).expect("image");
     file.seek(SeekFrom::Start(440)).expect("seek");
-    file.write_all(&0x4152_4348u32.to_le_bytes()).expect("disk id");
+    file.write_all(&disk_id.to_le_bytes()).expect("disk id");
     file.seek(SeekFrom::Start(446)).expect("seek");
     file.write_all(&entry).expect("partition entry");
     file.seek(SeekFrom::Start(510)).expect("seek");
@@ -236,6 +270,12 @@ fn unique_label() -> String {
         .expect("clock")
         .subsec_nanos();
     format!("AT{:05}{:08x}", std::process::id() % 100_000, nanos)
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let want = path.to_string_lossy();
+    mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
@@ -278,6 +318,18 @@ fn the_labelled_disk_is_mounted_given_to_the_agent_user_seeded_and_kept_across_b
     assert!(out.status.success());
     assert!(disk.mounted(), "the data disk is mounted at the data root");
     assert_eq!(owner_of(&disk.mountpoint), (4242, 4243));
+    // The journal is kept on the data disk: its folder bound on the
+    // journal's place (journalctl may not run here: no systemd).
+    let journal = disk.mountpoint.join("system/journal");
+    assert!(journal.is_dir());
+    assert!(is_mounted(&disk.journal_dir), "the journal folder is bound");
+    fs::write(disk.journal_dir.join("probe"), b"x").expect("write through the bind");
+    assert_eq!(fs::read(journal.join("probe")).expect("on the data disk"), b"x");
+    assert!(
+        stderr(&out).contains("the journal is kept on the data disk"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(
         owner_of(&disk.mountpoint.join("containers")),
         (4242, 4243),
@@ -513,4 +565,119 @@ fn a_format_parameter_naming_a_missing_device_fails_and_formats_nothing() {
         "{stderr}"
     );
     assert_untouched(&disk, &before);
+}
+
+#[test]
+fn two_disks_carrying_the_label_mount_neither_and_say_which() {
+    let first = Disk::new();
+    first.format();
+    let second = Disk::with_label(&first.label);
+    second.format();
+    let out = first.data_disk();
+    assert!(
+        !out.status.success(),
+        "apps must not start while it is unclear which disk is theirs"
+    );
+    assert!(!first.mounted());
+    let said = stderr(&out);
+    assert!(
+        said.contains("2 partitions carry the label")
+            && said.contains(&first.device.display().to_string())
+            && said.contains(&second.device.display().to_string())
+            && said.contains("none is mounted"),
+        "{said}"
+    );
+    assert!(!is_mounted(&first.journal_dir));
+}
+
+/// A disk with the installed A/B layout (os::partition), its data
+/// partition relabelled with the test's own label.
+fn installed_disk() -> Disk {
+    use archy_agent::os::disks::Content;
+    use archy_agent::os::layout::{plan, GIB};
+    use archy_agent::os::partition::{self, Consent};
+    let disk = Disk::create_sized(unique_label(), None, "20G");
+    let consent = Consent::unattended(&disk.device, Content::Blank, plan(20 * GIB, 0).expect("plan")).expect("consent");
+    let parts = partition::write(&consent).expect("the layout");
+    run("e2label", &[&parts[4].node, &disk.label]);
+    disk
+}
+
+#[test]
+fn an_installed_nodes_data_partition_is_mounted_only_when_named() {
+    let disk = installed_disk();
+    let data = PathBuf::from(format!("{}p5", disk.device.display()));
+    // Live mode: never an installed node's data.
+    let out = disk.data_disk();
+    assert!(out.status.success(), "no data disk: the live system runs from RAM");
+    assert!(!disk.mounted());
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!(
+            "{} is not mounted: it lies on {}, which holds the Archipelago disk layout",
+            data.display(),
+            disk.device.display()
+        )),
+        "{said}"
+    );
+
+    // Named by its PARTUUID (upper case, as a person may copy it): mounted.
+    let partuuid = String::from_utf8_lossy(
+        &run(
+            "blkid",
+            &[
+                "-p",
+                "-o",
+                "value",
+                "-s",
+                "PART_ENTRY_UUID",
+                data.to_str().expect("utf8"),
+            ],
+        )
+        .stdout,
+    )
+    .trim()
+    .to_owned();
+    disk.name_data(&format!("PARTUUID={}", partuuid.to_ascii_uppercase()));
+    let out = disk.data_disk();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(disk.mounted_source(), data.display().to_string());
+    assert!(is_mounted(&disk.journal_dir));
+    disk.unmount();
+
+    // Named and absent: nothing mounted, the boot stops, the console says why.
+    disk.name_data("PARTUUID=00000000-0000-4000-8000-000000000015");
+    let out = disk.data_disk();
+    assert!(!out.status.success());
+    assert!(!disk.mounted());
+    let said = stderr(&out);
+    assert!(
+        said.contains("archipelago.data=PARTUUID=00000000-0000-4000-8000-000000000015")
+            && said.contains("no partition has that PARTUUID"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_named_partition_is_mounted_even_when_another_disk_carries_the_label() {
+    // The installed node's partition is named; a stick with the label is
+    // plugged in too: only the named one is ever mounted.
+    // A disk id of its own: the other tests' partitions share theirs.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos();
+    let id = nanos | 0x1000_0000;
+    let disk = Disk::partitioned_with_id(id);
+    let partition = disk.partition();
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-L", &disk.label, partition.to_str().expect("utf8")],
+    );
+    let other = Disk::with_label(&disk.label);
+    other.format();
+    disk.name_data(&format!("PARTUUID={id:08x}-01"));
+    let out = disk.data_disk();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(disk.mounted_source(), partition.display().to_string());
 }

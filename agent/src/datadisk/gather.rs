@@ -150,8 +150,13 @@ fn parse_blkid_export(text: &str) -> Option<Signature> {
 
 /// Every device with a file system labelled `label`, probed afresh
 /// (`-c /dev/null`: a stale cache must not hide one).
-fn labelled(label: &str) -> Fact<Vec<PathBuf>> {
-    let token = format!("LABEL={label}");
+pub fn labelled(label: &str) -> Fact<Vec<PathBuf>> {
+    tagged(&format!("LABEL={label}"))
+}
+
+/// Every device blkid finds with `token` (`LABEL=…`, `PARTUUID=…`),
+/// probed afresh.
+pub fn tagged(token: &str) -> Fact<Vec<PathBuf>> {
     let found = blkid(&[
         "-c".as_ref(),
         "/dev/null".as_ref(),
@@ -167,6 +172,30 @@ fn labelled(label: &str) -> Fact<Vec<PathBuf>> {
         .filter(|l| !l.is_empty())
         .map(PathBuf::from)
         .collect())
+}
+
+/// The disk `device` is a partition of (`None`: it is a whole disk).
+pub fn parent_disk(device: &Path) -> Fact<Option<PathBuf>> {
+    let args: [&std::ffi::OsStr; 4] = ["-n".as_ref(), "-d".as_ref(), "-oPKNAME".as_ref(), device.as_os_str()];
+    let out = output("lsblk", "util-linux", &args)?;
+    if !out.status.success() {
+        return Err(failed("lsblk", &args, &out));
+    }
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok((!name.is_empty()).then(|| Path::new("/dev").join(name)))
+}
+
+/// The disk `device` lies on, when that disk holds the installed A/B
+/// layout (`os::layout`).
+pub fn installed_disk(device: &Path) -> Fact<Option<PathBuf>> {
+    let Some(disk) = parent_disk(device)? else {
+        return Ok(None);
+    };
+    match crate::os::partition::read_layout(&disk) {
+        Ok(Some(_)) => Ok(Some(disk)),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 fn wipefs(device: &Path) -> Fact<Vec<String>> {
