@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context as _};
 
 use super::authkey;
-use super::slot::Mounted;
+use crate::mount::Mounted;
 
 /// The label, 10 characters: fits FAT's 11.
 pub const CONF_LABEL: &str = "ARCHY-CONF";

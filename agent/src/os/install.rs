@@ -28,8 +28,9 @@ use super::layout::{self, gib, Found, Part};
 use super::machine_id::MachineId;
 use super::partition::{self, Consent, Plan};
 use super::release::{Release, RELEASE_FILE};
-use super::slot::{self, Mounted};
+use super::slot;
 use super::{authkey, conf};
+use crate::mount::Mounted;
 
 /// The start of the installer's last line, which tests and people look for.
 pub const SUMMARY_PREFIX: &str = "archipelago install: ";
