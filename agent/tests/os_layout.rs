@@ -388,7 +388,10 @@ fn the_installer_installs_reinstalls_keeping_data_and_erases_only_when_told() {
     let answers = format!("{name}\nssh-dss AAAAB3NzaC1kc3M=\n{KEY}\n");
     let (out, code) = install(&["--source", &source, "--conf-device", &conf], &answers);
     assert!(out.contains(&format!("{name}  20.0 GiB")), "the disk is listed: {out}");
-    assert!(out.contains("the key type is \"ssh-dss\""), "{out}");
+    assert!(
+        out.contains("the pasted key: \"ssh-dss\" keys are not accepted"),
+        "{out}"
+    );
     let line = last_line(&out);
     assert!(
         line.starts_with(&format!(
