@@ -122,23 +122,54 @@ struct Decision {
     pasted_key: Option<PublicKey>,
 }
 
-/// Runs the installer. `Err` is a failure; the caller prints
-/// [`failure_summary`].
-pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Outcome> {
-    // 1. The mode.
-    let cmd = match &opts.cmdline {
-        Some(file) => cmdline::read(file)?,
-        None => cmdline::Cmdline::default(),
-    };
-    let named = opts.disk.clone().or_else(|| cmd.install_disk.clone());
-    let asked = opts.cmdline.is_none() || cmd.install.is_some() || opts.auto || opts.disk.is_some();
-    if !asked {
-        return Ok(Outcome::NothingChanged(format!(
-            "the kernel command line ({}) does not ask for an install (archipelago.install)",
-            opts.cmdline.as_deref().unwrap_or(Path::new("?")).display()
-        )));
+/// What the installer was asked to do (step 1), from the flags and the
+/// kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// No install asked for: why.
+    NotAsked(String),
+    /// No questions: `auto`, or a disk named by its stable name.
+    Unattended { named: Option<String> },
+    /// The dialogue on the console.
+    Interactive,
+}
+
+impl Mode {
+    /// Reads `opts.cmdline` (if given) and the flags.
+    pub fn read(opts: &Options) -> anyhow::Result<Mode> {
+        let cmd = match &opts.cmdline {
+            Some(file) => cmdline::read(file)?,
+            None => cmdline::Cmdline::default(),
+        };
+        Ok(Mode::of(opts, &cmd))
     }
-    let unattended = opts.auto || cmd.install == Some(InstallMode::Auto) || named.is_some();
+
+    fn of(opts: &Options, cmd: &cmdline::Cmdline) -> Mode {
+        let named = opts.disk.clone().or_else(|| cmd.install_disk.clone());
+        let asked = opts.cmdline.is_none() || cmd.install.is_some() || opts.auto || opts.disk.is_some();
+        if !asked {
+            return Mode::NotAsked(format!(
+                "the kernel command line ({}) does not ask for an install (archipelago.install)",
+                opts.cmdline.as_deref().unwrap_or(Path::new("?")).display()
+            ));
+        }
+        if opts.auto || cmd.install == Some(InstallMode::Auto) || named.is_some() {
+            Mode::Unattended { named }
+        } else {
+            Mode::Interactive
+        }
+    }
+}
+
+/// Runs the installer in `mode` ([`Mode::read`]). `Err` is a failure; the
+/// caller prints [`failure_summary`].
+pub fn install(opts: &Options, mode: &Mode, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Outcome> {
+    // 1. The mode.
+    let (unattended, named) = match mode {
+        Mode::NotAsked(why) => return Ok(Outcome::NothingChanged(why.clone())),
+        Mode::Unattended { named } => (true, named.clone()),
+        Mode::Interactive => (false, None),
+    };
 
     // 2. The source, verified before anything else.
     let release_file = opts.source.join(RELEASE_FILE);
@@ -314,6 +345,26 @@ fn decide_unattended(
         consent,
         pasted_key: None,
     }))
+}
+
+/// What the owner reads after the last line of an interactive install.
+pub const POWER_OFF_PROMPT: &str = "Remove the installation stick, then press Enter to power off: ";
+
+/// After the last line: an interactive install on a terminal waits for
+/// the owner to remove the stick and press Enter (the unit powers off when
+/// the installer exits, and the stick must not boot the installer again);
+/// `waits` is false for unattended installs and input that is no
+/// terminal, which end at once.
+pub fn wait_before_power_off(waits: bool, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<()> {
+    if !waits {
+        return Ok(());
+    }
+    write!(out, "{POWER_OFF_PROMPT}")?;
+    out.flush()?;
+    read_answer(input)?;
+    writeln!(out, "Powering off.")?;
+    out.flush()?;
+    Ok(())
 }
 
 /// One line from the owner, trimmed; `None` at the end of input.
@@ -659,6 +710,65 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out)
         );
+    }
+
+    #[test]
+    fn the_mode_comes_from_the_flags_and_the_kernel_command_line() {
+        let opts = Options {
+            cmdline: Some(PathBuf::from("/proc/cmdline")),
+            auto: false,
+            disk: None,
+            source: PathBuf::from(DEFAULT_SOURCE),
+            allow_loop: false,
+            conf_device: None,
+            skip_bootloader: false,
+        };
+        let cmd = |text: &str| cmdline::parse(text, Path::new("/proc/cmdline")).unwrap();
+        assert!(matches!(Mode::of(&opts, &cmd("boot=live quiet")), Mode::NotAsked(_)));
+        assert_eq!(Mode::of(&opts, &cmd("archipelago.install")), Mode::Interactive);
+        assert_eq!(
+            Mode::of(&opts, &cmd("archipelago.install=auto")),
+            Mode::Unattended { named: None }
+        );
+        let by_id = "/dev/disk/by-id/ata-X";
+        assert_eq!(
+            Mode::of(
+                &opts,
+                &cmd(&format!("archipelago.install archipelago.install.disk={by_id}"))
+            ),
+            Mode::Unattended {
+                named: Some(by_id.to_owned())
+            }
+        );
+        let no_cmdline = Options {
+            cmdline: None,
+            ..opts.clone()
+        };
+        assert_eq!(Mode::of(&no_cmdline, &cmd("")), Mode::Interactive);
+        let auto = Options { auto: true, ..opts };
+        assert_eq!(Mode::of(&auto, &cmd("")), Mode::Unattended { named: None });
+    }
+
+    #[test]
+    fn an_interactive_install_waits_for_enter_before_powering_off() {
+        // Interactive on a terminal: the prompt after the last line, then
+        // one line read (Enter), and nothing more.
+        let mut input = "\nnext\n".as_bytes();
+        let mut out = Vec::new();
+        wait_before_power_off(true, &mut input, &mut out).unwrap();
+        let shown = String::from_utf8(out).unwrap();
+        assert_eq!(shown, format!("{POWER_OFF_PROMPT}Powering off.\n"));
+        assert_eq!(input, b"next\n", "only the Enter is read");
+        // The console closed: it powers off all the same.
+        let mut out = Vec::new();
+        wait_before_power_off(true, &mut "".as_bytes(), &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().starts_with(POWER_OFF_PROMPT));
+        // Unattended (or no terminal): nothing said, nothing read.
+        let mut input = "\n".as_bytes();
+        let mut out = Vec::new();
+        wait_before_power_off(false, &mut input, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(input, b"\n");
     }
 
     #[test]
