@@ -522,6 +522,25 @@ fn the_installer_changes_nothing_it_was_not_asked_to() {
     );
     nothing(&["--source", &source, "--conf-device", &conf], "", "console closed");
 
+    // A stick with a line that is not a key fails the install before the
+    // disk is touched (the installer reads it strictly; the boot would
+    // skip the line), naming the stick's file and the line.
+    let bad_stick = conf_stick(&format!("{CONF_KEY}\nfrom=\"10.0.0.1\" {CONF_KEY}\n"));
+    let bad = path(&bad_stick.device).to_owned();
+    let (out, code) = install(
+        &["--source", &source, "--disk", path(&disk.device), "--conf-device", &bad],
+        "",
+    );
+    let line = last_line(&out);
+    assert!(
+        line.starts_with("archipelago install: failed: ")
+            && line.contains(&format!("ARCHY-CONF ({bad}) authorized_keys"))
+            && line.contains("line 2: \"from\" is not a key type"),
+        "{line}"
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(disk.edges(), before, "a refused stick left the disk as it was");
+
     // A damaged source fails before the disk is touched.
     fs::write(src.join("live/initrd.img"), b"truncated").expect("corrupt");
     let (out, code) = install(
