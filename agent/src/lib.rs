@@ -17,6 +17,7 @@ pub mod files;
 pub mod fsutil;
 pub mod images;
 pub mod manifest;
+pub mod mount;
 pub mod orchestrator;
 pub mod os;
 pub mod ownership;

@@ -388,7 +388,10 @@ fn the_installer_installs_reinstalls_keeping_data_and_erases_only_when_told() {
     let answers = format!("{name}\nssh-dss AAAAB3NzaC1kc3M=\n{KEY}\n");
     let (out, code) = install(&["--source", &source, "--conf-device", &conf], &answers);
     assert!(out.contains(&format!("{name}  20.0 GiB")), "the disk is listed: {out}");
-    assert!(out.contains("the key type is \"ssh-dss\""), "{out}");
+    assert!(
+        out.contains("the pasted key: \"ssh-dss\" keys are not accepted"),
+        "{out}"
+    );
     let line = last_line(&out);
     assert!(
         line.starts_with(&format!(
@@ -518,6 +521,25 @@ fn the_installer_changes_nothing_it_was_not_asked_to() {
         "no disk was chosen",
     );
     nothing(&["--source", &source, "--conf-device", &conf], "", "console closed");
+
+    // A stick with a line that is not a key fails the install before the
+    // disk is touched (the installer reads it strictly; the boot would
+    // skip the line), naming the stick's file and the line.
+    let bad_stick = conf_stick(&format!("{CONF_KEY}\nfrom=\"10.0.0.1\" {CONF_KEY}\n"));
+    let bad = path(&bad_stick.device).to_owned();
+    let (out, code) = install(
+        &["--source", &source, "--disk", path(&disk.device), "--conf-device", &bad],
+        "",
+    );
+    let line = last_line(&out);
+    assert!(
+        line.starts_with("archipelago install: failed: ")
+            && line.contains(&format!("ARCHY-CONF ({bad}) authorized_keys"))
+            && line.contains("line 2: \"from\" is not a key type"),
+        "{line}"
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(disk.edges(), before, "a refused stick left the disk as it was");
 
     // A damaged source fails before the disk is touched.
     fs::write(src.join("live/initrd.img"), b"truncated").expect("corrupt");

@@ -87,7 +87,14 @@ pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<
                 conf_device: conf_device.clone(),
                 skip_bootloader: *skip_bootloader,
             };
-            let result = super::install::install(&opts, &mut std::io::stdin().lock(), out);
+            let input = &mut std::io::stdin().lock();
+            let (result, interactive) = match super::install::Mode::read(&opts) {
+                Ok(mode) => (
+                    super::install::install(&opts, &mode, input, out),
+                    mode == super::install::Mode::Interactive,
+                ),
+                Err(e) => (Err(e), false),
+            };
             // The last line, always, whatever happened before.
             let (line, code) = match &result {
                 Ok(o @ super::install::Outcome::Installed { .. }) => (o.summary(), ExitCode::SUCCESS),
@@ -97,6 +104,8 @@ pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<
             writeln!(out)?;
             writeln!(out, "{line}")?;
             out.flush()?;
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+            super::install::wait_before_power_off(interactive && terminal, input, out)?;
             Ok(code)
         }
         OsCommand::CheckMedium {

@@ -28,8 +28,11 @@ use super::layout::{self, gib, Found, Part};
 use super::machine_id::MachineId;
 use super::partition::{self, Consent, Plan};
 use super::release::{Release, RELEASE_FILE};
-use super::slot::{self, Mounted};
-use super::{authkey, conf};
+use super::slot;
+use crate::dataroot::DataRoot;
+use crate::mount::Mounted;
+use crate::ssh::conf::{self, Strictness, CONF_LABEL};
+use crate::ssh::keys::PublicKey;
 
 /// The start of the installer's last line, which tests and people look for.
 pub const SUMMARY_PREFIX: &str = "archipelago install: ";
@@ -111,55 +114,62 @@ pub fn failure_summary(e: &anyhow::Error) -> String {
     format!("{SUMMARY_PREFIX}failed: {why}")
 }
 
-/// The paths the installer writes under the data partition's root, in one
-/// place. `DataRoot` (dataroot.rs) gains the same entries in issue 15's
-/// data-root part; these are to be unified with it.
-struct DataPaths<'a>(&'a Path);
-
-impl DataPaths<'_> {
-    /// `<data>/system/`, root 0755.
-    fn system_dir(&self) -> PathBuf {
-        self.0.join("system")
-    }
-    /// `<data>/system/machine-id`.
-    fn machine_id_file(&self) -> PathBuf {
-        self.system_dir().join("machine-id")
-    }
-    /// `<data>/ssh/`, archipelago 0700.
-    fn ssh_dir(&self) -> PathBuf {
-        self.0.join("ssh")
-    }
-    /// `<data>/ssh/authorized_keys`, archipelago 0600.
-    fn authorized_keys_file(&self) -> PathBuf {
-        self.ssh_dir().join("authorized_keys")
-    }
-}
-
 /// The disk and the owner's (or the unattended rules') yes.
 struct Decision {
     disk: Offered,
     consent: Consent,
     /// The key pasted at the prompt.
-    pasted_key: Option<String>,
+    pasted_key: Option<PublicKey>,
 }
 
-/// Runs the installer. `Err` is a failure; the caller prints
-/// [`failure_summary`].
-pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Outcome> {
-    // 1. The mode.
-    let cmd = match &opts.cmdline {
-        Some(file) => cmdline::read(file)?,
-        None => cmdline::Cmdline::default(),
-    };
-    let named = opts.disk.clone().or_else(|| cmd.install_disk.clone());
-    let asked = opts.cmdline.is_none() || cmd.install.is_some() || opts.auto || opts.disk.is_some();
-    if !asked {
-        return Ok(Outcome::NothingChanged(format!(
-            "the kernel command line ({}) does not ask for an install (archipelago.install)",
-            opts.cmdline.as_deref().unwrap_or(Path::new("?")).display()
-        )));
+/// What the installer was asked to do (step 1), from the flags and the
+/// kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// No install asked for: why.
+    NotAsked(String),
+    /// No questions: `auto`, or a disk named by its stable name.
+    Unattended { named: Option<String> },
+    /// The dialogue on the console.
+    Interactive,
+}
+
+impl Mode {
+    /// Reads `opts.cmdline` (if given) and the flags.
+    pub fn read(opts: &Options) -> anyhow::Result<Mode> {
+        let cmd = match &opts.cmdline {
+            Some(file) => cmdline::read(file)?,
+            None => cmdline::Cmdline::default(),
+        };
+        Ok(Mode::of(opts, &cmd))
     }
-    let unattended = opts.auto || cmd.install == Some(InstallMode::Auto) || named.is_some();
+
+    fn of(opts: &Options, cmd: &cmdline::Cmdline) -> Mode {
+        let named = opts.disk.clone().or_else(|| cmd.install_disk.clone());
+        let asked = opts.cmdline.is_none() || cmd.install.is_some() || opts.auto || opts.disk.is_some();
+        if !asked {
+            return Mode::NotAsked(format!(
+                "the kernel command line ({}) does not ask for an install (archipelago.install)",
+                opts.cmdline.as_deref().unwrap_or(Path::new("?")).display()
+            ));
+        }
+        if opts.auto || cmd.install == Some(InstallMode::Auto) || named.is_some() {
+            Mode::Unattended { named }
+        } else {
+            Mode::Interactive
+        }
+    }
+}
+
+/// Runs the installer in `mode` ([`Mode::read`]). `Err` is a failure; the
+/// caller prints [`failure_summary`].
+pub fn install(opts: &Options, mode: &Mode, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Outcome> {
+    // 1. The mode.
+    let (unattended, named) = match mode {
+        Mode::NotAsked(why) => return Ok(Outcome::NothingChanged(why.clone())),
+        Mode::Unattended { named } => (true, named.clone()),
+        Mode::Interactive => (false, None),
+    };
 
     // 2. The source, verified before anything else.
     let release_file = opts.source.join(RELEASE_FILE);
@@ -201,8 +211,6 @@ pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -
         Kind::Fresh => {
             let mut keys = conf_keys(opts, out)?;
             keys.extend(decision.pasted_key.clone());
-            let mut seen = std::collections::HashSet::new();
-            keys.retain(|k| seen.insert(k.clone()));
             (MachineId::random()?, keys)
         }
         Kind::Reinstall => {
@@ -241,8 +249,8 @@ pub fn install(opts: &Options, input: &mut impl BufRead, out: &mut impl Write) -
     out.flush()?;
     slot::write_release(&opts.source, &release, Path::new(&parts[2].node))?;
     if kind == Kind::Fresh {
-        write_data(Path::new(&parts[4].node), &machine_id, &keys)?;
-        notes.push(match keys.len() {
+        let authorized = write_data(Path::new(&parts[4].node), &machine_id, &keys)?;
+        notes.push(match authorized {
             0 => "no SSH key: add one with an ARCHY-CONF stick".to_owned(),
             1 => "1 SSH key".to_owned(),
             n => format!("{n} SSH keys"),
@@ -337,6 +345,26 @@ fn decide_unattended(
         consent,
         pasted_key: None,
     }))
+}
+
+/// What the owner reads after the last line of an interactive install.
+pub const POWER_OFF_PROMPT: &str = "Remove the installation stick, then press Enter to power off: ";
+
+/// After the last line: an interactive install on a terminal waits for
+/// the owner to remove the stick and press Enter (the unit powers off when
+/// the installer exits, and the stick must not boot the installer again);
+/// `waits` is false for unattended installs and input that is no
+/// terminal, which end at once.
+pub fn wait_before_power_off(waits: bool, input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<()> {
+    if !waits {
+        return Ok(());
+    }
+    write!(out, "{POWER_OFF_PROMPT}")?;
+    out.flush()?;
+    read_answer(input)?;
+    writeln!(out, "Powering off.")?;
+    out.flush()?;
+    Ok(())
 }
 
 /// One line from the owner, trimmed; `None` at the end of input.
@@ -465,8 +493,9 @@ pub(crate) fn ask_disk(
     }
 }
 
-/// Asks for one SSH public key (optional), until a valid one or nothing.
-pub(crate) fn ask_key(input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Option<String>> {
+/// Asks for one SSH public key (optional), until one the node accepts
+/// (`ssh::keys`, as `ssh add-key` does) or nothing.
+pub(crate) fn ask_key(input: &mut impl BufRead, out: &mut impl Write) -> anyhow::Result<Option<PublicKey>> {
     loop {
         write!(
             out,
@@ -480,12 +509,12 @@ pub(crate) fn ask_key(input: &mut impl BufRead, out: &mut impl Write) -> anyhow:
         if line.is_empty() {
             return Ok(None);
         }
-        match authkey::check_line(&line, "the pasted key") {
+        match PublicKey::parse(&line) {
             Ok(key) => {
-                writeln!(out, "Key accepted.")?;
+                writeln!(out, "Key accepted: {key}.")?;
                 return Ok(Some(key));
             }
-            Err(e) => writeln!(out, "{e}; try again.")?,
+            Err(e) => writeln!(out, "the pasted key: {e}; try again.")?,
         }
     }
 }
@@ -514,24 +543,33 @@ fn ask(
     }))
 }
 
-/// The keys of the `ARCHY-CONF` stick, if one is present.
-fn conf_keys(opts: &Options, out: &mut impl Write) -> anyhow::Result<Vec<String>> {
-    let device = match &opts.conf_device {
-        Some(d) => Some(d.clone()),
-        None => conf::find()?,
+/// The keys of the `ARCHY-CONF` stick, if one is present, read
+/// [`Strictness::Strict`]ly: two sticks, an unreadable one or a refused
+/// line fail the install before anything is written.
+fn conf_keys(opts: &Options, out: &mut impl Write) -> anyhow::Result<Vec<PublicKey>> {
+    let devices = match &opts.conf_device {
+        Some(d) => vec![d.clone()],
+        None => conf::devices(CONF_LABEL, Strictness::Strict)?,
     };
-    let Some(device) = device else {
+    let Some(device) = devices.first() else {
         return Ok(Vec::new());
     };
-    let keys = conf::read_keys(&device)?;
+    let Some(found) = conf::read(device, CONF_LABEL, Strictness::Strict)? else {
+        writeln!(
+            out,
+            "{} ({CONF_LABEL}) holds no {}: no SSH key from it.",
+            device.display(),
+            conf::CONF_KEYS_FILE
+        )?;
+        return Ok(Vec::new());
+    };
     writeln!(
         out,
-        "{} ({}): {} SSH key(s) for the archipelago user.",
-        device.display(),
-        conf::CONF_LABEL,
-        keys.len()
+        "{}: {} SSH key(s) for the archipelago user.",
+        found.shown,
+        found.keys.len()
     )?;
-    Ok(keys)
+    Ok(found.keys.into_iter().map(|(_, k)| k).collect())
 }
 
 /// The machine-id kept on the data partition `node`, read through a
@@ -540,7 +578,7 @@ fn conf_keys(opts: &Options, out: &mut impl Write) -> anyhow::Result<Vec<String>
 /// partition is never written on a reinstall), and a note saying so.
 fn kept_machine_id(node: &Path) -> anyhow::Result<(MachineId, Option<String>)> {
     let mounted = Mounted::with(node, "ext4", "ro,noload")?;
-    let file = DataPaths(&mounted.dir).machine_id_file();
+    let file = DataRoot::new(&mounted.dir).machine_id_file();
     let read = std::fs::read_to_string(&file);
     mounted.unmount()?;
     let why = match read {
@@ -558,32 +596,30 @@ fn kept_machine_id(node: &Path) -> anyhow::Result<(MachineId, Option<String>)> {
     ))
 }
 
-/// A fresh data partition's first files: the machine-id and the keys.
-fn write_data(node: &Path, machine_id: &MachineId, keys: &[String]) -> anyhow::Result<()> {
+/// A fresh data partition's first files: the machine-id, and the keys
+/// through `ssh::authorize` (the `archipelago` user's `ssh/` folder and
+/// file, as `ssh add-key` makes them). Returns how many keys were
+/// authorized (the same key twice counts once).
+fn write_data(node: &Path, machine_id: &MachineId, keys: &[PublicKey]) -> anyhow::Result<usize> {
     let mounted = Mounted::with(node, "ext4", "rw")?;
-    let paths = DataPaths(&mounted.dir);
-    let mkdir = |dir: &Path, mode: u32| -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", dir.display()))
+    let data = DataRoot::new(&mounted.dir);
+    let system = data.system_dir();
+    std::fs::create_dir_all(&system).with_context(|| format!("cannot create {}", system.display()))?;
+    std::fs::set_permissions(&system, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot set the mode of {}", system.display()))?;
+    let id_file = data.machine_id_file();
+    crate::fsutil::write_atomic(&id_file, &machine_id.file_bytes(), 0o444)
+        .with_context(|| format!("cannot write {}", id_file.display()))?;
+    let authorized = if keys.is_empty() {
+        0
+    } else {
+        crate::ssh::authorize(&data, Some((ARCHIPELAGO_UID, ARCHIPELAGO_GID)), keys)?
+            .iter()
+            .filter(|(_, added)| *added)
+            .count()
     };
-    mkdir(&paths.system_dir(), 0o755)?;
-    crate::fsutil::write_atomic(&paths.machine_id_file(), &machine_id.file_bytes(), 0o444)
-        .with_context(|| format!("cannot write {}", paths.machine_id_file().display()))?;
-    if !keys.is_empty() {
-        let dir = paths.ssh_dir();
-        mkdir(&dir, 0o700)?;
-        let mut text = keys.join("\n");
-        text.push('\n');
-        let file = paths.authorized_keys_file();
-        crate::fsutil::write_atomic(&file, text.as_bytes(), 0o600)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        for p in [&dir, &file] {
-            std::os::unix::fs::chown(p, Some(ARCHIPELAGO_UID), Some(ARCHIPELAGO_GID))
-                .with_context(|| format!("cannot give {} to the archipelago user", p.display()))?;
-        }
-    }
-    mounted.unmount()
+    mounted.unmount()?;
+    Ok(authorized)
 }
 
 #[cfg(test)]
@@ -669,7 +705,70 @@ mod tests {
     fn a_pasted_key_is_checked_and_optional() {
         let mut out = Vec::new();
         assert_eq!(ask_key(&mut "not a key\n\n".as_bytes(), &mut out).unwrap(), None);
-        assert!(String::from_utf8_lossy(&out).contains("the key type is \"not\""));
+        assert!(
+            String::from_utf8_lossy(&out).contains("the pasted key: \"not\" is not a key type"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    #[test]
+    fn the_mode_comes_from_the_flags_and_the_kernel_command_line() {
+        let opts = Options {
+            cmdline: Some(PathBuf::from("/proc/cmdline")),
+            auto: false,
+            disk: None,
+            source: PathBuf::from(DEFAULT_SOURCE),
+            allow_loop: false,
+            conf_device: None,
+            skip_bootloader: false,
+        };
+        let cmd = |text: &str| cmdline::parse(text, Path::new("/proc/cmdline")).unwrap();
+        assert!(matches!(Mode::of(&opts, &cmd("boot=live quiet")), Mode::NotAsked(_)));
+        assert_eq!(Mode::of(&opts, &cmd("archipelago.install")), Mode::Interactive);
+        assert_eq!(
+            Mode::of(&opts, &cmd("archipelago.install=auto")),
+            Mode::Unattended { named: None }
+        );
+        let by_id = "/dev/disk/by-id/ata-X";
+        assert_eq!(
+            Mode::of(
+                &opts,
+                &cmd(&format!("archipelago.install archipelago.install.disk={by_id}"))
+            ),
+            Mode::Unattended {
+                named: Some(by_id.to_owned())
+            }
+        );
+        let no_cmdline = Options {
+            cmdline: None,
+            ..opts.clone()
+        };
+        assert_eq!(Mode::of(&no_cmdline, &cmd("")), Mode::Interactive);
+        let auto = Options { auto: true, ..opts };
+        assert_eq!(Mode::of(&auto, &cmd("")), Mode::Unattended { named: None });
+    }
+
+    #[test]
+    fn an_interactive_install_waits_for_enter_before_powering_off() {
+        // Interactive on a terminal: the prompt after the last line, then
+        // one line read (Enter), and nothing more.
+        let mut input = "\nnext\n".as_bytes();
+        let mut out = Vec::new();
+        wait_before_power_off(true, &mut input, &mut out).unwrap();
+        let shown = String::from_utf8(out).unwrap();
+        assert_eq!(shown, format!("{POWER_OFF_PROMPT}Powering off.\n"));
+        assert_eq!(input, b"next\n", "only the Enter is read");
+        // The console closed: it powers off all the same.
+        let mut out = Vec::new();
+        wait_before_power_off(true, &mut "".as_bytes(), &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().starts_with(POWER_OFF_PROMPT));
+        // Unattended (or no terminal): nothing said, nothing read.
+        let mut input = "\n".as_bytes();
+        let mut out = Vec::new();
+        wait_before_power_off(false, &mut input, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(input, b"\n");
     }
 
     #[test]

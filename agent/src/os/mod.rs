@@ -10,16 +10,14 @@
 //! release into a slot and reads it back.
 //!
 //! The installer (`archy-agent os install`, `install.rs`) reads the kernel
-//! command line (`cmdline.rs`), the `ARCHY-CONF` stick (`conf.rs`, keys
-//! checked by `authkey.rs`), makes or keeps the machine-id
+//! command line (`cmdline.rs`), the `ARCHY-CONF` stick and the pasted key
+//! (through `ssh::conf` and `ssh::keys`, strictly), makes or keeps the machine-id
 //! (`machine_id.rs`) and installs GRUB with its `grub.cfg` (`grub.rs`).
 //! `medium.rs` is `archy-agent os check-medium`, run early on every boot
 //! from an installed disk.
 
-pub mod authkey;
 pub mod cmdline;
 pub mod commands;
-pub mod conf;
 pub mod disks;
 pub mod grub;
 pub mod install;

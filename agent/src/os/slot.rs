@@ -1,77 +1,13 @@
 //! Putting a release into a system slot: verified before a byte is
-//! written, read back after (effects: `mount`, `umount`).
+//! written, read back after (through `crate::mount`).
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
 use super::release::{Release, LIVE_FILES, RELEASE_FILE};
-
-/// A file system mounted at a folder of its own, unmounted on drop.
-pub(crate) struct Mounted {
-    pub(crate) dir: PathBuf,
-    mounted: bool,
-}
-
-impl Mounted {
-    fn new(node: &Path, read_only: bool) -> anyhow::Result<Mounted> {
-        Mounted::with(node, "ext4", if read_only { "ro" } else { "rw" })
-    }
-
-    /// Mounts `node` (file system `fstype`, mount options `options`) at a
-    /// new folder under the temp dir.
-    pub(crate) fn with(node: &Path, fstype: &str, options: &str) -> anyhow::Result<Mounted> {
-        let dir = std::env::temp_dir().join(format!(
-            "archy-mnt-{}-{}",
-            std::process::id(),
-            node.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut mount = Command::new("mount");
-        mount.args(["-t", fstype, "-o", options]);
-        if let Err(e) = run(mount.arg(node).arg(&dir), "mount", "mount") {
-            let _ = fs::remove_dir(&dir);
-            return Err(e.context(format!("cannot mount {} ({fstype}, {options})", node.display())));
-        }
-        Ok(Mounted { dir, mounted: true })
-    }
-
-    /// Unmounts, failing when the kernel refuses.
-    pub(crate) fn unmount(mut self) -> anyhow::Result<()> {
-        self.mounted = false;
-        run(Command::new("umount").arg(&self.dir), "umount", "mount")?;
-        let _ = fs::remove_dir(&self.dir);
-        Ok(())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
-            let _ = fs::remove_dir(&self.dir);
-        }
-    }
-}
-
-pub(crate) fn run(cmd: &mut Command, program: &str, package: &str) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program} (package {package})"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
+use crate::mount::Mounted;
 
 /// Copies the release under `src` into the slot file system on `node`
 /// (ext4, empty: `partition::write` made it). The source is verified
@@ -83,7 +19,7 @@ pub fn write_release(src: &Path, release: &Release, node: &Path) -> anyhow::Resu
     release
         .verify(src)
         .context("the release to install does not match its own release.json; nothing was written")?;
-    let slot = Mounted::new(node, false)?;
+    let slot = Mounted::with(node, "ext4", "rw")?;
     let need = release.size(src)?;
     let free = rustix::fs::statvfs(&slot.dir)
         .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
@@ -108,7 +44,7 @@ pub fn write_release(src: &Path, release: &Release, node: &Path) -> anyhow::Resu
         .with_context(|| format!("cannot write {RELEASE_FILE} on {}", node.display()))?;
     slot.unmount()?;
     // The read-back: from the disk, through a mount of its own.
-    let check = Mounted::new(node, true)?;
+    let check = Mounted::with(node, "ext4", "ro")?;
     let written = Release::read(&check.dir.join(RELEASE_FILE))?;
     if &written != release {
         bail!(

@@ -95,11 +95,15 @@ impl PublicKey {
             return Err(KeyError::TooLong { len: line.len() });
         }
         let line = line.trim();
-        let mut words = line.splitn(3, [' ', '\t']);
+        // Words apart by runs of spaces and tabs, as OpenSSH reads them;
+        // the comment is the rest of the line.
+        let mut words = split_word(line);
         let kind = words.next().filter(|w| !w.is_empty()).ok_or(KeyError::Empty)?;
         let Some(&(kind, label)) = KEY_TYPES.iter().find(|(t, _)| *t == kind) else {
             return Err(classify_unknown(kind));
         };
+        let rest = words.next().unwrap_or("");
+        let mut words = split_word(rest);
         let data = words
             .next()
             .filter(|w| !w.is_empty())
@@ -296,6 +300,13 @@ fn mpint_bits(bytes: &[u8]) -> usize {
     (bytes.len() - at - 1) * 8 + (8 - bytes[at].leading_zeros() as usize)
 }
 
+/// The first word of `text` (already trimmed at its start) and the rest
+/// after the spaces and tabs that follow it.
+fn split_word(text: &str) -> impl Iterator<Item = &str> {
+    let (word, rest) = text.split_once([' ', '\t']).unwrap_or((text, ""));
+    [word, rest.trim_start_matches([' ', '\t'])].into_iter()
+}
+
 /// One line of an `authorized_keys` file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
@@ -393,6 +404,10 @@ mod tests {
         let bare = PublicKey::parse(&ED25519.replace(" test@archy", "")).unwrap();
         assert!(bare.same_key(&key));
         assert_eq!(bare.line(), ED25519.replace(" test@archy", ""));
+        // Runs of spaces between the words, as a paste may bring (OpenSSH
+        // skips them too): the key, written back one space apart.
+        let wide = format!("  {}  ", ED25519.replace(' ', "   "));
+        assert_eq!(PublicKey::parse(&wide).unwrap().line(), ED25519);
     }
 
     #[test]

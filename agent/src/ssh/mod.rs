@@ -3,10 +3,12 @@
 //! `keys.rs` parses and checks `authorized_keys` lines and computes
 //! fingerprints (pure); `console.rs` is the console text (pure);
 //! `store.rs` reads and replaces the node's `authorized_keys` under a
-//! lock; `prepare.rs` is the boot step (host key, `ARCHY-CONF` import,
+//! lock; `conf.rs` finds, mounts and reads the `ARCHY-CONF` stick (for
+//! `prepare` and the installer); `prepare.rs` is the boot step (host key, `ARCHY-CONF` import,
 //! console text). `add-key`, `list-keys` and `remove-key` run as the
 //! `archipelago` user on the node.
 
+pub mod conf;
 pub mod console;
 pub mod keys;
 pub mod prepare;
@@ -35,7 +37,7 @@ pub enum SshCommand {
         #[arg(long, default_value = prepare::DEFAULT_ISSUE_FILE)]
         issue: PathBuf,
         /// The label of the partitions keys are imported from (tests use their own).
-        #[arg(long, default_value = prepare::CONF_LABEL, hide = true)]
+        #[arg(long, default_value = conf::CONF_LABEL, hide = true)]
         conf_label: String,
     },
     /// Authorize a public key to log in as archipelago: the key as written in a .pub file
@@ -63,8 +65,7 @@ pub enum SshCommand {
 /// `authorized_keys` file; `shown` names it in errors) to the node's
 /// `authorized_keys`, giving the file and its folder to `owner` (default:
 /// the data root's owner). Any line the node does not accept adds nothing.
-/// Returns each key and whether it was new. For `add-key`, and for the
-/// installer's pasted key.
+/// Returns each key and whether it was new. For `add-key`.
 pub fn add_keys(
     data: &DataRoot,
     owner: Option<(u32, u32)>,
@@ -81,10 +82,24 @@ pub fn add_keys(
     if given.is_empty() {
         bail!("{shown} holds no key; a key is `TYPE BASE64 [COMMENT]`, as in a .pub file");
     }
+    authorize(data, owner, &given)
+}
+
+/// Adds `keys` (already parsed) to the node's `authorized_keys`, under its
+/// lock, giving the file and its folder to `owner` (default: the data
+/// root's owner); a key already there (whatever its comment) is not added
+/// twice. Returns each key and whether it was new. For [`add_keys`], and
+/// for the installer (the stick's keys and the pasted one, onto the data
+/// partition it made).
+pub fn authorize(
+    data: &DataRoot,
+    owner: Option<(u32, u32)>,
+    keys: &[PublicKey],
+) -> anyhow::Result<Vec<(PublicKey, bool)>> {
     let locked = Locked::open(data, store::owner_or_data_roots(data, owner)?)?;
     let mut file = locked.read()?;
     let mut out = Vec::new();
-    for key in given {
+    for key in keys.iter().cloned() {
         let added = file.add(&key);
         out.push((key, added));
     }

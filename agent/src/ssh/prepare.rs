@@ -3,23 +3,19 @@
 //! `ARCHY-CONF` stick, writes the console text and asks agetty to reprint.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 
+use super::conf::{self, Strictness, CONF_KEYS_FILE};
 use super::console::{self, UiApp};
 use super::keys::PublicKey;
 use super::store::{self, Locked};
 use crate::dataroot::DataRoot;
 use crate::manifest::{self, LoadOptions};
 
-/// The label of the stick (or partition) the owner's keys come from; FAT
-/// labels hold 11 characters.
-pub const CONF_LABEL: &str = "ARCHY-CONF";
-/// The file on it.
-pub const CONF_KEYS_FILE: &str = "authorized_keys";
 /// Where agetty (util-linux 2.35 and later) reads extra console text.
 pub const DEFAULT_ISSUE_FILE: &str = "/run/issue.d/50-archipelago.issue";
 
@@ -166,16 +162,16 @@ fn generate(key: &Path, public: &Path) -> anyhow::Result<()> {
 }
 
 /// Imports the keys of every partition labelled `conf_label` into the
-/// `authorized_keys` of `data`, and gives the file and its folder to
-/// `owner` (default: the data root's owner). Each key is logged by
-/// fingerprint, each refused line by number and reason. For `prepare`, and
-/// for the installer (on the data partition it mounted).
+/// `authorized_keys` of `data` ([`conf::Strictness::Lenient`]: a stick
+/// that cannot be read and each refused line are said and skipped), and
+/// gives the file and its folder to `owner` (default: the data root's
+/// owner). Each key is logged by fingerprint, each refused line by number
+/// and reason.
 pub fn import_conf_keys(data: &DataRoot, owner: Option<(u32, u32)>, conf_label: &str) -> anyhow::Result<()> {
     let owner = store::owner_or_data_roots(data, owner)?;
     let locked = Locked::open(data, owner)?;
     locked.fix_file()?;
-    let devices = crate::datadisk::devices_labelled(conf_label)
-        .map_err(|e| anyhow::anyhow!("cannot look for partitions labelled {conf_label}: {e}"))?;
+    let devices = conf::devices(conf_label, Strictness::Lenient)?;
     if devices.is_empty() {
         say(&format!("no partition labelled {conf_label}: no keys to import"));
         return Ok(());
@@ -183,8 +179,8 @@ pub fn import_conf_keys(data: &DataRoot, owner: Option<(u32, u32)>, conf_label: 
     let mut file = locked.read()?;
     let mut changed = false;
     for device in &devices {
-        let text = match read_from(device) {
-            Ok(Some(text)) => text,
+        let found = match conf::read(device, conf_label, Strictness::Lenient) {
+            Ok(Some(found)) => found,
             Ok(None) => {
                 say(&format!(
                     "{conf_label} ({}) holds no {CONF_KEYS_FILE} at its top",
@@ -197,19 +193,15 @@ pub fn import_conf_keys(data: &DataRoot, owner: Option<(u32, u32)>, conf_label: 
                 continue;
             }
         };
-        let shown = format!("{conf_label} ({}) {CONF_KEYS_FILE}", device.display());
-        let (good, bad) = super::keys::parse_text(&text);
-        for line in &bad {
-            say(&format!("{shown} {line}: not imported"));
+        for line in &found.refused {
+            say(&format!("{} {line}: not imported", found.shown));
         }
-        for (number, line) in good {
-            if let super::keys::Line::Key(key) = line {
-                if file.add(&key) {
-                    changed = true;
-                    say(&format!("{shown} line {number}: imported {key}"));
-                } else {
-                    say(&format!("{shown} line {number}: already authorized: {key}"));
-                }
+        for (number, key) in &found.keys {
+            if file.add(key) {
+                changed = true;
+                say(&format!("{} line {number}: imported {key}", found.shown));
+            } else {
+                say(&format!("{} line {number}: already authorized: {key}", found.shown));
             }
         }
     }
@@ -218,53 +210,6 @@ pub fn import_conf_keys(data: &DataRoot, owner: Option<(u32, u32)>, conf_label: 
         say(&format!("{} updated", locked.path().display()));
     }
     Ok(())
-}
-
-/// `authorized_keys` at the top of `device`, mounted read-only in a
-/// private folder and unmounted again.
-fn read_from(device: &Path) -> anyhow::Result<Option<String>> {
-    let mountpoint = std::env::temp_dir().join(format!(
-        "archy-conf.{}.{}",
-        std::process::id(),
-        device.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-    ));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&mountpoint)
-        .with_context(|| format!("cannot create {}", mountpoint.display()))?;
-    let mounted = Command::new("mount")
-        .args(["-t", "vfat,ext4", "-o", "ro,nosuid,nodev,noexec"])
-        .arg(device)
-        .arg(&mountpoint)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run mount (package mount)");
-    let result = match mounted {
-        Ok(out) if out.status.success() => {
-            let read = store::read_text(&mountpoint.join(CONF_KEYS_FILE));
-            let unmounted = Command::new("umount").arg(&mountpoint).stdin(Stdio::null()).output();
-            match unmounted {
-                Ok(u) if u.status.success() => {}
-                Ok(u) => say(&format!(
-                    "umount {} failed ({}): {}",
-                    mountpoint.display(),
-                    u.status,
-                    String::from_utf8_lossy(&u.stderr).trim()
-                )),
-                Err(e) => say(&format!("cannot run umount: {e}")),
-            }
-            read
-        }
-        Ok(out) => Err(anyhow::anyhow!(
-            "cannot mount it read-only as FAT or ext4 ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(e),
-    };
-    // Only an empty folder goes: never a mounted stick's files.
-    let _ = fs::remove_dir(&mountpoint);
-    result
 }
 
 fn write_issue(path: &Path, text: &str) -> anyhow::Result<()> {

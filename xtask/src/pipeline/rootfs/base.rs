@@ -537,6 +537,13 @@ mod tests {
             "conmon",
             "uidmap",
             "slirp4netns",
+            // The installer's tools and the node's SSH (issue 15).
+            "fdisk",
+            "dosfstools",
+            "grub-pc-bin",
+            "grub-efi-amd64-bin",
+            "grub2-common",
+            "openssh-server",
         ] {
             assert!(
                 list.iter().any(|p| p == needed),
