@@ -14,11 +14,12 @@
 //! each slot's PARTUUID with `probe --part-uuid` before booting it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
 use super::machine_id::MachineId;
+use crate::mount::run;
 
 /// The environment block's file name, beside `grub.cfg` in `<esp>/grub/`.
 pub const ENV_FILE: &str = "grubenv";
@@ -203,22 +204,6 @@ menuentry "Archipelago: no slot boots, restarting in 30 s" --id restart {
 "#,
     );
     out
-}
-
-/// Runs a host tool, failing with its stderr.
-fn run(cmd: &mut Command, what: &str, package: &str) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what} (package {package})"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Writes the environment block `<grub_dir>/grubenv` anew with
