@@ -34,6 +34,16 @@ pub const BOOTARGS_FILE: &str = "live/bootargs";
 pub const OPTIONAL_LIVE_FILES: [&str; 1] = [BOOTARGS_FILE];
 /// The longest version string allowed.
 pub const VERSION_MAX_LEN: usize = 64;
+/// The RAUC slot class a release is written to (`[slot.rootfs.N]` in the
+/// node's `system.conf`, `[image.rootfs]` in a bundle's manifest).
+pub const RAUC_SLOT_CLASS: &str = "rootfs";
+
+/// RAUC's `compatible` for an architecture, `archipelago-<arch>`: the
+/// node's `system.conf` and every bundle's manifest name it, and RAUC
+/// refuses a bundle whose value differs (another architecture).
+pub fn rauc_compatible(architecture: &str) -> String {
+    format!("archipelago-{architecture}")
+}
 /// The architecture this agent was built for, as Debian names it: a node
 /// installs only a release of its own.
 pub const ARCHITECTURE: &str = if cfg!(target_arch = "aarch64") {

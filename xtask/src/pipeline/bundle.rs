@@ -19,7 +19,7 @@ use std::io::{BufWriter, Read as _, Write as _};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use archy_agent::os::release::{Version, LIVE_FILES, OPTIONAL_LIVE_FILES, RELEASE_FILE};
+use archy_agent::os::release::{self, Version, LIVE_FILES, OPTIONAL_LIVE_FILES, RELEASE_FILE};
 use serde::Deserialize;
 use xshell::{cmd, Shell};
 
@@ -30,7 +30,7 @@ use crate::pipeline::layers::sha256_file;
 
 pub const BUNDLE_SUFFIX: &str = "raucb";
 /// The slot class the image is for, and the one image's file name.
-pub const SLOT_CLASS: &str = "rootfs";
+pub const SLOT_CLASS: &str = release::RAUC_SLOT_CLASS;
 pub const IMAGE_FILE: &str = "rootfs.tar";
 pub const MANIFEST_FILE: &str = "manifest.raucm";
 /// RAUC's `mksquashfs`: the payload is compressed already (squashfs,
@@ -41,9 +41,9 @@ const FILE_MODE: u32 = 0o644;
 const DIR_MODE: u32 = 0o755;
 
 /// `archipelago-<arch>`: what the node's `system.conf` names as
-/// `compatible` and a bundle must match.
+/// `compatible` and a bundle must match (the agent's one definition).
 pub fn compatible(arch: &str) -> String {
-    format!("{}-{arch}", flags::PRODUCT)
+    release::rauc_compatible(arch)
 }
 
 /// `archipelago-<version>-<arch>.raucb`.

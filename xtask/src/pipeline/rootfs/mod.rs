@@ -267,7 +267,6 @@ pub fn build(
     flags::refuse_whitespace(&cache_dir, "the cache folder")?;
     flags::refuse_whitespace(tree, "the output folder")?;
     let version = args.release.version()?;
-    let key = SigningKey::resolve(root, sh, &args.release)?;
 
     // Everything cheap and likely to fail first, before minutes of work.
     let (payload, inputs_partial) =
@@ -329,7 +328,6 @@ pub fn build(
             let unit = root.join(UNIT_FILE);
             let release = format!("NAME=Archipelago\nVERSION={version}\nDEBIAN_RELEASE={RELEASE}\n");
             layer.add_bytes(NODE_RELEASE_FILE, release.into_bytes(), FILE_MODE)?;
-            layer.add_file_with_mode(KEYRING_PATH, &key.cert, FILE_MODE)?;
             let note = format!(
                 "{} app{}, {} image{}{}",
                 apps.len(),
@@ -359,6 +357,10 @@ pub fn build(
             ))
         })?;
     let mut payload = payload;
+    // After the input checks (which fail first, before anything is made):
+    // the key the release is signed with, whose certificate it trusts.
+    let key = SigningKey::resolve(root, sh, &args.release)?;
+    payload.add_file_with_mode(KEYRING_PATH, &key.cert, FILE_MODE)?;
 
     let what = match &args.agent {
         Some(path) => format!("using the agent binary {}", path.display()),
