@@ -1,16 +1,19 @@
 //! `cargo xtask iso` for real, checked with xorriso: the images stage it
 //! runs itself (an image from the loopback test registry, found in the
 //! squashfs), both El Torito boot entries (BIOS and UEFI), the live
-//! system's files, the label, the boot menu, the checksum file, the
-//! build report and the SBOM. Needs root, the test registry and Debian's archive (for
-//! the base rootfs when target/cache lacks it); run through `cargo xtask
-//! test`.
+//! system's files, the label, the boot menu, the checksum file and its
+//! signature, the signed update bundle (checked with `rauc info` against
+//! the keyring the image carries), the release version given to the build
+//! everywhere, the build report and the SBOM. Needs root, the test registry
+//! and Debian's archive (for the base rootfs when target/cache lacks it);
+//! run through `cargo xtask test`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -47,6 +50,22 @@ fn extract(iso: &Path, file: &str, to: &Path) {
     );
 }
 
+/// The version given to the build: not the workspace's, so that every
+/// place that names the release is seen to take it.
+const RELEASE_VERSION: &str = "0.1.1-iso.1";
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let output = Command::new(program).args(args).output().unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
 #[test]
 fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     let out = tempfile::Builder::new()
@@ -79,6 +98,8 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
             out.path().to_str().unwrap(),
             "--agent",
             agent.to_str().unwrap(),
+            "--release-version",
+            RELEASE_VERSION,
         ],
         &[("CARGO_TARGET_DIR", target.as_os_str())],
     );
@@ -92,7 +113,7 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     assert_eq!(lock["images"][0]["manifest_digest"], digest, "{lock}");
     let archive = lock["images"][0]["archive"].as_str().unwrap().to_owned();
 
-    let name = format!("archipelago-{}-amd64.iso", env!("CARGO_PKG_VERSION"));
+    let name = format!("archipelago-{RELEASE_VERSION}-amd64.iso");
     let iso = out.path().join(&name);
     assert!(iso.is_file(), "{} is missing; stdout:\n{stdout}", iso.display());
 
@@ -142,14 +163,18 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     assert_eq!(cfg.matches(" archipelago.install\n").count(), 2, "{cfg}");
 
     let sha = sha256_hex(&fs::read(&iso).unwrap());
-    let sums = fs::read_to_string(out.path().join("SHA256SUMS")).unwrap();
-    assert!(sums.lines().any(|l| l == format!("{sha}  {name}")), "{sums}");
+    let bundle_name = format!("archipelago-{RELEASE_VERSION}-amd64.raucb");
+    let bundle = out.path().join(&bundle_name);
+    let bundle_sha = sha256_hex(&fs::read(&bundle).unwrap());
+    let sums = out.path().join("SHA256SUMS");
     // The SBOM, listed in SHA256SUMS, from the report's data.
     let sbom_bytes = fs::read(out.path().join("sbom.spdx.json")).unwrap();
-    assert!(
-        sums.lines()
-            .any(|l| l == format!("{}  sbom.spdx.json", sha256_hex(&sbom_bytes))),
-        "{sums}"
+    assert_eq!(
+        fs::read_to_string(&sums).unwrap(),
+        format!(
+            "{sha}  {name}\n{bundle_sha}  {bundle_name}\n{}  sbom.spdx.json\n",
+            sha256_hex(&sbom_bytes)
+        )
     );
     let sbom: serde_json::Value = serde_json::from_slice(&sbom_bytes).unwrap();
     assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
@@ -166,12 +191,86 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
         "no podman purl in the SBOM: {purls:?}"
     );
     assert!(stdout.contains(&format!("sha256:  {sha}")), "{stdout}");
+
+    // No key was given: the development key, made once under the
+    // target folder, the key the owner's only, and the build said so.
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(
+        stderr.contains("signing with the development key") && stderr.contains("for development only"),
+        "{stderr}"
+    );
+    let key = target.join("keys/archipelago-dev.key.pem");
+    let cert = target.join("keys/archipelago-dev.cert.pem");
+    assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let cert_text = fs::read_to_string(&cert).unwrap();
+    let key_text = fs::read_to_string(&key).unwrap();
+    assert!(
+        !stdout.contains(key_text.trim()) && !stderr.contains(key_text.trim()),
+        "the key is never printed"
+    );
+    // The signed SHA256SUMS verifies with the certificate, as the README says.
+    let sig = out.path().join("SHA256SUMS.sig");
+    let (ok, said) = run(
+        "openssl",
+        &[
+            "cms".as_ref(),
+            "-verify".as_ref(),
+            "-binary".as_ref(),
+            "-content".as_ref(),
+            sums.as_os_str(),
+            "-in".as_ref(),
+            sig.as_os_str(),
+            "-inform".as_ref(),
+            "PEM".as_ref(),
+            "-CAfile".as_ref(),
+            cert.as_os_str(),
+            "-purpose".as_ref(),
+            "any".as_ref(),
+            "-out".as_ref(),
+            "/dev/null".as_ref(),
+        ],
+    );
+    assert!(ok, "SHA256SUMS.sig does not verify: {said}");
+    // The bundle verifies with the keyring the image carries, and names
+    // the release.
+    let (ok, info) = run(
+        "rauc",
+        &[
+            "info".as_ref(),
+            "--keyring".as_ref(),
+            cert.as_os_str(),
+            "--output-format=json".as_ref(),
+            bundle.as_os_str(),
+        ],
+    );
+    assert!(ok, "rauc info: {info}");
+    let info_json: serde_json::Value =
+        serde_json::from_str(info.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(info_json["compatible"], "archipelago-amd64", "{info}");
+    assert_eq!(info_json["version"], RELEASE_VERSION, "{info}");
+    assert_eq!(info_json["images"][0]["rootfs"]["filename"], "rootfs.tar", "{info}");
+
+    let release_json = out.path().join("release.json");
+    extract(&iso, "/release.json", &release_json);
+    let release: serde_json::Value = serde_json::from_str(&fs::read_to_string(&release_json).unwrap()).unwrap();
+    assert_eq!(release["version"], RELEASE_VERSION);
     assert!(stdout.contains("total:"), "{stdout}");
 
     let report: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.path().join("build-report.json")).unwrap()).unwrap();
     assert_eq!(report["artifact"]["sha256"], sha.as_str());
     assert_eq!(report["artifact"]["file"], name.as_str());
+    assert_eq!(report["version"], RELEASE_VERSION);
+    assert_eq!(report["bundle"]["file"], bundle_name.as_str());
+    assert_eq!(report["bundle"]["sha256"], bundle_sha.as_str());
+    assert_eq!(report["bundle"]["compatible"], "archipelago-amd64");
+    assert_eq!(report["bundle"]["payload_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(report["sums_signature"], "SHA256SUMS.sig");
+    assert_eq!(report["inputs"]["keyring"]["development"], true);
+    assert_eq!(
+        report["inputs"]["keyring"]["certificate_sha256"],
+        sha256_hex(cert_text.as_bytes()).as_str()
+    );
     assert_eq!(report["source_date_epoch"], EPOCH.parse::<u64>().unwrap());
     assert!(report["packages"]
         .as_array()
@@ -184,7 +283,7 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    for stage in ["rootfs-base", "rootfs", "squashfs", "bootloader", "iso"] {
+    for stage in ["rootfs-base", "rootfs", "squashfs", "bootloader", "iso", "bundle"] {
         assert!(
             stages.contains(&stage),
             "{stage} is not in the report's stages {stages:?}"
@@ -218,6 +317,19 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
         "/usr/share/archipelago/images/images.lock.json".to_owned(),
     ] {
         assert!(listing.lines().any(|l| l == file), "{file} is not in the squashfs");
+    }
+    // The image trusts exactly the key its bundle is signed with, and
+    // names its release.
+    for (file, expected) in [
+        ("etc/rauc/keyring.pem", cert_text.clone()),
+        (
+            "etc/archipelago-release",
+            format!("NAME=Archipelago\nVERSION={RELEASE_VERSION}\nDEBIAN_RELEASE=bookworm\n"),
+        ),
+    ] {
+        let (ok, content) = run("unsquashfs", &["-cat".as_ref(), squashfs.as_os_str(), file.as_ref()]);
+        assert!(ok, "unsquashfs -cat {file}: {content}");
+        assert_eq!(content, expected, "/{file} in the squashfs");
     }
     assert!(
         !out.path().join("work").exists(),
