@@ -279,15 +279,15 @@ fn os_update_takes_an_absolute_path_or_a_url_and_a_boolean() {
         Call::parse("os.update", p)
     };
     assert_eq!(
-        parse(json!({"source": "https://example.org/a.raucb", "allow_downgrade": true})).unwrap(),
+        parse(json!({"source": "https://example.org/a.raucb", "allow_downgrade": true})).expect("a URL"),
         Call::OsUpdate {
             source: "https://example.org/a.raucb".into(),
             allow_downgrade: true
         }
     );
-    let e = parse(json!({"source": "b.raucb"})).unwrap_err();
+    let e = parse(json!({"source": "b.raucb"})).expect_err("a relative path");
     assert!(e.message.contains("must be an absolute path"), "{e}");
-    let e = parse(json!({"source": "/b", "allow_downgrade": "yes"})).unwrap_err();
+    let e = parse(json!({"source": "/b", "allow_downgrade": "yes"})).expect_err("a string flag");
     assert!(e.message.contains("must be a boolean"), "{e}");
-    assert!(parse(json!({})).unwrap_err().message.contains("is required"));
+    assert!(parse(json!({})).expect_err("no source").message.contains("is required"));
 }
