@@ -384,6 +384,9 @@ fn update(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Value, Failure> {
     fs::create_dir_all(&cfg.run_dir).with_context(|| format!("cannot create {}", cfg.run_dir.display()))?;
+    // Root's, writable by root only: the handlers trust what is in it.
+    fs::set_permissions(&cfg.run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("cannot set the mode of {}", cfg.run_dir.display()))?;
     let lock_path = cfg.run_dir.join("update.lock");
     let lock = fs::OpenOptions::new()
         .create(true)
