@@ -628,3 +628,56 @@ fn an_update_request_without_a_bundle_is_refused() {
     assert!(child.wait().unwrap().success());
     assert!(err.contains("request from uid 0"), "{err}");
 }
+
+/// Only root and the archipelago group may ask the helper: a connection
+/// from another user (here `nobody`; this host has no archipelago group)
+/// is refused on its SO_PEERCRED, and the helper logs the uid.
+#[test]
+fn another_user_is_refused_by_the_helper() {
+    need_tools();
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("os.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    // The socket's mode lets anyone connect: the helper's own check is tested.
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).unwrap();
+    let bundle = dir.path().join("b.raucb");
+    fs::write(&bundle, b"not even a bundle").unwrap();
+    fs::set_permissions(&bundle, fs::Permissions::from_mode(0o644)).unwrap();
+    let run_dir = dir.path().join("run");
+    let data = dir.path().join("data");
+    let helper = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        Command::new(AGENT)
+            .arg("--data")
+            .arg(&data)
+            .args(["os", "helper", "--run-dir"])
+            .arg(&run_dir)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(conn)))
+            .stdout(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    let client = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .args(["os", "update"])
+        .arg(&bundle)
+        .arg("--helper")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let said = text(&client);
+    assert!(!client.status.success(), "{said}");
+    assert!(
+        said.contains(
+            "refused: uid 65534 (gid 65534) may not ask the OS helper: only root and the group archipelago may"
+        ),
+        "{said}"
+    );
+    let log = helper.join().unwrap();
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(log.contains("request from uid 65534"), "{log}");
+    assert!(!dir.path().join("data/system/os/incoming.raucb").exists());
+}
