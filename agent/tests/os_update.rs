@@ -216,15 +216,24 @@ fn setup() -> Rig {
     let backend = rig.path("backend.sh");
     fs::write(&backend, BACKEND).unwrap();
     fs::set_permissions(&backend, fs::Permissions::from_mode(0o755)).unwrap();
-    for (name, sub) in [
-        ("pre-install.sh", "rauc-pre-install"),
-        ("post-install.sh", "rauc-post-install"),
+    // The post-install wrapper can damage the written slot first (when
+    // the file `damage-slot` exists), as a disk that wrote badly would.
+    let damage = format!(
+        "if [ -e {marker} ]; then mount -t ext4 {dev} {at} && printf x >> {at}/live/vmlinuz && umount {at}; fi\n",
+        marker = rig.path("damage-slot").display(),
+        dev = rig.loops[1].display(),
+        at = rig.path("damage").display(),
+    );
+    fs::create_dir_all(rig.path("damage")).unwrap();
+    for (name, sub, before) in [
+        ("pre-install.sh", "rauc-pre-install", String::new()),
+        ("post-install.sh", "rauc-post-install", damage),
     ] {
         let p = rig.path(name);
         fs::write(
             &p,
             format!(
-                "#!/bin/sh\nexec {AGENT} os {sub} --run-dir {} --booted-release {}\n",
+                "#!/bin/sh\n{before}exec {AGENT} os {sub} --run-dir {} --booted-release {}\n",
                 rig.path("run").display(),
                 rig.path("booted/release.json").display()
             ),
@@ -490,8 +499,32 @@ fn rauc_installs_a_good_bundle_and_refuses_bad_ones_without_touching_the_slot() 
         text(&nobody)
     );
 
-    // A good bundle lands in slot B, reads back, and B boots next.
+    // A slot that does not read back as written: the post-install handler
+    // says so, and the helper marks the slot RAUC had just made primary
+    // bad, so the booted slot A stays the one to boot.
     let good = bundle(&rig, &Spec::good("good", "0.3.0"));
+    fs::write(rig.path("damage-slot"), b"").unwrap();
+    let out = os_update(&rig, &good, &[]);
+    fs::remove_file(rig.path("damage-slot")).unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("refused:") && said.contains("live/vmlinuz: its sha256 is"),
+        "{said}"
+    );
+    assert!(said.contains("marking slot B bad"), "{said}");
+    assert_eq!(rig.backend_file("state.B"), "bad");
+    let primary = Command::new(rig.path("backend.sh"))
+        .arg("get-primary")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&primary.stdout).trim(), "A");
+    assert!(
+        !rig.path("data/system/os/trial.json").exists(),
+        "no trial without an install"
+    );
+
+    // A good bundle lands in slot B, reads back, and B boots next.
     let out = os_update(&rig, &good, &[]);
     assert!(
         out.status.success(),
