@@ -631,6 +631,33 @@ fn rauc_installs_a_good_bundle_and_refuses_bad_ones_without_touching_the_slot() 
         !rig.path("run/allow-downgrade").exists(),
         "the permission is for one install"
     );
+
+    // A URL: fetched by the CLI (loopback http is allowed for tests) into
+    // the data root, handed over open, and removed after.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = fs::read(&good).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 2048];
+        let _ = s.read(&mut req).unwrap();
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+    });
+    let url = format!("http://127.0.0.1:{port}/good.raucb");
+    let out = os_update(&rig, Path::new(&url), &[]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains(&format!("downloaded 0 MiB from {url}")), "{said}");
+    assert!(said.contains("installed 0.3.0 into slot B"), "{said}");
+    assert_eq!(read_slot(&rig, rig.slot_b()).version, "0.3.0");
+    assert!(!rig.path("data/state/os-download.raucb").exists());
 }
 
 /// The helper refuses a connection that sends no bundle with an update.
