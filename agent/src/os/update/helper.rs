@@ -400,7 +400,11 @@ fn update(
     }
     let os_dir = cfg.data.os_dir();
     fs::create_dir_all(&os_dir).with_context(|| format!("cannot create {}", os_dir.display()))?;
-    let size = bundle.metadata().context("cannot read the bundle's size")?.len();
+    let meta = bundle.metadata().context("cannot read the bundle's size")?;
+    if !meta.is_file() {
+        return Err(refused("the bundle passed is not a regular file"));
+    }
+    let size = meta.len();
     let free = free_bytes(&os_dir)?;
     if size.saturating_add(SPARE_BYTES) > free {
         return Err(refused(format!(
@@ -422,6 +426,8 @@ fn update(
 }
 
 fn copy_in(bundle: &mut fs::File, staged: &Path, size: u64, progress: &mut dyn FnMut(&str)) -> Result<(), Failure> {
+    // No more than the size the space check allowed, should the file grow.
+    let mut bundle = bundle.take(size);
     let _ = fs::remove_file(staged);
     let mut to = fs::OpenOptions::new()
         .create_new(true)
