@@ -63,6 +63,7 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("registry.remove", &["name"]),
     ("registry.test", &["name"]),
     ("reconcile-now", &[]),
+    ("os.update", &["source", "allow_downgrade"]),
 ];
 
 /// The params `method` takes (empty for an unknown method).

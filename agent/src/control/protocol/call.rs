@@ -20,20 +20,47 @@ pub enum InstallTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Install(InstallTarget),
-    Start { app: String },
-    Stop { app: String },
-    Restart { app: String },
-    Remove { app: String },
-    Upgrade { app: String },
-    Status { app: String },
+    Start {
+        app: String,
+    },
+    Stop {
+        app: String,
+    },
+    Restart {
+        app: String,
+    },
+    Remove {
+        app: String,
+    },
+    Upgrade {
+        app: String,
+    },
+    Status {
+        app: String,
+    },
     List,
-    Logs { app: String, tail: Option<usize> },
-    Health { app: String },
+    Logs {
+        app: String,
+        tail: Option<usize>,
+    },
+    Health {
+        app: String,
+    },
     RegistryList,
     RegistryAdd(NewRegistry),
-    RegistryRemove { name: String },
-    RegistryTest { name: Option<String> },
+    RegistryRemove {
+        name: String,
+    },
+    RegistryTest {
+        name: Option<String>,
+    },
     ReconcileNow,
+    /// Installs an OS update bundle (a path the agent can read, or an
+    /// https:// URL) through the root helper (docs/updates.md).
+    OsUpdate {
+        source: String,
+        allow_downgrade: bool,
+    },
 }
 
 impl Call {
@@ -55,6 +82,7 @@ impl Call {
             Call::RegistryRemove { .. } => "registry.remove",
             Call::RegistryTest { .. } => "registry.test",
             Call::ReconcileNow => "reconcile-now",
+            Call::OsUpdate { .. } => "os.update",
         }
     }
 
@@ -104,6 +132,23 @@ impl Call {
                 name: p.string("name")?,
             },
             "reconcile-now" => Call::ReconcileNow,
+            "os.update" => {
+                let source = p.required("source", "a bundle's absolute path or an https:// URL")?;
+                if !crate::os::update::is_url(&source) && !std::path::Path::new(&source).is_absolute() {
+                    return Err(p.invalid("source", "must be an absolute path or an https:// URL"));
+                }
+                let allow_downgrade = match p.map.remove("allow_downgrade") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => b,
+                    Some(other) => {
+                        return Err(p.invalid("allow_downgrade", &format!("must be a boolean, not {}", kind(&other))))
+                    }
+                };
+                Call::OsUpdate {
+                    source,
+                    allow_downgrade,
+                }
+            }
             other => return Err(RpcError::method_not_found(other)),
         };
         Ok(call)
