@@ -25,5 +25,6 @@ pub mod layout;
 pub mod machine_id;
 pub mod medium;
 pub mod partition;
+pub mod records;
 pub mod release;
 pub mod slot;
