@@ -60,6 +60,10 @@ pub enum OsCommand {
         #[arg(long, hide = true)]
         no_panic: bool,
     },
+    /// A node's life around an OS update: boot-prepare, boot-check, mark-good, status,
+    /// acknowledge (`life.rs`; run by `cli.rs` with the data root).
+    #[command(flatten)]
+    Life(super::life::LifeCommand),
 }
 
 pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
@@ -108,6 +112,7 @@ pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<
             super::install::wait_before_power_off(interactive && terminal, input, out)?;
             Ok(code)
         }
+        OsCommand::Life(_) => anyhow::bail!("os life commands run through cli.rs, which has the data root"),
         OsCommand::CheckMedium {
             cmdline,
             medium,
