@@ -134,6 +134,11 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-agent.service", "multi-user.target"),
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
+    // OS updates (issue 16): boot-prepare, the trial's check (also required
+    // by boot-complete.target's drop-in) and the commit.
+    ("archy-os-prepare.service", "multi-user.target"),
+    ("archy-boot-check.service", "boot-complete.target"),
+    ("archy-mark-good.service", "multi-user.target"),
 ];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
 const SYSTEM_UNIT_ETC: &str = "etc/systemd/system";
