@@ -105,5 +105,7 @@ async fn an_os_trial_holds_app_changes_until_the_commit_but_still_starts_contain
     })
     .await;
     let _ = stop_tx.send(());
-    agent.await.expect("agent task").expect("agent exits cleanly");
+    if let Err(e) = agent.await.expect("agent task") {
+        panic!("the agent did not exit cleanly: {e:#}");
+    }
 }

@@ -142,7 +142,8 @@ pub async fn run(
                 orch.clone(),
                 Some(crate::control::reconcile_bridge(queue_tx.clone())),
             )
-            .with_busy(busy_rx),
+            .with_busy(busy_rx)
+            .with_os_boot_status(config.os_boot_status.clone()),
         );
         tokio::spawn(async move {
             let stopped = async move {

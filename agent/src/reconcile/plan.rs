@@ -254,7 +254,7 @@ pub fn plan(
             let container = observed.get(&d.container);
             let decision = frozen(
                 node,
-                decide(d, container, mem, &container_of, &unobservable, observed, now),
+                decide(d, container, mem, &container_of, &unobservable, observed, node, now),
             );
             let reason = match &decision {
                 Decision::Act(action) => reason_for(action, container),
@@ -322,6 +322,7 @@ fn decide(
     container_of: &BTreeMap<&AppId, &str>,
     unobservable: &BTreeSet<&AppId>,
     observed: &BTreeMap<String, ContainerSummary>,
+    node: NodeFacts,
     now: Instant,
 ) -> Decision {
     if let Some(f) = &d.in_flight {
@@ -396,6 +397,17 @@ fn decide(
             .count();
         if recent >= DRIFT_LOOP_AFTER {
             return Decision::Wait(Wait::DriftLoop);
+        }
+        // On an OS trial the old container stays until the commit, and is
+        // started again when it is down.
+        if node.os_trial {
+            return match c.status {
+                ContainerStatus::Created | ContainerStatus::Exited | ContainerStatus::Stopped => {
+                    backoff_or(mem, now, Action::Start)
+                }
+                ContainerStatus::Paused => Decision::Act(Action::Unpause),
+                _ => frozen(node, Decision::Act(Action::Recreate { reason })),
+            };
         }
         return backoff_or(mem, now, Action::Recreate { reason });
     }
@@ -688,6 +700,15 @@ mod tests {
                 AppMemory::default(),
                 Decision::Act(Action::Start),
                 "start",
+            ),
+            // A stopped container of an older manifest: started as it is on
+            // trial, replaced once committed.
+            (
+                "fixture-app",
+                Some("old"),
+                AppMemory::default(),
+                Decision::Act(Action::Start),
+                "recreate",
             ),
             (
                 "fixture-pod-infra",
