@@ -448,7 +448,14 @@ fn check_install_mode_and_ssh(tree: &Path) {
         "ssh archipelago@\\4 (issue test)\n",
     )
     .unwrap();
+    // And the OS's line (os boot-prepare: a rollback, a trial).
+    fs::write(
+        issue_dir.join("40-archipelago-os.issue"),
+        "Archipelago OS: rolled back (os issue test)\n",
+    )
+    .unwrap();
     let shown = show_issue(tree);
+    assert!(shown.contains("(os issue test)"), "{shown}");
     fs::remove_dir_all(&issue_dir).unwrap();
     let line = shown
         .lines()
