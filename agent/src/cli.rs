@@ -58,6 +58,10 @@ pub struct GlobalOpts {
     /// Folder of pre-pulled image archives and their images.lock.json.
     #[arg(long, global = true, env = "ARCHY_IMAGES", default_value = images::DEFAULT_IMAGES_DIR)]
     pub images: PathBuf,
+    /// The OS boot status file: while it says an OS release is on trial, reconcile installs and
+    /// recreates no app.
+    #[arg(long, global = true, env = "ARCHY_OS_BOOT_STATUS", default_value = crate::os::records::BOOT_JSON)]
+    pub os_boot_status: PathBuf,
 }
 
 /// The engine socket a user's commands reach without `--engine` or
@@ -325,6 +329,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
+        Command::Os(crate::os::commands::OsCommand::Life(cmd)) => crate::os::life::run(
+            &cmd,
+            &cli.global.data,
+            &cli.global.control,
+            cli.global.json,
+            &mut std::io::stdout().lock(),
+        ),
         Command::Os(cmd) => crate::os::commands::run(&cmd, &cli.global, &mut std::io::stdout().lock()),
         Command::Ssh(cmd) => crate::ssh::run(cmd, &cli.global.data, cli.global.apps_dir(), cli.global.json),
         Command::ProbeNet { http, tcp, timeout_ms } => {
@@ -546,15 +557,18 @@ fn agent_config(
     resync: Duration,
     control: Option<&std::path::Path>,
 ) -> reconcile::daemon::AgentConfig {
-    reconcile::commands::config(
-        &global.engine,
-        &global.apps_dir(),
-        &global.data,
-        &global.images,
-        naming(global),
-        resync,
-        control,
-    )
+    reconcile::daemon::AgentConfig {
+        os_boot_status: global.os_boot_status.clone(),
+        ..reconcile::commands::config(
+            &global.engine,
+            &global.apps_dir(),
+            &global.data,
+            &global.images,
+            naming(global),
+            resync,
+            control,
+        )
+    }
 }
 
 /// The orchestrator's config from the options in force. The apps folder

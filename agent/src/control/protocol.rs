@@ -64,6 +64,7 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("registry.test", &["name"]),
     ("reconcile-now", &[]),
     ("os.update", &["source", "allow_downgrade"]),
+    ("os.status", &[]),
 ];
 
 /// The params `method` takes (empty for an unknown method).

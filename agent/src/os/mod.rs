@@ -19,15 +19,19 @@
 //! `update/` is the OS update: RAUC's configuration and handlers, the
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
+pub mod boot;
+pub mod check;
 pub mod cmdline;
 pub mod commands;
 pub mod disks;
 pub mod grub;
 pub mod install;
 pub mod layout;
+pub mod life;
 pub mod machine_id;
 pub mod medium;
 pub mod partition;
+pub mod records;
 pub mod release;
 pub mod slot;
 pub mod update;

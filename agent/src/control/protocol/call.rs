@@ -61,6 +61,8 @@ pub enum Call {
         source: String,
         allow_downgrade: bool,
     },
+    /// The OS: booted slot, each slot's release and state, the last rollback.
+    OsStatus,
 }
 
 impl Call {
@@ -83,6 +85,7 @@ impl Call {
             Call::RegistryTest { .. } => "registry.test",
             Call::ReconcileNow => "reconcile-now",
             Call::OsUpdate { .. } => "os.update",
+            Call::OsStatus => "os.status",
         }
     }
 
@@ -149,6 +152,7 @@ impl Call {
                     allow_downgrade,
                 }
             }
+            "os.status" => Call::OsStatus,
             other => return Err(RpcError::method_not_found(other)),
         };
         Ok(call)
