@@ -44,10 +44,6 @@ use crate::os::release::Release;
 pub const SOCKET: &str = "/run/archipelago/os.sock";
 /// The group whose members (besides root) may ask.
 pub const GROUP: &str = "archipelago";
-/// The staged bundle's name in `DataRoot::os_dir()`.
-pub const INCOMING: &str = "incoming.raucb";
-/// The trial record's name in `DataRoot::os_dir()` (H5's records type).
-pub const TRIAL_FILE: &str = "trial.json";
 /// Room kept free on the data partition beyond the bundle itself.
 const SPARE_BYTES: u64 = 64 << 20;
 /// A request line is small; a longer one is refused.
@@ -334,19 +330,6 @@ fn status(cfg: &HelperConfig) -> Result<Value, Failure> {
     Ok(json!({ "rauc": rauc.raw, "boot": boot }))
 }
 
-/// The trial record written before an install (the fields of H5's
-/// `os::records` trial type; the integrator swaps this for it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrialRecord {
-    pub format: u32,
-    pub from_version: String,
-    pub to_version: String,
-    pub to_slot: String,
-    pub healthy_before: Vec<String>,
-    pub started_at: String,
-    pub failures: Vec<Value>,
-}
-
 /// The apps healthy now, from the agent's `container-list` (running, and
 /// healthy when they have a health check). No agent: none.
 fn healthy_apps(control: &Path) -> Vec<String> {
@@ -415,7 +398,7 @@ fn update(
             SPARE_BYTES >> 20
         )));
     }
-    let staged = os_dir.join(INCOMING);
+    let staged = cfg.data.os_incoming_bundle();
     let result = (|| {
         copy_in(&mut bundle, &staged, size, progress)?;
         install(cfg, &staged, allow_downgrade, progress)
@@ -496,18 +479,18 @@ fn install(
             healthy.join(", ")
         }
     ));
-    let trial = TrialRecord {
-        format: 1,
+    let to_slot = crate::os::records::Slot::parse(&target_boot)
+        .ok_or_else(|| anyhow!("RAUC's target slot has the bootname {target_boot:?}, not A or B"))?;
+    let trial = crate::os::records::Trial {
+        format: crate::os::records::FORMAT,
         from_version: booted.version.clone(),
         to_version: to_version.clone(),
-        to_slot: target_boot.clone(),
+        to_slot,
         healthy_before: healthy,
         started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         failures: Vec::new(),
     };
-    let trial_path = cfg.data.os_dir().join(TRIAL_FILE);
-    crate::fsutil::write_atomic(&trial_path, &serde_json::to_vec_pretty(&trial)?, 0o644)
-        .with_context(|| format!("cannot write {}", trial_path.display()))?;
+    trial.write(&cfg.data.os_trial())?;
 
     let refusal_path = cfg.run_dir.join(REFUSAL_FILE);
     let _ = fs::remove_file(&refusal_path);
@@ -538,7 +521,7 @@ fn install(
             }))
         }
         Err(rauc_says) => {
-            let _ = fs::remove_file(&trial_path);
+            let _ = fs::remove_file(cfg.data.os_trial());
             // A failure after RAUC made the slot primary (post-install):
             // mark it bad, so the next boot stays on the booted release. A
             // slot already primary before (an update installed earlier and
