@@ -16,6 +16,7 @@
 //! `medium.rs` is `archy-agent os check-medium`, run early on every boot
 //! from an installed disk.
 
+pub mod bootenv;
 pub mod cmdline;
 pub mod commands;
 pub mod disks;
