@@ -491,6 +491,19 @@ fn grub_reads_around_a_damaged_copy_and_boots_degraded_without_one() {
         "the missing one cannot be written"
     );
 
+    // A trial whose count no copy can take (the only copy readable but
+    // without GRUB's free-space marker at its end) is not booted:
+    // COMMITTED, degraded.
+    let mut unwritable = trial[n].clone().expect("newer");
+    unwritable[bootenv::BLOCK_SIZE - 1] = b'X';
+    m.set_copies(&[Some(unwritable), None]);
+    let r = m.step(&text, &no_args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::A, true), entry(SlotName::B, true))
+    );
+    assert_eq!(r.written, None);
+
     // Both copies unreadable: A degraded, then B degraded; nothing written.
     for copies in [[Some(garbage.clone()), Some(garbage.clone())], [None, None]] {
         m.set_copies(&copies);
