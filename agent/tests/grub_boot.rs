@@ -561,3 +561,60 @@ fn grub_appends_a_release_s_bootargs_and_checks_partuuids() {
         ["WRONG-PARTUUID".to_owned(), m.line(entry(SlotName::A, false), "")]
     );
 }
+
+/// `archy-agent os rauc-backend`, as RAUC runs it: arguments in, the
+/// answer on stdout, a non-zero exit and a reason on stderr otherwise.
+#[test]
+fn rauc_backend_runs_as_a_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grub = dir.path().join("grub");
+    fs::create_dir(&grub).expect("mkdir");
+    EnvStore::new(grub.clone()).init().expect("init");
+    let cmdline = dir.path().join("cmdline");
+    fs::write(&cmdline, "boot=live archipelago.slot=a rauc.slot=A quiet\n").expect("cmdline");
+    let backend = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+            .args(["os", "rauc-backend", "--env-dir"])
+            .arg(&grub)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .args(args)
+            .output()
+            .expect("archy-agent")
+    };
+    let ok = |args: &[&str]| {
+        let out = backend(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ok(&["get-primary"]), "A\n");
+    assert_eq!(ok(&["get-current"]), "A\n");
+    assert_eq!(ok(&["get-state", "B"]), "bad\n");
+    // An install into B, as RAUC 1.8 does it.
+    assert_eq!(ok(&["set-state", "B", "bad"]), "");
+    assert_eq!(ok(&["set-primary", "B"]), "");
+    assert_eq!(ok(&["get-primary"]), "B\n");
+    let env = EnvStore::new(grub.clone()).read().expect("read");
+    assert!(env.b.ok && env.b.trial && env.b.tries == 0 && env.committed == SlotName::A);
+    // mark-good on B.
+    assert_eq!(ok(&["set-state", "B", "good"]), "");
+    let env = EnvStore::new(grub.clone()).read().expect("read");
+    assert!(!env.b.trial && env.committed == SlotName::B);
+
+    let out = backend(&["set-state", "C", "good"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"C\"") && err.contains("A or B"), "{err}");
+    assert!(out.stdout.is_empty());
+    // No readable copy: an error naming both files.
+    fs::write(grub.join("bootenv.0"), "junk").expect("write");
+    fs::remove_file(grub.join("bootenv.1")).expect("rm");
+    let out = backend(&["get-primary"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bootenv.0") && err.contains("bootenv.1"), "{err}");
+}

@@ -688,8 +688,11 @@ pub fn grub_boot(copies: [Option<&[u8]>; 2]) -> GrubBoot {
     }
 }
 
-/// The two copies in a folder: `<esp>/grub` on a node
-/// (`/run/archipelago/esp/grub`).
+/// Where the boot environment is on a running node: the ESP's `grub/`,
+/// mounted by `archy-agent os boot-prepare`.
+pub const ENV_DIR: &str = "/run/archipelago/esp/grub";
+
+/// The two copies in a folder: `<esp>/grub` on a node ([`ENV_DIR`]).
 #[derive(Debug, Clone)]
 pub struct EnvStore {
     dir: PathBuf,
@@ -801,8 +804,17 @@ impl EnvStore {
         Ok(())
     }
 
-    /// Reads, changes and writes the environment.
+    /// Reads, changes and writes the environment, holding an exclusive
+    /// `flock` on the folder so two Linux writers (RAUC's backend, the
+    /// boot checks) do not write the same older copy one after the other
+    /// from the same state. Returns the environment written.
     pub fn update(&self, change: impl FnOnce(&mut BootEnv)) -> Result<BootEnv, EnvError> {
+        let io = |source| EnvError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let dir = std::fs::File::open(&self.dir).map_err(io)?;
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
         let mut env = self.read()?;
         change(&mut env);
         self.write(&env)?;
