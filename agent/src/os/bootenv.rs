@@ -732,14 +732,15 @@ impl EnvStore {
 
     /// The state: the newer valid copy.
     pub fn read(&self) -> Result<BootEnv, EnvError> {
-        let [c0, c1] = self.copies()?;
-        match newer([c0.as_ref().ok(), c1.as_ref().ok()]) {
-            Some(0) => Ok(c0.unwrap_or_else(|_| unreachable!())),
-            Some(_) => Ok(c1.unwrap_or_else(|_| unreachable!())),
-            None => Err(EnvError::Unreadable(
-                c0.err().unwrap_or_default(),
-                c1.err().unwrap_or_default(),
-            )),
+        match self.copies()? {
+            [Ok(c0), Ok(c1)] => Ok(if newer([Some(&c0), Some(&c1)]) == Some(1) {
+                c1
+            } else {
+                c0
+            }),
+            [Ok(c0), Err(_)] => Ok(c0),
+            [Err(_), Ok(c1)] => Ok(c1),
+            [Err(e0), Err(e1)] => Err(EnvError::Unreadable(e0, e1)),
         }
     }
 
