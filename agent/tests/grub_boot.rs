@@ -619,11 +619,16 @@ fn rauc_backend_runs_as_a_process() {
     assert!(err.contains("bootenv.0") && err.contains("bootenv.1"), "{err}");
 }
 
-/// Processes stopped when the test ends, by their own ids.
-struct Reap(Vec<u32>);
+/// Processes stopped when the test ends, by their own ids: a forked
+/// daemon's pid and children of the test.
+struct Reap(Vec<u32>, Vec<std::process::Child>);
 
 impl Drop for Reap {
     fn drop(&mut self) {
+        for child in &mut self.1 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for pid in &self.0 {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
@@ -693,7 +698,7 @@ fn rauc_1_8_drives_the_backend() {
         .expect("dbus-daemon (package dbus)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dbus_pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("dbus pid");
-    let mut reap = Reap(vec![dbus_pid]);
+    let mut reap = Reap(vec![dbus_pid], Vec::new());
     let address = format!("unix:path={}", path(&bus));
     let log = fs::File::create(d.join("service.log")).expect("log");
     let service = Command::new("rauc")
@@ -706,7 +711,7 @@ fn rauc_1_8_drives_the_backend() {
         .stderr(log)
         .spawn()
         .expect("rauc (package rauc)");
-    reap.0.push(service.id());
+    reap.1.push(service);
     let rauc = |args: &[&str]| {
         Command::new("rauc")
             .args(args)
