@@ -1041,6 +1041,39 @@ mod tests {
         assert_eq!(std::fs::metadata(s.copy_path(1)).unwrap().len(), 1024);
     }
 
+    /// A power cut during a write, at every byte: the copy being written
+    /// holds a prefix of the new block and the rest of the old one (or
+    /// the reverse). The state read is then the one before the write or
+    /// the one after, never a mix.
+    #[test]
+    fn a_write_cut_at_any_byte_reads_as_before_or_after() {
+        let (_d, s) = store();
+        s.init().unwrap();
+        s.update(|e| e.set_bad(SlotName::B)).unwrap();
+        let before = s.read().unwrap();
+        let older = 1 - newer_index(&s);
+        let old = std::fs::read(s.copy_path(older)).unwrap();
+        let mut want_after = before;
+        want_after.set_primary(SlotName::B);
+        want_after.seq = (before.seq + 1) % 3;
+        let new = encode(&want_after);
+        let mut outcomes = std::collections::BTreeSet::new();
+        for k in 0..=BLOCK_SIZE {
+            for torn in [[&new[..k], &old[k..]].concat(), [&old[..k], &new[k..]].concat()] {
+                std::fs::write(s.copy_path(older), &torn).unwrap();
+                let got = s.read().unwrap();
+                assert!(got == before || got == want_after, "cut at {k}: {got:?}");
+                outcomes.insert(got == want_after);
+            }
+        }
+        assert_eq!(outcomes.len(), 2, "both outcomes happen");
+    }
+
+    fn newer_index(s: &EnvStore) -> usize {
+        let [c0, c1] = s.copies().unwrap();
+        newer([c0.as_ref().ok(), c1.as_ref().ok()]).unwrap()
+    }
+
     #[test]
     fn both_copies_damaged_is_an_error_naming_both() {
         let (_d, s) = store();
