@@ -21,8 +21,8 @@
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
-pub mod check;
 pub mod bootenv;
+pub mod check;
 pub mod cmdline;
 pub mod commands;
 pub mod disks;

@@ -39,7 +39,6 @@ pub struct Written {
     pub sha256: String,
 }
 
-
 /// Percent-encodes a purl component: unreserved characters and `:` stay
 /// (purl leaves the colon of a Debian epoch or a digest as it is), `/` too
 /// when `keep_slash` (a `repository_url` value); everything else, `+`

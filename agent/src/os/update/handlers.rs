@@ -16,7 +16,6 @@
 //! handler failed). Handlers get no manifest version from RAUC 1.8 (only
 //! hooks get `RAUC_MF_VERSION`): the version is release.json's.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -25,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::os::release::{Release, ReleaseError, RELEASE_FILE};
+use crate::os::release::{Release, ReleaseError, Version, RELEASE_FILE};
 
 /// Where the helper and the handlers meet (`--run-dir` in tests).
 pub const RUN_DIR: &str = "/run/archipelago/os";
@@ -34,7 +33,7 @@ pub const REFUSAL_FILE: &str = "refusal";
 /// Present only during an install the owner allowed to downgrade.
 pub const ALLOW_DOWNGRADE_FILE: &str = "allow-downgrade";
 /// The slot class the bundle's image is for.
-const SLOT_CLASS: &str = super::rauc_conf::SLOT_CLASS;
+const SLOT_CLASS: &str = crate::os::release::RAUC_SLOT_CLASS;
 
 /// Which handler refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,55 +134,6 @@ impl HandlerEnv {
     }
 }
 
-/// Compares two release versions as semantic versions: dot-separated
-/// numbers compared as numbers (a missing one is 0), then a release sorts
-/// after its pre-releases (`1.0.0-rc1 < 1.0.0`); build metadata (`+…`)
-/// is ignored. `~` is read as `-`. Local until release.rs has its
-/// `Version` type (H2); then this becomes `Version::cmp`.
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    fn split(v: &str) -> (Vec<&str>, Option<&str>) {
-        let v = v.split('+').next().unwrap_or(v);
-        let (core, pre) = match v.find(['-', '~']) {
-            Some(i) => (&v[..i], Some(&v[i + 1..])),
-            None => (v, None),
-        };
-        (core.split('.').collect(), pre)
-    }
-    fn ident(a: &str, b: &str) -> Ordering {
-        match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            (Ok(_), Err(_)) => Ordering::Less,
-            (Err(_), Ok(_)) => Ordering::Greater,
-            (Err(_), Err(_)) => a.cmp(b),
-        }
-    }
-    let (ca, pa) = split(a);
-    let (cb, pb) = split(b);
-    for i in 0..ca.len().max(cb.len()) {
-        let x = ca.get(i).copied().unwrap_or("0");
-        let y = cb.get(i).copied().unwrap_or("0");
-        match ident(x, y) {
-            Ordering::Equal => {}
-            o => return o,
-        }
-    }
-    match (pa, pb) {
-        (None, None) => Ordering::Equal,
-        (None, Some(_)) => Ordering::Greater,
-        (Some(_), None) => Ordering::Less,
-        (Some(x), Some(y)) => {
-            let (xs, ys): (Vec<&str>, Vec<&str>) = (x.split('.').collect(), y.split('.').collect());
-            for (p, q) in xs.iter().zip(&ys) {
-                match ident(p, q) {
-                    Ordering::Equal => {}
-                    o => return o,
-                }
-            }
-            xs.len().cmp(&ys.len())
-        }
-    }
-}
-
 fn member_name(path: &Path) -> String {
     let s = path.to_string_lossy();
     s.trim_start_matches("./").trim_end_matches('/').to_owned()
@@ -263,7 +213,13 @@ pub fn check_release(release: &Release, node_arch: &str, booted: &str, allow_dow
             node: node_arch.to_owned(),
         });
     }
-    if !allow_downgrade && compare_versions(&release.version, booted) == Ordering::Less {
+    // Both versions were checked when their release.json was read
+    // (`Release::check`); one that does not parse is refused as older.
+    let older = match (Version::parse(&release.version), Version::parse(booted)) {
+        (Ok(new), Ok(old)) => new < old,
+        _ => true,
+    };
+    if !allow_downgrade && older {
         return Err(Refused::Downgrade {
             bundle: release.version.clone(),
             booted: booted.to_owned(),
@@ -498,21 +454,6 @@ mod tests {
         assert!(downgrade_allowed(&run));
         fs::set_permissions(&run, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(!downgrade_allowed(&run), "a folder anyone may write is not trusted");
-    }
-
-    #[test]
-    fn versions_compare_as_semver() {
-        use Ordering::*;
-        for (a, b, o) in [
-            ("0.10.0", "0.9.0", Greater),
-            ("1.0.0", "1.0", Equal),
-            ("1.0.0-rc1", "1.0.0", Less),
-            ("1.0.0-rc.2", "1.0.0-rc.10", Less),
-            ("1.0.0+b1", "1.0.0+b2", Equal),
-            ("2", "10", Less),
-        ] {
-            assert_eq!(compare_versions(a, b), o, "{a} vs {b}");
-        }
     }
 
     #[test]

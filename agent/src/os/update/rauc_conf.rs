@@ -13,6 +13,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::os::release::{rauc_compatible as compatible, RAUC_SLOT_CLASS as SLOT_CLASS};
+
 /// Where boot-prepare writes the rendered file.
 pub const SYSTEM_CONF: &str = "/run/archipelago/os/system.conf";
 /// The keyring built into the image (H2's rootfs stage installs it).
@@ -24,14 +26,6 @@ pub const POST_INSTALL: &str = "/usr/lib/archipelago/rauc-post-install";
 /// RAUC's status file's name in the data partition's OS folder
 /// (`DataRoot::os_dir()`): kept across updates, unlike a slot.
 pub const STATUS_FILE: &str = "rauc.status";
-/// The slot class of the system slots, as bundles name their image.
-pub const SLOT_CLASS: &str = "rootfs";
-
-/// The compatible string of a node of `arch` (Debian's name, `amd64`);
-/// a bundle's manifest must carry the same.
-pub fn compatible(arch: &str) -> String {
-    format!("archipelago-{arch}")
-}
 
 /// The device path of a partition by its PARTUUID.
 pub fn by_partuuid(partuuid: &str) -> PathBuf {
