@@ -69,6 +69,7 @@ const APP_SECRETS_DIR: &str = "apps";
 const ROOTFUL_STORAGE_DIR: &str = "storage";
 const ROOTLESS_STORAGE_DIR: &str = "rootless";
 const MACHINE_ID_FILE: &str = "machine-id";
+const OS_DOWNLOAD_FILE: &str = "os-download.raucb";
 const SSH_HOST_KEYS_DIR: &str = "ssh";
 const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
@@ -225,6 +226,12 @@ impl DataRoot {
     /// `<data>/system/` (root, 0755): the OS's own files kept across boots.
     pub fn system_dir(&self) -> PathBuf {
         self.top(Self::SYSTEM)
+    }
+
+    /// `<data>/state/os-download.raucb` (the agent's user, 0600): a bundle
+    /// `os update URL` downloaded, before the root helper takes it.
+    pub fn os_download(&self) -> PathBuf {
+        self.state_dir().join(OS_DOWNLOAD_FILE)
     }
 
     /// `<data>/system/machine-id` (root, 0644): the node's `machine-id`,

@@ -16,6 +16,9 @@
 //! the two-copy boot environment it counts boots in (`bootenv.rs`).
 //! `medium.rs` is `archy-agent os check-medium`, run early on every boot
 //! from an installed disk.
+//!
+//! `update/` is the OS update: RAUC's configuration and handlers, the
+//! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
 pub mod boot_envstore;
@@ -34,3 +37,4 @@ pub mod partition;
 pub mod records;
 pub mod release;
 pub mod slot;
+pub mod update;
