@@ -69,13 +69,13 @@ const APP_SECRETS_DIR: &str = "apps";
 const ROOTFUL_STORAGE_DIR: &str = "storage";
 const ROOTLESS_STORAGE_DIR: &str = "rootless";
 const MACHINE_ID_FILE: &str = "machine-id";
-const OS_DIR: &str = "os";
 const OS_DOWNLOAD_FILE: &str = "os-download.raucb";
 const SSH_HOST_KEYS_DIR: &str = "ssh";
 const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
 const JOURNAL_DIR: &str = "journal";
 const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
+const OS_DIR: &str = "os";
 const OS_TRIAL_FILE: &str = "trial.json";
 const OS_ROLLBACK_FILE: &str = "rollback.json";
 const OS_STATE_SNAPSHOT_DIR: &str = "state-snapshot";
@@ -228,13 +228,6 @@ impl DataRoot {
         self.top(Self::SYSTEM)
     }
 
-    /// `<data>/system/os/` (root, 0755): the OS update's records kept across
-    /// boots (trial.json, rollback.json, RAUC's status file, the helper's
-    /// staged bundle `incoming.raucb`), docs/updates.md.
-    pub fn os_dir(&self) -> PathBuf {
-        self.system_dir().join(OS_DIR)
-    }
-
     /// `<data>/state/os-download.raucb` (the agent's user, 0600): a bundle
     /// `os update URL` downloaded, before the root helper takes it.
     pub fn os_download(&self) -> PathBuf {
@@ -269,6 +262,12 @@ impl DataRoot {
     /// `data-disk`, the persistent journal.
     pub fn journal_dir(&self) -> PathBuf {
         self.system_dir().join(JOURNAL_DIR)
+    }
+
+    /// `<data>/system/os/` (root, 0700): the records of OS updates, kept
+    /// across boots and releases (`os/records.rs`, `docs/updates.md`).
+    pub fn os_dir(&self) -> PathBuf {
+        self.system_dir().join(OS_DIR)
     }
 
     /// `<data>/system/os/trial.json` (root, 0600): the release on trial,

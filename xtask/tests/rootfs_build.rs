@@ -282,12 +282,12 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-agent.service", "multi-user.target"),
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
-    ("archy-os.socket", "sockets.target"),
     // OS updates (issue 16): boot-prepare, the trial's check (also required
     // by boot-complete.target's drop-in) and the commit.
     ("archy-os-prepare.service", "multi-user.target"),
     ("archy-boot-check.service", "boot-complete.target"),
     ("archy-mark-good.service", "multi-user.target"),
+    ("archy-os.socket", "sockets.target"),
 ];
 
 /// The lines of a unit's file and of its drop-ins (the instance's and the

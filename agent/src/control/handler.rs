@@ -236,6 +236,11 @@ impl ControlHandler for OrchestratorHandler {
                 to_json(&results)
             }
             Call::ReconcileNow => self.reconcile().await,
+            // `null` on a node not booted from its disk (live, dev).
+            Call::OsStatus => to_json(
+                &crate::os::life::status(&self.os_boot_status, &self.data_root)
+                    .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))?,
+            ),
             Call::OsUpdate {
                 source,
                 allow_downgrade,
@@ -257,11 +262,6 @@ impl ControlHandler for OrchestratorHandler {
                 .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("the update task failed: {e}")))?
                 .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))
             }
-            // `null` on a node not booted from its disk (live, dev).
-            Call::OsStatus => to_json(
-                &crate::os::life::status(&self.os_boot_status, &self.data_root)
-                    .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))?,
-            ),
         }
     }
 }

@@ -63,8 +63,8 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("registry.remove", &["name"]),
     ("registry.test", &["name"]),
     ("reconcile-now", &[]),
-    ("os.update", &["source", "allow_downgrade"]),
     ("os.status", &[]),
+    ("os.update", &["source", "allow_downgrade"]),
 ];
 
 /// The params `method` takes (empty for an unknown method).

@@ -21,6 +21,7 @@
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
+pub mod boot_envstore;
 pub mod bootenv;
 pub mod check;
 pub mod cmdline;

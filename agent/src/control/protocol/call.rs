@@ -55,14 +55,14 @@ pub enum Call {
         name: Option<String>,
     },
     ReconcileNow,
+    /// The OS: booted slot, each slot's release and state, the last rollback.
+    OsStatus,
     /// Installs an OS update bundle (a path the agent can read, or an
     /// https:// URL) through the root helper (docs/updates.md).
     OsUpdate {
         source: String,
         allow_downgrade: bool,
     },
-    /// The OS: booted slot, each slot's release and state, the last rollback.
-    OsStatus,
 }
 
 impl Call {
@@ -84,8 +84,8 @@ impl Call {
             Call::RegistryRemove { .. } => "registry.remove",
             Call::RegistryTest { .. } => "registry.test",
             Call::ReconcileNow => "reconcile-now",
-            Call::OsUpdate { .. } => "os.update",
             Call::OsStatus => "os.status",
+            Call::OsUpdate { .. } => "os.update",
         }
     }
 
@@ -135,6 +135,7 @@ impl Call {
                 name: p.string("name")?,
             },
             "reconcile-now" => Call::ReconcileNow,
+            "os.status" => Call::OsStatus,
             "os.update" => {
                 let source = p.required("source", "a bundle's absolute path or an https:// URL")?;
                 if !crate::os::update::is_url(&source) && !std::path::Path::new(&source).is_absolute() {
@@ -152,7 +153,6 @@ impl Call {
                     allow_downgrade,
                 }
             }
-            "os.status" => Call::OsStatus,
             other => return Err(RpcError::method_not_found(other)),
         };
         Ok(call)

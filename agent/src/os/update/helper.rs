@@ -44,6 +44,8 @@ use crate::os::release::Release;
 pub const SOCKET: &str = "/run/archipelago/os.sock";
 /// The group whose members (besides root) may ask.
 pub const GROUP: &str = "archipelago";
+/// The staged bundle's name in `DataRoot::os_dir()`.
+pub const INCOMING: &str = "incoming.raucb";
 /// Room kept free on the data partition beyond the bundle itself.
 const SPARE_BYTES: u64 = 64 << 20;
 /// A request line is small; a longer one is refused.
@@ -398,7 +400,7 @@ fn update(
             SPARE_BYTES >> 20
         )));
     }
-    let staged = cfg.data.os_incoming_bundle();
+    let staged = os_dir.join(INCOMING);
     let result = (|| {
         copy_in(&mut bundle, &staged, size, progress)?;
         install(cfg, &staged, allow_downgrade, progress)
@@ -479,18 +481,17 @@ fn install(
             healthy.join(", ")
         }
     ));
-    let to_slot = crate::os::records::Slot::parse(&target_boot)
-        .ok_or_else(|| anyhow!("RAUC's target slot has the bootname {target_boot:?}, not A or B"))?;
     let trial = crate::os::records::Trial {
         format: crate::os::records::FORMAT,
         from_version: booted.version.clone(),
         to_version: to_version.clone(),
-        to_slot,
+        to_slot: crate::os::bootenv::SlotName::from_rauc(&target_boot)?,
         healthy_before: healthy,
         started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         failures: Vec::new(),
     };
-    trial.write(&cfg.data.os_trial())?;
+    let trial_path = cfg.data.os_trial();
+    trial.write(&trial_path)?;
 
     let refusal_path = cfg.run_dir.join(REFUSAL_FILE);
     let _ = fs::remove_file(&refusal_path);
@@ -521,7 +522,7 @@ fn install(
             }))
         }
         Err(rauc_says) => {
-            let _ = fs::remove_file(cfg.data.os_trial());
+            let _ = fs::remove_file(&trial_path);
             // A failure after RAUC made the slot primary (post-install):
             // mark it bad, so the next boot stays on the booted release. A
             // slot already primary before (an update installed earlier and
