@@ -69,6 +69,8 @@ const APP_SECRETS_DIR: &str = "apps";
 const ROOTFUL_STORAGE_DIR: &str = "storage";
 const ROOTLESS_STORAGE_DIR: &str = "rootless";
 const MACHINE_ID_FILE: &str = "machine-id";
+const OS_DIR: &str = "os";
+const OS_DOWNLOAD_FILE: &str = "os-download.raucb";
 const SSH_HOST_KEYS_DIR: &str = "ssh";
 const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
@@ -219,6 +221,19 @@ impl DataRoot {
     /// `<data>/system/` (root, 0755): the OS's own files kept across boots.
     pub fn system_dir(&self) -> PathBuf {
         self.top(Self::SYSTEM)
+    }
+
+    /// `<data>/system/os/` (root, 0755): the OS update's records kept across
+    /// boots (trial.json, rollback.json, RAUC's status file, the helper's
+    /// staged bundle `incoming.raucb`), docs/updates.md.
+    pub fn os_dir(&self) -> PathBuf {
+        self.system_dir().join(OS_DIR)
+    }
+
+    /// `<data>/state/os-download.raucb` (the agent's user, 0600): a bundle
+    /// `os update URL` downloaded, before the root helper takes it.
+    pub fn os_download(&self) -> PathBuf {
+        self.state_dir().join(OS_DOWNLOAD_FILE)
     }
 
     /// `<data>/system/machine-id` (root, 0644): the node's `machine-id`,

@@ -208,6 +208,9 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
             "getty@tty1.service",
             "serial-getty@ttyS0.service",
             "user@1000.service",
+            // The OS helper's template, as one instance of it, and RAUC with its drop-in.
+            "archy-os@0.service",
+            "rauc.service",
         ])
         .output()
         .unwrap();
@@ -260,6 +263,7 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-agent.service", "multi-user.target"),
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
+    ("archy-os.socket", "sockets.target"),
 ];
 
 /// The lines of a unit's file and of its drop-ins (the instance's and the

@@ -1,6 +1,7 @@
 //! `archy-agent os …`: the node's OS on its own disk.
 
 use std::io::Write;
+use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,10 +61,137 @@ pub enum OsCommand {
         #[arg(long, hide = true)]
         no_panic: bool,
     },
+    /// Install a signed update bundle (a file or an https:// URL) into the other system slot, through
+    /// the root helper: free space checked, signature, architecture, version and every file's hash
+    /// verified before the slot is touched, the slot read back after. The next boot tries it
+    /// (3 tries); it is kept once the node comes back healthy (docs/updates.md).
+    Update {
+        /// The bundle: a path, or an https:// URL (http:// only to a loopback address).
+        #[arg(value_name = "FILE|URL")]
+        source: String,
+        /// Reboot (cleanly) once the bundle is installed.
+        #[arg(long)]
+        reboot: bool,
+        /// Accept a bundle older than the booted release.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// The OS helper's socket.
+        #[arg(long, hide = true, value_name = "SOCKET", default_value = super::update::helper::SOCKET)]
+        helper: PathBuf,
+    },
+    /// The root helper (archy-os@.service): serves one request on its stdin, a connection accepted
+    /// by archy-os.socket (docs/updates.md).
+    #[command(hide = true)]
+    Helper {
+        /// Where the handlers leave their refusals (tests only).
+        #[arg(long, hide = true, value_name = "DIR", default_value = super::update::handlers::RUN_DIR)]
+        run_dir: PathBuf,
+        /// RAUC's system.conf (for the keyring `rauc info` checks with).
+        #[arg(long, hide = true, value_name = "FILE", default_value = super::update::rauc_conf::SYSTEM_CONF)]
+        rauc_conf: PathBuf,
+        /// The booted release's release.json.
+        #[arg(long, hide = true, value_name = "FILE", default_value_os_t = default_booted_release())]
+        booted_release: PathBuf,
+        /// Let any peer in (tests only: no archipelago group on the host).
+        #[arg(long, hide = true)]
+        any_peer: bool,
+    },
+    /// RAUC's pre-install handler: refuses a bundle whose release is for another architecture, older
+    /// than the booted one (without the helper's one-time permission), or whose files differ from
+    /// its release.json. Run by RAUC only.
+    #[command(hide = true)]
+    RaucPreInstall {
+        #[command(flatten)]
+        handler: HandlerArgs,
+    },
+    /// RAUC's post-install handler: the written slot, mounted read-only, holds the bundle's release
+    /// intact. Run by RAUC only.
+    #[command(hide = true)]
+    RaucPostInstall {
+        #[command(flatten)]
+        handler: HandlerArgs,
+    },
 }
 
-pub fn run(cmd: &OsCommand, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+/// The handlers' options; the defaults are the node's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HandlerArgs {
+    /// Where the refusal is written and the downgrade permission is looked for.
+    #[arg(long, hide = true, value_name = "DIR", default_value = super::update::handlers::RUN_DIR)]
+    run_dir: PathBuf,
+    /// The booted release's release.json.
+    #[arg(long, hide = true, value_name = "FILE", default_value_os_t = default_booted_release())]
+    booted_release: PathBuf,
+}
+
+fn default_booted_release() -> PathBuf {
+    std::path::Path::new(super::medium::MEDIUM_DIR).join(super::release::RELEASE_FILE)
+}
+
+impl HandlerArgs {
+    fn options(&self) -> super::update::handlers::HandlerOptions {
+        super::update::handlers::HandlerOptions {
+            run_dir: self.run_dir.clone(),
+            booted_release: self.booted_release.clone(),
+            arch: super::release::ARCHITECTURE.to_owned(),
+        }
+    }
+}
+
+pub fn run(cmd: &OsCommand, global: &crate::cli::GlobalOpts, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+    let json = global.json;
     match cmd {
+        OsCommand::Update {
+            source,
+            reboot,
+            allow_downgrade,
+            helper,
+        } => super::update::run_update(&global.data, source, *allow_downgrade, *reboot, helper, json, out),
+        OsCommand::Helper {
+            run_dir,
+            rauc_conf,
+            booted_release,
+            any_peer,
+        } => {
+            use super::update::helper;
+            let mut cfg = helper::HelperConfig::node(global.data.clone());
+            cfg.run_dir = run_dir.clone();
+            cfg.system_conf = rauc_conf.clone();
+            cfg.booted_release = booted_release.clone();
+            cfg.control = global.control.clone();
+            if *any_peer {
+                cfg.group = None;
+            }
+            // systemd hands the accepted connection over as stdin.
+            let conn = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("stdin is not a connection")?;
+            helper::serve(&cfg, &std::os::unix::net::UnixStream::from(conn))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        OsCommand::RaucPreInstall { handler } => {
+            let env = super::update::handlers::HandlerEnv::read(|k| std::env::var(k).ok());
+            let opts = handler.options();
+            match env.and_then(|env| super::update::handlers::pre_install(&opts, &env)) {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("archipelago: refused: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        OsCommand::RaucPostInstall { handler } => {
+            let env = super::update::handlers::HandlerEnv::read(|k| std::env::var(k).ok());
+            let opts = handler.options();
+            match env.and_then(|env| super::update::handlers::post_install(&opts, &env)) {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("archipelago: the written slot does not read back: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         OsCommand::Disks { allow_loop_devices } => {
             let survey = disks::gather(*allow_loop_devices)?;
             print_disks(&survey, json, out)?;

@@ -15,6 +15,9 @@
 //! (`machine_id.rs`) and installs GRUB with its `grub.cfg` (`grub.rs`).
 //! `medium.rs` is `archy-agent os check-medium`, run early on every boot
 //! from an installed disk.
+//!
+//! `update/` is the OS update: RAUC's configuration and handlers, the
+//! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod cmdline;
 pub mod commands;
@@ -27,3 +30,4 @@ pub mod medium;
 pub mod partition;
 pub mod release;
 pub mod slot;
+pub mod update;

@@ -544,6 +544,9 @@ mod tests {
             "grub-efi-amd64-bin",
             "grub2-common",
             "openssh-server",
+            // OS updates (issue 16).
+            "rauc",
+            "rauc-service",
         ] {
             assert!(
                 list.iter().any(|p| p == needed),

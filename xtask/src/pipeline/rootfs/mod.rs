@@ -134,7 +134,11 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-agent.service", "multi-user.target"),
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
+    ("archy-os.socket", "sockets.target"),
 ];
+/// Node units installed but not enabled: started by another unit (the OS
+/// helper, one instance per connection to archy-os.socket).
+const NODE_STATIC_UNITS: &[&str] = &["archy-os@.service"];
 const NODE_UNIT_DIR: &str = "usr/lib/systemd/system";
 const SYSTEM_UNIT_ETC: &str = "etc/systemd/system";
 /// Units that expect a mutable, networked Debian: a node's OS is replaced
@@ -295,6 +299,13 @@ pub fn build(
                 layer.add_symlink(
                     &format!("{SYSTEM_UNIT_ETC}/{target}.wants/{name}"),
                     &format!("/{installed}"),
+                )?;
+            }
+            for name in NODE_STATIC_UNITS {
+                layer.add_file_with_mode(
+                    &format!("{NODE_UNIT_DIR}/{name}"),
+                    &root.join(UNITS_DIR).join(name),
+                    FILE_MODE,
                 )?;
             }
             for unit in APPLIANCE_MASKED_UNITS {
