@@ -76,6 +76,12 @@ const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
 const JOURNAL_DIR: &str = "journal";
 const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
+const OS_DIR: &str = "os";
+const OS_TRIAL_FILE: &str = "trial.json";
+const OS_ROLLBACK_FILE: &str = "rollback.json";
+const OS_STATE_SNAPSHOT_DIR: &str = "state-snapshot";
+const OS_INCOMING_BUNDLE_FILE: &str = "incoming.raucb";
+const OS_RAUC_STATUS_FILE: &str = "rauc.status";
 
 /// A data root: the one way to name a path under it.
 ///
@@ -266,6 +272,42 @@ impl DataRoot {
         self.system_dir().join(JOURNAL_DIR)
     }
 
+    /// `<data>/system/os/` (root, 0700): the records of OS updates, kept
+    /// across boots and releases (`os/records.rs`, `docs/updates.md`).
+    pub fn os_dir(&self) -> PathBuf {
+        self.system_dir().join(OS_DIR)
+    }
+
+    /// `<data>/system/os/trial.json` (root, 0600): the release on trial,
+    /// from its install until its commit.
+    pub fn os_trial(&self) -> PathBuf {
+        self.os_dir().join(OS_TRIAL_FILE)
+    }
+
+    /// `<data>/system/os/rollback.json` (root, 0600): the last rollback.
+    pub fn os_rollback(&self) -> PathBuf {
+        self.os_dir().join(OS_ROLLBACK_FILE)
+    }
+
+    /// `<data>/system/os/state-snapshot/` (root, 0700): a copy of
+    /// [`Self::state_dir`] taken before a release on trial first ran its
+    /// agent; put back if the node rolls back.
+    pub fn os_state_snapshot(&self) -> PathBuf {
+        self.os_dir().join(OS_STATE_SNAPSHOT_DIR)
+    }
+
+    /// `<data>/system/os/incoming.raucb` (root, 0600): the update
+    /// helper's copy of the bundle being installed.
+    pub fn os_incoming_bundle(&self) -> PathBuf {
+        self.os_dir().join(OS_INCOMING_BUNDLE_FILE)
+    }
+
+    /// `<data>/system/os/rauc.status` (root, 0600): RAUC's status file
+    /// (`statusfile=` in the generated `system.conf`).
+    pub fn os_rauc_status(&self) -> PathBuf {
+        self.os_dir().join(OS_RAUC_STATUS_FILE)
+    }
+
     /// `<data>/ssh/` (`archipelago`, 0700): the login user's SSH files.
     pub fn ssh_dir(&self) -> PathBuf {
         self.top(Self::SSH)
@@ -362,6 +404,18 @@ mod tests {
             p("/var/lib/archipelago/system/ssh/ssh_host_ed25519_key.pub")
         );
         assert_eq!(d.journal_dir(), p("/var/lib/archipelago/system/journal"));
+        assert_eq!(d.os_dir(), p("/var/lib/archipelago/system/os"));
+        assert_eq!(d.os_trial(), p("/var/lib/archipelago/system/os/trial.json"));
+        assert_eq!(d.os_rollback(), p("/var/lib/archipelago/system/os/rollback.json"));
+        assert_eq!(
+            d.os_state_snapshot(),
+            p("/var/lib/archipelago/system/os/state-snapshot")
+        );
+        assert_eq!(
+            d.os_incoming_bundle(),
+            p("/var/lib/archipelago/system/os/incoming.raucb")
+        );
+        assert_eq!(d.os_rauc_status(), p("/var/lib/archipelago/system/os/rauc.status"));
         assert_eq!(d.ssh_dir(), p("/var/lib/archipelago/ssh"));
         assert_eq!(d.authorized_keys_file(), p("/var/lib/archipelago/ssh/authorized_keys"));
         assert_eq!(DataRoot::journaled_app("wallet.json"), Some("wallet"));
@@ -397,6 +451,12 @@ mod tests {
             d.ssh_host_key_file(),
             d.ssh_host_key_pub_file(),
             d.journal_dir(),
+            d.os_dir(),
+            d.os_trial(),
+            d.os_rollback(),
+            d.os_state_snapshot(),
+            d.os_incoming_bundle(),
+            d.os_rauc_status(),
             d.ssh_dir(),
             d.authorized_keys_file(),
         ] {
@@ -505,6 +565,12 @@ mod tests {
             d.ssh_host_key_file(),
             d.ssh_host_key_pub_file(),
             d.journal_dir(),
+            d.os_dir(),
+            d.os_trial(),
+            d.os_rollback(),
+            d.os_state_snapshot(),
+            d.os_incoming_bundle(),
+            d.os_rauc_status(),
             d.ssh_dir(),
             d.authorized_keys_file(),
         ]

@@ -19,6 +19,7 @@
 //! `update/` is the OS update: RAUC's configuration and handlers, the
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
+pub mod boot;
 pub mod cmdline;
 pub mod commands;
 pub mod disks;
@@ -28,6 +29,7 @@ pub mod layout;
 pub mod machine_id;
 pub mod medium;
 pub mod partition;
+pub mod records;
 pub mod release;
 pub mod slot;
 pub mod update;
