@@ -289,6 +289,24 @@ pub const E2E_STAGE: &[Tool] = &[
     },
 ];
 
+/// What the PyPI tools' virtual environments need (`harness/pytool.rs`:
+/// zizmor in `cargo xtask test`, the SPDX validator in a unit test).
+pub const PYTHON_VENV: &[Tool] = &[
+    Tool {
+        name: "python3",
+        package: "python3",
+        probe: Probe::OnPath("python3"),
+        why: "runs zizmor's and the SPDX validator's virtual environments under target/",
+    },
+    Tool {
+        name: "python3-venv",
+        package: "python3-venv",
+        // `python3 -m venv` fails without ensurepip, which this package adds.
+        probe: Probe::Package,
+        why: "`python3 -m venv` with pip, for those virtual environments",
+    },
+];
+
 /// UEFI firmware (package ovmf): code, and variables each guest copies.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -425,6 +443,7 @@ const DOCTOR_STAGES: &[(&str, &[Tool])] = &[
     ("rootfs (cargo xtask rootfs, and iso)", ROOTFS_STAGE),
     ("iso (cargo xtask iso)", ISO_STAGE),
     ("e2e (cargo xtask e2e, and cargo xtask test)", E2E_STAGE),
+    ("python venvs (zizmor in cargo xtask test)", PYTHON_VENV),
     (
         "bench-iso (cargo xtask bench-iso, with rootfs and iso)",
         BENCH_ISO_STAGE,

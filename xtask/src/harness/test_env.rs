@@ -174,6 +174,14 @@ const AUTH_PASSWORD: &str = "archy-test-password";
 pub fn run(root: &Path, cargo_args: &[String]) -> anyhow::Result<ExitCode> {
     let sh = Shell::new().context("creating a shell")?;
     let started = Instant::now();
+    // The CI workflows first: seconds, and a finding fails the run before
+    // the services start. A run narrowed with cargo arguments leaves it out.
+    if cargo_args.is_empty() {
+        eprintln!("xtask: step zizmor: the CI workflows, offline");
+        crate::harness::zizmor::check(root).context("step zizmor (the CI workflows in .github/workflows)")?;
+    } else {
+        eprintln!("xtask: zizmor not run: cargo arguments narrow this run");
+    }
     let (mut env, vars) = start()?;
     eprintln!("xtask: services ready in {:.1}s", started.elapsed().as_secs_f64());
     let json = write_env_json(root, &vars)?;

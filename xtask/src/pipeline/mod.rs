@@ -13,3 +13,4 @@ pub mod payload;
 pub mod progress;
 pub mod report;
 pub mod rootfs;
+pub mod sbom;

@@ -120,7 +120,7 @@ pub fn git_commit(sh: &xshell::Shell) -> Option<String> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub fn sample() -> Report {

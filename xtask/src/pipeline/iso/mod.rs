@@ -257,8 +257,7 @@ pub fn build_iso(
         },
     )?;
 
-    let sums = out.join(SUMS_FILE);
-    fs::write(&sums, format!("{sha256}  {file}\n")).with_context(|| format!("writing {}", sums.display()))?;
+    let mut sums_text = format!("{sha256}  {file}\n");
     let mut inputs = built.inputs;
     inputs.grub_cfg_sha256 = Some(sha256_file(&grub_cfg)?);
     let total = progress.elapsed_seconds();
@@ -283,6 +282,10 @@ pub fn build_iso(
     };
     let report_path = out.join(REPORT_FILE);
     report.write(&report_path)?;
+    // The SBOM, from the report's own data; SHA256SUMS lists it (issue 16).
+    sums_text.push_str(&crate::pipeline::sbom::write(&report, epoch.seconds, out)?.sums_line());
+    let sums = out.join(SUMS_FILE);
+    fs::write(&sums, sums_text).with_context(|| format!("writing {}", sums.display()))?;
 
     println!("iso:     {}", iso.display());
     println!("size:    {} ({size} bytes)", progress::human_size(size));
