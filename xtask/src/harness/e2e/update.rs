@@ -112,7 +112,7 @@ pub(super) const REFUSED: &[Bundle] = &[
     },
     Bundle {
         file: "other-arch.raucb",
-        refused_for: &["compatible", "architecture"],
+        refused_for: &["compatible", "architecture", "arm64"],
     },
 ];
 
