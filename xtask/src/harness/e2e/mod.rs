@@ -690,6 +690,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_picks_scenarios_and_sequences() {
+        assert!(runs(&[], Only::UpdateSeaBios));
+        assert!(runs(&[Only::Update], Only::UpdateOvmf) && runs(&[Only::Update], Only::UpdateSeaBios));
+        assert!(!runs(&[Only::Update], Only::Install) && !runs(&[Only::Update], Only::Live));
+        assert!(runs(&[Only::Ovmf], Only::UpdateOvmf) && !runs(&[Only::Ovmf], Only::UpdateSeaBios));
+        assert!(runs(&[Only::SeaBios], Only::UpdateSeaBios) && !runs(&[Only::SeaBios], Only::Install));
+        assert!(runs(&[Only::Live, Only::UpdateOvmf], Only::UpdateOvmf));
+    }
+
+    #[test]
     fn the_test_registry_list_is_one_the_agent_reads() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_registries(&dir.path().join("list"), "127.0.0.1:5000").unwrap();

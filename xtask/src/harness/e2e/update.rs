@@ -47,7 +47,9 @@ use super::disks::{self, Table, MIB};
 use super::qemu::{boot, AfterTurn, BootReport, Disk, Ending, Firmware, Guest, Start};
 use super::ssh::{self, Endpoint, TestKey};
 use super::{progress, STAGE};
-use crate::pipeline::flags;
+use crate::pipeline::bundle as pipeline_bundle;
+use crate::pipeline::{flags, keys};
+use archy_agent::os::release::{Release, Version, BOOTARGS_FILE, RELEASE_FILE};
 
 /// The label of the bundles' disk, and its virtio serial.
 pub(super) const UPDATES_LABEL: &str = "ARCHY-UPDATES";
@@ -64,6 +66,9 @@ const SSH_PATIENCE: Duration = Duration::from_secs(120);
 /// How long a trial may take to be committed (the product's deadline is
 /// the agent's; this only bounds the wait).
 const COMMIT_PATIENCE: Duration = Duration::from_secs(600);
+/// A boot that installs an update: the boot, then the bundle's copy and
+/// the slot write under TCG.
+const UPDATE_BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
 /// A boot that panics needs GRUB, the kernel and `panic=`'s delay.
 const PANIC_TIMEOUT: Duration = Duration::from_secs(300);
 /// The guest's clock in the wrong-clock boot.
@@ -215,7 +220,8 @@ pub(super) struct Bundles {
 }
 
 /// Builds every bundle into `work/updates/` and the disk holding them.
-/// `iso` gives v1's live files.
+/// `iso` gives v1's live files; the release key is the build's
+/// (`pipeline::keys`, the one the ISO's keyring trusts).
 pub(super) fn build(sh: &Shell, root: &Path, work: &Path, iso: &Path) -> anyhow::Result<Bundles> {
     let versions = Versions::from(flags::VERSION)?;
     let dir = work.join("updates");
@@ -224,78 +230,112 @@ pub(super) fn build(sh: &Shell, root: &Path, work: &Path, iso: &Path) -> anyhow:
     fs::create_dir_all(&files).with_context(|| format!("creating {}", files.display()))?;
     progress::say(STAGE, "update bundles: v1's live files from the ISO");
     extract_live(sh, iso, &live)?;
-    let key = bundle::release_key(root)?;
+    let (key, _) = keys::development(sh, &flags::target_dir(root).join(keys::DEV_KEYS_SUBDIR))
+        .context("the build's signing key")?;
     let arch = "amd64";
-    let v1_files = |extra: &[(&str, PathBuf)]| -> Vec<(String, PathBuf)> {
-        let mut f: Vec<(String, PathBuf)> = ["vmlinuz", "initrd.img", "filesystem.squashfs"]
-            .iter()
-            .map(|n| (format!("live/{n}"), live.join(n)))
-            .collect();
-        f.extend(extra.iter().map(|(n, p)| ((*n).to_owned(), p.clone())));
-        f
-    };
-
-    progress::say(STAGE, &format!("update bundles: v2 ({})", versions.v2));
-    bundle::write(&v1_files(&[]), &versions.v2, arch, &key, &files.join(GOOD.file))?;
-
-    progress::say(
-        STAGE,
-        "update bundles: never healthy (v1's files, its own kernel words)",
-    );
-    let args = dir.join("bootargs");
-    bootargs(sh, &args, UNHEALTHY_ARGS)?;
-    bundle::write(
-        &v1_files(&[("live/bootargs", args)]),
-        &versions.never_healthy,
-        arch,
-        &key,
-        &files.join(NEVER_HEALTHY.file),
-    )?;
-
-    progress::say(STAGE, "update bundles: broken initrd, and the refused ones (small)");
+    let v1 = |name: &str| live.join(name.trim_start_matches("live/"));
     let junk = |name: &str, bytes: &[u8]| -> anyhow::Result<PathBuf> {
         let p = dir.join(name);
         fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
         Ok(p)
     };
+    let make = |bundle: &str, members: &[(&str, PathBuf)], version: &str, arch: &str, key: &keys::SigningKey| {
+        let stage = dir.join(format!("stage-{bundle}"));
+        release_tree(&stage, members, version, arch)?;
+        let written = write_staged(sh, &stage, &dir.join("out"), version, arch, key)?;
+        let to = files.join(bundle);
+        fs::rename(&written, &to).with_context(|| format!("moving {} to {}", written.display(), to.display()))?;
+        fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
+        anyhow::Ok(to)
+    };
+    let live_files = ["live/vmlinuz", "live/initrd.img", "live/filesystem.squashfs"];
+    let v1_members: Vec<(&str, PathBuf)> = live_files.iter().map(|n| (*n, v1(n))).collect();
+
+    progress::say(STAGE, &format!("update bundles: v2 ({})", versions.v2));
+    make(GOOD.file, &v1_members, &versions.v2, arch, &key)?;
+
+    progress::say(STAGE, "update bundles: never healthy (v1's files, its own kernel words)");
+    let args = dir.join("bootargs");
+    bootargs(sh, &args, UNHEALTHY_ARGS)?;
+    let mut members = v1_members.clone();
+    members.push((BOOTARGS_FILE, args));
+    make(NEVER_HEALTHY.file, &members, &versions.never_healthy, arch, &key)?;
+
+    progress::say(STAGE, "update bundles: broken initrd, and the refused ones (small)");
     // Not an initramfs: the kernel finds no root and panics. The squashfs
     // is never reached.
-    let broken = vec![
-        ("live/vmlinuz".to_owned(), live.join("vmlinuz")),
-        ("live/initrd.img".to_owned(), junk("broken-initrd", &[0x5a; 4096])?),
-        (
-            "live/filesystem.squashfs".to_owned(),
-            junk("tiny-squashfs", b"not a squashfs")?,
-        ),
+    let broken = [
+        ("live/vmlinuz", v1("vmlinuz")),
+        ("live/initrd.img", junk("broken-initrd", &[0x5a; 4096])?),
+        ("live/filesystem.squashfs", junk("tiny-squashfs", b"not a squashfs")?),
     ];
-    bundle::write(&broken, &versions.broken, arch, &key, &files.join(BROKEN_INITRD.file))?;
-    let tiny = vec![
-        ("live/vmlinuz".to_owned(), junk("tiny-vmlinuz", b"not a kernel")?),
-        ("live/initrd.img".to_owned(), junk("tiny-initrd", b"not an initrd")?),
-        (
-            "live/filesystem.squashfs".to_owned(),
-            junk("tiny-squashfs", b"not a squashfs")?,
-        ),
+    make(BROKEN_INITRD.file, &broken, &versions.broken, arch, &key)?;
+    let tiny = [
+        ("live/vmlinuz", junk("tiny-vmlinuz", b"not a kernel")?),
+        ("live/initrd.img", junk("tiny-initrd", b"not an initrd")?),
+        ("live/filesystem.squashfs", junk("tiny-squashfs", b"not a squashfs")?),
     ];
-    let signed = dir.join("tiny-signed.raucb");
-    bundle::write(&tiny, &versions.v2, arch, &key, &signed)?;
+    let signed = make("tiny-signed.raucb", &tiny, &versions.v2, arch, &key)?;
     let signed_bytes = fs::read(&signed).with_context(|| format!("reading {}", signed.display()))?;
+    fs::remove_file(&signed).with_context(|| format!("removing {}", signed.display()))?;
     let write = |name: &str, bytes: &[u8]| {
         let p = files.join(name);
         fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))
     };
     write(REFUSED[0].file, &flip_byte(&signed_bytes)?)?;
-    let other = bundle::other_key(sh, &dir.join("other-key"))?;
-    bundle::write(&tiny, &versions.v2, arch, &other, &files.join(REFUSED[1].file))?;
+    let other_dir = dir.join("other-key");
+    let _ = fs::remove_dir_all(&other_dir);
+    fs::create_dir_all(&other_dir).with_context(|| format!("creating {}", other_dir.display()))?;
+    let other = keys::generate(sh, &other_dir, "not the release key (cargo xtask e2e)")?;
+    make(REFUSED[1].file, &tiny, &versions.v2, arch, &other)?;
     write(REFUSED[2].file, &truncate_signature(&signed_bytes, 64)?)?;
-    bundle::write(&tiny, &versions.older, arch, &key, &files.join(REFUSED[3].file))?;
-    bundle::write(&tiny, &versions.v2, "arm64", &key, &files.join(REFUSED[4].file))?;
+    make(REFUSED[3].file, &tiny, &versions.older, arch, &key)?;
+    make(REFUSED[4].file, &tiny, &versions.v2, "arm64", &key)?;
 
     let disk = Disk::read_only(dir.join("updates.img"), UPDATES_SERIAL);
     updates_disk(sh, &files, &disk.path)?;
-    // v1's live files are in the bundles now.
+    // The bundles hold them now.
     fs::remove_dir_all(&live).with_context(|| format!("removing {}", live.display()))?;
+    fs::remove_dir_all(&files).with_context(|| format!("removing {}", files.display()))?;
     Ok(Bundles { disk, versions })
+}
+
+/// A release's tree under `stage`: `members` (hard links where they can
+/// be, else copies) and its `release.json` for `version` and `arch`.
+fn release_tree(stage: &Path, members: &[(&str, PathBuf)], version: &str, arch: &str) -> anyhow::Result<()> {
+    if stage.exists() {
+        fs::remove_dir_all(stage).with_context(|| format!("removing {}", stage.display()))?;
+    }
+    for (name, from) in members {
+        let to = stage.join(name);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        if fs::hard_link(from, &to).is_err() {
+            fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
+    let version = Version::parse(version).with_context(|| format!("the release version {version:?}"))?;
+    let release = Release::of_dir(stage, &version, arch).with_context(|| format!("the release of {}", stage.display()))?;
+    let path = stage.join(RELEASE_FILE);
+    fs::write(&path, release.to_file_bytes()?).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The release tree `stage` as a bundle signed by `key`
+/// (`pipeline::bundle::write_bundle`, release.json first); its path.
+fn write_staged(
+    sh: &Shell,
+    stage: &Path,
+    out: &Path,
+    version: &str,
+    arch: &str,
+    key: &keys::SigningKey,
+) -> anyhow::Result<PathBuf> {
+    let members = pipeline_bundle::release_members(stage);
+    let members: Vec<(&str, &Path)> = members.iter().map(|(n, p)| (n.as_str(), p.as_path())).collect();
+    let version = Version::parse(version).with_context(|| format!("the release version {version:?}"))?;
+    pipeline_bundle::write_bundle(sh, out, &members, &version, arch, key)
 }
 
 /// `/live/*` of the ISO into `dir` (xorriso reads ISO 9660 without a mount).
@@ -354,36 +394,6 @@ fn updates_disk(sh: &Shell, files: &Path, image: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bundle writing and keys, from the pipeline (`pipeline::bundle`).
-mod bundle {
-    use super::*;
-
-    /// The release signing key the ISO's keyring trusts.
-    #[allow(dead_code)] // Until pipeline::bundle lands.
-    pub(super) struct Key {
-        pub(super) cert: PathBuf,
-        pub(super) key: PathBuf,
-    }
-
-    pub(super) fn release_key(_root: &Path) -> anyhow::Result<Key> {
-        bail!("pipeline::bundle has not landed on this branch yet (i16-bundle)")
-    }
-
-    pub(super) fn other_key(_sh: &Shell, _dir: &Path) -> anyhow::Result<Key> {
-        bail!("pipeline::bundle has not landed on this branch yet (i16-bundle)")
-    }
-
-    pub(super) fn write(
-        _files: &[(String, PathBuf)],
-        _version: &str,
-        _arch: &str,
-        _key: &Key,
-        _out: &Path,
-    ) -> anyhow::Result<()> {
-        bail!("pipeline::bundle::write_bundle has not landed on this branch yet (i16-bundle)")
-    }
-}
-
 /// The host's side of one boot: SSH as archipelago with the test key.
 struct Host<'a> {
     sh: &'a Shell,
@@ -435,7 +445,34 @@ impl Host<'_> {
     /// the boot's ending).
     fn update(&self, bundle: &Bundle, reboot: bool) -> anyhow::Result<ssh::Outcome> {
         let flag = if reboot { " --reboot" } else { "" };
-        self.run(&format!("archy-agent os update {UPDATES_MOUNT}/{}{flag}", bundle.file))
+        let started = Instant::now();
+        let out = self.run(&format!("archy-agent os update {UPDATES_MOUNT}/{}{flag}", bundle.file))?;
+        progress::say(
+            STAGE,
+            &format!(
+                "os update {}{flag}: {} after {:.0} s: {}",
+                bundle.file,
+                if out.ok { "ok" } else { "failed" },
+                started.elapsed().as_secs_f64(),
+                out.stdout.lines().chain(out.stderr.lines()).last().unwrap_or_default()
+            ),
+        );
+        Ok(out)
+    }
+
+    /// [`Host::update`] that must install (and, with `reboot`, restart the
+    /// guest): fails at once otherwise, instead of waiting for a reboot
+    /// that will not come.
+    fn install(&self, bundle: &Bundle, reboot: bool) -> anyhow::Result<ssh::Outcome> {
+        let out = self.update(bundle, reboot)?;
+        ensure!(
+            out.stdout.contains("installed "),
+            "os update {} did not install: {}{}",
+            bundle.file,
+            out.stdout.trim(),
+            out.stderr.trim()
+        );
+        Ok(out)
     }
 
     /// Lets the probe finish.
@@ -568,7 +605,8 @@ fn host_boot(
         ran = true;
         Ok(after)
     };
-    let report = boot(work, guest, timeout, Some(&mut on_turn))?;
+    // The turn may install an update: more than a boot's time.
+    let report = boot(work, guest, timeout.max(UPDATE_BOOT_TIMEOUT), Some(&mut on_turn))?;
     report.check(ran, || "the probe never handed the turn to the host".into())?;
     Ok(report)
 }
@@ -698,7 +736,7 @@ pub(super) fn ovmf(
     let g = guest("upd-good", fw, node, bundles, "wait-host", ssh::free_port()?);
     let mut said = None;
     let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
-        said = Some(host.update(&GOOD, true)?);
+        said = Some(host.install(&GOOD, true)?);
         Ok(AfterTurn::Continue)
     })?;
     let out = said.context("no update ran")?;
@@ -716,11 +754,7 @@ pub(super) fn ovmf(
         );
         committed = Some(waited);
         // 3. Never healthy, installed from v2's committed boot.
-        let out = host.update(&NEVER_HEALTHY, true)?;
-        progress::say(
-            STAGE,
-            &format!("v2-trial: os update {} said: {}", NEVER_HEALTHY.file, out.stdout.trim()),
-        );
+        host.install(&NEVER_HEALTHY, true)?;
         Ok(AfterTurn::Continue)
     })?;
     r.check(booted_slot(&r)? == "b", || {
@@ -819,7 +853,7 @@ pub(super) fn seabios(
     let g = guest("upd-broken", fw, node, bundles, "wait-host", ssh::free_port()?);
     let mut said = None;
     let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
-        said = Some(host.update(&BROKEN_INITRD, true)?);
+        said = Some(host.install(&BROKEN_INITRD, true)?);
         Ok(AfterTurn::Continue)
     })?;
     check_updated(
@@ -919,7 +953,7 @@ pub(super) fn seabios(
         );
         let out = host.update(&GOOD, false)?;
         ensure!(
-            out.ok,
+            out.ok && out.stdout.contains("installed "),
             "a valid bundle was refused on a node whose clock is wrong: {}{}",
             out.stdout.trim(),
             out.stderr.trim()
