@@ -76,7 +76,6 @@ const SSH_HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 const SSH_HOST_KEY_PUB_FILE: &str = "ssh_host_ed25519_key.pub";
 const JOURNAL_DIR: &str = "journal";
 const AUTHORIZED_KEYS_FILE: &str = "authorized_keys";
-const OS_DIR: &str = "os";
 const OS_TRIAL_FILE: &str = "trial.json";
 const OS_ROLLBACK_FILE: &str = "rollback.json";
 const OS_STATE_SNAPSHOT_DIR: &str = "state-snapshot";
@@ -227,13 +226,6 @@ impl DataRoot {
     /// `<data>/system/` (root, 0755): the OS's own files kept across boots.
     pub fn system_dir(&self) -> PathBuf {
         self.top(Self::SYSTEM)
-    }
-
-    /// `<data>/system/os/` (root, 0755): the OS update's records kept across
-    /// boots (trial.json, rollback.json, RAUC's status file, the helper's
-    /// staged bundle `incoming.raucb`), docs/updates.md.
-    pub fn os_dir(&self) -> PathBuf {
-        self.system_dir().join(OS_DIR)
     }
 
     /// `<data>/state/os-download.raucb` (the agent's user, 0600): a bundle

@@ -111,6 +111,10 @@ pub enum OsCommand {
         #[command(flatten)]
         handler: HandlerArgs,
     },
+    /// A node's life around an OS update: boot-prepare, boot-check, mark-good, status,
+    /// acknowledge (`life.rs`; run by `cli.rs` with the data root).
+    #[command(flatten)]
+    Life(super::life::LifeCommand),
 }
 
 /// The handlers' options; the defaults are the node's.
@@ -236,6 +240,7 @@ pub fn run(cmd: &OsCommand, global: &crate::cli::GlobalOpts, out: &mut impl Writ
             super::install::wait_before_power_off(interactive && terminal, input, out)?;
             Ok(code)
         }
+        OsCommand::Life(_) => anyhow::bail!("os life commands run through cli.rs, which has the data root"),
         OsCommand::CheckMedium {
             cmdline,
             medium,

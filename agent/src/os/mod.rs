@@ -20,12 +20,14 @@
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
+pub mod check;
 pub mod cmdline;
 pub mod commands;
 pub mod disks;
 pub mod grub;
 pub mod install;
 pub mod layout;
+pub mod life;
 pub mod machine_id;
 pub mod medium;
 pub mod partition;
