@@ -6,7 +6,10 @@
 #
 # Run it as root in a Debian 12 system or container (privileged: mmdebstrap
 # chroots, the tests run Podman and mount loop devices). Outputs:
-# target/iso/archipelago-<version>-amd64.iso, SHA256SUMS, build-report.json.
+# target/iso/archipelago-<version>-amd64.iso, the update bundle (.raucb),
+# SHA256SUMS and SHA256SUMS.sig, build-report.json, sbom.spdx.json. The
+# release key comes in as ARCHY_SIGN_KEY/ARCHY_SIGN_CERT (files) and the
+# version as ARCHY_RELEASE_VERSION, read by `cargo xtask iso` itself.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

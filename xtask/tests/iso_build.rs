@@ -1,8 +1,8 @@
 //! `cargo xtask iso` for real, checked with xorriso: the images stage it
 //! runs itself (an image from the loopback test registry, found in the
 //! squashfs), both El Torito boot entries (BIOS and UEFI), the live
-//! system's files, the label, the boot menu, the checksum file and the
-//! build report. Needs root, the test registry and Debian's archive (for
+//! system's files, the label, the boot menu, the checksum file, the
+//! build report and the SBOM. Needs root, the test registry and Debian's archive (for
 //! the base rootfs when target/cache lacks it); run through `cargo xtask
 //! test`.
 
@@ -142,9 +142,28 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     assert_eq!(cfg.matches(" archipelago.install\n").count(), 2, "{cfg}");
 
     let sha = sha256_hex(&fs::read(&iso).unwrap());
-    assert_eq!(
-        fs::read_to_string(out.path().join("SHA256SUMS")).unwrap(),
-        format!("{sha}  {name}\n")
+    let sums = fs::read_to_string(out.path().join("SHA256SUMS")).unwrap();
+    assert!(sums.lines().any(|l| l == format!("{sha}  {name}")), "{sums}");
+    // The SBOM, listed in SHA256SUMS, from the report's data.
+    let sbom_bytes = fs::read(out.path().join("sbom.spdx.json")).unwrap();
+    assert!(
+        sums.lines()
+            .any(|l| l == format!("{}  sbom.spdx.json", sha256_hex(&sbom_bytes))),
+        "{sums}"
+    );
+    let sbom: serde_json::Value = serde_json::from_slice(&sbom_bytes).unwrap();
+    assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
+    let purls: Vec<&str> = sbom["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["externalRefs"][0]["referenceLocator"].as_str())
+        .collect();
+    assert!(
+        purls
+            .iter()
+            .any(|p| p.starts_with("pkg:deb/debian/podman@") && p.ends_with("?arch=amd64&distro=debian-12")),
+        "no podman purl in the SBOM: {purls:?}"
     );
     assert!(stdout.contains(&format!("sha256:  {sha}")), "{stdout}");
     assert!(stdout.contains("total:"), "{stdout}");
@@ -173,6 +192,17 @@ fn the_iso_boots_bios_and_uefi_and_carries_the_live_system() {
     }
     assert!(report["inputs"]["rootfs_cache_key"].as_str().unwrap().len() == 64);
     assert_eq!(report["images"][0]["manifest_digest"], digest, "{report}");
+    assert!(
+        purls
+            .iter()
+            .any(|p| p.starts_with("pkg:oci/") && p.contains(&format!("@{digest}?"))),
+        "the image is in the SBOM by its digest {digest}: {purls:?}"
+    );
+    assert_eq!(
+        purls.iter().filter(|p| p.starts_with("pkg:deb/")).count(),
+        report["packages"].as_array().unwrap().len(),
+        "every package of the report is in the SBOM"
+    );
 
     // The pulled image is in the live system, beside its lock.
     let squashfs = out.path().join("filesystem.squashfs");
