@@ -1,44 +1,32 @@
 //! GRUB on the installed disk (`docs/disk-layout.md`): the `grub.cfg` the
-//! installer writes once (pure, [`render_cfg`]), the environment block
-//! that selects the slot ([`write_env`], `grub-editenv`), and installing
+//! installer writes once (pure, [`render_cfg`]), which counts boots in the
+//! two-copy boot environment beside it (`os::bootenv`, written first by
+//! `EnvStore::init`), and installing
 //! GRUB for BIOS and UEFI onto the ESP ([`install`], `grub-install` from
 //! Debian's `grub-pc-bin` and `grub-efi-amd64-bin` in the rootfs).
 //!
 //! OS updates never rewrite GRUB or `grub.cfg`: it names only this
 //! disk's PARTUUIDs and the machine's id, and takes the slot order from
-//! the environment block beside it.
+//! the boot environment beside it.
 //!
 //! Debian 12's GRUB (2.06) has no `search --part-uuid`, so `grub.cfg`
 //! finds the slots on the disk its own ESP lies on: the disk part of
 //! `$root` (`hd0,gpt2` → `hd0`), partition `gpt3` or `gpt4`, and checks
 //! each slot's PARTUUID with `probe --part-uuid` before booting it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
+use super::bootenv::{self, EnvStore, SlotName};
 use super::machine_id::MachineId;
 use crate::mount::run;
 
-/// The environment block's file name, beside `grub.cfg` in `<esp>/grub/`.
-pub const ENV_FILE: &str = "grubenv";
 /// `grub.cfg`'s name in `<esp>/grub/`.
 pub const CFG_FILE: &str = "grub.cfg";
 /// GRUB's folder on the ESP (`--boot-directory=<esp>` makes it).
 pub const GRUB_DIR: &str = "grub";
-
-/// The variables of RAUC's GRUB backend and their values on a fresh
-/// install: slot A first and good, slot B empty. `grub.cfg` boots the
-/// first slot in `ORDER` whose `<X>_OK` is 1, else A. The `_TRY`
-/// counters are for boot counting (issue 16); nothing reads them yet.
-pub const ENV_DEFAULTS: [(&str, &str); 5] = [
-    ("ORDER", "A B"),
-    ("A_OK", "1"),
-    ("A_TRY", "0"),
-    ("B_OK", "0"),
-    ("B_TRY", "0"),
-];
 
 /// A GPT partition's unique GUID, lower case (`/dev/disk/by-partuuid/`'s
 /// spelling and GRUB's `probe --part-uuid`'s).
@@ -74,18 +62,13 @@ impl PartUuid {
 /// What the installed `grub.cfg` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
+    /// The ESP's: `archipelago.esp=PARTUUID=` on the kernel line, where
+    /// Linux finds the boot environment.
+    pub esp: PartUuid,
     pub slot_a: PartUuid,
     pub slot_b: PartUuid,
     pub data: PartUuid,
     pub machine_id: MachineId,
-}
-
-/// One slot's letter, GPT partition number and PARTUUID.
-struct Slot<'a> {
-    lower: char,
-    upper: char,
-    gpt: u32,
-    uuid: &'a PartUuid,
 }
 
 /// The kernel command line of a slot's entry (after the kernel's path).
@@ -93,23 +76,35 @@ pub fn kernel_args(cfg: &BootConfig, slot: char, slot_uuid: &PartUuid) -> String
     format!(
         "boot=live live-media=/dev/disk/by-partuuid/{uuid} live-media-path=/live \
          archipelago.slot={slot} rauc.slot={upper} archipelago.data=PARTUUID={data} \
+         archipelago.esp=PARTUUID={esp} \
          systemd.machine_id={id} panic=10 quiet console=tty0 console=ttyS0,115200n8",
         uuid = slot_uuid.as_str(),
+        esp = cfg.esp.as_str(),
         upper = slot.to_ascii_uppercase(),
         data = cfg.data.as_str(),
         id = cfg.machine_id.as_str(),
     )
 }
 
-/// The installed disk's `grub.cfg`. Never waits for a key (1 s menu,
-/// fallback entries, a last entry that restarts); shown on the screen
-/// and on the first serial port when there is one.
+/// The installed disk's `grub.cfg`: boot counting over the two copies
+/// of the boot environment (`os::bootenv`, `docs/disk-layout.md`). Never
+/// waits for a key (1 s menu, fallback entries by number, a last entry
+/// that restarts); shown on the screen and on the first serial port when
+/// there is one.
+///
+/// Entries: 0 slot A, 1 slot B, 2 slot A degraded, 3 slot B degraded
+/// (`archipelago.degraded=1`: the environment could not be used), 4
+/// restart. `bootenv::grub_boot` is this file's logic, pure; the tests
+/// run both against each other.
 pub fn render_cfg(cfg: &BootConfig) -> String {
+    let vars = bootenv::var_names();
+    let var_list = vars.join(" ");
     let mut out = String::from(
         r#"# Archipelago's boot menu, written once by the installer
 # (archy-agent os install). OS updates never rewrite it: it names this
-# disk's partitions by PARTUUID, and the slot to boot comes from the
-# environment block grubenv beside it (docs/disk-layout.md).
+# disk's partitions by PARTUUID, and the slot to boot comes from the boot
+# environment beside it, two copies bootenv.0 and bootenv.1
+# (docs/disk-layout.md, "Boot counting").
 set timeout=1
 set timeout_style=menu
 if serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1; then
@@ -122,80 +117,186 @@ insmod regexp
 insmod probe
 insmod loadenv
 insmod test
-
-set ORDER="A B"
-set A_OK=1
-set A_TRY=0
-set B_OK=0
-set B_TRY=0
-if [ -s "$prefix/grubenv" ]; then
-    load_env --file "$prefix/grubenv" ORDER A_OK A_TRY B_OK B_TRY
-fi
-
-# The first slot in ORDER that is good, else A.
-set archy_pick=""
-for archy_slot in $ORDER; do
-    if [ -z "$archy_pick" ]; then
-        if [ "$archy_slot" = "A" ]; then
-            if [ "$A_OK" = "1" ]; then set archy_pick=a; fi
+"#,
+    );
+    // Each copy alone: its variables reset, loaded (only ours), checked
+    // against the values bootenv.rs allows, kept as archy_<copy>_<VAR>.
+    for i in 0..2 {
+        out.push_str(&format!("\n# Copy {i}: {}\n", bootenv::COPIES[i]));
+        for v in &vars {
+            out.push_str(&format!("unset {v}\n"));
+        }
+        out.push_str(&format!(
+            "set archy_v{i}=0\nif [ -s \"$prefix/{file}\" ]; then\n    if load_env --file \"$prefix/{file}\" {var_list}; then\n        set archy_v{i}=1\n    fi\nfi\n",
+            file = bootenv::COPIES[i],
+        ));
+        for (v, allowed) in bootenv::VARIABLES {
+            out.push_str(&format!(
+                "if ! regexp '^({})$' \"${v}\"; then set archy_v{i}=0; fi\n",
+                allowed.join("|")
+            ));
+        }
+        out.push_str(&format!(
+            "if [ \"$ARCHY_END\" != \"$ARCHY_SEQ\" ]; then set archy_v{i}=0; fi\n"
+        ));
+        for v in &vars {
+            out.push_str(&format!("set archy_{i}_{v}=\"${v}\"\n"));
+        }
+    }
+    out.push_str(
+        r#"
+# The newer valid copy (copy 1 is newer iff its ARCHY_SEQ is copy 0's
+# plus 1 mod 3; GRUB has no arithmetic), or the only valid one. A change
+# is saved into the other copy (archy_save), never over the one read.
+set archy_use=""
+if [ "$archy_v0" = 1 ]; then
+    set archy_use=0
+    if [ "$archy_v1" = 1 ]; then
+        if [ "$archy_0_ARCHY_SEQ" = 0 ]; then set archy_n=1
+        elif [ "$archy_0_ARCHY_SEQ" = 1 ]; then set archy_n=2
+        else set archy_n=0
         fi
-        if [ "$archy_slot" = "B" ]; then
-            if [ "$B_OK" = "1" ]; then set archy_pick=b; fi
-        fi
+        if [ "$archy_1_ARCHY_SEQ" = "$archy_n" ]; then set archy_use=1; fi
     fi
-done
-# By number (0: slot A, 1: slot B, 2: restart): GRUB 2.06 does not
-# follow a fallback given by entry id.
-if [ "$archy_pick" = "b" ]; then
-    set default=1
-    set fallback="0 2"
-else
-    set default=0
-    set fallback="2"
+elif [ "$archy_v1" = 1 ]; then
+    set archy_use=1
 fi
 "#,
     );
-    let slots = [
-        Slot {
-            lower: 'a',
-            upper: 'A',
-            gpt: super::layout::Part::SlotA.number(),
-            uuid: &cfg.slot_a,
-        },
-        Slot {
-            lower: 'b',
-            upper: 'B',
-            gpt: super::layout::Part::SlotB.number(),
-            uuid: &cfg.slot_b,
-        },
-    ];
-    for s in &slots {
+    for (i, other) in [(0, 1), (1, 0)] {
         out.push_str(&format!(
-            r#"
-# Slot {upper}: partition {gpt} of the disk this ESP is on ($root is
-# hd0,gpt2: GRUB 2.06's search cannot find a PARTUUID), checked by PARTUUID.
-menuentry "Archipelago, slot {upper}" --id {lower} {{
+            "{kw} [ \"$archy_use\" = {i} ]; then\n    set archy_save={other}\n",
+            kw = if i == 0 { "if" } else { "elif" }
+        ));
+        for v in &vars {
+            out.push_str(&format!("    set {v}=\"$archy_{i}_{v}\"\n"));
+        }
+    }
+    out.push_str("fi\n");
+    out.push_str(
+        r#"
+# The first slot in ORDER that is ok. One on trial is counted: TRY 0->1,
+# 1->2, 2->3 and booted; at 3 it is set not ok (its TRIAL stays 1) and the
+# next one is considered. A committed one (TRIAL 0) boots uncounted.
+set archy_pick=""
+set archy_changed=0
+if [ -n "$archy_use" ]; then
+    for archy_s in $ORDER; do
+        if [ -z "$archy_pick" ]; then
+"#,
+    );
+    for s in ["A", "B"] {
+        out.push_str(&format!(
+            r#"            if [ "$archy_s" = {s} ]; then
+                if [ "${s}_OK" = 1 ]; then
+                    if [ "${s}_TRIAL" = 1 ]; then
+                        set archy_changed=1
+                        if [ "${s}_TRY" = 0 ]; then set {s}_TRY=1; set archy_pick={s}
+                        elif [ "${s}_TRY" = 1 ]; then set {s}_TRY=2; set archy_pick={s}
+                        elif [ "${s}_TRY" = 2 ]; then set {s}_TRY=3; set archy_pick={s}
+                        else set {s}_OK=0
+                        fi
+                    else
+                        set archy_pick={s}
+                    fi
+                fi
+            fi
+"#
+        ));
+    }
+    out.push_str(&format!(
+        r#"        fi
+    done
+fi
+
+# A change is saved before booting: into the older (or unreadable) copy
+# with ARCHY_SEQ one more; if GRUB cannot write that file (missing, no
+# GRUB block in it), into the copy read, in place. If neither takes it,
+# a trial is not booted uncounted: COMMITTED boots degraded.
+if [ "$archy_changed" = 1 ]; then
+    if [ "$ARCHY_SEQ" = 0 ]; then set ARCHY_SEQ=1
+    elif [ "$ARCHY_SEQ" = 1 ]; then set ARCHY_SEQ=2
+    else set ARCHY_SEQ=0
+    fi
+    set ARCHY_END="$ARCHY_SEQ"
+    if save_env --file "$prefix/bootenv.$archy_save" {var_list}; then
+        echo "Archipelago: boot environment saved in bootenv.$archy_save"
+    elif save_env --file "$prefix/bootenv.$archy_use" {var_list}; then
+        echo "Archipelago: boot environment saved in bootenv.$archy_use"
+    else
+        echo "Archipelago: the boot environment cannot be saved: degraded boot"
+        set archy_pick=""
+    fi
+fi
+
+# No slot: COMMITTED (A when no copy is valid), degraded, then the other.
+set archy_first=A
+if [ -n "$archy_use" ]; then
+    if [ "$COMMITTED" = B ]; then set archy_first=B; fi
+fi
+# By number (0 A, 1 B, 2 A degraded, 3 B degraded, 4 restart): GRUB 2.06
+# does not follow a fallback given by entry id.
+if [ "$archy_pick" = A ]; then
+    set default=0
+    if [ "$B_OK" = 1 ]; then set fallback="1 4"; else set fallback="3 4"; fi
+elif [ "$archy_pick" = B ]; then
+    set default=1
+    if [ "$A_OK" = 1 ]; then set fallback="0 4"; else set fallback="2 4"; fi
+elif [ "$archy_first" = B ]; then
+    set default=3
+    set fallback="2 4"
+else
+    set default=2
+    set fallback="3 4"
+fi
+"#
+    ));
+    let slots = [
+        (SlotName::A, super::layout::Part::SlotA.number(), &cfg.slot_a),
+        (SlotName::B, super::layout::Part::SlotB.number(), &cfg.slot_b),
+    ];
+    for degraded in [false, true] {
+        for (slot, gpt, uuid) in slots {
+            let (title, id, extra) = if degraded {
+                (
+                    format!("Archipelago, slot {slot}, degraded"),
+                    format!("{}-degraded", slot.lower()),
+                    " archipelago.degraded=1",
+                )
+            } else {
+                (format!("Archipelago, slot {slot}"), slot.lower().to_string(), "")
+            };
+            out.push_str(&format!(
+                r#"
+# Slot {slot}: partition {gpt} of the disk this ESP is on ($root is
+# hd0,gpt2: GRUB 2.06's search cannot find a PARTUUID), checked by
+# PARTUUID. A release's live/bootargs (a GRUB block, ARCHY_ARGS only)
+# adds its own kernel words.
+menuentry "{title}" --id {id} {{
     regexp --set=1:archy_disk '^[(]?([^,()]+),' "$root"
     set archy_part="${{archy_disk}},gpt{gpt}"
     probe --set=archy_found --part-uuid "$archy_part"
     if [ "$archy_found" = "{uuid}" ]; then
-        linux ($archy_part)/live/vmlinuz {args}
+        unset {bootargs}
+        if [ -f "($archy_part)/live/bootargs" ]; then
+            load_env --file "($archy_part)/live/bootargs" {bootargs}
+        fi
+        linux ($archy_part)/live/vmlinuz {args}{extra} ${bootargs}
         initrd ($archy_part)/live/initrd.img
     else
-        echo "Archipelago: partition $archy_part has PARTUUID '$archy_found', not {uuid}: slot {upper} is not booted"
+        echo "Archipelago: partition $archy_part has PARTUUID '$archy_found', not {uuid}: slot {slot} is not booted"
     fi
 }}
 "#,
-            upper = s.upper,
-            lower = s.lower,
-            gpt = s.gpt,
-            uuid = s.uuid.as_str(),
-            args = kernel_args(cfg, s.lower, s.uuid),
-        ));
+                uuid = uuid.as_str(),
+                args = kernel_args(cfg, slot.lower(), uuid),
+                bootargs = bootenv::BOOTARGS_VAR,
+            ));
+        }
     }
     out.push_str(
         r#"
-# Neither slot booted: say so and restart, never wait for a key.
+# Nothing booted: say so and restart, never wait for a key.
 menuentry "Archipelago: no slot boots, restarting in 30 s" --id restart {
     echo "Archipelago: no system slot could be booted; restarting in 30 s"
     sleep 30
@@ -204,27 +305,6 @@ menuentry "Archipelago: no slot boots, restarting in 30 s" --id restart {
 "#,
     );
     out
-}
-
-/// Writes the environment block `<grub_dir>/grubenv` anew with
-/// [`ENV_DEFAULTS`] (`grub-editenv`, package grub-common).
-pub fn write_env(grub_dir: &Path) -> anyhow::Result<PathBuf> {
-    let file = grub_dir.join(ENV_FILE);
-    if file.exists() {
-        std::fs::remove_file(&file).with_context(|| format!("cannot remove the old {}", file.display()))?;
-    }
-    run(
-        Command::new("grub-editenv").arg(&file).arg("create"),
-        "grub-editenv create",
-        "grub-common",
-    )?;
-    let mut set = Command::new("grub-editenv");
-    set.arg(&file).arg("set");
-    for (name, value) in ENV_DEFAULTS {
-        set.arg(format!("{name}={value}"));
-    }
-    run(&mut set, "grub-editenv set", "grub-common")?;
-    Ok(file)
 }
 
 /// The two `grub-install` runs onto an ESP mounted at `esp` of `disk`:
@@ -290,12 +370,15 @@ pub fn install(esp: &Path, disk: &Path, cfg: &BootConfig) -> anyhow::Result<()> 
     }
     let grub_dir = esp.join(GRUB_DIR);
     write_on_fat(&grub_dir.join(CFG_FILE), render_cfg(cfg).as_bytes())?;
-    write_env(&grub_dir)?;
+    EnvStore::new(grub_dir.clone())
+        .init()
+        .with_context(|| format!("cannot write the boot environment in {}", grub_dir.display()))?;
     for needed in [
         "EFI/BOOT/BOOTX64.EFI",
         "grub/i386-pc/core.img",
         "grub/grub.cfg",
-        "grub/grubenv",
+        "grub/bootenv.0",
+        "grub/bootenv.1",
     ] {
         if !esp.join(needed).is_file() {
             bail!("grub-install left no {needed} on the ESP");
@@ -311,6 +394,7 @@ mod tests {
 
     fn cfg() -> BootConfig {
         BootConfig {
+            esp: PartUuid::parse("eeeeeeee-2222-4222-8222-222222222222").unwrap(),
             slot_a: PartUuid::parse("AAAAAAAA-1111-4111-8111-111111111111").unwrap(),
             slot_b: PartUuid::parse("bbbbbbbb-2222-4222-8222-222222222222").unwrap(),
             data: PartUuid::parse("dddddddd-5555-4555-8555-555555555555").unwrap(),
@@ -324,14 +408,21 @@ mod tests {
         let a = "linux ($archy_part)/live/vmlinuz boot=live \
              live-media=/dev/disk/by-partuuid/aaaaaaaa-1111-4111-8111-111111111111 live-media-path=/live \
              archipelago.slot=a rauc.slot=A archipelago.data=PARTUUID=dddddddd-5555-4555-8555-555555555555 \
+             archipelago.esp=PARTUUID=eeeeeeee-2222-4222-8222-222222222222 \
              systemd.machine_id=0123456789abcdef0123456789abcdef panic=10 quiet console=tty0 console=ttyS0,115200n8";
-        assert!(text.contains(a), "{text}");
+        assert!(text.contains(&format!("{a} $ARCHY_ARGS\n")), "{text}");
+        assert!(
+            text.contains(&format!("{a} archipelago.degraded=1 $ARCHY_ARGS\n")),
+            "{text}"
+        );
         assert!(text.contains("live-media=/dev/disk/by-partuuid/bbbbbbbb-2222-4222-8222-222222222222 live-media-path=/live archipelago.slot=b rauc.slot=B"), "{text}");
         assert!(text.contains("set archy_part=\"${archy_disk},gpt3\""), "{text}");
         assert!(text.contains("set archy_part=\"${archy_disk},gpt4\""), "{text}");
         assert!(text.contains("if [ \"$archy_found\" = \"aaaaaaaa-1111-4111-8111-111111111111\" ]"));
         assert!(text.contains("initrd ($archy_part)/live/initrd.img"));
-        assert_eq!(text.matches("menuentry ").count(), 3);
+        assert!(text.contains("load_env --file \"($archy_part)/live/bootargs\" ARCHY_ARGS\n"));
+        assert_eq!(text.matches("menuentry ").count(), 5);
+        assert_eq!(text.matches("archipelago.degraded=1").count(), 2);
     }
 
     #[test]
@@ -340,19 +431,29 @@ mod tests {
         assert!(text.contains("set timeout=1\n"));
         assert!(!text.contains("timeout=-1"));
         assert!(text.contains("terminal_output console serial"));
-        assert!(text.contains("set default=1\n    set fallback=\"0 2\""));
-        assert!(text.contains("set default=0\n    set fallback=\"2\""));
-        // The numbers are the entries' order.
+        // The numbers are the entries' order (bootenv::Entry::number).
         let ids: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("menuentry "))
             .filter_map(|l| l.split("--id ").nth(1))
             .collect();
-        assert_eq!(ids, ["a {", "b {", "restart {"]);
+        assert_eq!(ids, ["a {", "b {", "a-degraded {", "b-degraded {", "restart {"]);
         assert!(text.contains("--id restart {\n    echo"));
         assert!(text.contains("reboot\n}"));
-        // Only the environment block's own variables are loaded from it.
-        assert!(text.contains("load_env --file \"$prefix/grubenv\" ORDER A_OK A_TRY B_OK B_TRY"));
+    }
+
+    #[test]
+    fn both_copies_are_read_with_only_their_own_variables_and_saved_to_the_other() {
+        let text = render_cfg(&cfg());
+        let vars = "ARCHY_SEQ ORDER A_OK A_TRIAL A_TRY B_OK B_TRIAL B_TRY COMMITTED ARCHY_END";
+        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.0\" {vars}\n")));
+        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.1\" {vars}\n")));
+        assert!(text.contains(&format!("save_env --file \"$prefix/bootenv.$archy_save\" {vars};")));
+        assert!(text.contains("if ! regexp '^(A B|B A)$' \"$ORDER\"; then set archy_v1=0; fi"));
+        assert!(text.contains("if ! regexp '^(0|1|2|3)$' \"$B_TRY\"; then set archy_v0=0; fi"));
+        // Reset before each load.
+        assert_eq!(text.matches("unset COMMITTED\n").count(), 2);
+        assert!(!text.contains("grubenv"));
     }
 
     /// GRUB's own parser accepts it (grub-script-check, package grub-common).
@@ -363,7 +464,12 @@ mod tests {
         std::fs::write(&file, render_cfg(&cfg())).unwrap();
         let out = Command::new("grub-script-check").arg(&file).output();
         match out {
-            Ok(out) => assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr)),
+            Ok(out) => assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
             Err(e) => panic!("grub-script-check (package grub-common): {e}"),
         }
     }
@@ -384,17 +490,6 @@ mod tests {
         ] {
             assert!(PartUuid::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn the_environment_block_holds_the_slot_order() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(ENV_FILE), b"old").unwrap();
-        let file = write_env(dir.path()).unwrap();
-        assert_eq!(std::fs::metadata(&file).unwrap().len(), 1024, "GRUB's block is 1 KiB");
-        let out = Command::new("grub-editenv").arg(&file).arg("list").output().unwrap();
-        let listed = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(listed, "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n");
     }
 
     #[test]

@@ -284,6 +284,7 @@ fn boot_config(parts: &[Found; 5], machine_id: &MachineId) -> anyhow::Result<Boo
         PartUuid::parse(&found.partuuid).with_context(|| format!("{}'s PARTUUID", found.node))
     };
     Ok(BootConfig {
+        esp: uuid(Part::Esp)?,
         slot_a: uuid(Part::SlotA)?,
         slot_b: uuid(Part::SlotB)?,
         data: uuid(Part::Data)?,

@@ -20,6 +20,7 @@
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
+pub mod bootenv;
 pub mod check;
 pub mod cmdline;
 pub mod commands;

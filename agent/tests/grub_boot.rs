@@ -1,0 +1,550 @@
+//! Boot counting in GRUB itself: `grub-emu` (package grub-emu) runs the
+//! installed `grub.cfg` again and again against a loop disk with the real
+//! layout, reading and writing the two boot environment copies on its
+//! ESP (FAT, through mtools), as the firmware's GRUB would (`$root` is
+//! the ESP). grub-emu cannot load a kernel, so `linux` and `initrd` are
+//! turned into `echo`; GRUB then falls back entry after entry to the
+//! restart entry, whose `reboot` ends grub-emu. The rest (loading both
+//! copies, the checks, the counting, `save_env` into the older copy, the
+//! PARTUUID check with `probe`, `live/bootargs`) runs as written.
+//!
+//! Every run is also put to the pure model, `bootenv::grub_boot`: it must
+//! name the same entries and write the same bytes into the same copy.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use archy_agent::os::bootenv::{self, BootEnv, EnvStore, SlotName};
+use archy_agent::os::disks::Content;
+use archy_agent::os::grub::{self, BootConfig, PartUuid};
+use archy_agent::os::layout::{self, Part, GIB};
+use archy_agent::os::machine_id::MachineId;
+use archy_agent::os::partition::{self, Consent};
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A loop disk with the installed layout, and GRUB's view of it.
+struct Machine {
+    dir: tempfile::TempDir,
+    device: PathBuf,
+    esp: PathBuf,
+    cfg: BootConfig,
+    map: PathBuf,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// One GRUB run: the entries it tried (their whole kernel lines), and
+/// whether it went on to the restart entry.
+#[derive(Debug)]
+struct Run {
+    lines: Vec<String>,
+    restarted: bool,
+    saved_msgs: Vec<String>,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        run("truncate", &["-s", "16G", path(&image)]);
+        let out = run("losetup", &["--find", "--show", "-P", path(&image)]);
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let plan = layout::plan(16 * GIB, 0).expect("plan");
+        let consent = Consent::unattended(&device, Content::Blank, plan).expect("consent");
+        let parts = partition::write(&consent).expect("layout");
+        let uuid = |p: Part| PartUuid::parse(&parts[(p.number() - 1) as usize].partuuid).expect("partuuid");
+        let cfg = BootConfig {
+            esp: uuid(Part::Esp),
+            slot_a: uuid(Part::SlotA),
+            slot_b: uuid(Part::SlotB),
+            data: uuid(Part::Data),
+            machine_id: MachineId::random().expect("machine-id"),
+        };
+        let esp = PathBuf::from(format!("{}p{}", device.display(), Part::Esp.number()));
+        run("mmd", &["-i", path(&esp), "::/grub"]);
+        let map = dir.path().join("device.map");
+        fs::write(&map, format!("(hd0) {}\n", device.display())).expect("device.map");
+        Machine {
+            dir,
+            device,
+            esp,
+            cfg,
+            map,
+        }
+    }
+
+    fn slot_node(&self, s: SlotName) -> String {
+        let part = match s {
+            SlotName::A => Part::SlotA,
+            SlotName::B => Part::SlotB,
+        };
+        format!("{}p{}", self.device.display(), part.number())
+    }
+
+    /// Puts a file onto the ESP's `grub/`, or removes it (`None`).
+    fn put(&self, name: &str, bytes: Option<&[u8]>) {
+        let target = format!("::/grub/{name}");
+        match bytes {
+            Some(b) => {
+                let file = self.dir.path().join(name);
+                fs::write(&file, b).expect("write");
+                run("mcopy", &["-o", "-i", path(&self.esp), path(&file), &target]);
+            }
+            None => {
+                let _ = Command::new("mdel").args(["-i", path(&self.esp), &target]).output();
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Vec<u8>> {
+        let file = self.dir.path().join(format!("{name}.read"));
+        let _ = fs::remove_file(&file);
+        let out = Command::new("mcopy")
+            .args(["-o", "-i", path(&self.esp), &format!("::/grub/{name}"), path(&file)])
+            .output()
+            .expect("mcopy (package mtools)");
+        out.status.success().then(|| fs::read(&file).expect("read"))
+    }
+
+    fn copies(&self) -> [Option<Vec<u8>>; 2] {
+        [self.get(bootenv::COPIES[0]), self.get(bootenv::COPIES[1])]
+    }
+
+    fn set_copies(&self, copies: &[Option<Vec<u8>>; 2]) {
+        for (i, c) in copies.iter().enumerate() {
+            self.put(bootenv::COPIES[i], c.as_deref());
+        }
+    }
+
+    /// Runs GRUB once on the ESP with `cfg_text` (the installed grub.cfg).
+    fn boot(&self, cfg_text: &str) -> Run {
+        let text: String = cfg_text
+            .replace("set timeout=1\n", "set timeout=0\n")
+            .replace("sleep 30", "sleep 1")
+            .replace("        initrd (", "        echo INITRD (")
+            .lines()
+            .map(|l| {
+                if let Some(rest) = l.strip_prefix("        linux (") {
+                    format!("        echo LINUX ({rest} LINE-END\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        self.put("grub.cfg", Some(text.as_bytes()));
+        let out = Command::new("timeout")
+            .args([
+                "120",
+                "grub-emu",
+                "-m",
+                path(&self.map),
+                "-r",
+                "hd0,gpt2",
+                "-d",
+                "/grub",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("grub-emu (package grub-emu)");
+        // The restart entry's `reboot` ends grub-emu: nothing waited for a key.
+        assert!(out.status.success(), "grub-emu ended with {}", out.status);
+        let clean = screen(&String::from_utf8_lossy(&out.stdout));
+        let mut lines = Vec::new();
+        for l in clean.lines() {
+            if let Some(p) = l.find("LINUX (") {
+                let rest = &l[p + "LINUX ".len()..];
+                let end = rest
+                    .find(" LINE-END")
+                    .unwrap_or_else(|| panic!("an unterminated kernel line in {clean}"));
+                lines.push(rest[..end].to_owned());
+            } else if l.contains("Archipelago: partition") {
+                lines.push("WRONG-PARTUUID".to_owned());
+            }
+        }
+        let saved = "Archipelago: boot environment saved in bootenv.";
+        let failed = "Archipelago: the boot environment cannot be saved";
+        let saved_msgs = clean
+            .match_indices(saved)
+            .map(|(p, _)| clean[p..p + saved.len() + 1].to_owned())
+            .chain(clean.contains(failed).then(|| failed.to_owned()))
+            .collect();
+        Run {
+            lines,
+            restarted: clean.contains("no system slot could be booted"),
+            saved_msgs,
+        }
+    }
+
+    /// The kernel line GRUB echoes for an entry.
+    fn line(&self, e: bootenv::Entry, args: &str) -> String {
+        let (gpt, uuid) = match e.slot {
+            SlotName::A => (Part::SlotA.number(), &self.cfg.slot_a),
+            SlotName::B => (Part::SlotB.number(), &self.cfg.slot_b),
+        };
+        let mut l = format!(
+            "(hd0,gpt{gpt})/live/vmlinuz {}",
+            grub::kernel_args(&self.cfg, e.slot.lower(), uuid)
+        );
+        if e.degraded {
+            l.push_str(" archipelago.degraded=1");
+        }
+        if !args.is_empty() {
+            l.push(' ');
+            l.push_str(args);
+        }
+        l
+    }
+
+    /// One boot: GRUB and the model agree on the entries and on what was
+    /// written where; returns the model's answer.
+    fn step(&self, text: &str, args: &dyn Fn(SlotName) -> String) -> bootenv::GrubBoot {
+        let before = self.copies();
+        let model = bootenv::grub_boot([before[0].as_deref(), before[1].as_deref()]);
+        let got = self.boot(text);
+        let after = self.copies();
+        let want: Vec<String> = [model.boot, model.fallback]
+            .iter()
+            .map(|e| self.line(*e, &args(e.slot)))
+            .collect();
+        assert_eq!(got.lines, want, "GRUB's entries vs the model's");
+        assert!(got.restarted, "GRUB went on to the restart entry");
+        let mut expected = before.clone();
+        if let Some((i, bytes)) = &model.written {
+            expected[*i] = Some(bytes.clone());
+            assert_eq!(
+                got.saved_msgs,
+                [format!("Archipelago: boot environment saved in bootenv.{i}")]
+            );
+        } else {
+            assert!(
+                got.saved_msgs.iter().all(|m| m.contains("cannot be saved")),
+                "{:?}",
+                got.saved_msgs
+            );
+        }
+        for i in 0..2 {
+            assert!(
+                after[i] == expected[i],
+                "copy {i} after GRUB:\n{}\nthe model's:\n{}",
+                show(&after[i]),
+                show(&expected[i])
+            );
+        }
+        model
+    }
+}
+
+/// The screen's text, without escape sequences, each line whole: GRUB
+/// wraps after column 79 (the cursor positions of `ESC [ row ; col H`
+/// are followed to know where a line was cut).
+fn screen(raw: &str) -> String {
+    let mut out = String::new();
+    let mut col = 0usize;
+    let mut widest = 0usize;
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                let mut seq = String::new();
+                for d in chars.by_ref() {
+                    seq.push(d);
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+                if let Some(params) = seq.strip_prefix('[').and_then(|s| s.strip_suffix('H')) {
+                    col = params
+                        .split(';')
+                        .nth(1)
+                        .and_then(|c| c.parse::<usize>().ok())
+                        .map_or(0, |c| c.saturating_sub(1));
+                    out.push(' ');
+                }
+            }
+            '\r' => col = 0,
+            '\n' => {
+                if widest < 79 {
+                    out.push('\n');
+                }
+                col = 0;
+                widest = 0;
+            }
+            c => {
+                out.push(c);
+                col += 1;
+                widest = widest.max(col);
+            }
+        }
+    }
+    out
+}
+
+fn show(c: &Option<Vec<u8>>) -> String {
+    match c {
+        Some(b) => String::from_utf8_lossy(&b[..b.len().min(220)]).into_owned(),
+        None => "(none)".to_owned(),
+    }
+}
+
+/// The copies a Linux writer (EnvStore) makes: init, then `change`.
+fn linux_copies(change: impl FnOnce(&EnvStore)) -> [Option<Vec<u8>>; 2] {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EnvStore::new(dir.path().to_owned());
+    store.init().expect("init");
+    change(&store);
+    [0, 1].map(|i| Some(fs::read(store.copy_path(i)).expect("copy")))
+}
+
+fn rauc(store: &EnvStore, args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    bootenv::rauc_backend(&args, store, Some(SlotName::A)).expect("rauc backend");
+}
+
+fn env_of(c: &Option<Vec<u8>>) -> BootEnv {
+    bootenv::decode(c.as_deref().expect("a copy")).expect("a valid copy")
+}
+
+fn state(copies: &[Option<Vec<u8>>; 2]) -> BootEnv {
+    let d = copies.clone().map(|c| c.and_then(|b| bootenv::decode(&b).ok()));
+    let i = bootenv::newer([d[0].as_ref(), d[1].as_ref()]).expect("a valid copy");
+    d[i].expect("decoded")
+}
+
+fn no_args(_: SlotName) -> String {
+    String::new()
+}
+
+#[test]
+fn grub_counts_a_trial_in_both_copies_and_agrees_with_the_model() {
+    let m = Machine::new();
+    let text = grub::render_cfg(&m.cfg);
+    let entry = |slot, degraded| bootenv::Entry { slot, degraded };
+
+    // A fresh install: A, committed, never counted, nothing written.
+    let fresh = linux_copies(|_| {});
+    m.set_copies(&fresh);
+    for _ in 0..2 {
+        let r = m.step(&text, &no_args);
+        assert_eq!(
+            (r.boot, r.fallback),
+            (entry(SlotName::A, false), entry(SlotName::B, true))
+        );
+        assert_eq!(r.written, None);
+    }
+    assert_eq!(m.copies(), fresh, "a committed slot's boot writes nothing");
+
+    // RAUC installed into B: set-state B bad, then set-primary B.
+    let trial = linux_copies(|s| {
+        rauc(s, &["set-state", "B", "bad"]);
+        rauc(s, &["set-primary", "B"]);
+    });
+    m.set_copies(&trial);
+    let mut written = Vec::new();
+    for try_ in 1..=3u8 {
+        let r = m.step(&text, &no_args);
+        assert_eq!(r.boot, entry(SlotName::B, false), "try {try_}");
+        assert_eq!(r.fallback, entry(SlotName::A, false));
+        let (i, _) = r.written.clone().expect("a counted boot is saved");
+        written.push(i);
+        let env = state(&m.copies());
+        assert_eq!(env.b.tries, try_);
+        assert!(env.b.ok && env.b.trial);
+    }
+    // Each save goes to the copy not read: they alternate.
+    assert_eq!(written, [0, 1, 0]);
+    // The fourth boot: B used its tries, A (committed) boots.
+    let r = m.step(&text, &no_args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::A, false), entry(SlotName::B, true))
+    );
+    assert_eq!(r.written.as_ref().map(|w| w.0), Some(1));
+    let env = state(&m.copies());
+    assert!(!env.b.ok && env.b.trial, "B_OK=0 B_TRIAL=1: {env:?}");
+    assert_eq!(env.b.tries, 3);
+    assert_eq!(env.committed, SlotName::A);
+    // Then A again, uncounted, nothing written.
+    let before = m.copies();
+    let r = m.step(&text, &no_args);
+    assert_eq!(r.boot, entry(SlotName::A, false));
+    assert_eq!(m.copies(), before);
+
+    // Committed B first (after a good update): B, uncounted, A the fallback.
+    let committed_b = linux_copies(|s| {
+        rauc(s, &["set-primary", "B"]);
+        rauc(s, &["set-state", "B", "good"]);
+    });
+    m.set_copies(&committed_b);
+    let r = m.step(&text, &no_args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::B, false), entry(SlotName::A, false))
+    );
+    assert_eq!(m.copies(), committed_b);
+
+    // Neither slot ok: COMMITTED (B) degraded, then A degraded.
+    let none_ok = linux_copies(|s| {
+        rauc(s, &["set-primary", "B"]);
+        rauc(s, &["set-state", "B", "good"]);
+        rauc(s, &["set-state", "B", "bad"]);
+        rauc(s, &["set-state", "A", "bad"]);
+    });
+    m.set_copies(&none_ok);
+    let r = m.step(&text, &no_args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::B, true), entry(SlotName::A, true))
+    );
+    assert_eq!(r.written, None);
+}
+
+#[test]
+fn grub_reads_around_a_damaged_copy_and_boots_degraded_without_one() {
+    let m = Machine::new();
+    let text = grub::render_cfg(&m.cfg);
+    let entry = |slot, degraded| bootenv::Entry { slot, degraded };
+    let trial = linux_copies(|s| {
+        rauc(s, &["set-state", "B", "bad"]);
+        rauc(s, &["set-primary", "B"]);
+    });
+    let n = {
+        let d = trial.clone().map(|c| c.and_then(|b| bootenv::decode(&b).ok()));
+        bootenv::newer([d[0].as_ref(), d[1].as_ref()]).expect("valid")
+    };
+    let o = 1 - n;
+    assert!(env_of(&trial[n]).b.trial);
+
+    // The older copy, with a GRUB block but damaged values (a bit flip,
+    // a torn sector whose ARCHY_END is not ARCHY_SEQ): the newer one is
+    // used and GRUB saves into the damaged one, repairing it.
+    let seq_o = env_of(&trial[o]).seq;
+    let torn = (format!("ARCHY_END={seq_o}"), format!("ARCHY_END={}", (seq_o + 1) % 3));
+    for damage in [("A_OK=1".to_owned(), "A_OK=7".to_owned()), torn] {
+        let mut copies = trial.clone();
+        let older = String::from_utf8(copies[o].clone().expect("older")).expect("ascii");
+        assert!(older.contains(&damage.0), "{older}");
+        copies[o] = Some(older.replacen(&damage.0, &damage.1, 1).into_bytes());
+        assert!(bootenv::decode(copies[o].as_deref().expect("copy")).is_err());
+        m.set_copies(&copies);
+        let r = m.step(&text, &no_args);
+        assert_eq!(r.boot, entry(SlotName::B, false));
+        assert_eq!(r.written.as_ref().map(|w| w.0), Some(o), "{damage:?}");
+        let after = m.copies();
+        assert_eq!(env_of(&after[o]).b.tries, 1);
+        assert_eq!(after[n], copies[n], "the copy read is untouched");
+    }
+
+    // The newer copy garbage or cut short: the older one is used; GRUB
+    // cannot write a file without a GRUB block (save_env refuses it), so
+    // it saves into the copy it read, in place.
+    let garbage: Vec<u8> = (0..1024u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let short = trial[n].as_deref().expect("newer")[..40].to_vec();
+    for bad in [garbage.clone(), short] {
+        let mut copies = trial.clone();
+        copies[n] = Some(bad.clone());
+        m.set_copies(&copies);
+        let r = m.step(&text, &no_args);
+        // The older copy: B marked bad, not yet primary: A boots.
+        assert_eq!(r.boot, entry(SlotName::A, false));
+        assert_eq!(r.written, None);
+        // The trial in the readable copy, the other one damaged.
+        copies[o] = trial[n].clone();
+        m.set_copies(&copies);
+        let r = m.step(&text, &no_args);
+        assert_eq!(r.boot, entry(SlotName::B, false));
+        assert_eq!(r.written.as_ref().map(|w| w.0), Some(o));
+        let after = m.copies();
+        assert_eq!(after[n].as_deref(), Some(bad.as_slice()));
+        assert_eq!(env_of(&after[o]).b.tries, 1);
+    }
+
+    // A missing copy is as a damaged one.
+    let mut copies = trial.clone();
+    copies[o] = None;
+    m.set_copies(&copies);
+    let r = m.step(&text, &no_args);
+    assert_eq!(r.boot, entry(SlotName::B, false));
+    assert_eq!(
+        r.written.as_ref().map(|w| w.0),
+        Some(n),
+        "the missing one cannot be written"
+    );
+
+    // Both copies unreadable: A degraded, then B degraded; nothing written.
+    for copies in [[Some(garbage.clone()), Some(garbage.clone())], [None, None]] {
+        m.set_copies(&copies);
+        let r = m.step(&text, &no_args);
+        assert_eq!(
+            (r.boot, r.fallback),
+            (entry(SlotName::A, true), entry(SlotName::B, true))
+        );
+    }
+}
+
+#[test]
+fn grub_appends_a_release_s_bootargs_and_checks_partuuids() {
+    let m = Machine::new();
+    let text = grub::render_cfg(&m.cfg);
+    let entry = |slot, degraded| bootenv::Entry { slot, degraded };
+    // Slot B holds live/bootargs (debugfs writes it into the ext4 slot).
+    let words = "archipelago.trial_deadline=60 archipelago.test.unhealthy";
+    let file = m.dir.path().join("bootargs");
+    fs::write(&file, bootenv::encode_bootargs(words).expect("bootargs")).expect("write");
+    let node = m.slot_node(SlotName::B);
+    run("debugfs", &["-w", "-R", "mkdir live", &node]);
+    run(
+        "debugfs",
+        &["-w", "-R", &format!("write {} live/bootargs", path(&file)), &node],
+    );
+    let args = |s: SlotName| {
+        if s == SlotName::B {
+            words.to_owned()
+        } else {
+            String::new()
+        }
+    };
+    let trial = linux_copies(|s| {
+        rauc(s, &["set-state", "B", "bad"]);
+        rauc(s, &["set-primary", "B"]);
+    });
+    m.set_copies(&trial);
+    let r = m.step(&text, &args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::B, false), entry(SlotName::A, false))
+    );
+
+    // A partition 4 that is not slot B's PARTUUID is never booted.
+    let other = PartUuid::parse("00000000-0000-4000-8000-000000000000").expect("uuid");
+    let wrong = grub::render_cfg(&BootConfig {
+        slot_b: other,
+        ..m.cfg.clone()
+    });
+    m.set_copies(&trial);
+    let got = m.boot(&wrong);
+    assert_eq!(
+        got.lines,
+        ["WRONG-PARTUUID".to_owned(), m.line(entry(SlotName::A, false), "")]
+    );
+}
