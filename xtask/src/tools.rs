@@ -137,6 +137,18 @@ pub const TEST_STAGE: &[Tool] = &[
         probe: Probe::OnPath("grub-emu"),
         why: "runs the installed grub.cfg in GRUB itself against a loop disk (os_layout tests)",
     },
+    Tool {
+        name: "rauc",
+        package: "rauc",
+        probe: Probe::OnPath("rauc"),
+        why: "makes and verifies signed update bundles in the bundle tests (xtask/tests/bundle.rs)",
+    },
+    Tool {
+        name: "mksquashfs",
+        package: "squashfs-tools",
+        probe: Probe::OnPath("mksquashfs"),
+        why: "rauc bundle packs a bundle's content with it",
+    },
 ];
 
 /// What `cargo xtask images` needs, and only for apps with `build`:
@@ -194,6 +206,12 @@ pub const ROOTFS_STAGE: &[Tool] = &[
         probe: Probe::OnPath("chroot"),
         why: "checks packages and the agent inside the rootfs",
     },
+    Tool {
+        name: "openssl",
+        package: "openssl",
+        probe: Probe::OnPath("openssl"),
+        why: "makes the development signing key, whose certificate the rootfs trusts as its RAUC keyring",
+    },
 ];
 
 /// What `cargo xtask iso` needs besides the rootfs tools.
@@ -233,6 +251,18 @@ pub const ISO_STAGE: &[Tool] = &[
         package: "xorriso",
         probe: Probe::OnPath("xorriso"),
         why: "writes the hybrid ISO and reads its boot records back",
+    },
+    Tool {
+        name: "rauc",
+        package: "rauc",
+        probe: Probe::OnPath("rauc"),
+        why: "signs the update bundle (rauc bundle) and verifies it with the image's keyring (rauc info)",
+    },
+    Tool {
+        name: "openssl",
+        package: "openssl",
+        probe: Probe::OnPath("openssl"),
+        why: "signs SHA256SUMS (openssl cms)",
     },
 ];
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
-use super::release::{Release, LIVE_FILES, RELEASE_FILE};
+use super::release::{Release, RELEASE_FILE};
 use crate::mount::Mounted;
 
 /// Copies the release under `src` into the slot file system on `node`
@@ -30,7 +30,8 @@ pub fn write_release(src: &Path, release: &Release, node: &Path) -> anyhow::Resu
             node.display()
         );
     }
-    for name in LIVE_FILES {
+    // Every file the release names: the live files and its optional ones.
+    for name in release.files.keys() {
         let to = slot.dir.join(name);
         if let Some(dir) = to.parent() {
             fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

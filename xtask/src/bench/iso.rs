@@ -147,6 +147,7 @@ pub fn run(root: &Path, args: &BenchIsoArgs) -> anyhow::Result<ExitCode> {
         cache: Some(cache),
         overlay: None,
         boot_menu: None,
+        release: crate::pipeline::flags::ReleaseArgs::default(),
     };
     let epoch = Epoch::from_env()?;
 

@@ -7,10 +7,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use archy_agent::images;
+use archy_agent::os::release::Version;
 
 /// The product name in file names and the report.
 pub const PRODUCT: &str = "archipelago";
-/// The workspace version (xtask shares it).
+/// The workspace version (xtask shares it): a release's version unless
+/// the build is given another ([`ReleaseArgs::version`]).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// What `cargo xtask images` writes, relative to the target directory.
 pub const IMAGES_SUBDIR: &str = "images";
@@ -88,6 +90,44 @@ pub struct BuildArgs {
     /// [default: target/cache].
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub release: ReleaseArgs,
+}
+
+/// What names and signs a release: its version and the key its update
+/// bundle and `SHA256SUMS` are signed with (whose certificate the image
+/// trusts as its RAUC keyring).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReleaseArgs {
+    /// The release's version, in the ISO's and the bundle's file names,
+    /// release.json, the bundle's manifest and `os status`: MAJOR.MINOR.PATCH
+    /// with an optional pre-release (1.2.0-rc.1) [default: the workspace version].
+    #[arg(long = "release-version", value_name = "VERSION", env = "ARCHY_RELEASE_VERSION")]
+    pub version: Option<Version>,
+    /// The release signing key (PEM, mode 0600) [default: a development key
+    /// made once under target/keys/].
+    #[arg(long, value_name = "FILE", env = "ARCHY_SIGN_KEY", requires = "sign_cert")]
+    pub sign_key: Option<PathBuf>,
+    /// The release signing key's X.509 certificate (PEM): the image's RAUC
+    /// keyring (/etc/rauc/keyring.pem).
+    #[arg(long, value_name = "FILE", env = "ARCHY_SIGN_CERT", requires = "sign_key")]
+    pub sign_cert: Option<PathBuf>,
+}
+
+impl ReleaseArgs {
+    /// `--release-version` (or ARCHY_RELEASE_VERSION), else the workspace
+    /// version.
+    pub fn version(&self) -> anyhow::Result<Version> {
+        match &self.version {
+            Some(v) => Ok(v.clone()),
+            None => workspace_version(),
+        }
+    }
+}
+
+/// [`VERSION`] as a release version.
+pub fn workspace_version() -> anyhow::Result<Version> {
+    Version::parse(VERSION).context("the workspace version in Cargo.toml")
 }
 
 impl BuildArgs {
@@ -209,6 +249,42 @@ mod tests {
         assert_eq!(rfc3339(LAST_SECOND).unwrap(), "9999-12-31T23:59:59Z");
         let err = rfc3339(LAST_SECOND + 1).unwrap_err().to_string();
         assert!(err.contains("after 9999-12-31T23:59:59Z"), "{err}");
+    }
+
+    fn release_args(args: &[&str]) -> Result<ReleaseArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            release: ReleaseArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|c| c.release)
+    }
+
+    #[test]
+    fn the_release_version_is_the_workspace_one_unless_given() {
+        // The test process's own environment must not decide the default.
+        if std::env::var_os("ARCHY_RELEASE_VERSION").is_none() {
+            assert_eq!(release_args(&[]).unwrap().version().unwrap().to_string(), VERSION);
+        }
+        let given = release_args(&["--release-version", "2.0.0-rc.1"]).unwrap();
+        assert_eq!(given.version().unwrap().to_string(), "2.0.0-rc.1");
+        let e = release_args(&["--release-version", "2.0"]).unwrap_err().to_string();
+        assert!(
+            e.contains("not a release version") && e.contains("MAJOR.MINOR.PATCH"),
+            "{e}"
+        );
+        workspace_version().unwrap();
+    }
+
+    #[test]
+    fn a_signing_key_needs_its_certificate() {
+        if std::env::var_os("ARCHY_SIGN_KEY").is_some() || std::env::var_os("ARCHY_SIGN_CERT").is_some() {
+            return;
+        }
+        assert!(release_args(&["--sign-key", "/k"]).is_err());
+        assert!(release_args(&["--sign-cert", "/c"]).is_err());
+        let both = release_args(&["--sign-key", "/k", "--sign-cert", "/c"]).unwrap();
+        assert_eq!(both.sign_key.as_deref(), Some(Path::new("/k")));
     }
 
     #[test]

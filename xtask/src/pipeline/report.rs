@@ -1,4 +1,5 @@
-//! The build report (`build-report.json`): what went in, what came out,
+//! The build report (`build-report.json`): what went in, what came out
+//! (the ISO, the signed update bundle, the signature of `SHA256SUMS`),
 //! every Debian package and app image in the image, and how long each
 //! stage took.
 
@@ -14,6 +15,8 @@ pub const REPORT_FORMAT: u32 = 1;
 pub struct Report {
     pub format: u32,
     pub product: String,
+    /// The release version (the ISO's and bundle's file names,
+    /// release.json, the bundle's manifest).
     pub version: String,
     pub arch: String,
     pub release: String,
@@ -22,6 +25,10 @@ pub struct Report {
     pub source_date_epoch: Option<u64>,
     /// The ISO; None for a rootfs-only build.
     pub artifact: Option<Artifact>,
+    /// The signed update bundle; None for a rootfs-only build.
+    pub bundle: Option<BundleArtifact>,
+    /// The detached signature of SHA256SUMS (`SHA256SUMS.sig`).
+    pub sums_signature: Option<String>,
     pub inputs: Inputs,
     /// Every installed Debian package, by name.
     pub packages: Vec<Package>,
@@ -37,6 +44,27 @@ pub struct Artifact {
     pub size: u64,
     pub sha256: String,
     pub volume_id: String,
+}
+
+/// The update bundle (`archipelago-<version>-<arch>.raucb`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleArtifact {
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The sha256 of its `rootfs.tar`: reproducible, unlike the bundle,
+    /// whose signature carries its signing time.
+    pub payload_sha256: String,
+    /// The manifest's `compatible`.
+    pub compatible: String,
+}
+
+/// The certificate the image trusts as its RAUC keyring.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyringInput {
+    /// The development key under target/keys/ (not a release key).
+    pub development: bool,
+    pub certificate_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +85,7 @@ pub struct Inputs {
     pub registries_sha256: Option<String>,
     pub images_lock_sha256: Option<String>,
     pub grub_cfg_sha256: Option<String>,
+    pub keyring: KeyringInput,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +166,14 @@ pub(crate) mod tests {
                 sha256: "ab".repeat(32),
                 volume_id: "ARCHIPELAGO".into(),
             }),
+            bundle: Some(BundleArtifact {
+                file: "archipelago-0.1.0-amd64.raucb".into(),
+                size: 43,
+                sha256: "cd".repeat(32),
+                payload_sha256: "ef".repeat(32),
+                compatible: "archipelago-amd64".into(),
+            }),
+            sums_signature: Some("SHA256SUMS.sig".into()),
             inputs: Inputs {
                 git_commit: None,
                 packages_txt_sha256: "00".repeat(32),
@@ -160,6 +197,10 @@ pub(crate) mod tests {
                 registries_sha256: None,
                 images_lock_sha256: None,
                 grub_cfg_sha256: None,
+                keyring: KeyringInput {
+                    development: true,
+                    certificate_sha256: "77".repeat(32),
+                },
             },
             packages: vec![Package {
                 name: "netavark".into(),
@@ -198,6 +239,10 @@ pub(crate) mod tests {
         assert_eq!(value["format"], 1);
         assert_eq!(value["source_date_epoch"], 1_700_000_000);
         assert_eq!(value["artifact"]["volume_id"], "ARCHIPELAGO");
+        assert_eq!(value["bundle"]["file"], "archipelago-0.1.0-amd64.raucb");
+        assert_eq!(value["bundle"]["compatible"], "archipelago-amd64");
+        assert_eq!(value["sums_signature"], "SHA256SUMS.sig");
+        assert_eq!(value["inputs"]["keyring"]["development"], true);
         assert_eq!(value["inputs"]["agent"]["glibc_available"], "2.36");
         assert_eq!(value["inputs"]["manifests"][0]["app"], "electrs");
         assert_eq!(value["packages"][0]["name"], "netavark");

@@ -234,6 +234,7 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
                 images: Some(images),
                 overlay: Some(root.join(OVERLAY)),
                 boot_menu: Some(menu),
+                release: flags::ReleaseArgs::default(),
             },
             check_reproducible: false,
         },

@@ -1,6 +1,8 @@
 //! `cargo xtask iso`: the rootfs as a squashfs, with its kernel and initrd
 //! and GRUB for BIOS and UEFI, in one hybrid ISO that boots from a CD and
-//! from a USB stick written with `dd`.
+//! from a USB stick written with `dd`; the same release as a signed RAUC
+//! update bundle beside it (`pipeline::bundle`), and `SHA256SUMS` of both
+//! with its detached signature `SHA256SUMS.sig`.
 //!
 //! GRUB's images are made here with `grub-mkimage`, `mformat` and
 //! `xorriso` rather than `grub-mkrescue`, which stamps each ISO with the
@@ -19,17 +21,20 @@ use xshell::{cmd, Shell};
 
 use crate::harness::procs::capture;
 use crate::pipeline::flags::{self, BuildArgs, Epoch};
-use crate::pipeline::images;
 use crate::pipeline::layers::sha256_file;
 use crate::pipeline::progress::{self, Progress, StageOutput};
-use crate::pipeline::report::{Artifact, Report, REPORT_FORMAT};
+use crate::pipeline::report::{Artifact, BundleArtifact, Report, REPORT_FORMAT};
 use crate::pipeline::rootfs::{self, BasePolicy};
+use crate::pipeline::{bundle, images, keys};
 use crate::tools;
+use archy_agent::os::release::Version;
 
 /// The ISO's volume label; live-boot and people both see it.
 pub const VOLUME_ID: &str = "ARCHIPELAGO";
 pub const GRUB_CFG: &str = "iso/grub.cfg";
 pub const SUMS_FILE: &str = "SHA256SUMS";
+/// Its detached CMS signature (PEM), by the release signing key.
+pub const SUMS_SIG_FILE: &str = "SHA256SUMS.sig";
 pub const REPORT_FILE: &str = "build-report.json";
 const CHECK_DIR: &str = "reproducible-check";
 
@@ -114,6 +119,9 @@ pub struct Output {
     pub iso: PathBuf,
     pub size: u64,
     pub sha256: String,
+    /// The signed update bundle, and its payload's sha256 (reproducible).
+    pub bundle: PathBuf,
+    pub bundle_payload_sha256: String,
     pub work: PathBuf,
     pub packages: Vec<crate::pipeline::report::Package>,
     pub stages: Vec<crate::pipeline::report::StageRecord>,
@@ -211,7 +219,7 @@ pub fn build_iso(
     progress.stage("squashfs", "compressing the rootfs (mksquashfs, zstd)", || {
         make_squashfs(sh, &tree, &squashfs, epoch)?;
         copy_kernel(&tree, &staging.join("live"))?;
-        write_release(&staging, args.arch.debian_name())?;
+        write_release(&staging, &built.version, args.arch.debian_name())?;
         let bytes = fs::metadata(&squashfs).map(|m| m.len()).ok();
         Ok((
             (),
@@ -235,7 +243,8 @@ pub fn build_iso(
         ))
     })?;
 
-    let file = format!("{}-{}-{}.iso", flags::PRODUCT, flags::VERSION, args.arch.debian_name());
+    let arch = args.arch.debian_name();
+    let file = format!("{}-{}-{arch}.iso", flags::PRODUCT, built.version);
     let iso = out.join(&file);
     let (size, sha256) = progress.stage(
         "iso",
@@ -257,15 +266,40 @@ pub fn build_iso(
         },
     )?;
 
-    let mut sums_text = format!("{sha256}  {file}\n");
+    let bundle_name = bundle::file_name(&built.version, arch);
+    let (written, bundle_size, bundle_sha256) = progress.stage(
+        "bundle",
+        &format!(
+            "signing the update bundle {} (rauc bundle) and verifying it with the image's keyring (rauc info)",
+            out.join(&bundle_name).display()
+        ),
+        || {
+            let written = bundle::write_release_bundle(sh, &staging, out, &built.version, arch, &built.key, epoch)?;
+            let size = fs::metadata(&written.bundle)
+                .with_context(|| format!("reading {}", written.bundle.display()))?
+                .len();
+            let sha256 = sha256_file(&written.bundle)?;
+            Ok((
+                (written, size, sha256.clone()),
+                StageOutput {
+                    bytes: Some(size),
+                    note: if built.key.development {
+                        "development key".into()
+                    } else {
+                        String::new()
+                    },
+                },
+            ))
+        },
+    )?;
     let mut inputs = built.inputs;
     inputs.grub_cfg_sha256 = Some(sha256_file(&grub_cfg)?);
     let total = progress.elapsed_seconds();
     let report = Report {
         format: REPORT_FORMAT,
         product: flags::PRODUCT.into(),
-        version: flags::VERSION.into(),
-        arch: args.arch.debian_name().into(),
+        version: built.version.to_string(),
+        arch: arch.into(),
         release: rootfs::RELEASE.into(),
         source_date_epoch: epoch.explicit_seconds(),
         artifact: Some(Artifact {
@@ -274,6 +308,14 @@ pub fn build_iso(
             sha256: sha256.clone(),
             volume_id: VOLUME_ID.into(),
         }),
+        bundle: Some(BundleArtifact {
+            file: bundle_name,
+            size: bundle_size,
+            sha256: bundle_sha256.clone(),
+            payload_sha256: written.payload_sha256.clone(),
+            compatible: bundle::compatible(arch),
+        }),
+        sums_signature: Some(SUMS_SIG_FILE.into()),
         inputs,
         packages: built.packages.clone(),
         images: built.images,
@@ -282,20 +324,43 @@ pub fn build_iso(
     };
     let report_path = out.join(REPORT_FILE);
     report.write(&report_path)?;
-    // The SBOM, from the report's own data; SHA256SUMS lists it (issue 16).
-    sums_text.push_str(&crate::pipeline::sbom::write(&report, epoch.seconds, out)?.sums_line());
-    let sums = out.join(SUMS_FILE);
-    fs::write(&sums, sums_text).with_context(|| format!("writing {}", sums.display()))?;
+    // The SBOM, from the report's own data; SHA256SUMS lists it (issue 16)
+    // beside the ISO and the bundle, and is signed.
+    let sbom = crate::pipeline::sbom::write(&report, epoch.seconds, out)?;
+    write_sums(
+        sh,
+        out,
+        &[
+            (file.as_str(), sha256.as_str()),
+            (report.bundle.as_ref().map_or("", |b| b.file.as_str()), bundle_sha256.as_str()),
+            (sbom.file.as_str(), sbom.sha256.as_str()),
+        ],
+        &built.key,
+    )?;
 
     println!("iso:     {}", iso.display());
     println!("size:    {} ({size} bytes)", progress::human_size(size));
     println!("sha256:  {sha256}");
+    println!("bundle:  {}", written.bundle.display());
+    println!(
+        "         {} ({bundle_size} bytes), sha256 {bundle_sha256}, version {}, {}",
+        progress::human_size(bundle_size),
+        built.version,
+        if built.key.development {
+            "signed with the development key"
+        } else {
+            "signed with the release key"
+        }
+    );
+    println!("sums:    {} and {}", out.join(SUMS_FILE).display(), SUMS_SIG_FILE);
     println!("report:  {}", report_path.display());
     println!("total:   {}", progress::human_duration(total));
     Ok(Output {
         iso,
         size,
         sha256,
+        bundle: written.bundle,
+        bundle_payload_sha256: written.payload_sha256,
         work,
         packages: built.packages,
         stages: progress.stages,
@@ -320,12 +385,25 @@ fn make_squashfs(sh: &Shell, tree: &Path, squashfs: &Path, epoch: Epoch) -> anyh
     Ok(())
 }
 
+/// `SHA256SUMS` of `artifacts` (file name, sha256) in name order, and its
+/// detached signature `SHA256SUMS.sig` by `key`, checked with its
+/// certificate before the build goes on.
+pub fn write_sums(sh: &Shell, out: &Path, artifacts: &[(&str, &str)], key: &keys::SigningKey) -> anyhow::Result<()> {
+    let mut lines: Vec<String> = artifacts.iter().map(|(name, sha)| format!("{sha}  {name}\n")).collect();
+    lines.sort_by(|a, b| a.split_once("  ").map(|x| x.1).cmp(&b.split_once("  ").map(|x| x.1)));
+    let sums = out.join(SUMS_FILE);
+    fs::write(&sums, lines.concat()).with_context(|| format!("writing {}", sums.display()))?;
+    let sig = out.join(SUMS_SIG_FILE);
+    keys::sign_detached(sh, key, &sums, &sig)?;
+    keys::verify_detached(sh, &key.cert, &sums, &sig)
+}
+
 /// `release.json` at the ISO's root: the version and the sha256 of each
 /// live file, through the agent's own type (the installer checks the copy
-/// it makes against it).
-fn write_release(staging: &Path, arch: &str) -> anyhow::Result<()> {
+/// it makes against it, and the bundle carries it first).
+fn write_release(staging: &Path, version: &Version, arch: &str) -> anyhow::Result<()> {
     use archy_agent::os::release::{Release, RELEASE_FILE};
-    let release = Release::of_dir(staging, flags::VERSION, arch)?;
+    let release = Release::of_dir(staging, version, arch)?;
     let path = staging.join(RELEASE_FILE);
     fs::write(&path, release.to_file_bytes()?).with_context(|| format!("writing {}", path.display()))
 }
@@ -519,6 +597,50 @@ mod tests {
         );
         assert_eq!(images_stage_out(root, &build_args(&["--images", "/elsewhere"])), None);
         assert_eq!(images_stage_out(root, &build_args(&["--no-images"])), None);
+    }
+
+    #[test]
+    fn sha256sums_lists_each_artifact_by_name_and_its_signature_verifies_with_the_cert_only() {
+        let sh = Shell::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = keys::development(&sh, &dir.path().join("keys")).unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        write_sums(
+            &sh,
+            &out,
+            &[
+                ("archipelago-1.0.0-amd64.raucb", &b),
+                ("archipelago-1.0.0-amd64.iso", &a),
+            ],
+            &key,
+        )
+        .unwrap();
+        let sums = out.join(SUMS_FILE);
+        let sig = out.join(SUMS_SIG_FILE);
+        assert_eq!(
+            fs::read_to_string(&sums).unwrap(),
+            format!("{a}  archipelago-1.0.0-amd64.iso\n{b}  archipelago-1.0.0-amd64.raucb\n")
+        );
+        assert!(fs::read_to_string(&sig).unwrap().starts_with("-----BEGIN CMS-----\n"));
+        // The README's command, by hand.
+        let cert = &key.cert;
+        capture(cmd!(
+            sh,
+            "openssl cms -verify -binary -content {sums} -in {sig} -inform PEM -CAfile {cert} -purpose any -out /dev/null"
+        ))
+        .unwrap();
+        // Another key's certificate, or a changed list: refused.
+        let other_dir = dir.path().join("other");
+        fs::create_dir(&other_dir).unwrap();
+        let other = keys::generate(&sh, &other_dir, "other").unwrap();
+        let e = keys::verify_detached(&sh, &other.cert, &sums, &sig)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not verify"), "{e}");
+        fs::write(&sums, format!("{b}  archipelago-1.0.0-amd64.iso\n")).unwrap();
+        assert!(keys::verify_detached(&sh, &key.cert, &sums, &sig).is_err());
     }
 
     #[test]

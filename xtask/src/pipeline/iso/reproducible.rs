@@ -1,6 +1,8 @@
 //! `--check-reproducible`: two builds with one epoch, the second on a fresh
-//! base rootfs, give the same ISO byte for byte, or the error says why: the
-//! Debian archive changed, or the first file that differs.
+//! base rootfs, give the same ISO byte for byte and the same update bundle
+//! payload (`rootfs.tar`; the bundle's signature carries its signing time),
+//! or the error says why: the Debian archive changed, or the first file
+//! that differs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,20 @@ pub(super) fn check(
     let second_out = out.join(CHECK_DIR);
     let second = build_iso(root, sh, args, epoch, &second_out, BasePolicy::Fresh)?;
     if first.sha256 == second.sha256 {
-        println!("reproducible: both builds are byte-identical (sha256 {})", first.sha256);
+        if first.bundle_payload_sha256 != second.bundle_payload_sha256 {
+            bail!(
+                "not reproducible: the ISOs are identical but the payloads (rootfs.tar) of the bundles {} and {} differ \
+                 (sha256 {} and {})",
+                first.bundle.display(),
+                second.bundle.display(),
+                first.bundle_payload_sha256,
+                second.bundle_payload_sha256
+            );
+        }
+        println!(
+            "reproducible: both ISOs are byte-identical (sha256 {}), and so are the bundles' payloads (rootfs.tar sha256 {})",
+            first.sha256, first.bundle_payload_sha256
+        );
         remove_work(&first.work)?;
         fs::remove_dir_all(&second_out).with_context(|| format!("removing {}", second_out.display()))?;
         return Ok(ExitCode::SUCCESS);
@@ -214,6 +229,8 @@ mod tests {
             iso: work.join("a.iso"),
             size: 1,
             sha256: String::new(),
+            bundle: work.join("a.raucb"),
+            bundle_payload_sha256: String::new(),
             work: work.to_path_buf(),
             packages: vec![crate::pipeline::report::Package {
                 name: "netavark".into(),

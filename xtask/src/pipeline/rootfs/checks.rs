@@ -100,6 +100,27 @@ pub fn verify(sh: &Shell, root: &Path, tree: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tree's RAUC keyring is there and is exactly the signing
+/// certificate: the node trusts the key its release was signed with.
+pub fn verify_keyring(tree: &Path, cert: &Path) -> anyhow::Result<()> {
+    let keyring = tree.join(super::KEYRING_PATH);
+    let installed = fs::read(&keyring).with_context(|| {
+        format!(
+            "the rootfs has no RAUC keyring /{}: a node could not verify any update",
+            super::KEYRING_PATH
+        )
+    })?;
+    let expected = fs::read(cert).with_context(|| format!("reading the signing certificate {}", cert.display()))?;
+    if installed != expected {
+        bail!(
+            "the rootfs's RAUC keyring /{} is not the signing certificate {}: the node would refuse this release's own bundles",
+            super::KEYRING_PATH,
+            cert.display()
+        );
+    }
+    Ok(())
+}
+
 /// The files of `etc/ssh` in `tree` whose name says they are host keys.
 pub(super) fn ssh_host_keys(tree: &Path) -> anyhow::Result<Vec<String>> {
     let dir = tree.join(SSH_HOST_KEYS_DIR);
@@ -176,6 +197,26 @@ pub fn toml_value(text: &str, table: &str, key: &str) -> Option<String> {
 mod tests {
     use super::super::OVERLAY_DIR;
     use super::*;
+
+    #[test]
+    fn the_keyring_must_be_the_signing_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        let cert = dir.path().join("cert.pem");
+        fs::write(&cert, "-----BEGIN CERTIFICATE-----\nA\n").expect("write");
+        let e = verify_keyring(&tree, &cert).expect_err("no keyring").to_string();
+        assert!(e.contains("has no RAUC keyring /etc/rauc/keyring.pem"), "{e}");
+        fs::create_dir_all(tree.join("etc/rauc")).expect("mkdir");
+        fs::write(
+            tree.join(super::super::KEYRING_PATH),
+            "-----BEGIN CERTIFICATE-----\nB\n",
+        )
+        .expect("write");
+        let e = verify_keyring(&tree, &cert).expect_err("another cert").to_string();
+        assert!(e.contains("is not the signing certificate"), "{e}");
+        fs::copy(&cert, tree.join(super::super::KEYRING_PATH)).expect("copy");
+        verify_keyring(&tree, &cert).expect("the same cert");
+    }
 
     #[test]
     fn the_overlay_sets_netavark_storage_and_subids() {

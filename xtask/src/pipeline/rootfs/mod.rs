@@ -24,7 +24,7 @@ pub use base::{
     debs_setup_hooks, debs_sync_out_hook, parse_package_list, release_and_mirrors, BaseSpec, CachedTarball,
 };
 use base::{obtain_base, unpack};
-pub use checks::verify;
+pub use checks::{verify, verify_keyring};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,11 +35,13 @@ use xshell::{cmd, Shell};
 
 use crate::pipeline::flags::{self, BuildArgs, Epoch};
 use crate::pipeline::glibc::{self, GlibcVersion};
+use crate::pipeline::keys::SigningKey;
 use crate::pipeline::layers::{sha256_file, Layer, EXEC_MODE, FILE_MODE};
 use crate::pipeline::payload;
 use crate::pipeline::progress::{self, Progress, StageOutput};
-use crate::pipeline::report::{AgentInput, ImageRecord, Inputs, Package, Report, REPORT_FORMAT};
+use crate::pipeline::report::{AgentInput, ImageRecord, Inputs, KeyringInput, Package, Report, REPORT_FORMAT};
 use crate::tools;
+use archy_agent::os::release::Version;
 
 pub const RELEASE: &str = "bookworm";
 /// What `/etc/debian_version` of a bookworm rootfs starts with.
@@ -162,6 +164,9 @@ const ROOT_PODMAN_UNITS: &[&str] = &[
 ];
 /// Which Archipelago a node runs, for people and scripts.
 const NODE_RELEASE_FILE: &str = "etc/archipelago-release";
+/// The certificates RAUC trusts: a node installs only bundles signed by
+/// the key its own image was built with.
+pub const KEYRING_PATH: &str = "etc/rauc/keyring.pem";
 
 const CACHE_FORMAT: u32 = 1;
 /// Base tarballs kept in target/cache (each is several hundred MB).
@@ -200,6 +205,10 @@ pub struct Built {
     pub packages: Vec<Package>,
     pub inputs: Inputs,
     pub images: Vec<ImageRecord>,
+    /// The release's version, as the tree names it.
+    pub version: Version,
+    /// The key whose certificate the tree trusts as its RAUC keyring.
+    pub key: SigningKey,
 }
 
 /// `cargo xtask rootfs`.
@@ -227,11 +236,13 @@ pub fn run(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     let report = Report {
         format: REPORT_FORMAT,
         product: flags::PRODUCT.into(),
-        version: flags::VERSION.into(),
+        version: built.version.to_string(),
         arch: args.arch.debian_name().into(),
         release: RELEASE.into(),
         source_date_epoch: epoch.explicit_seconds(),
         artifact: None,
+        bundle: None,
+        sums_signature: None,
         inputs: built.inputs,
         packages: built.packages,
         images: built.images,
@@ -259,6 +270,8 @@ pub fn build(
     let cache_dir = args.cache_dir(root);
     flags::refuse_whitespace(&cache_dir, "the cache folder")?;
     flags::refuse_whitespace(tree, "the output folder")?;
+    let version = args.release.version()?;
+    let key = SigningKey::resolve(root, sh, &args.release)?;
 
     // Everything cheap and likely to fail first, before minutes of work.
     let (payload, inputs_partial) =
@@ -325,11 +338,9 @@ pub fn build(
                     .with_context(|| format!("adding the overlay {}", extra.display()))?;
             }
             let unit = root.join(UNIT_FILE);
-            let release = format!(
-                "NAME=Archipelago\nVERSION={}\nDEBIAN_RELEASE={RELEASE}\n",
-                flags::VERSION
-            );
+            let release = format!("NAME=Archipelago\nVERSION={version}\nDEBIAN_RELEASE={RELEASE}\n");
             layer.add_bytes(NODE_RELEASE_FILE, release.into_bytes(), FILE_MODE)?;
+            layer.add_file_with_mode(KEYRING_PATH, &key.cert, FILE_MODE)?;
             let note = format!(
                 "{} app{}, {} image{}{}",
                 apps.len(),
@@ -418,9 +429,10 @@ pub fn build(
             }
             progress::say(
                 "rootfs",
-                "checking netavark, containers.conf, the agent, SSH and the enabled timers inside the rootfs",
+                "checking netavark, containers.conf, the agent, SSH, the enabled timers and the RAUC keyring inside the rootfs",
             );
             verify(sh, root, tree)?;
+            verify_keyring(tree, &key.cert)?;
             Ok((
                 (),
                 StageOutput {
@@ -451,12 +463,18 @@ pub fn build(
         registries_sha256: inputs_partial.registries_sha256,
         images_lock_sha256: inputs_partial.images_lock_sha256,
         grub_cfg_sha256: None,
+        keyring: KeyringInput {
+            development: key.development,
+            certificate_sha256: sha256_file(&key.cert)?,
+        },
     };
     Ok(Built {
         tree: tree.to_path_buf(),
         packages: base.packages,
         inputs,
         images: inputs_partial.images,
+        version,
+        key,
     })
 }
 
