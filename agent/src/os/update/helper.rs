@@ -436,7 +436,7 @@ fn copy_in(bundle: &mut fs::File, staged: &Path, size: u64, progress: &mut dyn F
         to.write_all(&buf[..n])
             .with_context(|| format!("cannot write {}", staged.display()))?;
         done += n as u64;
-        let pct = if size == 0 { 100 } else { done * 100 / size };
+        let pct = (done * 100).checked_div(size).unwrap_or(100);
         if pct >= said + 10 {
             said = pct - pct % 10;
             progress(&format!("copying the bundle: {said}%"));
