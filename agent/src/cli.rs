@@ -58,6 +58,10 @@ pub struct GlobalOpts {
     /// Folder of pre-pulled image archives and their images.lock.json.
     #[arg(long, global = true, env = "ARCHY_IMAGES", default_value = images::DEFAULT_IMAGES_DIR)]
     pub images: PathBuf,
+    /// The OS boot status file: while it says an OS release is on trial, reconcile installs and
+    /// recreates no app.
+    #[arg(long, global = true, env = "ARCHY_OS_BOOT_STATUS", default_value = crate::os::records::BOOT_JSON)]
+    pub os_boot_status: PathBuf,
 }
 
 /// The engine socket a user's commands reach without `--engine` or
@@ -553,15 +557,18 @@ fn agent_config(
     resync: Duration,
     control: Option<&std::path::Path>,
 ) -> reconcile::daemon::AgentConfig {
-    reconcile::commands::config(
-        &global.engine,
-        &global.apps_dir(),
-        &global.data,
-        &global.images,
-        naming(global),
-        resync,
-        control,
-    )
+    reconcile::daemon::AgentConfig {
+        os_boot_status: global.os_boot_status.clone(),
+        ..reconcile::commands::config(
+            &global.engine,
+            &global.apps_dir(),
+            &global.data,
+            &global.images,
+            naming(global),
+            resync,
+            control,
+        )
+    }
 }
 
 /// The orchestrator's config from the options in force. The apps folder

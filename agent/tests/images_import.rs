@@ -484,6 +484,7 @@ async fn an_archive_that_failed_at_boot_is_imported_on_a_later_pass_once_put_rig
         naming: Naming::Prod,
         resync: Duration::from_secs(1),
         control: None,
+        os_boot_status: node.data.join("no-boot.json"),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (_req_tx, req_rx) = tokio::sync::mpsc::channel(1);

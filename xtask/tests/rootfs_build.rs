@@ -228,6 +228,25 @@ fn the_rootfs_runs_debian_12s_netavark_with_the_netavark_backend() {
         );
     }
     check_install_mode_and_ssh(&tree);
+    // A release on trial: boot-complete.target requires the check, which
+    // reboots cleanly on failure (never reboot-force: the failure just
+    // written must reach the disk), and a hung check reboots after 20 min.
+    let complete = unit_lines(&tree, "boot-complete.target");
+    for line in [
+        "Requires=archy-boot-check.service",
+        "JobTimeoutSec=20min",
+        "JobTimeoutAction=reboot",
+    ] {
+        assert!(complete.iter().any(|l| l == line), "boot-complete.target lacks {line}");
+    }
+    let check = unit_lines(&tree, "archy-boot-check.service");
+    assert!(check.iter().any(|l| l == "FailureAction=reboot"));
+    assert!(!check.iter().any(|l| l.contains("reboot-force")));
+    let prepare = unit_lines(&tree, "archy-os-prepare.service");
+    assert!(prepare.iter().any(|l| l == "ConditionKernelCommandLine=rauc.slot"));
+    assert!(prepare
+        .iter()
+        .any(|l| l.starts_with("Before=") && l.contains("archy-agent.service") && l.contains("rauc.service")));
     for app in fs::read_dir(project_root().join("manifests")).unwrap() {
         let app = app.unwrap().file_name();
         let copied = tree.join("opt/archipelago/apps").join(&app).join("manifest.yml");
@@ -264,6 +283,11 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
     ("archy-os.socket", "sockets.target"),
+    // OS updates (issue 16): boot-prepare, the trial's check (also required
+    // by boot-complete.target's drop-in) and the commit.
+    ("archy-os-prepare.service", "multi-user.target"),
+    ("archy-boot-check.service", "boot-complete.target"),
+    ("archy-mark-good.service", "multi-user.target"),
 ];
 
 /// The lines of a unit's file and of its drop-ins (the instance's and the
@@ -428,7 +452,14 @@ fn check_install_mode_and_ssh(tree: &Path) {
         "ssh archipelago@\\4 (issue test)\n",
     )
     .unwrap();
+    // And the OS's line (os boot-prepare: a rollback, a trial).
+    fs::write(
+        issue_dir.join("40-archipelago-os.issue"),
+        "Archipelago OS: rolled back (os issue test)\n",
+    )
+    .unwrap();
     let shown = show_issue(tree);
+    assert!(shown.contains("(os issue test)"), "{shown}");
     fs::remove_dir_all(&issue_dir).unwrap();
     let line = shown
         .lines()

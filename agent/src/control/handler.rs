@@ -64,6 +64,8 @@ pub struct OrchestratorHandler {
     /// images (2 of 5)"), `None` once it is done: `status` and `list` say
     /// it, and app changes wait for it to end ([`OrchestratorHandler::with_busy`]).
     busy: Option<watch::Receiver<Option<String>>>,
+    /// The OS boot status file `os.status` reads (boot.json).
+    os_boot_status: std::path::PathBuf,
 }
 
 impl OrchestratorHandler {
@@ -76,7 +78,14 @@ impl OrchestratorHandler {
             reconcile_now,
             registry_lock: Mutex::new(()),
             busy: None,
+            os_boot_status: std::path::PathBuf::from(crate::os::records::BOOT_JSON),
         }
+    }
+
+    /// Reads the OS boot status for `os.status` from `path` (tests).
+    pub fn with_os_boot_status(mut self, path: std::path::PathBuf) -> OrchestratorHandler {
+        self.os_boot_status = path;
+        self
     }
 
     /// Says what the agent is busy with (`Some`) until it is done (`None`):
@@ -227,6 +236,11 @@ impl ControlHandler for OrchestratorHandler {
                 to_json(&results)
             }
             Call::ReconcileNow => self.reconcile().await,
+            // `null` on a node not booted from its disk (live, dev).
+            Call::OsStatus => to_json(
+                &crate::os::life::status(&self.os_boot_status, &self.data_root)
+                    .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))?,
+            ),
         }
     }
 }

@@ -63,6 +63,7 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("registry.remove", &["name"]),
     ("registry.test", &["name"]),
     ("reconcile-now", &[]),
+    ("os.status", &[]),
 ];
 
 /// The params `method` takes (empty for an unknown method).

@@ -56,7 +56,8 @@ async fn reconciler(config: &AgentConfig, dry_run: bool) -> anyhow::Result<Recon
         Reconciler::dry_run(orch)
     } else {
         Reconciler::new(orch)
-    })
+    }
+    .with_os_boot_status(config.os_boot_status.clone()))
 }
 
 fn decision_text(d: &Decision) -> String {
@@ -183,5 +184,6 @@ pub fn config(
         naming,
         resync,
         control: control.map(std::path::Path::to_path_buf),
+        os_boot_status: std::path::PathBuf::from(crate::os::records::BOOT_JSON),
     }
 }

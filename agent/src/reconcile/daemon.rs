@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Where to serve the JSON-RPC control socket; `None` serves none.
     pub control: Option<PathBuf>,
+    /// The OS boot status (`/run/archipelago/os/boot.json`, `--os-boot-status`):
+    /// while it says trial, no app is installed or recreated.
+    pub os_boot_status: PathBuf,
 }
 
 /// A request for a pass now, answered with its report.
@@ -139,7 +142,8 @@ pub async fn run(
                 orch.clone(),
                 Some(crate::control::reconcile_bridge(queue_tx.clone())),
             )
-            .with_busy(busy_rx),
+            .with_busy(busy_rx)
+            .with_os_boot_status(config.os_boot_status.clone()),
         );
         tokio::spawn(async move {
             let stopped = async move {
@@ -158,7 +162,7 @@ pub async fn run(
     .await;
     busy.send_replace(None);
     log_import(&imported);
-    let mut reconciler = Reconciler::new(orch.clone());
+    let mut reconciler = Reconciler::new(orch.clone()).with_os_boot_status(config.os_boot_status.clone());
     reconciler.retry_imports(crate::images::ImportRetry::from_report(
         &imported,
         &config.data_root,
@@ -521,6 +525,7 @@ fn app_verdict(a: &super::pass::AppReport) -> Result<bool, String> {
             _ => Ok(health_ok),
         },
         Decision::Wait(Wait::Held) => Err(format!("{} held (stopped by its owner)", a.app)),
+        Decision::Wait(Wait::OsTrial { action, why }) => Err(format!("{} waits to {action}: {why}", a.app)),
         Decision::Wait(Wait::DriftLoop) => Err(format!("{} left alone after recreating it again and again", a.app)),
         Decision::Wait(Wait::AdoptedDead) => Err(format!("{} dead (adopted; `upgrade` converts it)", a.app)),
         Decision::Wait(Wait::Drift { .. }) => {

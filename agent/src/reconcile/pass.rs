@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::plan::{
     next_probe, note_restart, plan, probe_due, record, record_probe, Action, AppMemory, Decision, Desired, HealthRule,
-    Wait,
+    NodeFacts, Wait,
 };
 use super::state;
 use crate::engine::ContainerSummary;
@@ -168,6 +168,11 @@ pub struct Reconciler {
     /// Apps seen healthy, with the container id they were seen in: not
     /// probed again while they stay running.
     seen_healthy: BTreeMap<AppId, String>,
+    /// The OS boot status file (boot.json), read at every turn: an OS
+    /// release on trial freezes installs and recreates. `None`: never.
+    os_boot_status: Option<std::path::PathBuf>,
+    /// Whether the last turn saw an OS trial (to log the change once).
+    os_trial_seen: Option<bool>,
 }
 
 impl Reconciler {
@@ -186,7 +191,40 @@ impl Reconciler {
             ended: Vec::new(),
             last_errors: BTreeMap::new(),
             seen_healthy: BTreeMap::new(),
+            os_boot_status: None,
+            os_trial_seen: None,
         }
+    }
+
+    /// Reads the OS boot status at `path` before each plan: while it says
+    /// trial, no app is installed or recreated (`docs/updates.md`).
+    pub fn with_os_boot_status(mut self, path: std::path::PathBuf) -> Reconciler {
+        self.os_boot_status = Some(path);
+        self
+    }
+
+    /// The node-wide facts for this turn's plan. An unreadable boot.json
+    /// counts as a trial: every doubt means no change.
+    fn node_facts(&mut self) -> NodeFacts {
+        let Some(path) = &self.os_boot_status else {
+            return NodeFacts::default();
+        };
+        let os_trial = match crate::os::records::BootStatus::read(path) {
+            Ok(status) => status.is_some_and(|s| s.trial),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the OS boot status: app changes wait");
+                true
+            }
+        };
+        if self.os_trial_seen != Some(os_trial) {
+            if os_trial {
+                tracing::info!(file = %path.display(), "{}", super::plan::OS_TRIAL_WAIT);
+            } else if self.os_trial_seen.is_some() {
+                tracing::info!(file = %path.display(), "OS release committed: app changes resume");
+            }
+            self.os_trial_seen = Some(os_trial);
+        }
+        NodeFacts { os_trial }
     }
 
     /// Retries what the boot import skipped on later passes.
@@ -373,8 +411,15 @@ impl Reconciler {
         if !self.dry_run {
             self.probe_due(&idle, &observed).await;
         }
+        let node = self.node_facts();
         let now = Instant::now();
-        let plans = plan(&desired, &observed, dry_memory.as_ref().unwrap_or(&self.memory), now);
+        let plans = plan(
+            &desired,
+            &observed,
+            dry_memory.as_ref().unwrap_or(&self.memory),
+            node,
+            now,
+        );
 
         let mut apps = Vec::new();
         let before = self.memory.clone();

@@ -187,6 +187,22 @@ pub enum Wait {
     /// The engine lists the container but cannot describe it (its error):
     /// reported, never acted on.
     Unobservable { error: String },
+    /// The node runs an OS release on trial (`/run/archipelago/os/boot.json`):
+    /// no app is installed or recreated until the release is committed,
+    /// so a rollback finds the apps as the old release left them.
+    /// `action` is what waits; `why` says it as [`OS_TRIAL_WAIT`].
+    OsTrial { action: String, why: String },
+}
+
+/// What an app change waiting for the OS commit says.
+pub const OS_TRIAL_WAIT: &str = "OS update on trial: app changes wait for the commit";
+
+/// The node-wide facts the plan reads besides the apps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// An OS release on trial: no Install or Recreate (starts and
+    /// restarts of existing containers go on).
+    pub os_trial: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -215,11 +231,13 @@ fn is_managed(c: &ContainerSummary) -> bool {
 }
 
 /// Plans one pass. `desired` is in start order; `observed` is the engine's
-/// listing keyed by container name.
+/// listing keyed by container name; `node` the node-wide facts (an OS
+/// trial freezes app changes).
 pub fn plan(
     desired: &[Desired],
     observed: &BTreeMap<String, ContainerSummary>,
     memory: &BTreeMap<AppId, AppMemory>,
+    node: NodeFacts,
     now: Instant,
 ) -> Vec<AppPlan> {
     let container_of: BTreeMap<&AppId, &str> = desired.iter().map(|d| (&d.app, d.container.as_str())).collect();
@@ -234,7 +252,10 @@ pub fn plan(
         .map(|d| {
             let mem = memory.get(&d.app).unwrap_or(&empty);
             let container = observed.get(&d.container);
-            let decision = decide(d, container, mem, &container_of, &unobservable, observed, now);
+            let decision = frozen(
+                node,
+                decide(d, container, mem, &container_of, &unobservable, observed, node, now),
+            );
             let reason = match &decision {
                 Decision::Act(action) => reason_for(action, container),
                 Decision::Wait(_) => None,
@@ -247,6 +268,19 @@ pub fn plan(
             }
         })
         .collect()
+}
+
+/// While the OS is on trial, an install or a recreate waits.
+fn frozen(node: NodeFacts, decision: Decision) -> Decision {
+    match decision {
+        Decision::Act(action @ (Action::Install | Action::Recreate { .. })) if node.os_trial => {
+            Decision::Wait(Wait::OsTrial {
+                action: action.name().to_owned(),
+                why: OS_TRIAL_WAIT.to_owned(),
+            })
+        }
+        d => d,
+    }
 }
 
 fn backoff_or(mem: &AppMemory, now: Instant, action: Action) -> Decision {
@@ -288,6 +322,7 @@ fn decide(
     container_of: &BTreeMap<&AppId, &str>,
     unobservable: &BTreeSet<&AppId>,
     observed: &BTreeMap<String, ContainerSummary>,
+    node: NodeFacts,
     now: Instant,
 ) -> Decision {
     if let Some(f) = &d.in_flight {
@@ -362,6 +397,17 @@ fn decide(
             .count();
         if recent >= DRIFT_LOOP_AFTER {
             return Decision::Wait(Wait::DriftLoop);
+        }
+        // On an OS trial the old container stays until the commit, and is
+        // started again when it is down.
+        if node.os_trial {
+            return match c.status {
+                ContainerStatus::Created | ContainerStatus::Exited | ContainerStatus::Stopped => {
+                    backoff_or(mem, now, Action::Start)
+                }
+                ContainerStatus::Paused => Decision::Act(Action::Unpause),
+                _ => frozen(node, Decision::Act(Action::Recreate { reason })),
+            };
         }
         return backoff_or(mem, now, Action::Recreate { reason });
     }
@@ -568,7 +614,9 @@ mod tests {
         now: Instant,
     ) -> Decision {
         let memory = BTreeMap::from([(d.app.clone(), mem)]);
-        plan(&[d], observed, &memory, now).remove(0).decision
+        plan(&[d], observed, &memory, NodeFacts::default(), now)
+            .remove(0)
+            .decision
     }
 
     #[tokio::test]
@@ -621,6 +669,83 @@ mod tests {
             };
             assert_eq!(got, want, "container {container}, hash {hash:?}");
         }
+    }
+
+    /// An OS release on trial: no install and no recreate (they wait,
+    /// saying why), but starts, restarts and claims go on; the same table
+    /// plans normally once committed.
+    #[tokio::test]
+    async fn an_os_trial_freezes_installs_and_recreates_only() {
+        let now = Instant::now();
+        let trial = NodeFacts { os_trial: true };
+        let waits = |action: &str| {
+            Decision::Wait(Wait::OsTrial {
+                action: action.to_owned(),
+                why: OS_TRIAL_WAIT.to_owned(),
+            })
+        };
+        // (container, managed with hash, memory, on trial, committed)
+        let table: Vec<(&str, Option<&str>, AppMemory, Decision, &str)> = vec![
+            ("absent", None, AppMemory::default(), waits("install"), "install"),
+            (
+                "fixture-pod-infra",
+                Some("old"),
+                AppMemory::default(),
+                waits("recreate"),
+                "recreate",
+            ),
+            (
+                "fixture-app",
+                Some("want"),
+                AppMemory::default(),
+                Decision::Act(Action::Start),
+                "start",
+            ),
+            // A stopped container of an older manifest: started as it is on
+            // trial, replaced once committed.
+            (
+                "fixture-app",
+                Some("old"),
+                AppMemory::default(),
+                Decision::Act(Action::Start),
+                "recreate",
+            ),
+            (
+                "fixture-pod-infra",
+                Some("want"),
+                config_changed(),
+                Decision::Act(Action::Restart {
+                    reason: "config changed: data/app.conf".to_owned(),
+                }),
+                "restart",
+            ),
+            (
+                "fixture-pod-infra",
+                Some("want"),
+                AppMemory::default(),
+                Decision::Wait(Wait::Ok),
+                "",
+            ),
+        ];
+        for (container, hash, mem, on_trial, committed) in table {
+            let mut observed = captured();
+            if let Some(hash) = hash {
+                managed(&mut observed, container, hash);
+            }
+            let d = desired("demo", container);
+            let memory = BTreeMap::from([(d.app.clone(), mem)]);
+            let p = plan(std::slice::from_ref(&d), &observed, &memory, trial, now).remove(0);
+            assert_eq!(p.decision, on_trial, "on trial: {container} {hash:?}");
+            assert_eq!(p.reason.is_some(), matches!(on_trial, Decision::Act(_)));
+            let p = plan(&[d], &observed, &memory, NodeFacts::default(), now).remove(0);
+            let name = match &p.decision {
+                Decision::Act(a) => a.name(),
+                Decision::Wait(_) => "",
+            };
+            assert_eq!(name, committed, "committed: {container} {hash:?}");
+        }
+        let json = serde_json::to_value(waits("install")).unwrap_or_default();
+        assert_eq!(json["wait"]["reason"], "os-trial", "{json}");
     }
 
     /// Memory of an app whose hand-made container `name` was claimed.
@@ -722,7 +847,13 @@ mod tests {
         let db = desired("db", "fixture-app");
         let mut web = desired("web", "fixture-pod-infra");
         web.depends_on = vec![id("db")];
-        let plans = plan(&[db, web], &observed, &BTreeMap::new(), Instant::now());
+        let plans = plan(
+            &[db, web],
+            &observed,
+            &BTreeMap::new(),
+            NodeFacts::default(),
+            Instant::now(),
+        );
         assert_eq!(plans[0].decision, Decision::Act(Action::Start));
         assert_eq!(
             plans[1].decision,
@@ -858,7 +989,9 @@ mod tests {
         let mut mem = config_changed();
         let memory = BTreeMap::from([(id("web"), mem.clone())]);
         let now = Instant::now();
-        let decision = plan(&[db, web.clone()], &observed, &memory, now).remove(1).decision;
+        let decision = plan(&[db, web.clone()], &observed, &memory, NodeFacts::default(), now)
+            .remove(1)
+            .decision;
         assert!(
             matches!(decision, Decision::Wait(Wait::Dependency { .. })),
             "{decision:?}"
@@ -1039,7 +1172,7 @@ mod tests {
                 record_probe(&mut mem, &RULE, false, "exit code 1", now);
             }
             let memory = BTreeMap::from([(d.app.clone(), mem.clone())]);
-            let p = plan(std::slice::from_ref(&d), &observed, &memory, now).remove(0);
+            let p = plan(std::slice::from_ref(&d), &observed, &memory, NodeFacts::default(), now).remove(0);
             if let Decision::Act(Action::RestartUnhealthy { reason }) = &p.decision {
                 assert_eq!(p.reason.as_deref(), Some(reason.as_str()));
                 restarts.push(((now - start).as_secs(), reason.clone()));
@@ -1070,7 +1203,7 @@ mod tests {
         managed(&mut observed, "fixture-app", "want");
         observed.get_mut("fixture-app").expect("fixture").exit_code = Some(137);
         let d = desired("demo", "fixture-app");
-        let p = plan(&[d], &observed, &BTreeMap::new(), now).remove(0);
+        let p = plan(&[d], &observed, &BTreeMap::new(), NodeFacts::default(), now).remove(0);
         assert_eq!(p.decision, Decision::Act(Action::Start));
         assert_eq!(p.reason.as_deref(), Some("exited 137"));
         let mut mem = AppMemory::default();
@@ -1084,9 +1217,23 @@ mod tests {
             })
         );
         let (d, observed) = healthy_app();
-        let p = plan(&[d], &observed, &BTreeMap::from([(id("demo"), config_changed())]), now).remove(0);
+        let p = plan(
+            &[d],
+            &observed,
+            &BTreeMap::from([(id("demo"), config_changed())]),
+            NodeFacts::default(),
+            now,
+        )
+        .remove(0);
         assert_eq!(p.reason.as_deref(), Some("config changed: data/app.conf"));
-        let p = plan(&[desired("demo", "absent")], &observed, &BTreeMap::new(), now).remove(0);
+        let p = plan(
+            &[desired("demo", "absent")],
+            &observed,
+            &BTreeMap::new(),
+            NodeFacts::default(),
+            now,
+        )
+        .remove(0);
         assert_eq!(p.reason.as_deref(), Some("no container"));
     }
 
@@ -1101,7 +1248,7 @@ mod tests {
             d.unobservable = Some(error.to_owned());
             let mut web = desired("web", "fixture-pod-infra");
             web.depends_on = vec![id("db")];
-            let plans = plan(&[d, web], &observed, &BTreeMap::new(), now);
+            let plans = plan(&[d, web], &observed, &BTreeMap::new(), NodeFacts::default(), now);
             assert_eq!(
                 plans[0].decision,
                 Decision::Wait(Wait::Unobservable {

@@ -85,6 +85,8 @@ impl Node {
             naming: Naming::Prod,
             resync,
             control: None,
+            // No OS trial unless the test writes this boot.json.
+            os_boot_status: self.data.join("os-boot.json"),
         }
     }
 

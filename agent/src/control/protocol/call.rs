@@ -20,20 +20,43 @@ pub enum InstallTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Install(InstallTarget),
-    Start { app: String },
-    Stop { app: String },
-    Restart { app: String },
-    Remove { app: String },
-    Upgrade { app: String },
-    Status { app: String },
+    Start {
+        app: String,
+    },
+    Stop {
+        app: String,
+    },
+    Restart {
+        app: String,
+    },
+    Remove {
+        app: String,
+    },
+    Upgrade {
+        app: String,
+    },
+    Status {
+        app: String,
+    },
     List,
-    Logs { app: String, tail: Option<usize> },
-    Health { app: String },
+    Logs {
+        app: String,
+        tail: Option<usize>,
+    },
+    Health {
+        app: String,
+    },
     RegistryList,
     RegistryAdd(NewRegistry),
-    RegistryRemove { name: String },
-    RegistryTest { name: Option<String> },
+    RegistryRemove {
+        name: String,
+    },
+    RegistryTest {
+        name: Option<String>,
+    },
     ReconcileNow,
+    /// The OS: booted slot, each slot's release and state, the last rollback.
+    OsStatus,
 }
 
 impl Call {
@@ -55,6 +78,7 @@ impl Call {
             Call::RegistryRemove { .. } => "registry.remove",
             Call::RegistryTest { .. } => "registry.test",
             Call::ReconcileNow => "reconcile-now",
+            Call::OsStatus => "os.status",
         }
     }
 
@@ -104,6 +128,7 @@ impl Call {
                 name: p.string("name")?,
             },
             "reconcile-now" => Call::ReconcileNow,
+            "os.status" => Call::OsStatus,
             other => return Err(RpcError::method_not_found(other)),
         };
         Ok(call)

@@ -137,6 +137,11 @@ const NODE_UNITS: &[(&str, &str)] = &[
     ("archy-ssh.service", "multi-user.target"),
     ("archy-installer.service", "multi-user.target"),
     ("archy-os.socket", "sockets.target"),
+    // OS updates (issue 16): boot-prepare, the trial's check (also required
+    // by boot-complete.target's drop-in) and the commit.
+    ("archy-os-prepare.service", "multi-user.target"),
+    ("archy-boot-check.service", "boot-complete.target"),
+    ("archy-mark-good.service", "multi-user.target"),
 ];
 /// Node units installed but not enabled: started by another unit (the OS
 /// helper, one instance per connection to archy-os.socket).

@@ -1,0 +1,276 @@
+//! `os boot-prepare`'s effects on a real installed disk: a loop device
+//! with the A/B layout (`os::partition`, the installer's own code), slot
+//! B holding a release read back through a read-only mount, the ESP found
+//! through its PARTUUID link. The host kernel has no vfat, so the ESP is a
+//! folder (`mount_esp: false`), and H1's boot environment store is a fake
+//! here (the EnvStore glue is `os/boot_envstore.rs`): the decisions over
+//! it are unit-tested in `os::boot`.
+//!
+//! Needs root and losetup (package mount), sfdisk (fdisk), mkfs.vfat
+//! (dosfstools), mkfs.ext4 (e2fsprogs).
+
+use std::cell::RefCell;
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use archy_agent::dataroot::DataRoot;
+use archy_agent::os::boot::{self, EnvAccess, EnvFacts, EnvSlot, Kind, Paths, Prepared};
+use archy_agent::os::records::{BootStatus, Rollback, Slot, SlotState, Trial, TrialFailure, FORMAT};
+
+fn run(program: &str, package: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (Debian package {package}): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fake of the boot environment store: the environment in memory, and
+/// what was done to it.
+struct FakeEnv {
+    env: RefCell<EnvFacts>,
+    done: RefCell<Vec<String>>,
+}
+
+impl EnvAccess for &FakeEnv {
+    fn read_env(&self) -> anyhow::Result<EnvFacts> {
+        Ok(*self.env.borrow())
+    }
+    fn retire_trial(&self, slot: Slot) -> anyhow::Result<()> {
+        let mut env = self.env.borrow_mut();
+        let s = match slot {
+            Slot::A => &mut env.a,
+            Slot::B => &mut env.b,
+        };
+        *s = EnvSlot::default();
+        self.done.borrow_mut().push(format!("retire {slot}"));
+        Ok(())
+    }
+    fn commit(&self, slot: Slot) -> anyhow::Result<()> {
+        self.done.borrow_mut().push(format!("commit {slot}"));
+        Ok(())
+    }
+}
+
+fn release_json(version: &str) -> String {
+    let h = "0".repeat(64);
+    format!(
+        r#"{{"version":"{version}","architecture":"amd64","files":{{"live/vmlinuz":"{h}","live/initrd.img":"{h}","live/filesystem.squashfs":"{h}"}}}}"#
+    )
+}
+
+/// An installed disk on a loop device, detached at the end.
+struct Installed {
+    _tmp: tempfile::TempDir,
+    device: PathBuf,
+    root: PathBuf,
+    esp_partuuid: String,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
+    }
+}
+
+fn installed_disk() -> Installed {
+    use archy_agent::os::disks::Content;
+    use archy_agent::os::layout::{plan, GIB};
+    use archy_agent::os::partition::{self, Consent};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = tmp.path().join("disk.img");
+    run("truncate", "coreutils", &["-s", "20G", image.to_str().expect("utf8")]);
+    let device = PathBuf::from(
+        run(
+            "losetup",
+            "mount",
+            &["--find", "--show", "-P", image.to_str().expect("utf8")],
+        )
+        .trim(),
+    );
+    let root = tmp.path().to_path_buf();
+    let mut disk = Installed {
+        _tmp: tmp,
+        device: device.clone(),
+        root,
+        esp_partuuid: String::new(),
+    };
+    let consent = Consent::unattended(&device, Content::Blank, plan(20 * GIB, 0).expect("plan")).expect("consent");
+    let parts = partition::write(&consent).expect("the layout");
+    // Slot B holds release 2.0.0 (slot A's is the live medium's).
+    let mnt = disk.root.join("slot-b");
+    fs::create_dir_all(&mnt).expect("mountpoint");
+    run("mount", "mount", &[&parts[3].node, mnt.to_str().expect("utf8")]);
+    fs::write(mnt.join("release.json"), release_json("2.0.0")).expect("release.json");
+    run("umount", "mount", &[mnt.to_str().expect("utf8")]);
+    // udev's link, in the test's own /dev/disk.
+    disk.esp_partuuid = parts[1].partuuid.clone();
+    let by = disk.root.join("disk/by-partuuid");
+    fs::create_dir_all(&by).expect("by-partuuid");
+    std::os::unix::fs::symlink(&parts[1].node, by.join(&disk.esp_partuuid)).expect("link");
+    disk
+}
+
+fn paths(disk: &Installed, booted: Slot) -> Paths {
+    let medium = disk.root.join("medium");
+    fs::create_dir_all(&medium).expect("medium");
+    let version = if booted == Slot::A { "1.0.0" } else { "2.0.0" };
+    fs::write(medium.join("release.json"), release_json(version)).expect("medium release");
+    let cmdline = disk.root.join("cmdline");
+    fs::write(
+        &cmdline,
+        format!(
+            "boot=live rauc.slot={booted} archipelago.esp=PARTUUID={} quiet\n",
+            disk.esp_partuuid.to_ascii_uppercase()
+        ),
+    )
+    .expect("cmdline");
+    let esp = disk.root.join("esp");
+    fs::create_dir_all(&esp).expect("esp");
+    let data = DataRoot::new(disk.root.join("data"));
+    Paths {
+        cmdline,
+        data,
+        esp_dir: esp,
+        boot_json: disk.root.join("run/os/boot.json"),
+        system_conf: disk.root.join("run/os/system.conf"),
+        medium,
+        issue: disk.root.join("issue.d/40-archipelago-os.issue"),
+        disk_dir: disk.root.join("disk"),
+        mount_esp: false,
+    }
+}
+
+fn prepare(paths: &Paths, env: &FakeEnv) -> boot::BootPlan {
+    match boot::prepare(paths, |_grub_dir| env).expect("boot-prepare") {
+        Prepared::Done(plan) => *plan,
+        Prepared::NotInstalled => panic!("an installed boot"),
+    }
+}
+
+fn env(a: EnvSlot, b: EnvSlot, committed: Slot) -> FakeEnv {
+    FakeEnv {
+        env: RefCell::new(EnvFacts { a, b, committed }),
+        done: RefCell::new(Vec::new()),
+    }
+}
+
+const GOOD: EnvSlot = EnvSlot {
+    ok: true,
+    trial: false,
+    tries: 0,
+};
+
+#[test]
+fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it() {
+    let disk = installed_disk();
+    // The first boot of release 2.0.0 in slot B, on trial.
+    let p = paths(&disk, Slot::B);
+    let data = p.data.clone();
+    fs::create_dir_all(data.state_dir()).expect("state");
+    fs::write(data.agent_state(), b"the old agent's state").expect("state file");
+    Trial {
+        format: FORMAT,
+        from_version: "1.0.0".into(),
+        to_version: "2.0.0".into(),
+        to_slot: Slot::B,
+        healthy_before: vec!["wallet".into()],
+        started_at: "2026-12-02T10:00:00Z".into(),
+        failures: vec![],
+    }
+    .write(&data.os_trial())
+    .expect("trial.json");
+    let trying = |tries| EnvSlot {
+        ok: true,
+        trial: true,
+        tries,
+    };
+    let e = env(GOOD, trying(1), Slot::A);
+    let plan = prepare(&p, &e);
+    assert_eq!(plan.kind, Kind::Trial { tries: 1 });
+    let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
+    assert!(status.trial && !status.committed);
+    // The other slot's release, read through a read-only mount of slot A:
+    // empty here (slot A holds no release.json on this disk).
+    assert_eq!(status.b.version.as_deref(), Some("2.0.0"));
+    assert_eq!(status.b.to_string(), "trying 1 of 3");
+    assert!(fs::read_to_string(&p.issue)
+        .expect("console")
+        .contains("on trial in slot B (try 1 of 3)"));
+    let snapshot = data.os_state_snapshot().join("agent.json");
+    assert_eq!(fs::read(&snapshot).expect("snapshot"), b"the old agent's state");
+
+    // The new agent runs and changes the state; the check fails; a second
+    // try boots: the snapshot stays the one taken before the new agent ran.
+    fs::write(data.agent_state(), b"the new agent's state").expect("new state");
+    fs::write(data.state_dir().join("images.json"), b"new").expect("new file");
+    *e.env.borrow_mut() = EnvFacts {
+        a: GOOD,
+        b: trying(2),
+        committed: Slot::A,
+    };
+    assert_eq!(prepare(&p, &e).kind, Kind::Trial { tries: 2 });
+    assert_eq!(fs::read(&snapshot).expect("snapshot"), b"the old agent's state");
+    let mut trial = Trial::read(&data.os_trial()).expect("read").expect("trial.json");
+    trial.failures = vec![
+        TrialFailure {
+            try_n: 1,
+            reason: "app wallet is not healthy".into(),
+        },
+        TrialFailure {
+            try_n: 2,
+            reason: "app wallet is not healthy".into(),
+        },
+    ];
+    trial.write(&data.os_trial()).expect("failures");
+
+    // GRUB gave up after the third try: slot A boots, committed.
+    let p = paths(&disk, Slot::A);
+    *e.env.borrow_mut() = EnvFacts {
+        a: GOOD,
+        b: EnvSlot {
+            ok: false,
+            trial: true,
+            tries: 3,
+        },
+        committed: Slot::A,
+    };
+    let plan = prepare(&p, &e);
+    assert_eq!(plan.kind, Kind::RolledBack);
+    let rollback = Rollback::read(&data.os_rollback())
+        .expect("read")
+        .expect("rollback.json");
+    assert_eq!(
+        rollback.message(),
+        "rolled back from 2.0.0 to 1.0.0: try 1: app wallet is not healthy; try 2: app wallet is not healthy"
+    );
+    assert!(!rollback.acknowledged);
+    assert_eq!(fs::read(data.agent_state()).expect("state"), b"the old agent's state");
+    assert!(
+        !data.state_dir().join("images.json").exists(),
+        "the new agent's file went"
+    );
+    assert_eq!(e.done.borrow().as_slice(), ["retire B"]);
+    assert!(!data.os_trial().exists() && !data.os_state_snapshot().exists());
+    let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
+    assert!(status.committed && !status.trial);
+    assert_eq!(status.booted_version.as_deref(), Some("1.0.0"));
+    assert_eq!(status.b.version.as_deref(), Some("2.0.0"));
+    assert_eq!(status.b.state, SlotState::Bad);
+    assert_eq!(status.last_rollback.as_ref(), Some(&rollback));
+    assert!(fs::read_to_string(&p.issue)
+        .expect("console")
+        .contains("rolled back from 2.0.0 to 1.0.0"));
+
+    // The next boot finds no new rollback: the record stays as it was.
+    let plan = prepare(&p, &e);
+    assert_eq!(plan.kind, Kind::Committed);
+    assert_eq!(Rollback::read(&data.os_rollback()).expect("read"), Some(rollback));
+    assert_eq!(e.done.borrow().len(), 1);
+}
