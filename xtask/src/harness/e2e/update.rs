@@ -254,7 +254,10 @@ pub(super) fn build(sh: &Shell, root: &Path, work: &Path, iso: &Path) -> anyhow:
     progress::say(STAGE, &format!("update bundles: v2 ({})", versions.v2));
     make(GOOD.file, &v1_members, &versions.v2, arch, &key)?;
 
-    progress::say(STAGE, "update bundles: never healthy (v1's files, its own kernel words)");
+    progress::say(
+        STAGE,
+        "update bundles: never healthy (v1's files, its own kernel words)",
+    );
     let args = dir.join("bootargs");
     bootargs(sh, &args, UNHEALTHY_ARGS)?;
     let mut members = v1_members.clone();
@@ -316,7 +319,8 @@ fn release_tree(stage: &Path, members: &[(&str, PathBuf)], version: &str, arch: 
         }
     }
     let version = Version::parse(version).with_context(|| format!("the release version {version:?}"))?;
-    let release = Release::of_dir(stage, &version, arch).with_context(|| format!("the release of {}", stage.display()))?;
+    let release =
+        Release::of_dir(stage, &version, arch).with_context(|| format!("the release of {}", stage.display()))?;
     let path = stage.join(RELEASE_FILE);
     fs::write(&path, release.to_file_bytes()?).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

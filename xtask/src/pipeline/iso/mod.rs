@@ -332,7 +332,10 @@ pub fn build_iso(
         out,
         &[
             (file.as_str(), sha256.as_str()),
-            (report.bundle.as_ref().map_or("", |b| b.file.as_str()), bundle_sha256.as_str()),
+            (
+                report.bundle.as_ref().map_or("", |b| b.file.as_str()),
+                bundle_sha256.as_str(),
+            ),
             (sbom.file.as_str(), sbom.sha256.as_str()),
         ],
         &built.key,
