@@ -491,6 +491,19 @@ fn grub_reads_around_a_damaged_copy_and_boots_degraded_without_one() {
         "the missing one cannot be written"
     );
 
+    // A trial whose count no copy can take (the only copy readable but
+    // without GRUB's free-space marker at its end) is not booted:
+    // COMMITTED, degraded.
+    let mut unwritable = trial[n].clone().expect("newer");
+    unwritable[bootenv::BLOCK_SIZE - 1] = b'X';
+    m.set_copies(&[Some(unwritable), None]);
+    let r = m.step(&text, &no_args);
+    assert_eq!(
+        (r.boot, r.fallback),
+        (entry(SlotName::A, true), entry(SlotName::B, true))
+    );
+    assert_eq!(r.written, None);
+
     // Both copies unreadable: A degraded, then B degraded; nothing written.
     for copies in [[Some(garbage.clone()), Some(garbage.clone())], [None, None]] {
         m.set_copies(&copies);
@@ -546,5 +559,231 @@ fn grub_appends_a_release_s_bootargs_and_checks_partuuids() {
     assert_eq!(
         got.lines,
         ["WRONG-PARTUUID".to_owned(), m.line(entry(SlotName::A, false), "")]
+    );
+}
+
+/// `archy-agent os rauc-backend`, as RAUC runs it: arguments in, the
+/// answer on stdout, a non-zero exit and a reason on stderr otherwise.
+#[test]
+fn rauc_backend_runs_as_a_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grub = dir.path().join("grub");
+    fs::create_dir(&grub).expect("mkdir");
+    EnvStore::new(grub.clone()).init().expect("init");
+    let cmdline = dir.path().join("cmdline");
+    fs::write(&cmdline, "boot=live archipelago.slot=a rauc.slot=A quiet\n").expect("cmdline");
+    let backend = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_archy-agent"))
+            .args(["os", "rauc-backend", "--env-dir"])
+            .arg(&grub)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .args(args)
+            .output()
+            .expect("archy-agent")
+    };
+    let ok = |args: &[&str]| {
+        let out = backend(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ok(&["get-primary"]), "A\n");
+    assert_eq!(ok(&["get-current"]), "A\n");
+    assert_eq!(ok(&["get-state", "B"]), "bad\n");
+    // An install into B, as RAUC 1.8 does it.
+    assert_eq!(ok(&["set-state", "B", "bad"]), "");
+    assert_eq!(ok(&["set-primary", "B"]), "");
+    assert_eq!(ok(&["get-primary"]), "B\n");
+    let env = EnvStore::new(grub.clone()).read().expect("read");
+    assert!(env.b.ok && env.b.trial && env.b.tries == 0 && env.committed == SlotName::A);
+    // mark-good on B.
+    assert_eq!(ok(&["set-state", "B", "good"]), "");
+    let env = EnvStore::new(grub.clone()).read().expect("read");
+    assert!(!env.b.trial && env.committed == SlotName::B);
+
+    let out = backend(&["set-state", "C", "good"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"C\"") && err.contains("A or B"), "{err}");
+    assert!(out.stdout.is_empty());
+    // No readable copy: an error naming both files.
+    fs::write(grub.join("bootenv.0"), "junk").expect("write");
+    fs::remove_file(grub.join("bootenv.1")).expect("rm");
+    let out = backend(&["get-primary"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bootenv.0") && err.contains("bootenv.1"), "{err}");
+}
+
+/// Processes stopped when the test ends, by their own ids: a forked
+/// daemon's pid and children of the test.
+struct Reap(Vec<u32>, Vec<std::process::Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for child in &mut self.1 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in &self.0 {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// RAUC 1.8 itself (`rauc service` on a private D-Bus system bus, package
+/// rauc) with `bootloader=custom` calls `archy-agent os rauc-backend`:
+/// `rauc status` reads the primary and the states through it, and
+/// `mark-active`, `mark-bad`, `mark-good` change the boot environment.
+#[test]
+fn rauc_1_8_drives_the_backend() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let grub = d.join("grub");
+    fs::create_dir(&grub).expect("mkdir");
+    let store = EnvStore::new(grub.clone());
+    store.init().expect("init");
+    let calls = d.join("calls");
+    let backend = d.join("backend");
+    fs::write(
+        &backend,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {calls}\nexec {bin} os rauc-backend --env-dir {grub} \"$@\"\n",
+            calls = path(&calls),
+            bin = env!("CARGO_BIN_EXE_archy-agent"),
+            grub = path(&grub),
+        ),
+    )
+    .expect("backend");
+    run("chmod", &["0755", path(&backend)]);
+    for img in ["a.img", "b.img"] {
+        run("truncate", &["-s", "8M", path(&d.join(img))]);
+    }
+    fs::write(d.join("keyring.pem"), "").expect("keyring");
+    let conf = d.join("system.conf");
+    fs::write(
+        &conf,
+        format!(
+            "[system]\ncompatible=archipelago-amd64\nbootloader=custom\nstatusfile={d}/rauc.status\n\
+             [keyring]\npath={d}/keyring.pem\n[handlers]\nbootloader-custom-backend={backend}\n\
+             [slot.rootfs.0]\ndevice={d}/a.img\ntype=ext4\nbootname=A\n\
+             [slot.rootfs.1]\ndevice={d}/b.img\ntype=ext4\nbootname=B\n",
+            d = path(d),
+            backend = path(&backend),
+        ),
+    )
+    .expect("system.conf");
+    let bus = d.join("bus");
+    let bus_conf = d.join("bus.conf");
+    fs::write(
+        &bus_conf,
+        format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>system</type>\
+             <listen>unix:path={}</listen><auth>EXTERNAL</auth><policy context=\"default\">\
+             <allow user=\"*\"/><allow own=\"*\"/><allow send_destination=\"*\"/>\
+             <allow receive_sender=\"*\"/></policy></busconfig>\n",
+            path(&bus)
+        ),
+    )
+    .expect("bus.conf");
+    let out = Command::new("dbus-daemon")
+        .args(["--fork", "--print-pid", "--config-file"])
+        .arg(&bus_conf)
+        .output()
+        .expect("dbus-daemon (package dbus)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dbus_pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("dbus pid");
+    let mut reap = Reap(vec![dbus_pid], Vec::new());
+    let address = format!("unix:path={}", path(&bus));
+    let log = fs::File::create(d.join("service.log")).expect("log");
+    let service = Command::new("rauc")
+        .arg("service")
+        .arg(format!("--conf={}", path(&conf)))
+        .arg("--override-boot-slot=A")
+        .arg(format!("--mount={}", path(&d.join("mnt"))))
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("rauc (package rauc)");
+    reap.1.push(service);
+    let rauc = |args: &[&str]| {
+        Command::new("rauc")
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .output()
+            .expect("rauc")
+    };
+    let status = || -> serde_json::Value {
+        for _ in 0..50 {
+            let out = rauc(&["status", "--output-format=json"]);
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).expect("rauc status json");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!(
+            "rauc status never answered: {}",
+            fs::read_to_string(d.join("service.log")).unwrap_or_default()
+        );
+    };
+    let boot_status = |s: &serde_json::Value, slot: &str| -> String {
+        s["slots"]
+            .as_array()
+            .expect("slots")
+            .iter()
+            .find_map(|e| e.get(slot))
+            .and_then(|v| v["boot_status"].as_str())
+            .expect("boot_status")
+            .to_owned()
+    };
+    let s = status();
+    assert_eq!(s["boot_primary"], "rootfs.0");
+    assert_eq!(boot_status(&s, "rootfs.0"), "good");
+    assert_eq!(boot_status(&s, "rootfs.1"), "bad");
+
+    let ok = |args: &[&str]| {
+        let out = rauc(args);
+        assert!(
+            out.status.success(),
+            "rauc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&["status", "mark-active", "other"]);
+    let env = store.read().expect("read");
+    assert_eq!(env.order, [SlotName::B, SlotName::A]);
+    assert!(env.b.ok && env.b.trial && env.b.tries == 0 && env.committed == SlotName::A);
+    let s = status();
+    assert_eq!(s["boot_primary"], "rootfs.1");
+    assert_eq!(boot_status(&s, "rootfs.1"), "good");
+
+    ok(&["status", "mark-bad", "other"]);
+    let env = store.read().expect("read");
+    assert!(!env.b.ok && env.b.trial, "a rollback keeps TRIAL: {env:?}");
+    assert_eq!(status()["boot_primary"], "rootfs.0");
+
+    ok(&["status", "mark-good"]);
+    let env = store.read().expect("read");
+    assert!(env.a.ok && !env.a.trial && env.committed == SlotName::A);
+
+    let log = fs::read_to_string(&calls).expect("calls");
+    for call in [
+        "get-primary",
+        "get-state B",
+        "set-primary B",
+        "set-state B bad",
+        "set-state A good",
+    ] {
+        assert!(log.lines().any(|l| l == call), "RAUC never called {call:?}: {log}");
+    }
+    assert!(
+        !log.contains("get-current"),
+        "RAUC 1.8 does not call get-current: {log}"
     );
 }

@@ -1,21 +1,20 @@
 //! `os boot-prepare`'s effects on a real installed disk: a loop device
 //! with the A/B layout (`os::partition`, the installer's own code), slot
 //! B holding a release read back through a read-only mount, the ESP found
-//! through its PARTUUID link. The host kernel has no vfat, so the ESP is a
-//! folder (`mount_esp: false`), and H1's boot environment store is a fake
-//! here (the EnvStore glue is `os/boot_envstore.rs`): the decisions over
-//! it are unit-tested in `os::boot`.
+//! through its PARTUUID link, the boot environment the real two-copy store
+//! (`os::bootenv::EnvStore`). The host kernel has no vfat, so the ESP is a
+//! folder (`mount_esp: false`).
 //!
 //! Needs root and losetup (package mount), sfdisk (fdisk), mkfs.vfat
 //! (dosfstools), mkfs.ext4 (e2fsprogs).
 
-use std::cell::RefCell;
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
 
 use archy_agent::dataroot::DataRoot;
-use archy_agent::os::boot::{self, EnvAccess, EnvFacts, EnvSlot, Kind, Paths, Prepared};
+use archy_agent::os::boot::{self, Kind, Paths, Prepared};
+use archy_agent::os::bootenv::{BootEnv, EnvStore, SlotBoot};
 use archy_agent::os::records::{BootStatus, Rollback, Slot, SlotState, Trial, TrialFailure, FORMAT};
 
 fn run(program: &str, package: &str, args: &[&str]) -> String {
@@ -29,33 +28,6 @@ fn run(program: &str, package: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A fake of the boot environment store: the environment in memory, and
-/// what was done to it.
-struct FakeEnv {
-    env: RefCell<EnvFacts>,
-    done: RefCell<Vec<String>>,
-}
-
-impl EnvAccess for &FakeEnv {
-    fn read_env(&self) -> anyhow::Result<EnvFacts> {
-        Ok(*self.env.borrow())
-    }
-    fn retire_trial(&self, slot: Slot) -> anyhow::Result<()> {
-        let mut env = self.env.borrow_mut();
-        let s = match slot {
-            Slot::A => &mut env.a,
-            Slot::B => &mut env.b,
-        };
-        *s = EnvSlot::default();
-        self.done.borrow_mut().push(format!("retire {slot}"));
-        Ok(())
-    }
-    fn commit(&self, slot: Slot) -> anyhow::Result<()> {
-        self.done.borrow_mut().push(format!("commit {slot}"));
-        Ok(())
-    }
 }
 
 fn release_json(version: &str) -> String {
@@ -147,21 +119,34 @@ fn paths(disk: &Installed, booted: Slot) -> Paths {
     }
 }
 
-fn prepare(paths: &Paths, env: &FakeEnv) -> boot::BootPlan {
-    match boot::prepare(paths, |_grub_dir| env).expect("boot-prepare") {
+fn prepare(paths: &Paths) -> boot::BootPlan {
+    match boot::prepare(paths, EnvStore::new).expect("boot-prepare") {
         Prepared::Done(plan) => *plan,
         Prepared::NotInstalled => panic!("an installed boot"),
     }
 }
 
-fn env(a: EnvSlot, b: EnvSlot, committed: Slot) -> FakeEnv {
-    FakeEnv {
-        env: RefCell::new(EnvFacts { a, b, committed }),
-        done: RefCell::new(Vec::new()),
+/// Sets the boot environment as GRUB would have left it.
+fn set_env(paths: &Paths, a: SlotBoot, b: SlotBoot, committed: Slot) {
+    let store = EnvStore::new(paths.grub_dir());
+    if store.read().is_err() {
+        fs::create_dir_all(paths.grub_dir()).expect("grub dir");
+        store.init().expect("init");
     }
+    store
+        .update(|env: &mut BootEnv| {
+            env.a = a;
+            env.b = b;
+            env.committed = committed;
+        })
+        .expect("write env");
 }
 
-const GOOD: EnvSlot = EnvSlot {
+fn read_env(paths: &Paths) -> BootEnv {
+    EnvStore::new(paths.grub_dir()).read().expect("read env")
+}
+
+const GOOD: SlotBoot = SlotBoot {
     ok: true,
     trial: false,
     tries: 0,
@@ -186,13 +171,13 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
     }
     .write(&data.os_trial())
     .expect("trial.json");
-    let trying = |tries| EnvSlot {
+    let trying = |tries| SlotBoot {
         ok: true,
         trial: true,
         tries,
     };
-    let e = env(GOOD, trying(1), Slot::A);
-    let plan = prepare(&p, &e);
+    set_env(&p, GOOD, trying(1), Slot::A);
+    let plan = prepare(&p);
     assert_eq!(plan.kind, Kind::Trial { tries: 1 });
     let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
     assert!(status.trial && !status.committed);
@@ -210,12 +195,8 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
     // try boots: the snapshot stays the one taken before the new agent ran.
     fs::write(data.agent_state(), b"the new agent's state").expect("new state");
     fs::write(data.state_dir().join("images.json"), b"new").expect("new file");
-    *e.env.borrow_mut() = EnvFacts {
-        a: GOOD,
-        b: trying(2),
-        committed: Slot::A,
-    };
-    assert_eq!(prepare(&p, &e).kind, Kind::Trial { tries: 2 });
+    set_env(&p, GOOD, trying(2), Slot::A);
+    assert_eq!(prepare(&p).kind, Kind::Trial { tries: 2 });
     assert_eq!(fs::read(&snapshot).expect("snapshot"), b"the old agent's state");
     let mut trial = Trial::read(&data.os_trial()).expect("read").expect("trial.json");
     trial.failures = vec![
@@ -232,16 +213,17 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
 
     // GRUB gave up after the third try: slot A boots, committed.
     let p = paths(&disk, Slot::A);
-    *e.env.borrow_mut() = EnvFacts {
-        a: GOOD,
-        b: EnvSlot {
+    set_env(
+        &p,
+        GOOD,
+        SlotBoot {
             ok: false,
             trial: true,
             tries: 3,
         },
-        committed: Slot::A,
-    };
-    let plan = prepare(&p, &e);
+        Slot::A,
+    );
+    let plan = prepare(&p);
     assert_eq!(plan.kind, Kind::RolledBack);
     let rollback = Rollback::read(&data.os_rollback())
         .expect("read")
@@ -256,7 +238,17 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
         !data.state_dir().join("images.json").exists(),
         "the new agent's file went"
     );
-    assert_eq!(e.done.borrow().as_slice(), ["retire B"]);
+    // Slot B's trial is cleared in the boot environment: found once.
+    let env = read_env(&p);
+    assert_eq!(
+        env.b,
+        SlotBoot {
+            ok: false,
+            trial: false,
+            tries: 0
+        }
+    );
+    assert_eq!((env.a, env.committed), (GOOD, Slot::A));
     assert!(!data.os_trial().exists() && !data.os_state_snapshot().exists());
     let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
     assert!(status.committed && !status.trial);
@@ -269,8 +261,27 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
         .contains("rolled back from 2.0.0 to 1.0.0"));
 
     // The next boot finds no new rollback: the record stays as it was.
-    let plan = prepare(&p, &e);
+    let plan = prepare(&p);
     assert_eq!(plan.kind, Kind::Committed);
     assert_eq!(Rollback::read(&data.os_rollback()).expect("read"), Some(rollback));
-    assert_eq!(e.done.borrow().len(), 1);
+
+    // A later update to slot B comes up and is committed by mark-good.
+    let p = paths(&disk, Slot::B);
+    set_env(&p, GOOD, trying(1), Slot::A);
+    assert_eq!(prepare(&p).kind, Kind::Trial { tries: 1 });
+    let check_paths = archy_agent::os::check::CheckPaths {
+        cmdline: p.cmdline.clone(),
+        data: data.clone(),
+        boot_json: p.boot_json.clone(),
+        control: disk.root.join("no-agent.sock"),
+        issue: p.issue.clone(),
+        esp_dir: p.esp_dir.clone(),
+    };
+    let line = archy_agent::os::check::mark_good(&check_paths, &EnvStore::new(p.grub_dir())).expect("mark-good");
+    assert_eq!(line.as_deref(), Some("committed 2.0.0 in slot B"));
+    let env = read_env(&p);
+    assert_eq!((env.b, env.committed), (GOOD, Slot::B));
+    let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
+    assert!(status.committed && !status.trial);
+    assert!(!data.os_state_snapshot().exists());
 }

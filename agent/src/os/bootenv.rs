@@ -688,8 +688,11 @@ pub fn grub_boot(copies: [Option<&[u8]>; 2]) -> GrubBoot {
     }
 }
 
-/// The two copies in a folder: `<esp>/grub` on a node
-/// (`/run/archipelago/esp/grub`).
+/// Where the boot environment is on a running node: the ESP's `grub/`,
+/// mounted by `archy-agent os boot-prepare`.
+pub const ENV_DIR: &str = "/run/archipelago/esp/grub";
+
+/// The two copies in a folder: `<esp>/grub` on a node ([`ENV_DIR`]).
 #[derive(Debug, Clone)]
 pub struct EnvStore {
     dir: PathBuf,
@@ -729,14 +732,15 @@ impl EnvStore {
 
     /// The state: the newer valid copy.
     pub fn read(&self) -> Result<BootEnv, EnvError> {
-        let [c0, c1] = self.copies()?;
-        match newer([c0.as_ref().ok(), c1.as_ref().ok()]) {
-            Some(0) => Ok(c0.unwrap_or_else(|_| unreachable!())),
-            Some(_) => Ok(c1.unwrap_or_else(|_| unreachable!())),
-            None => Err(EnvError::Unreadable(
-                c0.err().unwrap_or_default(),
-                c1.err().unwrap_or_default(),
-            )),
+        match self.copies()? {
+            [Ok(c0), Ok(c1)] => Ok(if newer([Some(&c0), Some(&c1)]) == Some(1) {
+                c1
+            } else {
+                c0
+            }),
+            [Ok(c0), Err(_)] => Ok(c0),
+            [Err(_), Ok(c1)] => Ok(c1),
+            [Err(e0), Err(e1)] => Err(EnvError::Unreadable(e0, e1)),
         }
     }
 
@@ -801,8 +805,17 @@ impl EnvStore {
         Ok(())
     }
 
-    /// Reads, changes and writes the environment.
+    /// Reads, changes and writes the environment, holding an exclusive
+    /// `flock` on the folder so two Linux writers (RAUC's backend, the
+    /// boot checks) do not write the same older copy one after the other
+    /// from the same state. Returns the environment written.
     pub fn update(&self, change: impl FnOnce(&mut BootEnv)) -> Result<BootEnv, EnvError> {
+        let io = |source| EnvError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let dir = std::fs::File::open(&self.dir).map_err(io)?;
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive).map_err(|e| io(e.into()))?;
         let mut env = self.read()?;
         change(&mut env);
         self.write(&env)?;
@@ -847,5 +860,397 @@ pub fn rauc_backend(args: &[String], store: &EnvStore, booted: Option<SlotName>)
             Ok(String::new())
         }
         _ => Err(EnvError::Usage(format!("arguments {args:?}; allowed: {usage}"))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn store() -> (tempfile::TempDir, EnvStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EnvStore::new(dir.path().to_owned());
+        (dir, s)
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_block_is_1024_bytes_with_every_variable_in_the_first_sector() {
+        let mut env = BootEnv::fresh();
+        env.set_primary(SlotName::B);
+        let block = encode(&env);
+        assert_eq!(block.len(), BLOCK_SIZE);
+        assert!(block.starts_with(SIGNATURE.as_bytes()));
+        assert!(block[VARS_LIMIT..].iter().all(|b| *b == b'#'));
+        assert_eq!(decode(&block).unwrap(), env);
+        let text = String::from_utf8_lossy(&block);
+        assert!(text.starts_with(
+            "# GRUB Environment Block\nARCHY_SEQ=0\nORDER=B A\nA_OK=1\nA_TRIAL=0\nA_TRY=0\n\
+             B_OK=1\nB_TRIAL=1\nB_TRY=0\nCOMMITTED=A\nARCHY_END=0\n#"
+        ));
+    }
+
+    /// GRUB's own tool reads the block, and its `set` writes the same
+    /// bytes as the port of `grub_envblk_set` (package grub-common).
+    #[test]
+    fn grub_editenv_agrees_with_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("env");
+        let env = BootEnv::fresh();
+        std::fs::write(&file, encode(&env)).unwrap();
+        let out = Command::new("grub-editenv")
+            .arg(&file)
+            .arg("list")
+            .output()
+            .expect("grub-editenv (package grub-common)");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ARCHY_SEQ=0\nORDER=A B\nA_OK=1\nA_TRIAL=0\nA_TRY=0\nB_OK=0\nB_TRIAL=0\nB_TRY=0\nCOMMITTED=A\nARCHY_END=0\n"
+        );
+        let mut ours = encode(&env);
+        for (name, value) in [
+            ("ORDER", "B A"),
+            ("A_OK", "0"),
+            ("NEW", "x y"),
+            ("A_TRY", "3"),
+            ("NEW", ""),
+        ] {
+            assert!(grub_set(&mut ours, name, value));
+            let st = Command::new("grub-editenv")
+                .arg(&file)
+                .arg("set")
+                .arg(format!("{name}={value}"))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert_eq!(std::fs::read(&file).unwrap(), ours, "after {name}={value}");
+        }
+        // No room, no GRUB block: GRUB refuses; so does the port.
+        let mut full = encode(&env);
+        assert!(!grub_set(&mut full, "BIG", &"x".repeat(2000)));
+        let mut garbage = vec![b'x'; 1024];
+        assert!(!grub_set(&mut garbage, "A_OK", "1"));
+        let mut short = encode(&env)[..40].to_vec();
+        assert!(!grub_set(&mut short, "A_OK", "1"));
+    }
+
+    #[test]
+    fn damaged_blocks_say_what_is_wrong() {
+        let good = String::from_utf8(encode(&BootEnv::fresh())).unwrap();
+        assert_eq!(decode(b"garbage"), Err(BlockError::NoSignature));
+        assert_eq!(decode(&[]), Err(BlockError::NoSignature));
+        let e = decode(good.replace("A_OK=1", "A_OK=7").as_bytes()).unwrap_err();
+        assert_eq!(
+            e,
+            BlockError::Bad {
+                var: "A_OK",
+                value: "7".into(),
+                allowed: "0, 1".into()
+            }
+        );
+        assert!(e.to_string().contains("A_OK=\"7\"; allowed: 0, 1"), "{e}");
+        let e = decode(good.replace("COMMITTED=A", "XCOMMITTED=A").as_bytes()).unwrap_err();
+        assert_eq!(e, BlockError::Missing { var: "COMMITTED" });
+        let e = decode(good.replace("ARCHY_END=0", "ARCHY_END=1").as_bytes()).unwrap_err();
+        assert!(matches!(e, BlockError::Torn { .. }), "{e}");
+        assert!(decode(good.replace("ORDER=A B", "ORDER=A A").as_bytes()).is_err());
+        // Cut short inside the variables.
+        assert!(decode(&good.as_bytes()[..60]).is_err());
+        // Unknown variables are ignored, the last of a name wins (GRUB's rules).
+        let extra = good
+            .replacen("#", "X=1\nA_OK=0\n#", 2)
+            .replacen("X=1\nA_OK=0\n# GRUB", "# GRUB", 1);
+        assert!(!decode(extra.as_bytes()).unwrap().a.ok, "{extra}");
+    }
+
+    #[test]
+    fn the_newer_copy_is_seq_plus_one_mod_3() {
+        let at = |seq| BootEnv {
+            seq,
+            ..BootEnv::fresh()
+        };
+        assert_eq!(newer([Some(&at(0)), Some(&at(1))]), Some(1));
+        assert_eq!(newer([Some(&at(1)), Some(&at(2))]), Some(1));
+        assert_eq!(newer([Some(&at(2)), Some(&at(0))]), Some(1), "wraps around");
+        assert_eq!(newer([Some(&at(0)), Some(&at(2))]), Some(0), "wraps around");
+        assert_eq!(newer([Some(&at(1)), Some(&at(0))]), Some(0));
+        assert_eq!(newer([Some(&at(1)), Some(&at(1))]), Some(0));
+        assert_eq!(newer([None, Some(&at(1))]), Some(1));
+        assert_eq!(newer([Some(&at(2)), None]), Some(0));
+        assert_eq!(newer([None, None]), None);
+    }
+
+    #[test]
+    fn writes_alternate_into_the_older_copy_and_the_seq_wraps() {
+        let (_d, s) = store();
+        s.init().unwrap();
+        let env = s.read().unwrap();
+        assert_eq!(
+            env,
+            BootEnv {
+                seq: 1,
+                ..BootEnv::fresh()
+            }
+        );
+        let mut written = Vec::new();
+        let mut seqs = Vec::new();
+        for _ in 0..5 {
+            let before = [0, 1].map(|i| std::fs::read(s.copy_path(i)).unwrap());
+            let i = s.write(&env).unwrap();
+            // The copy not written is untouched.
+            assert_eq!(std::fs::read(s.copy_path(1 - i)).unwrap(), before[1 - i]);
+            assert_eq!(std::fs::metadata(s.copy_path(i)).unwrap().len(), 1024);
+            written.push(i);
+            seqs.push(s.read().unwrap().seq);
+        }
+        assert_eq!(written, [0, 1, 0, 1, 0]);
+        assert_eq!(seqs, [2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn a_torn_or_garbage_copy_loses_to_the_other_and_is_written_next() {
+        let (_d, s) = store();
+        s.init().unwrap();
+        s.update(|e| e.set_primary(SlotName::B)).unwrap();
+        // Copy 0 is now the newer (seq 2): tear it.
+        let newer = std::fs::read(s.copy_path(0)).unwrap();
+        let mut torn = newer.clone();
+        torn[40..300].fill(b'Z');
+        for damaged in [torn, b"not a block".to_vec(), Vec::new()] {
+            std::fs::write(s.copy_path(0), &damaged).unwrap();
+            let env = s.read().unwrap();
+            assert_eq!(env.seq, 1, "copy 1 (init's) is the state");
+            assert!(!env.b.ok);
+            let [c0, c1] = s.copies().unwrap();
+            assert!(c0.unwrap_err().contains("bootenv.0"));
+            assert!(c1.is_ok());
+            // The next write repairs the damaged copy, leaving copy 1 be.
+            let c1_bytes = std::fs::read(s.copy_path(1)).unwrap();
+            assert_eq!(s.write(&env).unwrap(), 0);
+            assert_eq!(std::fs::read(s.copy_path(1)).unwrap(), c1_bytes);
+            assert_eq!(s.read().unwrap().seq, 2);
+        }
+        // A longer file is cut to 1024 bytes.
+        std::fs::write(s.copy_path(1), vec![b'x'; 3000]).unwrap();
+        assert_eq!(s.write(&BootEnv::fresh()).unwrap(), 1);
+        assert_eq!(std::fs::metadata(s.copy_path(1)).unwrap().len(), 1024);
+    }
+
+    #[test]
+    fn both_copies_damaged_is_an_error_naming_both() {
+        let (_d, s) = store();
+        std::fs::write(s.copy_path(0), b"junk").unwrap();
+        let e = s.read().unwrap_err().to_string();
+        assert!(
+            e.contains("bootenv.0") && e.contains("signature") && e.contains("bootenv.1 does not exist"),
+            "{e}"
+        );
+        // A write then makes copy 0 valid again.
+        assert_eq!(s.write(&BootEnv::fresh()).unwrap(), 0);
+        assert_eq!(s.read().unwrap(), BootEnv::fresh());
+    }
+
+    #[test]
+    fn primary_good_and_bad() {
+        let mut e = BootEnv::fresh();
+        assert_eq!(e.primary(), Some(SlotName::A));
+        e.set_bad(SlotName::B);
+        e.set_primary(SlotName::B);
+        assert_eq!(e.order, [SlotName::B, SlotName::A]);
+        assert_eq!(
+            *e.slot(SlotName::B),
+            SlotBoot {
+                ok: true,
+                trial: true,
+                tries: 0
+            }
+        );
+        assert_eq!(e.primary(), Some(SlotName::B));
+        assert_eq!(e.committed, SlotName::A);
+        e.set_bad(SlotName::B);
+        assert_eq!(e.primary(), Some(SlotName::A));
+        assert!(e.b.trial, "a rollback keeps the trial flag");
+        e.set_primary(SlotName::B);
+        e.b.tries = 2;
+        e.set_good(SlotName::B);
+        assert_eq!(
+            e.b,
+            SlotBoot {
+                ok: true,
+                trial: false,
+                tries: 0
+            }
+        );
+        assert_eq!(e.committed, SlotName::B);
+        // The committed good slot made primary again is only moved first.
+        e.set_primary(SlotName::A);
+        e.set_good(SlotName::A);
+        e.set_primary(SlotName::B);
+        assert!(e.b.trial, "B is no longer the committed slot: on trial");
+        e.set_primary(SlotName::A);
+        assert_eq!(e.order, [SlotName::A, SlotName::B]);
+        assert!(!e.a.trial);
+        e.set_bad(SlotName::A);
+        e.set_bad(SlotName::B);
+        assert_eq!(e.primary(), None);
+    }
+
+    #[test]
+    fn grub_step_counts_a_trial_three_times_then_moves_on() {
+        let mut e = BootEnv::fresh();
+        let entry = |slot, degraded| Entry { slot, degraded };
+        let s = e.grub_step();
+        assert_eq!(
+            (s.boot, s.fallback, s.save),
+            (entry(SlotName::A, false), entry(SlotName::B, true), false)
+        );
+        assert_eq!(s.env, e, "a committed slot is not counted");
+        e.set_primary(SlotName::B);
+        for n in 1..=3 {
+            let s = e.grub_step();
+            assert_eq!(s.boot, entry(SlotName::B, false));
+            assert_eq!(s.fallback, entry(SlotName::A, false));
+            assert!(s.save);
+            assert_eq!(s.env.b.tries, n);
+            e = s.env;
+        }
+        let s = e.grub_step();
+        assert_eq!(s.boot, entry(SlotName::A, false));
+        assert_eq!(s.fallback, entry(SlotName::B, true));
+        assert!(s.save && !s.env.b.ok && s.env.b.trial && s.env.b.tries == 3);
+        let s2 = s.env.grub_step();
+        assert!(!s2.save);
+        // Nothing ok: COMMITTED degraded, then the other degraded.
+        let mut e = BootEnv::fresh();
+        e.set_primary(SlotName::B);
+        e.set_good(SlotName::B);
+        e.set_bad(SlotName::A);
+        e.set_bad(SlotName::B);
+        let s = e.grub_step();
+        assert_eq!(
+            (s.boot, s.fallback),
+            (entry(SlotName::B, true), entry(SlotName::A, true))
+        );
+        assert_eq!(s.boot.number(), 3);
+        // Both on trial (an update installed during a trial): counted in turn.
+        let mut e = BootEnv::fresh();
+        e.set_primary(SlotName::B);
+        e.a = SlotBoot {
+            ok: true,
+            trial: true,
+            tries: 3,
+        };
+        e.b.tries = 3;
+        let s = e.grub_step();
+        assert_eq!(s.boot, entry(SlotName::A, true), "COMMITTED A, degraded");
+        assert!(!s.env.a.ok && !s.env.b.ok && s.save);
+    }
+
+    #[test]
+    fn grub_boot_without_a_valid_copy_boots_a_degraded() {
+        let g = grub_boot([None, Some(b"junk")]);
+        assert_eq!(
+            g.boot,
+            Entry {
+                slot: SlotName::A,
+                degraded: true
+            }
+        );
+        assert_eq!(
+            g.fallback,
+            Entry {
+                slot: SlotName::B,
+                degraded: true
+            }
+        );
+        assert_eq!(g.written, None);
+        // A trial whose count no copy can take is not booted.
+        let mut e = BootEnv::fresh();
+        e.set_primary(SlotName::B);
+        let mut block = encode(&e);
+        // Readable, but GRUB finds no free space marker: not writable.
+        block[BLOCK_SIZE - 1] = b'X';
+        assert!(decode(&block).is_ok());
+        let g = grub_boot([Some(&block), None]);
+        assert_eq!(
+            g.boot,
+            Entry {
+                slot: SlotName::A,
+                degraded: true
+            }
+        );
+        assert_eq!(g.written, None);
+        // With the other copy present, it takes the count.
+        let other = encode(&BootEnv::fresh());
+        let g = grub_boot([Some(&block), Some(&other)]);
+        assert_eq!(
+            g.boot,
+            Entry {
+                slot: SlotName::B,
+                degraded: false
+            }
+        );
+        assert_eq!(g.written.map(|w| w.0), Some(1));
+    }
+
+    #[test]
+    fn rauc_backend_speaks_rauc_1_8() {
+        let (_d, s) = store();
+        s.init().unwrap();
+        let r = |a: &[&str]| rauc_backend(&args(a), &s, Some(SlotName::A));
+        assert_eq!(r(&["get-primary"]).unwrap(), "A\n");
+        assert_eq!(r(&["get-state", "A"]).unwrap(), "good\n");
+        assert_eq!(r(&["get-state", "B"]).unwrap(), "bad\n");
+        assert_eq!(r(&["get-current"]).unwrap(), "A\n");
+        assert_eq!(r(&["set-state", "B", "bad"]).unwrap(), "");
+        assert_eq!(r(&["set-primary", "B"]).unwrap(), "");
+        assert_eq!(r(&["get-primary"]).unwrap(), "B\n");
+        assert_eq!(r(&["get-state", "B"]).unwrap(), "good\n");
+        let e = s.read().unwrap();
+        assert!(e.b.trial && e.b.ok && e.committed == SlotName::A);
+        assert_eq!(r(&["set-state", "B", "good"]).unwrap(), "");
+        let e = s.read().unwrap();
+        assert!(!e.b.trial && e.committed == SlotName::B);
+        assert_eq!(r(&["set-state", "A", "bad"]).unwrap(), "");
+        assert_eq!(r(&["get-state", "A"]).unwrap(), "bad\n");
+        r(&["set-state", "B", "bad"]).unwrap();
+        assert!(matches!(r(&["get-primary"]), Err(EnvError::NoPrimary)));
+        for bad in [
+            &["set-state", "B", "ok"][..],
+            &["set-primary", "C"],
+            &["get-state"],
+            &["frobnicate"],
+            &[],
+            &["get-primary", "extra"],
+        ] {
+            let e = r(bad).unwrap_err().to_string();
+            assert!(e.contains("allowed"), "{bad:?}: {e}");
+        }
+        assert!(matches!(
+            rauc_backend(&args(&["get-current"]), &s, None),
+            Err(EnvError::NotBooted)
+        ));
+    }
+
+    #[test]
+    fn bootargs_are_a_grub_block_of_one_variable() {
+        let b = encode_bootargs("archipelago.trial_deadline=60 archipelago.test.unhealthy").unwrap();
+        assert_eq!(b.len(), 1024);
+        assert_eq!(
+            grub_vars(&b).unwrap(),
+            [(
+                "ARCHY_ARGS".to_owned(),
+                "archipelago.trial_deadline=60 archipelago.test.unhealthy".to_owned()
+            )]
+        );
+        for bad in ["a\nb", "x=\"y\"", "a\\b", "é"] {
+            assert!(encode_bootargs(bad).is_err(), "{bad:?}");
+        }
+        assert!(encode_bootargs(&"w ".repeat(300)).unwrap_err().contains("one sector"));
     }
 }

@@ -5,9 +5,19 @@
 //!   `archipelago.install=auto` for an unattended one;
 //! - `archipelago.install.disk=/dev/disk/by-id/…` names the disk;
 //! - `archipelago.slot=a|b` marks a boot from an installed disk, and
-//!   `live-media=` names the partition its live system must come from.
+//!   `live-media=` names the partition its live system must come from;
+//!   `rauc.slot=A|B` is the same slot as RAUC names it;
+//! - `archipelago.esp=PARTUUID=…` names the ESP holding the boot
+//!   environment (`os::bootenv`); `archipelago.degraded=1` says GRUB could
+//!   not use it and booted the committed slot anyway;
+//! - tests only (a release's `live/bootargs` adds them):
+//!   `archipelago.trial_deadline=<seconds>` shortens the trial's health
+//!   deadline, `archipelago.test.unhealthy` makes the trial fail its check.
 
 use std::path::Path;
+
+use super::bootenv::SlotName;
+use super::grub::PartUuid;
 
 /// How the installer was asked to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +38,16 @@ pub struct Cmdline {
     pub slot: Option<char>,
     /// `live-media=`, as given.
     pub live_media: Option<String>,
+    /// `rauc.slot=`: A or B.
+    pub rauc_slot: Option<SlotName>,
+    /// `archipelago.esp=PARTUUID=`.
+    pub esp: Option<PartUuid>,
+    /// `archipelago.degraded=1`.
+    pub degraded: bool,
+    /// `archipelago.trial_deadline=` (seconds, tests).
+    pub trial_deadline: Option<u64>,
+    /// `archipelago.test.unhealthy` (tests).
+    pub test_unhealthy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +63,11 @@ const INSTALL: &str = "archipelago.install";
 const INSTALL_DISK: &str = "archipelago.install.disk";
 const SLOT: &str = "archipelago.slot";
 const LIVE_MEDIA: &str = "live-media";
+const RAUC_SLOT: &str = "rauc.slot";
+const ESP: &str = "archipelago.esp";
+const DEGRADED: &str = "archipelago.degraded";
+const TRIAL_DEADLINE: &str = "archipelago.trial_deadline";
+const TEST_UNHEALTHY: &str = "archipelago.test.unhealthy";
 
 /// Parses `text` (the contents of `/proc/cmdline`, read from `file`,
 /// named in errors). The last occurrence of a word wins, as in the kernel.
@@ -78,6 +103,33 @@ pub fn parse(text: &str, file: &Path) -> Result<Cmdline, CmdlineError> {
             (SLOT, Some("b")) => out.slot = Some('b'),
             (SLOT, v) => return Err(err(SLOT, v.unwrap_or(""), "a or b")),
             (LIVE_MEDIA, Some(v)) => out.live_media = Some(v.to_owned()),
+            (RAUC_SLOT, Some("A")) => out.rauc_slot = Some(SlotName::A),
+            (RAUC_SLOT, Some("B")) => out.rauc_slot = Some(SlotName::B),
+            (RAUC_SLOT, v) => return Err(err(RAUC_SLOT, v.unwrap_or(""), "A or B")),
+            (ESP, v) => {
+                let uuid = v
+                    .and_then(|v| v.strip_prefix("PARTUUID="))
+                    .and_then(|u| PartUuid::parse(u).ok())
+                    .ok_or_else(|| {
+                        err(
+                            ESP,
+                            v.unwrap_or(""),
+                            "PARTUUID=<GPT partition GUID, 8-4-4-4-12 hex digits>",
+                        )
+                    })?;
+                out.esp = Some(uuid);
+            }
+            (DEGRADED, Some("1")) => out.degraded = true,
+            (DEGRADED, v) => return Err(err(DEGRADED, v.unwrap_or(""), "1")),
+            (TRIAL_DEADLINE, v) => {
+                let secs = v
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| err(TRIAL_DEADLINE, v.unwrap_or(""), "a whole number of seconds, 1 or more"))?;
+                out.trial_deadline = Some(secs);
+            }
+            (TEST_UNHEALTHY, None) => out.test_unhealthy = true,
+            (TEST_UNHEALTHY, Some(v)) => return Err(err(TEST_UNHEALTHY, v, "no value")),
             _ => {}
         }
     }
@@ -140,5 +192,41 @@ mod tests {
         let e = p("archipelago.slot=c").unwrap_err();
         assert!(e.to_string().contains("a or b"), "{e}");
         assert!(p("archipelago.slot").is_err());
+    }
+
+    #[test]
+    fn reads_the_boot_counting_words() {
+        let c = p(
+            "archipelago.slot=b rauc.slot=B archipelago.esp=PARTUUID=0A0B0C0D-1111-4111-8111-111111111111 \
+             archipelago.degraded=1 archipelago.trial_deadline=90 archipelago.test.unhealthy",
+        )
+        .unwrap();
+        assert_eq!(c.rauc_slot, Some(SlotName::B));
+        assert_eq!(
+            c.esp.as_ref().map(PartUuid::as_str),
+            Some("0a0b0c0d-1111-4111-8111-111111111111")
+        );
+        assert!(c.degraded && c.test_unhealthy);
+        assert_eq!(c.trial_deadline, Some(90));
+        let c = p("rauc.slot=A").unwrap();
+        assert_eq!(c.rauc_slot, Some(SlotName::A));
+        assert!(!c.degraded && !c.test_unhealthy && c.esp.is_none() && c.trial_deadline.is_none());
+        for (bad, word, allowed) in [
+            ("archipelago.esp=/dev/sda2", "archipelago.esp", "PARTUUID="),
+            ("archipelago.esp=PARTUUID=xyz", "archipelago.esp", "PARTUUID="),
+            ("archipelago.esp", "archipelago.esp", "PARTUUID="),
+            ("archipelago.degraded=yes", "archipelago.degraded", "1"),
+            ("archipelago.degraded", "archipelago.degraded", "1"),
+            ("archipelago.trial_deadline=0", "archipelago.trial_deadline", "seconds"),
+            ("archipelago.trial_deadline=5m", "archipelago.trial_deadline", "seconds"),
+            ("archipelago.trial_deadline", "archipelago.trial_deadline", "seconds"),
+            ("archipelago.test.unhealthy=1", "archipelago.test.unhealthy", "no value"),
+            ("rauc.slot=a", "rauc.slot", "A or B"),
+        ] {
+            let e = p(bad).unwrap_err();
+            assert_eq!(e.word, word, "{bad}");
+            let msg = e.to_string();
+            assert!(msg.contains(allowed) && msg.contains("/proc/cmdline"), "{bad}: {msg}");
+        }
     }
 }

@@ -115,6 +115,20 @@ pub enum OsCommand {
     /// acknowledge (`life.rs`; run by `cli.rs` with the data root).
     #[command(flatten)]
     Life(super::life::LifeCommand),
+    /// RAUC's custom bootloader backend (system.conf: bootloader=custom): get-primary,
+    /// set-primary A|B, get-state A|B, set-state A|B good|bad, get-current, on the two-copy
+    /// boot environment on the ESP (docs/disk-layout.md).
+    RaucBackend {
+        /// The boot environment's folder (the mounted ESP's grub/).
+        #[arg(long, hide = true, value_name = "DIR", default_value = super::bootenv::ENV_DIR)]
+        env_dir: PathBuf,
+        /// The kernel command line naming the booted slot (rauc.slot=).
+        #[arg(long, hide = true, value_name = "FILE", default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// What RAUC asks.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// The handlers' options; the defaults are the node's.
@@ -241,6 +255,21 @@ pub fn run(cmd: &OsCommand, global: &crate::cli::GlobalOpts, out: &mut impl Writ
             Ok(code)
         }
         OsCommand::Life(_) => anyhow::bail!("os life commands run through cli.rs, which has the data root"),
+        OsCommand::RaucBackend { env_dir, cmdline, args } => {
+            use super::bootenv::{rauc_backend, EnvStore};
+            // Only get-current needs the booted slot: the others work
+            // whatever else the command line holds.
+            let booted = if args.first().map(String::as_str) == Some("get-current") {
+                super::cmdline::read(cmdline)?.rauc_slot
+            } else {
+                None
+            };
+            let store = EnvStore::new(env_dir.clone());
+            let text = rauc_backend(args, &store, booted)?;
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
         OsCommand::CheckMedium {
             cmdline,
             medium,

@@ -446,8 +446,8 @@ mod tests {
     fn both_copies_are_read_with_only_their_own_variables_and_saved_to_the_other() {
         let text = render_cfg(&cfg());
         let vars = "ARCHY_SEQ ORDER A_OK A_TRIAL A_TRY B_OK B_TRIAL B_TRY COMMITTED ARCHY_END";
-        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.0\" {vars}\n")));
-        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.1\" {vars}\n")));
+        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.0\" {vars}; then\n")));
+        assert!(text.contains(&format!("load_env --file \"$prefix/bootenv.1\" {vars}; then\n")));
         assert!(text.contains(&format!("save_env --file \"$prefix/bootenv.$archy_save\" {vars};")));
         assert!(text.contains("if ! regexp '^(A B|B A)$' \"$ORDER\"; then set archy_v1=0; fi"));
         assert!(text.contains("if ! regexp '^(0|1|2|3)$' \"$B_TRY\"; then set archy_v0=0; fi"));

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use super::boot::{self, EnvAccess, EnvFacts, Paths, Prepared};
+use super::boot::{self, Paths, Prepared};
 use super::check::{self, CheckPaths};
 use super::records::{BootStatus, Rollback, Slot, BOOT_JSON};
 use crate::dataroot::DataRoot;
@@ -75,32 +75,10 @@ pub enum LifeCommand {
     },
 }
 
-/// The boot environment store boot-prepare and mark-good use.
-///
-/// TODO(integrator): once H1's `bootenv` is merged, add
-/// `agent/src/os/boot_envstore.rs` to `os/mod.rs` (it implements
-/// [`EnvAccess`] for `bootenv::EnvStore`) and make this
-/// `super::bootenv::EnvStore::new(grub_dir)`.
-fn env_store(grub_dir: PathBuf) -> impl EnvAccess {
-    NoEnvStore(grub_dir)
-}
-
-/// Stands in for H1's store until it is merged: every call fails.
-struct NoEnvStore(PathBuf);
-
-impl EnvAccess for NoEnvStore {
-    fn read_env(&self) -> anyhow::Result<EnvFacts> {
-        anyhow::bail!(
-            "{}: this build has no boot environment support (bootenv not merged)",
-            self.0.display()
-        )
-    }
-    fn retire_trial(&self, _slot: Slot) -> anyhow::Result<()> {
-        self.read_env().map(|_| ())
-    }
-    fn commit(&self, _slot: Slot) -> anyhow::Result<()> {
-        self.read_env().map(|_| ())
-    }
+/// The boot environment store boot-prepare and mark-good use (the ESP's
+/// `grub/` folder).
+fn env_store(grub_dir: PathBuf) -> super::bootenv::EnvStore {
+    super::bootenv::EnvStore::new(grub_dir)
 }
 
 /// What `os status` and `os.status` show: boot.json, with the last
@@ -299,6 +277,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+    use crate::os::boot::{EnvAccess, EnvFacts};
     use crate::os::records::{SlotState, SlotStatus, Trial, FORMAT};
 
     fn boot_status(trial: bool) -> BootStatus {

@@ -12,7 +12,8 @@
 //! The installer (`archy-agent os install`, `install.rs`) reads the kernel
 //! command line (`cmdline.rs`), the `ARCHY-CONF` stick and the pasted key
 //! (through `ssh::conf` and `ssh::keys`, strictly), makes or keeps the machine-id
-//! (`machine_id.rs`) and installs GRUB with its `grub.cfg` (`grub.rs`).
+//! (`machine_id.rs`) and installs GRUB with its `grub.cfg` (`grub.rs`) and
+//! the two-copy boot environment it counts boots in (`bootenv.rs`).
 //! `medium.rs` is `archy-agent os check-medium`, run early on every boot
 //! from an installed disk.
 //!
@@ -20,6 +21,7 @@
 //! root helper and `archy-agent os update` (`docs/updates.md`).
 
 pub mod boot;
+pub mod boot_envstore;
 pub mod bootenv;
 pub mod check;
 pub mod cmdline;

@@ -67,40 +67,9 @@ pub enum RecordError {
     },
 }
 
-/// One of the two system slots, as the boot environment names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    /// `"A"`/`"a"`, `"B"`/`"b"` (RAUC's bootname, `rauc.slot=`,
-    /// `archipelago.slot=`).
-    pub fn parse(s: &str) -> Option<Slot> {
-        match s {
-            "A" | "a" => Some(Slot::A),
-            "B" | "b" => Some(Slot::B),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
-    }
-}
+/// One of the two system slots (the boot environment's name, serialized
+/// `"A"`/`"B"`).
+pub use super::bootenv::SlotName as Slot;
 
 /// One boot of a release on trial that did not pass its checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -515,8 +484,6 @@ mod tests {
         assert_eq!(s(SlotState::Trying, 2).to_string(), "trying 2 of 3");
         assert_eq!(s(SlotState::Good, 0).to_string(), "good");
         assert_eq!(s(SlotState::Empty, 0).to_string(), "empty");
-        assert_eq!(Slot::parse("b"), Some(Slot::B));
-        assert_eq!(Slot::parse("C"), None);
         assert_eq!(Slot::A.other(), Slot::B);
     }
 
