@@ -61,6 +61,8 @@ struct Run {
     lines: Vec<String>,
     restarted: bool,
     saved_msgs: Vec<String>,
+    /// The degraded entry said so before anything else.
+    degraded_said: bool,
 }
 
 impl Machine {
@@ -189,7 +191,12 @@ impl Machine {
             .map(|(p, _)| clean[p..p + saved.len() + 1].to_owned())
             .chain(clean.contains(failed).then(|| failed.to_owned()))
             .collect();
+        let degraded_said = clean
+            .lines()
+            .find(|l| l.contains("LINUX (") || l.contains("DEGRADED boot"))
+            .is_some_and(|l| l.contains("DEGRADED boot"));
         Run {
+            degraded_said,
             lines,
             restarted: clean.contains("no system slot could be booted"),
             saved_msgs,
@@ -229,6 +236,10 @@ impl Machine {
             .collect();
         assert_eq!(got.lines, want, "GRUB's entries vs the model's");
         assert!(got.restarted, "GRUB went on to the restart entry");
+        assert_eq!(
+            got.degraded_said, model.boot.degraded,
+            "the console says a degraded boot exactly when it is one"
+        );
         let mut expected = before.clone();
         if let Some((i, bytes)) = &model.written {
             expected[*i] = Some(bytes.clone());

@@ -135,7 +135,25 @@ pub const TEST_STAGE: &[Tool] = &[
         name: "grub-emu",
         package: "grub-emu",
         probe: Probe::OnPath("grub-emu"),
-        why: "runs the installed grub.cfg in GRUB itself against a loop disk (os_layout tests)",
+        why: "runs the installed grub.cfg in GRUB itself against a loop disk: boot counting (grub_boot tests)",
+    },
+    Tool {
+        name: "debugfs",
+        package: "e2fsprogs",
+        probe: Probe::OnPath("debugfs"),
+        why: "puts a release's live/bootargs into an ext4 slot without mounting it (grub_boot tests)",
+    },
+    Tool {
+        name: "rauc",
+        package: "rauc",
+        probe: Probe::OnPath("rauc"),
+        why: "RAUC 1.8 calling the custom bootloader backend, os rauc-backend (grub_boot tests)",
+    },
+    Tool {
+        name: "dbus-daemon",
+        package: "dbus",
+        probe: Probe::OnPath("dbus-daemon"),
+        why: "the private system bus rauc service runs on in the tests",
     },
     Tool {
         name: "rauc",

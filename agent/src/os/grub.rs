@@ -257,14 +257,22 @@ fi
     ];
     for degraded in [false, true] {
         for (slot, gpt, uuid) in slots {
-            let (title, id, extra) = if degraded {
+            let (title, id, extra, say) = if degraded {
                 (
                     format!("Archipelago, slot {slot}, degraded"),
                     format!("{}-degraded", slot.lower()),
                     " archipelago.degraded=1",
+                    format!(
+                        "\n    echo \"Archipelago: DEGRADED boot of slot {slot}: no slot is marked good, or the boot environment cannot be read\""
+                    ),
                 )
             } else {
-                (format!("Archipelago, slot {slot}"), slot.lower().to_string(), "")
+                (
+                    format!("Archipelago, slot {slot}"),
+                    slot.lower().to_string(),
+                    "",
+                    String::new(),
+                )
             };
             out.push_str(&format!(
                 r#"
@@ -272,7 +280,7 @@ fi
 # hd0,gpt2: GRUB 2.06's search cannot find a PARTUUID), checked by
 # PARTUUID. A release's live/bootargs (a GRUB block, ARCHY_ARGS only)
 # adds its own kernel words.
-menuentry "{title}" --id {id} {{
+menuentry "{title}" --id {id} {{{say}
     regexp --set=1:archy_disk '^[(]?([^,()]+),' "$root"
     set archy_part="${{archy_disk}},gpt{gpt}"
     probe --set=archy_found --part-uuid "$archy_part"
@@ -423,6 +431,7 @@ mod tests {
         assert!(text.contains("load_env --file \"($archy_part)/live/bootargs\" ARCHY_ARGS\n"));
         assert_eq!(text.matches("menuentry ").count(), 5);
         assert_eq!(text.matches("archipelago.degraded=1").count(), 2);
+        assert!(text.contains("--id b-degraded {\n    echo \"Archipelago: DEGRADED boot of slot B: "));
     }
 
     #[test]
