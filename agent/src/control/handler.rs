@@ -241,6 +241,27 @@ impl ControlHandler for OrchestratorHandler {
                 &crate::os::life::status(&self.os_boot_status, &self.data_root)
                     .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))?,
             ),
+            Call::OsUpdate {
+                source,
+                allow_downgrade,
+            } => {
+                // The helper streams progress; the control socket answers
+                // once, so progress goes to the agent's log.
+                let data = self.data_root.clone();
+                let socket = std::path::PathBuf::from(crate::os::update::helper::SOCKET);
+                tokio::task::spawn_blocking(move || {
+                    crate::os::update::update_via_helper(
+                        &data,
+                        &source,
+                        allow_downgrade,
+                        &socket,
+                        &mut |line| tracing::info!(target: "os-update", "{line}"),
+                    )
+                })
+                .await
+                .map_err(|e| RpcError::new(INTERNAL_ERROR, format!("the update task failed: {e}")))?
+                .map_err(|e| RpcError::new(SERVER_ERROR, format!("{e:#}")))
+            }
         }
     }
 }

@@ -64,6 +64,7 @@ pub const METHODS: &[(&str, &[&str])] = &[
     ("registry.test", &["name"]),
     ("reconcile-now", &[]),
     ("os.status", &[]),
+    ("os.update", &["source", "allow_downgrade"]),
 ];
 
 /// The params `method` takes (empty for an unknown method).

@@ -57,6 +57,12 @@ pub enum Call {
     ReconcileNow,
     /// The OS: booted slot, each slot's release and state, the last rollback.
     OsStatus,
+    /// Installs an OS update bundle (a path the agent can read, or an
+    /// https:// URL) through the root helper (docs/updates.md).
+    OsUpdate {
+        source: String,
+        allow_downgrade: bool,
+    },
 }
 
 impl Call {
@@ -79,6 +85,7 @@ impl Call {
             Call::RegistryTest { .. } => "registry.test",
             Call::ReconcileNow => "reconcile-now",
             Call::OsStatus => "os.status",
+            Call::OsUpdate { .. } => "os.update",
         }
     }
 
@@ -129,6 +136,23 @@ impl Call {
             },
             "reconcile-now" => Call::ReconcileNow,
             "os.status" => Call::OsStatus,
+            "os.update" => {
+                let source = p.required("source", "a bundle's absolute path or an https:// URL")?;
+                if !crate::os::update::is_url(&source) && !std::path::Path::new(&source).is_absolute() {
+                    return Err(p.invalid("source", "must be an absolute path or an https:// URL"));
+                }
+                let allow_downgrade = match p.map.remove("allow_downgrade") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => b,
+                    Some(other) => {
+                        return Err(p.invalid("allow_downgrade", &format!("must be a boolean, not {}", kind(&other))))
+                    }
+                };
+                Call::OsUpdate {
+                    source,
+                    allow_downgrade,
+                }
+            }
             other => return Err(RpcError::method_not_found(other)),
         };
         Ok(call)

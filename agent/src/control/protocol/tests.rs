@@ -193,6 +193,7 @@ fn every_method_parses_with_its_params_and_names_itself() {
         m if m.starts_with("container-") && m != "container-list" => json!({"app": "a"}),
         "registry.add" => json!({"name": "n", "url": "https://x"}),
         "registry.remove" => json!({"name": "n"}),
+        "os.update" => json!({"source": "/var/lib/archipelago/state/b.raucb"}),
         _ => json!({}),
     };
     for (name, _) in METHODS {
@@ -269,4 +270,24 @@ fn responses_are_one_line_with_result_or_error() {
         serde_json::from_str::<Value>(&err).expect("json"),
         json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32000, "message": "boom"}})
     );
+}
+
+#[test]
+fn os_update_takes_an_absolute_path_or_a_url_and_a_boolean() {
+    let parse = |p: Value| {
+        let Value::Object(p) = p else { unreachable!() };
+        Call::parse("os.update", p)
+    };
+    assert_eq!(
+        parse(json!({"source": "https://example.org/a.raucb", "allow_downgrade": true})).expect("a URL"),
+        Call::OsUpdate {
+            source: "https://example.org/a.raucb".into(),
+            allow_downgrade: true
+        }
+    );
+    let e = parse(json!({"source": "b.raucb"})).expect_err("a relative path");
+    assert!(e.message.contains("must be an absolute path"), "{e}");
+    let e = parse(json!({"source": "/b", "allow_downgrade": "yes"})).expect_err("a string flag");
+    assert!(e.message.contains("must be a boolean"), "{e}");
+    assert!(parse(json!({})).expect_err("no source").message.contains("is required"));
 }

@@ -298,6 +298,20 @@ fn record(opts: &HandlerOptions, stage: Stage, e: &Refused) {
     }
 }
 
+/// Whether the helper allowed a downgrade for this install: its file in
+/// `run_dir`, both root's, the folder writable by root only. The agent's
+/// user may own `/run/archipelago` (the agent's RuntimeDirectory), so it
+/// could swap in an `os` folder of its own; that one is not root's.
+fn downgrade_allowed(run_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let root_only = |p: &Path, dir: bool| {
+        fs::symlink_metadata(p).is_ok_and(|m| {
+            m.uid() == 0 && (m.is_dir() == dir) && (!dir || m.mode() & 0o022 == 0) && !m.file_type().is_symlink()
+        })
+    };
+    root_only(run_dir, true) && root_only(&run_dir.join(ALLOW_DOWNGRADE_FILE), false)
+}
+
 /// `os rauc-pre-install`: Ok when RAUC may write the slot.
 pub fn pre_install(opts: &HandlerOptions, env: &HandlerEnv) -> Result<Release, Refused> {
     let result = (|| {
@@ -308,7 +322,7 @@ pub fn pre_install(opts: &HandlerOptions, env: &HandlerEnv) -> Result<Release, R
             source,
         })?;
         let release = check_tar(std::io::BufReader::with_capacity(1 << 20, file), &image)?;
-        let allow = opts.run_dir.join(ALLOW_DOWNGRADE_FILE).exists();
+        let allow = downgrade_allowed(&opts.run_dir);
         check_release(&release, &opts.arch, &booted.version, allow)?;
         Ok(release)
     })();
@@ -469,6 +483,21 @@ mod tests {
         assert!(e.to_string().contains("older than the booted 0.2.0"), "{e}");
         check_release(&r, "amd64", "0.2.0", true).unwrap();
         check_release(&r, "amd64", "0.1.0", false).unwrap();
+    }
+
+    #[test]
+    fn the_downgrade_permission_counts_only_in_a_root_only_folder() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("os");
+        fs::create_dir(&run).unwrap();
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!downgrade_allowed(&run));
+        fs::write(run.join(ALLOW_DOWNGRADE_FILE), b"").unwrap();
+        // The tests run as root (the os_update test needs it too).
+        assert!(downgrade_allowed(&run));
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!downgrade_allowed(&run), "a folder anyone may write is not trusted");
     }
 
     #[test]

@@ -58,16 +58,16 @@ const MAX_REQUEST: usize = 64 << 10;
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// RAUC's view of the slots, and boot.json when there is one.
-    Status,
+    Status {},
     /// Installs the bundle passed with the request (SCM_RIGHTS).
     Update {
         #[serde(default)]
         allow_downgrade: bool,
     },
     /// `systemctl reboot`: clean, every unit stopped in order.
-    Reboot,
+    Reboot {},
     /// The owner has read the last rollback (`os acknowledge`).
-    Acknowledge,
+    Acknowledge {},
 }
 
 /// One line the helper writes.
@@ -181,7 +181,7 @@ pub fn serve(cfg: &HelperConfig, conn: &UnixStream) -> anyhow::Result<()> {
         })?;
         eprintln!("archipelago os helper: {request:?} from uid {uid}");
         match request {
-            Request::Status => status(cfg),
+            Request::Status {} => status(cfg),
             Request::Update { allow_downgrade } => {
                 let mut fds = fds.into_iter();
                 let (Some(fd), None) = (fds.next(), fds.next()) else {
@@ -195,11 +195,11 @@ pub fn serve(cfg: &HelperConfig, conn: &UnixStream) -> anyhow::Result<()> {
                     let _ = send(&Reply::Progress(p.to_owned()));
                 })
             }
-            Request::Reboot => {
+            Request::Reboot {} => {
                 run_ok(Command::new("systemctl").arg("reboot"), "systemctl reboot")?;
                 Ok(json!({ "rebooting": true }))
             }
-            Request::Acknowledge => {
+            Request::Acknowledge {} => {
                 let exe = std::env::current_exe().context("cannot find this program")?;
                 run_ok(
                     Command::new(exe).args(["os", "acknowledge"]),
@@ -384,6 +384,9 @@ fn update(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Value, Failure> {
     fs::create_dir_all(&cfg.run_dir).with_context(|| format!("cannot create {}", cfg.run_dir.display()))?;
+    // Root's, writable by root only: the handlers trust what is in it.
+    fs::set_permissions(&cfg.run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("cannot set the mode of {}", cfg.run_dir.display()))?;
     let lock_path = cfg.run_dir.join("update.lock");
     let lock = fs::OpenOptions::new()
         .create(true)
@@ -397,7 +400,11 @@ fn update(
     }
     let os_dir = cfg.data.os_dir();
     fs::create_dir_all(&os_dir).with_context(|| format!("cannot create {}", os_dir.display()))?;
-    let size = bundle.metadata().context("cannot read the bundle's size")?.len();
+    let meta = bundle.metadata().context("cannot read the bundle's size")?;
+    if !meta.is_file() {
+        return Err(refused("the bundle passed is not a regular file"));
+    }
+    let size = meta.len();
     let free = free_bytes(&os_dir)?;
     if size.saturating_add(SPARE_BYTES) > free {
         return Err(refused(format!(
@@ -419,6 +426,8 @@ fn update(
 }
 
 fn copy_in(bundle: &mut fs::File, staged: &Path, size: u64, progress: &mut dyn FnMut(&str)) -> Result<(), Failure> {
+    // No more than the size the space check allowed, should the file grow.
+    let mut bundle = bundle.take(size);
     let _ = fs::remove_file(staged);
     let mut to = fs::OpenOptions::new()
         .create_new(true)
@@ -531,9 +540,13 @@ fn install(
         Err(rauc_says) => {
             let _ = fs::remove_file(&trial_path);
             // A failure after RAUC made the slot primary (post-install):
-            // mark it bad, so the next boot stays on the booted release.
+            // mark it bad, so the next boot stays on the booted release. A
+            // slot already primary before (an update installed earlier and
+            // not yet booted) that RAUC never touched stays as it was.
             if let Ok(after) = &after {
-                if after.primary.as_deref() == Some(target.as_str()) {
+                let made_primary = before.primary.as_deref() != Some(target.as_str())
+                    && after.primary.as_deref() == Some(target.as_str());
+                if made_primary {
                     progress(&format!(
                         "marking slot {target_boot} bad: the booted slot stays primary"
                     ));
@@ -549,7 +562,10 @@ fn install(
             let _ = fs::remove_file(&refusal_path);
             Err(match refusal {
                 Some(r) => refused(r.reason),
-                None if rauc_says.contains("ompatible") => refused(rauc_says),
+                // RAUC's own check of the manifest's compatible.
+                None if rauc_says.contains("Compatible mismatch") => {
+                    refused(format!("the bundle is for another kind of node: {rauc_says}"))
+                }
                 None => anyhow!("rauc install failed: {rauc_says}").into(),
             })
         }
@@ -559,6 +575,15 @@ fn install(
 /// The useful part of RAUC's error text.
 fn rauc_error(text: &str) -> String {
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // `rauc install` says why on its LastError line.
+    if let Some(last) = lines.iter().rev().find_map(|l| l.strip_prefix("LastError:")) {
+        let last = last.trim();
+        return last
+            .strip_prefix("Installation error:")
+            .unwrap_or(last)
+            .trim()
+            .to_owned();
+    }
     lines
         .iter()
         .rev()
@@ -661,7 +686,11 @@ mod tests {
         assert_eq!(r, Request::Update { allow_downgrade: true });
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).unwrap(),
-            Request::Reboot
+            Request::Reboot {}
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Reboot {}).unwrap(),
+            r#"{"request":"reboot"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot","force":true}"#).is_err());
         let line = serde_json::to_string(&Reply::Progress("x".into())).unwrap();

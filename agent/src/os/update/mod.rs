@@ -108,7 +108,7 @@ pub fn run_update(
     }
     out.flush()?;
     if reboot {
-        helper::call(socket, &helper::Request::Reboot, None, &mut |_| {})?;
+        helper::call(socket, &helper::Request::Reboot {}, None, &mut |_| {})?;
     }
     Ok(ExitCode::SUCCESS)
 }
