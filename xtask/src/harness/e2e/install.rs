@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use xshell::Shell;
+use xshell::{cmd, Shell};
 
 use super::disks::{self, Edges, Table, GIB};
 use super::live::{check_first_boot, check_second_boot};
-use super::qemu::{boot, probe_boot, BootReport, Disk, Firmware, Guest, Start};
+use super::qemu::{boot, probe_boot, AfterTurn, BootReport, Disk, Firmware, Guest, Start};
 use super::ssh::{self, Endpoint, TestKey};
 use super::{progress, STAGE};
 
@@ -46,9 +46,24 @@ fn ensure_installed(r: &BootReport) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The installed node a sequence leaves: its disk and the key that logs
+/// into it.
+pub(super) struct Installed {
+    pub(super) disk: Disk,
+    pub(super) key: TestKey,
+}
+
 /// The OVMF sequence: install, boot the disk under OVMF and under SeaBIOS
-/// (each logging in over SSH), reinstall, boot the disk again.
-pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Result<Vec<BootReport>> {
+/// (each logging in over SSH), reinstall, boot the disk again; with `full`
+/// false, the install alone. Right after the install, `installed` gets a
+/// copy of the fresh disk (`cp --sparse=always`) for the other sequence.
+pub(super) fn sequence(
+    work: &Path,
+    iso: &Path,
+    timeout: Duration,
+    full: bool,
+    installed: impl FnOnce(Installed),
+) -> anyhow::Result<(Vec<BootReport>, Installed)> {
     let sh = Shell::new().context("creating a shell")?;
     let key = TestKey::generate(&sh, &work.join("ssh"))?;
     let target = Disk::new(work.join("node.img"), "archy-node");
@@ -66,6 +81,7 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
             disks: vec![target.clone(), conf],
             mode: "check".into(),
             ssh_port: None,
+            rtc_base: None,
         },
         timeout,
         None,
@@ -73,6 +89,19 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
     ensure_installed(&install)?;
     let table = disks::table(&sh, &target.path)?;
     check_layout(&sh, &install, &target, &table)?;
+    let copy = Disk::new(work.join("node-copy.img"), "archy-node");
+    let (from, to) = (&target.path, &copy.path);
+    cmd!(sh, "cp --sparse=always {from} {to}")
+        .quiet()
+        .run()
+        .context("copying the installed disk")?;
+    installed(Installed {
+        disk: copy,
+        key: key.clone(),
+    });
+    if !full {
+        return Ok((vec![install], Installed { disk: target, key }));
+    }
 
     // 2. The disk alone, under each firmware: a node, reached over SSH.
     let disk_boot = |name: &str, firmware: Firmware, mode: &str, port: Option<u16>| Guest {
@@ -82,6 +111,7 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
         disks: vec![target.clone()],
         mode: mode.to_owned(),
         ssh_port: port,
+        rtc_base: None,
     };
     let (first, first_key) = ssh_boot(
         work,
@@ -126,6 +156,7 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
             disks: vec![target.clone()],
             mode: "check".into(),
             ssh_port: None,
+            rtc_base: None,
         },
         timeout,
         None,
@@ -158,7 +189,10 @@ pub(super) fn sequence(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
             third.fact("host-key").unwrap_or("-")
         )
     })?;
-    Ok(vec![install, first, second, reinstall, third])
+    Ok((
+        vec![install, first, second, reinstall, third],
+        Installed { disk: target, key },
+    ))
 }
 
 /// A disk boot whose probe hands the turn to the host: logs in over SSH
@@ -178,9 +212,9 @@ fn ssh_boot(
     };
     let endpoint = Endpoint::new(port, key, &work.join("ssh"));
     let mut seen = None;
-    let mut turn = |console: &str| -> anyhow::Result<()> {
+    let mut turn = |console: &str| -> anyhow::Result<AfterTurn> {
         seen = Some(host_turn(sh, &endpoint, console)?);
-        Ok(())
+        Ok(AfterTurn::Continue)
     };
     let report = probe_boot(work, &guest, timeout, Some(&mut turn))?;
     let fingerprint = seen.with_context(|| report.failure("the probe never handed the turn to the host"))?;
@@ -417,6 +451,7 @@ pub(super) fn refusals(work: &Path, iso: &Path, timeout: Duration) -> anyhow::Re
             disks: disks.iter().map(|(d, _)| d.clone()).collect(),
             mode: "check".into(),
             ssh_port: None,
+            rtc_base: None,
         },
         timeout,
         None,

@@ -31,6 +31,7 @@ pub(super) fn sequence(
         disks: vec![disk.clone()],
         mode: mode.to_owned(),
         ssh_port: None,
+        rtc_base: None,
     };
     let first = probe_boot(work, &guest("live-first", "check"), timeout, None)?;
     check_first_boot(&first)?;

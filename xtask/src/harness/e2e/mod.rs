@@ -34,6 +34,7 @@ mod install;
 mod live;
 mod qemu;
 mod ssh;
+mod update;
 
 use qemu::{BootReport, Firmware, INSTALL_SERIAL};
 
@@ -101,10 +102,19 @@ pub enum Only {
     Refusals,
     /// Install, the disk under OVMF and SeaBIOS, reinstall, the disk again.
     Install,
-    /// The SeaBIOS sequence: live, then refusals.
+    /// The update scenarios under OVMF, after the install: refused
+    /// bundles, the good update, never healthy.
+    UpdateOvmf,
+    /// The update scenarios under SeaBIOS, on a copy of the installed
+    /// disk: broken initrd, power cuts (with a wrong clock).
+    #[value(name = "update-seabios")]
+    UpdateSeaBios,
+    /// Both update sequences (and the install boot they start from).
+    Update,
+    /// The SeaBIOS sequence: live, refusals, its update scenarios.
     #[value(name = "seabios")]
     SeaBios,
-    /// The OVMF sequence: install.
+    /// The OVMF sequence: install, its update scenarios.
     Ovmf,
 }
 
@@ -113,7 +123,9 @@ impl Only {
         self == scenario
             || matches!(
                 (self, scenario),
-                (Only::SeaBios, Only::Live | Only::Refusals) | (Only::Ovmf, Only::Install)
+                (Only::SeaBios, Only::Live | Only::Refusals | Only::UpdateSeaBios)
+                    | (Only::Ovmf, Only::Install | Only::UpdateOvmf)
+                    | (Only::Update, Only::UpdateOvmf | Only::UpdateSeaBios)
             )
     }
 }
@@ -132,9 +144,11 @@ pub struct E2eArgs {
     #[arg(long, value_name = "FILE")]
     pub agent: Option<PathBuf>,
     /// Run only these scenarios (for iterating; the full check, and
-    /// `cargo xtask test`, run them all): `live`, `refusals`, `install`, or
-    /// a firmware's whole sequence, `seabios` (live, refusals) or `ovmf`
-    /// (install). Comma-separated or repeated.
+    /// `cargo xtask test`, run them all): `live`, `refusals`, `install`,
+    /// `update-ovmf`, `update-seabios`, `update` (both; they start from the
+    /// install boot, which then runs alone), or a firmware's whole
+    /// sequence, `seabios` (live, refusals, update-seabios) or `ovmf`
+    /// (install, update-ovmf). Comma-separated or repeated.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Only>,
 }
@@ -228,39 +242,86 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
     .context("e2e step `iso`")?;
     let iso = find_iso(&iso_out)?;
 
-    // The two firmware sequences share nothing but the ISO: they run side
-    // by side (TCG is slow, and a guest rarely keeps both cores busy).
+    // The two firmware sequences share the ISO, the update bundles (built
+    // beside the first boots) and the installed disk (the SeaBIOS update
+    // scenarios start from a copy taken right after the OVMF install):
+    // they run side by side (TCG is slow, and a guest rarely keeps both
+    // cores busy).
     let timeout = Duration::from_secs(args.boot_timeout);
     let only = args.only.clone();
+    let (update_ovmf, update_seabios) = (runs(&only, Only::UpdateOvmf), runs(&only, Only::UpdateSeaBios));
+    let bundles: Shared<update::Bundles> = Shared::default();
+    let bundler = (update_ovmf || update_seabios).then(|| {
+        let (root, work, iso, bundles) = (root.to_owned(), work.clone(), iso.clone(), bundles.clone());
+        std::thread::spawn(move || {
+            let built = Shell::new()
+                .context("creating a shell")
+                .and_then(|sh| update::build(&sh, &root, &work, &iso))
+                .context("e2e step `update bundles`");
+            bundles.set(built.map_err(|e| format!("{e:#}")));
+        })
+    });
+    let (installed_tx, installed_rx) = std::sync::mpsc::channel::<install::Installed>();
     let seabios = {
-        let (work, iso, only) = (work.clone(), iso.clone(), only.clone());
-        std::thread::spawn(move || -> anyhow::Result<Vec<BootReport>> {
+        let (work, iso, only, bundles) = (work.clone(), iso.clone(), only.clone(), bundles.clone());
+        std::thread::spawn(move || {
             let mut reports = Vec::new();
-            if runs(&only, Only::Live) {
-                reports.extend(live::sequence(&work, &iso, Firmware::SeaBios, timeout)?);
-            }
-            if runs(&only, Only::Refusals) {
-                reports.extend(install::refusals(&work, &iso, timeout)?);
-            }
-            Ok(reports)
+            let result = (|| -> anyhow::Result<()> {
+                if runs(&only, Only::Live) {
+                    reports.extend(live::sequence(&work, &iso, Firmware::SeaBios, timeout)?);
+                }
+                if runs(&only, Only::Refusals) {
+                    reports.extend(install::refusals(&work, &iso, timeout)?);
+                }
+                if update_seabios {
+                    let node = installed_rx
+                        .recv()
+                        .context("the OVMF install failed: no installed disk for the SeaBIOS update scenarios")?;
+                    let bundles = bundles.wait()?;
+                    update::seabios(&work, &node.disk, &node.key, &bundles, timeout, &mut reports)?;
+                }
+                Ok(())
+            })();
+            (reports, result)
         })
     };
     let ovmf = {
-        let (work, iso) = (work.clone(), iso.clone());
-        std::thread::spawn(move || -> anyhow::Result<Vec<BootReport>> {
-            if runs(&only, Only::Install) {
-                install::sequence(&work, &iso, timeout)
-            } else {
-                Ok(Vec::new())
-            }
+        let (work, iso, bundles) = (work.clone(), iso.clone(), bundles.clone());
+        std::thread::spawn(move || {
+            let mut reports = Vec::new();
+            let result = (|| -> anyhow::Result<()> {
+                let install = runs(&only, Only::Install);
+                if install || update_ovmf || update_seabios {
+                    let (mut r, node) = install::sequence(&work, &iso, timeout, install, |copy| {
+                        // The SeaBIOS thread may not want it (then it is gone).
+                        let _ = installed_tx.send(copy);
+                    })?;
+                    reports.append(&mut r);
+                    if update_ovmf {
+                        let bundles = bundles.wait()?;
+                        update::ovmf(&work, &node.disk, &node.key, &bundles, timeout, &mut reports)?;
+                    }
+                }
+                Ok(())
+            })();
+            (reports, result)
         })
     };
+    if let Some(handle) = bundler {
+        if handle.join().is_err() {
+            bail!("building the update bundles panicked");
+        }
+    }
     let mut reports = Vec::new();
     let mut failures = Vec::new();
     for handle in [seabios, ovmf] {
         match handle.join() {
-            Ok(Ok(mut r)) => reports.append(&mut r),
-            Ok(Err(e)) => failures.push(format!("{e:#}")),
+            Ok((mut r, result)) => {
+                reports.append(&mut r);
+                if let Err(e) = result {
+                    failures.push(format!("{e:#}"));
+                }
+            }
             Err(_) => failures.push("an e2e sequence panicked".to_owned()),
         }
     }
@@ -291,15 +352,31 @@ fn print_timeline(reports: &[BootReport]) {
     let first_start = reports.iter().map(|r| r.started).min();
     println!("\ne2e timeline (seconds after kernel start; TCG, no KVM; the two sequences side by side):");
     println!(
-        "{:<22} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
-        "boot", "at", "systemd", "data disk", "user mgr", "podman", "agent", "ready", "healthy", "+ready", "wall"
+        "{:<30} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}  {:<4} ending",
+        "boot",
+        "at",
+        "systemd",
+        "data disk",
+        "user mgr",
+        "podman",
+        "agent",
+        "ready",
+        "healthy",
+        "+ready",
+        "wall",
+        "slot"
     );
     for r in reports {
         let (ready, healthy) = r.timeline();
         let after_ready = ready.zip(healthy).map(|(a, b)| b - a);
         let at = first_start.map_or(0.0, |t| r.started.duration_since(t).as_secs_f64());
+        let slot = r
+            .facts
+            .get("cmdline")
+            .and_then(|c| c.split_whitespace().find_map(|w| w.strip_prefix("archipelago.slot=")))
+            .unwrap_or("-");
         println!(
-            "{:<22} {:>5.0}s {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5.0}s",
+            "{:<30} {:>5.0}s {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5.0}s  {:<4} {}",
             r.step,
             at,
             shown(r.milestone("userspace")),
@@ -310,7 +387,9 @@ fn print_timeline(reports: &[BootReport]) {
             shown(ready),
             shown(healthy),
             shown(after_ready),
-            r.wall.as_secs_f64()
+            r.wall.as_secs_f64(),
+            slot,
+            r.ending.name()
         );
     }
     println!(
@@ -318,7 +397,10 @@ fn print_timeline(reports: &[BootReport]) {
          user@1000.service; podman = the user's podman.socket; agent = archy-agent started; ready = its \
          READY; healthy = its \"all N apps healthy\" line; +ready = healthy - ready; at = QEMU started, \
          after the first boot's start; wall = power on to power off (an install boot runs no probe: wall only; \
-         a disk boot's wall includes the host's SSH checks).\n\
+         a disk boot's wall includes the host's SSH checks); slot = the slot it booted (the probe's view of \
+         the kernel command line; - when no probe ran, e.g. a kernel panic); ending = how it ended: powered \
+         off, rebooted (by itself: QEMU runs with -no-reboot, the next row is a new QEMU), kernel panic, \
+         power cut (QEMU killed by the host).\n\
          targets (issue 14, not asserted): ready <= 65 s on a second boot, <= 80 s on a first; +ready <= 20 s."
     );
     for r in reports.iter().filter(|r| r.facts.contains_key("restart-ms")) {
@@ -342,6 +424,50 @@ fn print_timeline(reports: &[BootReport]) {
             for line in lines {
                 println!("  {line}");
             }
+        }
+    }
+}
+
+/// A value one thread makes and others wait for (the update bundles).
+struct Shared<T>(std::sync::Arc<(std::sync::Mutex<Slot<T>>, std::sync::Condvar)>);
+
+/// Not yet made, made, or failed (with the error's text).
+type Slot<T> = Option<Result<T, String>>;
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(std::sync::Arc::default())
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    fn set(&self, value: Result<T, String>) {
+        let (lock, ready) = &*self.0;
+        if let Ok(mut slot) = lock.lock() {
+            *slot = Some(value);
+        }
+        ready.notify_all();
+    }
+
+    /// Blocks until the value is set; its error, when making it failed.
+    fn wait(&self) -> anyhow::Result<T> {
+        let (lock, ready) = &*self.0;
+        let mut slot = lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a thread panicked holding a shared value"))?;
+        loop {
+            if let Some(value) = slot.as_ref() {
+                return value.clone().map_err(|e| anyhow::anyhow!("{e}"));
+            }
+            slot = ready
+                .wait(slot)
+                .map_err(|_| anyhow::anyhow!("a thread panicked holding a shared value"))?;
         }
     }
 }
@@ -563,6 +689,16 @@ fn write_registries(dir: &Path, host: &str) -> anyhow::Result<PathBuf> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_picks_scenarios_and_sequences() {
+        assert!(runs(&[], Only::UpdateSeaBios));
+        assert!(runs(&[Only::Update], Only::UpdateOvmf) && runs(&[Only::Update], Only::UpdateSeaBios));
+        assert!(!runs(&[Only::Update], Only::Install) && !runs(&[Only::Update], Only::Live));
+        assert!(runs(&[Only::Ovmf], Only::UpdateOvmf) && !runs(&[Only::Ovmf], Only::UpdateSeaBios));
+        assert!(runs(&[Only::SeaBios], Only::UpdateSeaBios) && !runs(&[Only::SeaBios], Only::Install));
+        assert!(runs(&[Only::Live, Only::UpdateOvmf], Only::UpdateOvmf));
+    }
 
     #[test]
     fn the_test_registry_list_is_one_the_agent_reads() {

@@ -38,6 +38,52 @@ pub(super) struct BootReport {
     /// When QEMU started, and how long it ran.
     pub(super) started: Instant,
     pub(super) wall: Duration,
+    /// How the boot ended (the timeline shows it).
+    pub(super) ending: Ending,
+}
+
+/// How a boot ended, as the console (or the host) saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    /// The guest powered itself off (`reboot: Power down`).
+    PoweredOff,
+    /// The guest restarted itself (`reboot: Restarting system`); QEMU
+    /// runs with `-no-reboot`, so the next boot is a new QEMU process.
+    Rebooted,
+    /// The kernel panicked (and `panic=N` restarted it).
+    Panicked,
+    /// The host killed QEMU: a power cut.
+    PowerCut,
+    /// QEMU exited without the kernel saying why (GRUB or the firmware
+    /// reset the machine).
+    Exited,
+}
+
+impl Ending {
+    /// How the boot whose console this is ended, unless the host cut it.
+    pub(super) fn of(console: &str, cut: bool) -> Ending {
+        if cut {
+            Ending::PowerCut
+        } else if console.contains("Kernel panic - not syncing") {
+            Ending::Panicked
+        } else if console.contains("reboot: Power down") {
+            Ending::PoweredOff
+        } else if console.contains("reboot: Restarting system") {
+            Ending::Rebooted
+        } else {
+            Ending::Exited
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Ending::PoweredOff => "powered off",
+            Ending::Rebooted => "rebooted",
+            Ending::Panicked => "kernel panic",
+            Ending::PowerCut => "power cut",
+            Ending::Exited => "reset",
+        }
+    }
 }
 
 impl BootReport {
@@ -123,8 +169,17 @@ const HOST_TURN: &str = "ARCHY-E2E host-turn";
 pub(super) const INSTALL_SERIAL: &str = "archy-e2e-install";
 
 /// What the host does while the probe waits for it (`wait-host`), given
-/// the console so far.
-pub(super) type HostTurn<'a> = &'a mut dyn FnMut(&str) -> anyhow::Result<()>;
+/// the console so far; it may end with cutting the guest's power.
+pub(super) type HostTurn<'a> = &'a mut dyn FnMut(&str) -> anyhow::Result<AfterTurn>;
+
+/// What happens to the guest after the host's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterTurn {
+    /// It runs on (the probe finishes, or the guest reboots itself).
+    Continue,
+    /// QEMU is killed at once: a power cut.
+    PowerCut,
+}
 
 /// The serial of the ISO attached as a stick (`Start::InstallStick`).
 pub(super) const STICK_SERIAL: &str = "archy-stick";
@@ -135,6 +190,8 @@ pub(super) const STICK_SERIAL: &str = "archy-stick";
 pub(super) struct Disk {
     pub(super) path: PathBuf,
     pub(super) serial: String,
+    /// Attached read-only (QEMU refuses the guest's writes).
+    pub(super) read_only: bool,
 }
 
 impl Disk {
@@ -142,6 +199,15 @@ impl Disk {
         Disk {
             path,
             serial: serial.to_owned(),
+            read_only: false,
+        }
+    }
+
+    /// A disk the guest may read but never write (the update bundles).
+    pub(super) fn read_only(path: PathBuf, serial: &str) -> Disk {
+        Disk {
+            read_only: true,
+            ..Disk::new(path, serial)
         }
     }
 }
@@ -176,6 +242,8 @@ pub(super) struct Guest<'a> {
     pub(super) mode: String,
     /// `127.0.0.1:<port>` on the host forwards to the guest's port 22.
     pub(super) ssh_port: Option<u16>,
+    /// The guest's clock at power on (`-rtc base=…`), when not the host's.
+    pub(super) rtc_base: Option<&'static str>,
 }
 
 impl Guest<'_> {
@@ -219,7 +287,11 @@ impl Guest<'_> {
         for (i, disk) in self.disks.iter().enumerate() {
             args.extend([
                 "-drive".to_owned(),
-                format!("file={},if=none,id=d{i},format=raw,cache=unsafe", disk.path.display()),
+                format!(
+                    "file={},if=none,id=d{i},format=raw,cache=unsafe{}",
+                    disk.path.display(),
+                    if disk.read_only { ",readonly=on" } else { "" }
+                ),
                 "-device".to_owned(),
                 format!(
                     "virtio-blk-pci,drive=d{i},serial={},bootindex={}",
@@ -247,6 +319,9 @@ impl Guest<'_> {
                 "virtio-net-pci,netdev=n0,romfile=".to_owned(),
             ]),
             None => args.extend(["-nic".to_owned(), "none".to_owned()]),
+        }
+        if let Some(base) = self.rtc_base {
+            args.extend(["-rtc".to_owned(), format!("base={base}")]);
         }
         if self.firmware == Firmware::Ovmf {
             // A fresh, empty variable store at every boot: an installed
@@ -288,11 +363,11 @@ pub(super) fn boot(
         .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
     let outcome = wait(child, timeout, || {
         let Some(turn) = host_turn.as_mut() else {
-            return Ok(());
+            return Ok(AfterTurn::Continue);
         };
         let text = read_console(&console);
         if !text.contains(HOST_TURN) {
-            return Ok(());
+            return Ok(AfterTurn::Continue);
         }
         progress::say(STAGE, &format!("{step}: the guest waits; the host's turn"));
         let result = turn(&text);
@@ -300,9 +375,11 @@ pub(super) fn boot(
         result
     });
     let console_text = read_console(&console);
+    let cut = matches!(outcome, Ok(AfterTurn::PowerCut));
     let report = BootReport {
         step: step.clone(),
         facts: parse_facts(&console_text),
+        ending: Ending::of(&console_text, cut),
         console: console_text,
         started,
         wall: started.elapsed(),
@@ -312,7 +389,11 @@ pub(super) fn boot(
     }
     progress::say(
         STAGE,
-        &format!("{step}: powered off after {:.0} s", report.wall.as_secs_f64()),
+        &format!(
+            "{step}: {} after {:.0} s",
+            report.ending.name(),
+            report.wall.as_secs_f64()
+        ),
     );
     Ok(report)
 }
@@ -339,8 +420,13 @@ fn read_console(path: &Path) -> String {
 
 /// Waits for QEMU to exit (the guest powers itself off), calling `tick`
 /// every half second meanwhile; kills it after `timeout` or when `tick`
-/// fails.
-fn wait(mut child: Child, timeout: Duration, mut tick: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+/// fails, and when `tick` asks for a power cut (then returns
+/// `AfterTurn::PowerCut`).
+fn wait(
+    mut child: Child,
+    timeout: Duration,
+    mut tick: impl FnMut() -> anyhow::Result<AfterTurn>,
+) -> anyhow::Result<AfterTurn> {
     let deadline = Instant::now() + timeout;
     let stop = |child: &mut Child| {
         // Best effort: the error that matters is the one that stops it.
@@ -350,7 +436,7 @@ fn wait(mut child: Child, timeout: Duration, mut tick: impl FnMut() -> anyhow::R
     loop {
         if let Some(status) = child.try_wait().context("waiting for qemu")? {
             if status.success() {
-                return Ok(());
+                return Ok(AfterTurn::Continue);
             }
             let mut stderr = String::new();
             if let Some(mut pipe) = child.stderr.take() {
@@ -362,9 +448,17 @@ fn wait(mut child: Child, timeout: Duration, mut tick: impl FnMut() -> anyhow::R
             stop(&mut child);
             bail!("the guest did not power off within {} s", timeout.as_secs());
         }
-        if let Err(e) = crate::harness::procs::bail_if_interrupted().and_then(|()| tick()) {
-            stop(&mut child);
-            return Err(e);
+        match crate::harness::procs::bail_if_interrupted().and_then(|()| tick()) {
+            Ok(AfterTurn::Continue) => {}
+            Ok(AfterTurn::PowerCut) => {
+                // SIGKILL: QEMU stops at once, nothing is flushed.
+                stop(&mut child);
+                return Ok(AfterTurn::PowerCut);
+            }
+            Err(e) => {
+                stop(&mut child);
+                return Err(e);
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -411,6 +505,7 @@ mod tests {
             console: "archipelago: all 3 apps healthy 57.3 s after kernel start\n".into(),
             started: Instant::now(),
             wall: Duration::from_secs(90),
+            ending: Ending::PoweredOff,
         };
         assert_eq!(report.timeline(), (Some(41.5), Some(57.3)));
     }
@@ -426,12 +521,30 @@ mod tests {
             console: console.into(),
             started: Instant::now(),
             wall: Duration::from_secs(90),
+            ending: Ending::PoweredOff,
         };
         assert_eq!(report.milestone("data-disk"), Some(12.5));
         assert_eq!(report.milestone("podman-service"), None);
         assert_eq!(report.milestone("user-manager"), None);
         assert_eq!(report.block("blame"), ["5.1s archy-agent.service", "1.0s x.service"]);
         assert!(!report.facts.keys().any(|k| k.contains("BLOCK")), "{:?}", report.facts);
+    }
+
+    #[test]
+    fn a_boot_ends_as_its_console_says_unless_the_host_cut_it() {
+        let panic =
+            "[    3.1] Kernel panic - not syncing: VFS: Unable to mount root fs\n[    3.2] Rebooting in 10 seconds..\n";
+        assert_eq!(Ending::of(panic, false), Ending::Panicked);
+        assert_eq!(
+            Ending::of("x\n[  90.0] reboot: Power down\n", false),
+            Ending::PoweredOff
+        );
+        assert_eq!(
+            Ending::of("[  80.0] reboot: Restarting system\n", false),
+            Ending::Rebooted
+        );
+        assert_eq!(Ending::of("GRUB loading\n", false), Ending::Exited);
+        assert_eq!(Ending::of("[  90.0] reboot: Power down\n", true), Ending::PowerCut);
     }
 
     #[test]
@@ -443,6 +556,7 @@ mod tests {
             console,
             started: Instant::now(),
             wall: Duration::ZERO,
+            ending: Ending::PoweredOff,
         };
         let message = report.fact("healthy").unwrap_err().to_string();
         assert!(message.contains("e2e step `second boot (ovmf)`"), "{message}");

@@ -136,6 +136,23 @@ impl<'a> Endpoint<'a> {
         })
     }
 
+    /// The options that check the scanned host key strictly, for an ssh
+    /// started by hand.
+    pub(super) fn strict_options(&self) -> Vec<String> {
+        vec![
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".into(),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "IdentityAgent=none".into(),
+            "-o".into(),
+            "ConnectTimeout=30".into(),
+        ]
+    }
+
     /// `ssh` with the test key and nothing else.
     pub(super) fn with_key(&self, sh: &Shell, user: &str, command: &str) -> anyhow::Result<Outcome> {
         let key = self.key.private.display().to_string();
