@@ -329,13 +329,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // depend on whether it is up.
         Command::Install { manifest: Some(_), .. } if !cli.global.dev => Err(OrchestratorError::DevOnly.into()),
         Command::Images(cmd) => images_command(cmd, &cli.global),
-        Command::Os(crate::os::commands::OsCommand::Life(cmd)) => crate::os::life::run(
-            &cmd,
-            &cli.global.data,
-            &cli.global.control,
-            cli.global.json,
-            &mut std::io::stdout().lock(),
-        ),
         Command::Os(cmd) => crate::os::commands::run(&cmd, &cli.global, &mut std::io::stdout().lock()),
         Command::Ssh(cmd) => crate::ssh::run(cmd, &cli.global.data, cli.global.apps_dir(), cli.global.json),
         Command::ProbeNet { http, tcp, timeout_ms } => {

@@ -179,6 +179,20 @@ fn a_trial_snapshots_the_state_once_and_a_rollback_records_why_and_restores_it()
     set_env(&p, GOOD, trying(1), Slot::A);
     let plan = prepare(&p);
     assert_eq!(plan.kind, Kind::Trial { tries: 1 });
+    // RAUC's system.conf names this disk's slots by PARTUUID and the
+    // status file on the data partition.
+    let conf = fs::read_to_string(&p.system_conf).expect("system.conf");
+    let parts = archy_agent::os::partition::read_layout(&disk.device)
+        .expect("sfdisk")
+        .expect("layout");
+    for part in [&parts[2], &parts[3]] {
+        assert!(
+            conf.contains(&format!("/dev/disk/by-partuuid/{}", part.partuuid)),
+            "{conf}"
+        );
+    }
+    assert!(conf.contains(&data.os_rauc_status().display().to_string()), "{conf}");
+    assert!(conf.contains("bootloader=custom"), "{conf}");
     let status = BootStatus::read(&p.boot_json).expect("read").expect("boot.json");
     assert!(status.trial && !status.committed);
     // The other slot's release, read through a read-only mount of slot A:

@@ -594,14 +594,26 @@ impl SlotParts {
     }
 }
 
-/// Renders RAUC's `system.conf` for these slots into `path`.
-///
-/// TODO(integrator): H4's `os::update::rauc_conf::render(&RaucConf::node(
-/// release::ARCHITECTURE, &slots.a.1, &slots.b.1, data.os_rauc_status()))`
-/// writes it; this branch does not have H4's module yet. Replace the body
-/// with that call (and `fsutil::write_atomic(path, text, 0o644)`).
-fn write_system_conf(_path: &Path, _slots: &SlotParts, _data: &DataRoot) -> anyhow::Result<()> {
-    Ok(())
+/// Renders RAUC's `system.conf` for these slots (`update::rauc_conf`)
+/// into `path`, and makes the data partition's OS folder its status file
+/// lives in.
+fn write_system_conf(path: &Path, slots: &SlotParts, data: &DataRoot) -> anyhow::Result<()> {
+    use super::update::rauc_conf::{render, RaucConf};
+    let conf = RaucConf::node(
+        super::release::ARCHITECTURE,
+        &slots.a.1,
+        &slots.b.1,
+        data.os_rauc_status(),
+    );
+    let text = render(&conf)?;
+    records::ensure_dir(&data.os_dir(), RECORD_DIR_MODE)
+        .with_context(|| format!("cannot create {}", data.os_dir().display()))?;
+    if let Some(dir) = path.parent() {
+        records::ensure_dir(dir, records::RUN_OS_DIR_MODE)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// boot-prepare, all of it. `env_for` opens the boot environment in the

@@ -61,6 +61,24 @@ pub enum OsCommand {
         #[arg(long, hide = true)]
         no_panic: bool,
     },
+    /// A node's life around an OS update: boot-prepare, boot-check, mark-good, status,
+    /// acknowledge (`life.rs`; run by `cli.rs` with the data root).
+    #[command(flatten)]
+    Life(super::life::LifeCommand),
+    /// RAUC's custom bootloader backend (system.conf: bootloader=custom): get-primary,
+    /// set-primary A|B, get-state A|B, set-state A|B good|bad, get-current, on the two-copy
+    /// boot environment on the ESP (docs/disk-layout.md).
+    RaucBackend {
+        /// The boot environment's folder (the mounted ESP's grub/).
+        #[arg(long, hide = true, value_name = "DIR", default_value = super::bootenv::ENV_DIR)]
+        env_dir: PathBuf,
+        /// The kernel command line naming the booted slot (rauc.slot=).
+        #[arg(long, hide = true, value_name = "FILE", default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// What RAUC asks.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install a signed update bundle (a file or an https:// URL) into the other system slot, through
     /// the root helper: free space checked, signature, architecture, version and every file's hash
     /// verified before the slot is touched, the slot read back after. The next boot tries it
@@ -110,24 +128,6 @@ pub enum OsCommand {
     RaucPostInstall {
         #[command(flatten)]
         handler: HandlerArgs,
-    },
-    /// A node's life around an OS update: boot-prepare, boot-check, mark-good, status,
-    /// acknowledge (`life.rs`; run by `cli.rs` with the data root).
-    #[command(flatten)]
-    Life(super::life::LifeCommand),
-    /// RAUC's custom bootloader backend (system.conf: bootloader=custom): get-primary,
-    /// set-primary A|B, get-state A|B, set-state A|B good|bad, get-current, on the two-copy
-    /// boot environment on the ESP (docs/disk-layout.md).
-    RaucBackend {
-        /// The boot environment's folder (the mounted ESP's grub/).
-        #[arg(long, hide = true, value_name = "DIR", default_value = super::bootenv::ENV_DIR)]
-        env_dir: PathBuf,
-        /// The kernel command line naming the booted slot (rauc.slot=).
-        #[arg(long, hide = true, value_name = "FILE", default_value = "/proc/cmdline")]
-        cmdline: PathBuf,
-        /// What RAUC asks.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
     },
 }
 
@@ -254,7 +254,7 @@ pub fn run(cmd: &OsCommand, global: &crate::cli::GlobalOpts, out: &mut impl Writ
             super::install::wait_before_power_off(interactive && terminal, input, out)?;
             Ok(code)
         }
-        OsCommand::Life(_) => anyhow::bail!("os life commands run through cli.rs, which has the data root"),
+        OsCommand::Life(cmd) => super::life::run(cmd, &global.data, &global.control, json, out),
         OsCommand::RaucBackend { env_dir, cmdline, args } => {
             use super::bootenv::{rauc_backend, EnvStore};
             // Only get-current needs the booted slot: the others work

@@ -46,8 +46,6 @@ pub const SOCKET: &str = "/run/archipelago/os.sock";
 pub const GROUP: &str = "archipelago";
 /// The staged bundle's name in `DataRoot::os_dir()`.
 pub const INCOMING: &str = "incoming.raucb";
-/// The trial record's name in `DataRoot::os_dir()` (H5's records type).
-pub const TRIAL_FILE: &str = "trial.json";
 /// Room kept free on the data partition beyond the bundle itself.
 const SPARE_BYTES: u64 = 64 << 20;
 /// A request line is small; a longer one is refused.
@@ -334,19 +332,6 @@ fn status(cfg: &HelperConfig) -> Result<Value, Failure> {
     Ok(json!({ "rauc": rauc.raw, "boot": boot }))
 }
 
-/// The trial record written before an install (the fields of H5's
-/// `os::records` trial type; the integrator swaps this for it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrialRecord {
-    pub format: u32,
-    pub from_version: String,
-    pub to_version: String,
-    pub to_slot: String,
-    pub healthy_before: Vec<String>,
-    pub started_at: String,
-    pub failures: Vec<Value>,
-}
-
 /// The apps healthy now, from the agent's `container-list` (running, and
 /// healthy when they have a health check). No agent: none.
 fn healthy_apps(control: &Path) -> Vec<String> {
@@ -496,18 +481,17 @@ fn install(
             healthy.join(", ")
         }
     ));
-    let trial = TrialRecord {
-        format: 1,
+    let trial = crate::os::records::Trial {
+        format: crate::os::records::FORMAT,
         from_version: booted.version.clone(),
         to_version: to_version.clone(),
-        to_slot: target_boot.clone(),
+        to_slot: crate::os::bootenv::SlotName::from_rauc(&target_boot)?,
         healthy_before: healthy,
         started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         failures: Vec::new(),
     };
-    let trial_path = cfg.data.os_dir().join(TRIAL_FILE);
-    crate::fsutil::write_atomic(&trial_path, &serde_json::to_vec_pretty(&trial)?, 0o644)
-        .with_context(|| format!("cannot write {}", trial_path.display()))?;
+    let trial_path = cfg.data.os_trial();
+    trial.write(&trial_path)?;
 
     let refusal_path = cfg.run_dir.join(REFUSAL_FILE);
     let _ = fs::remove_file(&refusal_path);
