@@ -547,6 +547,7 @@ mod tests {
             // OS updates (issue 16).
             "rauc",
             "rauc-service",
+            "squashfs-tools",
         ] {
             assert!(
                 list.iter().any(|p| p == needed),
