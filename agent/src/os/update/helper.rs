@@ -457,7 +457,7 @@ fn install(
         .context("cannot run rauc info")?;
     if !info.status.success() {
         return Err(refused(format!(
-            "the bundle's signature does not verify with this node's keyring: {}",
+            "RAUC refused the bundle before installing it (its signature, its signer or its format): {}",
             rauc_error(&String::from_utf8_lossy(&info.stderr))
         )));
     }
@@ -568,12 +568,19 @@ fn rauc_error(text: &str) -> String {
             .trim()
             .to_owned();
     }
-    lines
+    // Otherwise (`rauc info`) every line but RAUC's progress messages: the
+    // first says what failed ("signature verification failed: …",
+    // "Invalid bundle format: …"), OpenSSL's lines after it say why.
+    let said: Vec<&str> = lines
         .iter()
-        .rev()
-        .find(|l| l.contains("rror") || l.contains("ailed"))
-        .or(lines.last())
-        .map_or_else(|| "no message".to_owned(), |l| (*l).to_owned())
+        .copied()
+        .filter(|l| !l.starts_with("rauc-Message"))
+        .collect();
+    if said.is_empty() {
+        "no message".to_owned()
+    } else {
+        said.join("; ")
+    }
 }
 
 /// `rauc install`, its output relayed; Err(RAUC's error) on failure.
