@@ -8,8 +8,9 @@
 //! the connection as its stdin), and the CLI `os update` as the agent runs
 //! it. Bundles are made here with `rauc bundle` and openssl keys.
 //!
-//! The bootloader backend is a small sh script (state in files): H1's
-//! `archy-agent os rauc-backend` had not landed when this was written.
+//! The bootloader backend is a small sh script (state in files), not
+//! `archy-agent os rauc-backend`, which `tests/grub_boot.rs` drives with
+//! RAUC itself.
 //!
 //! Needs root (loop devices, mounts), rauc and rauc-service, dbus-daemon
 //! (dbus-daemon), dbus-send (dbus-bin), openssl, mksquashfs

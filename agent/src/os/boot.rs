@@ -111,7 +111,7 @@ impl EnvFacts {
 }
 
 /// The boot environment's store, as boot-prepare and mark-good use it:
-/// H1's `bootenv::EnvStore` on a node (see [`BootEnvStore`]).
+/// `bootenv::EnvStore` on a node (see [`BootEnvStore`]).
 pub trait EnvAccess {
     /// The newer valid copy.
     fn read_env(&self) -> anyhow::Result<EnvFacts>;

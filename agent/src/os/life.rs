@@ -137,8 +137,8 @@ pub fn status_text(s: &BootStatus) -> String {
 }
 
 /// Marks the last rollback acknowledged (rollback.json and boot.json) and
-/// takes its console line away. Root; H4's helper calls it for the agent's
-/// user. Returns the rollback, `None` when there is none.
+/// takes its console line away. Root; the OS helper's `acknowledge` request
+/// runs it for the agent's user. Returns the rollback, `None` when there is none.
 pub fn acknowledge(data: &DataRoot, boot_json: &Path, issue: &Path) -> anyhow::Result<Option<Rollback>> {
     let path = data.os_rollback();
     let Some(mut r) = Rollback::read(&path)? else {
@@ -259,9 +259,9 @@ pub fn run(
             Ok(ExitCode::SUCCESS)
         }
         LifeCommand::Acknowledge { boot_json, issue } => {
-            // TODO(integrator): a non-root user goes through H4's helper
-            // (`acknowledge` request on /run/archipelago/os.sock), which
-            // calls [`acknowledge`].
+            // Root only: this command does not yet go through the OS
+            // helper's `acknowledge` request for another user (the
+            // agent's user reaches it through the helper directly).
             match acknowledge(data, boot_json, issue)? {
                 Some(r) => writeln!(out, "acknowledged: {}", r.message())?,
                 None => writeln!(out, "no rollback to acknowledge")?,

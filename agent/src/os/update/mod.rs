@@ -1,6 +1,6 @@
 //! OS updates (`docs/updates.md`): a signed RAUC bundle written into the
-//! other system slot, kept only if the node comes back healthy (H5's
-//! boot-check commits it).
+//! other system slot, kept only if the node comes back healthy (`os boot-check`
+//! and `os mark-good`, `os/check.rs`, commit it).
 //!
 //! The agent runs as `archipelago` and never talks to RAUC (its D-Bus
 //! policy lets only root call it): `os update` hands the bundle, as an

@@ -17,7 +17,8 @@ use crate::os::release::{rauc_compatible as compatible, RAUC_SLOT_CLASS as SLOT_
 
 /// Where boot-prepare writes the rendered file.
 pub const SYSTEM_CONF: &str = "/run/archipelago/os/system.conf";
-/// The keyring built into the image (H2's rootfs stage installs it).
+/// The keyring built into the image (the rootfs stage installs the
+/// signing certificate there, `xtask/src/pipeline/keys.rs`).
 pub const KEYRING: &str = "/etc/rauc/keyring.pem";
 /// The wrappers RAUC runs (rootfs/overlay/usr/lib/archipelago/).
 pub const BACKEND: &str = "/usr/lib/archipelago/rauc-backend";
