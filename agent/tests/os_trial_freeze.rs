@@ -1,8 +1,9 @@
 //! The agent's freeze while an OS release is on trial, against the real
 //! Podman service: with `boot.json` saying trial, a changed manifest is
-//! not applied and a new app is not installed, while a stopped container
-//! is still started; once `boot.json` says committed, the next resync
-//! applies both.
+//! not applied, a changed config template is not rendered (nor the app
+//! restarted for it) and a new app is not installed, while a stopped
+//! container is still started; once `boot.json` says committed, the next
+//! resync applies all three.
 
 mod common;
 
@@ -39,6 +40,20 @@ fn state(node: &Node, name: &str) -> String {
         .to_owned()
 }
 
+fn started_at(node: &Node, name: &str) -> String {
+    node.podman(&["inspect", "--format", "{{.State.StartedAt}}", name])
+        .trim()
+        .to_owned()
+}
+
+/// An app with one config file whose template says `version`.
+fn with_conf(version: &str) -> String {
+    format!(
+        "{SERVE}volumes: [{{ source: data, target: /data }}]\n\
+         files:\n  - path: data/app.conf\n    mode: \"0644\"\n    template: \"v={version}\\n\"\n"
+    )
+}
+
 fn env_new(node: &Node, name: &str) -> String {
     node.podman(&["exec", name, "sh", "-c", "echo $NEW"]).trim().to_owned()
 }
@@ -56,10 +71,16 @@ async fn until(secs: u64, failure: &str, mut what: impl FnMut() -> bool) {
 async fn an_os_trial_holds_app_changes_until_the_commit_but_still_starts_containers() {
     let node = Node::new();
     let image = node.env.image.to_string();
-    let (kept, added) = (app_id("trial-kept"), app_id("trial-new"));
+    let (kept, added, conf) = (app_id("trial-kept"), app_id("trial-new"), app_id("trial-conf"));
     node.app(&kept, &image, SERVE);
+    node.app(&conf, &image, &with_conf("1"));
     let orch = node.orchestrator().await;
     orch.install(&kept).await.expect("install before the update");
+    orch.install(&conf).await.expect("install before the update");
+    let conf_file = node.data.join(&conf).join("data/app.conf");
+    let read_conf = || std::fs::read_to_string(&conf_file).unwrap_or_default();
+    assert_eq!(read_conf(), "v=1\n");
+    let conf_started = started_at(&node, &conf);
     let id_before = node
         .podman(&["inspect", "--format", "{{.Id}}", &kept])
         .trim()
@@ -67,6 +88,7 @@ async fn an_os_trial_holds_app_changes_until_the_commit_but_still_starts_contain
     // The new release's manifests: one app changed, one new.
     node.app(&kept, &image, &format!("{SERVE}env: {{ NEW: \"1\" }}\n"));
     node.app(&added, &image, SERVE);
+    node.app(&conf, &image, &with_conf("2"));
     // Stopped: the agent must start it even on trial.
     node.podman(&["stop", "-t", "1", &kept]);
     let config = node.agent_config(Duration::from_secs(1));
@@ -93,6 +115,12 @@ async fn an_os_trial_holds_app_changes_until_the_commit_but_still_starts_contain
     assert_eq!(id_trial, id_before, "recreated while the OS was on trial");
     assert_eq!(env_new(&node, &kept), "", "the changed manifest was applied on trial");
     assert_eq!(state(&node, &added), "", "the new app was installed on trial");
+    assert_eq!(read_conf(), "v=1\n", "the new release's template was rendered on trial");
+    assert_eq!(
+        started_at(&node, &conf),
+        conf_started,
+        "an app was restarted for a config change on trial"
+    );
 
     // The commit: boot.json rewritten; the next resync plans normally.
     boot_status(false).write(&boot_json).expect("boot.json committed");
@@ -103,6 +131,12 @@ async fn an_os_trial_holds_app_changes_until_the_commit_but_still_starts_contain
     until(60, "the new app was not installed after the commit", || {
         state(&node, &added) == "running"
     })
+    .await;
+    until(
+        60,
+        "the new template was not rendered, the app restarted, after the commit",
+        || read_conf() == "v=2\n" && state(&node, &conf) == "running" && started_at(&node, &conf) != conf_started,
+    )
     .await;
     let _ = stop_tx.send(());
     if let Err(e) = agent.await.expect("agent task") {

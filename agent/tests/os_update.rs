@@ -348,6 +348,8 @@ struct Spec<'a> {
     /// Changes release.json's hash of this file.
     wrong_hash: Option<&'a str>,
     key: &'a str,
+    /// The manifest's version, when it is not release.json's.
+    manifest_version: Option<&'a str>,
 }
 
 impl Spec<'_> {
@@ -359,6 +361,7 @@ impl Spec<'_> {
             release_arch: "amd64",
             wrong_hash: None,
             key: "good",
+            manifest_version: None,
         }
     }
 }
@@ -401,7 +404,8 @@ fn bundle(rig: &Rig, spec: &Spec) -> PathBuf {
         content.join("manifest.raucm"),
         format!(
             "[update]\ncompatible={}\nversion={}\n\n[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=rootfs.tar\n",
-            spec.compatible, spec.version
+            spec.compatible,
+            spec.manifest_version.unwrap_or(spec.version)
         ),
     )
     .unwrap();
@@ -582,7 +586,8 @@ fn rauc_installs_a_good_bundle_and_refuses_bad_ones_without_touching_the_slot() 
                     ..Spec::good("other-compatible", "0.4.0")
                 },
             ),
-            "Compatible mismatch: Expected 'archipelago-amd64' but bundle manifest has 'archipelago-arm64'",
+            // The helper reads the signed manifest before RAUC installs.
+            "the bundle is for \"archipelago-arm64\", and this node is \"archipelago-amd64\"",
         ),
         (
             bundle(
@@ -597,6 +602,18 @@ fn rauc_installs_a_good_bundle_and_refuses_bad_ones_without_touching_the_slot() 
         (
             bundle(&rig, &Spec::good("older", "0.1.0")),
             "older than the booted 0.2.0; a downgrade needs --allow-downgrade",
+        ),
+        // A manifest that claims a newer version than its release.json:
+        // the pre-install handler finds the downgrade.
+        (
+            bundle(
+                &rig,
+                &Spec {
+                    manifest_version: Some("0.4.0"),
+                    ..Spec::good("older-inside", "0.1.0")
+                },
+            ),
+            "the bundle holds version 0.1.0, older than the booted 0.2.0; a downgrade needs --allow-downgrade",
         ),
         (
             bundle(

@@ -33,6 +33,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 
+use super::bootenv::{BootEnv, SlotBoot};
+use super::cmdline::Cmdline;
 use super::records::{
     self, BootStatus, Rollback, Slot, SlotState, SlotStatus, Trial, BOOT_JSON, FORMAT, MAX_TRIES, RECORD_DIR_MODE,
 };
@@ -50,71 +52,11 @@ pub const DEFAULT_TRIAL_DEADLINE_SECS: u64 = 15 * 60;
 /// (not part of the state: never restored).
 const SNAPSHOT_MARKER: &str = ".archy-trial";
 
-/// The kernel command line's words this module reads (parsed by
-/// `cmdline.rs`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OsWords {
-    /// `rauc.slot=A|B`: the booted slot, on an installed boot.
-    pub slot: Option<Slot>,
-    /// `archipelago.esp=PARTUUID=<uuid>`: the uuid, lower case.
-    pub esp_partuuid: Option<String>,
-    /// `archipelago.degraded=1`.
-    pub degraded: bool,
-    /// `archipelago.trial_deadline=<secs>` (tests).
-    pub trial_deadline_secs: Option<u64>,
-    /// `archipelago.test.unhealthy` (tests): boot-check fails at once.
-    pub test_unhealthy: bool,
-}
-
-/// Parses the words of `/proc/cmdline` (read from `file`, named in errors).
-pub fn parse_words(text: &str, file: &Path) -> anyhow::Result<OsWords> {
-    let c = super::cmdline::parse(text, file)?;
-    Ok(OsWords {
-        slot: c.rauc_slot,
-        esp_partuuid: c.esp.map(|p| p.as_str().to_owned()),
-        degraded: c.degraded,
-        trial_deadline_secs: c.trial_deadline,
-        test_unhealthy: c.test_unhealthy,
-    })
-}
-
-/// Reads and parses a command line file.
-pub fn read_words(file: &Path) -> anyhow::Result<OsWords> {
-    let text = fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    parse_words(&text, file)
-}
-
-/// One slot in the boot environment, as this module needs it (a mirror of
-/// `bootenv::SlotBoot`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EnvSlot {
-    pub ok: bool,
-    pub trial: bool,
-    pub tries: u8,
-}
-
-/// The boot environment, as this module needs it (from `bootenv::BootEnv`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EnvFacts {
-    pub a: EnvSlot,
-    pub b: EnvSlot,
-    pub committed: Slot,
-}
-
-impl EnvFacts {
-    pub fn slot(&self, s: Slot) -> EnvSlot {
-        match s {
-            Slot::A => self.a,
-            Slot::B => self.b,
-        }
-    }
-}
-
 /// The boot environment's store, as boot-prepare and mark-good use it:
 /// `bootenv::EnvStore` on a node (see [`BootEnvStore`]).
 pub trait EnvAccess {
     /// The newer valid copy.
-    fn read_env(&self) -> anyhow::Result<EnvFacts>;
+    fn read_env(&self) -> anyhow::Result<BootEnv>;
     /// After a rollback: `slot` is not bootable and no longer on trial, so
     /// the rollback is found once (`set_bad`, trial and tries cleared).
     fn retire_trial(&self, slot: Slot) -> anyhow::Result<()>;
@@ -126,9 +68,10 @@ pub trait EnvAccess {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Facts {
     pub booted: Slot,
-    pub words: OsWords,
+    /// The kernel command line.
+    pub words: Cmdline,
     /// `None` when the environment cannot be read.
-    pub env: Option<EnvFacts>,
+    pub env: Option<BootEnv>,
     pub booted_version: Option<String>,
     pub other_version: Option<String>,
     pub trial: Option<Trial>,
@@ -170,7 +113,7 @@ pub struct BootPlan {
     pub journal: String,
 }
 
-fn slot_status(env: Option<&EnvSlot>, version: Option<&String>, booted: bool) -> SlotStatus {
+fn slot_status(env: Option<&SlotBoot>, version: Option<&String>, booted: bool) -> SlotStatus {
     let state = match env {
         Some(e) if e.ok && e.trial => SlotState::Trying,
         Some(e) if e.ok => SlotState::Good,
@@ -234,8 +177,8 @@ pub fn decide(f: &Facts) -> BootPlan {
     };
     let booted_env = f.env.as_ref().map(|e| e.slot(booted));
     let other_env = f.env.as_ref().map(|e| e.slot(other));
-    let mut own = slot_status(booted_env.as_ref(), f.booted_version.as_ref(), true);
-    let mut theirs = slot_status(other_env.as_ref(), f.other_version.as_ref(), false);
+    let mut own = slot_status(booted_env, f.booted_version.as_ref(), true);
+    let mut theirs = slot_status(other_env, f.other_version.as_ref(), false);
 
     match (&f.env, booted_env, other_env) {
         _ if f.words.degraded => {
@@ -246,7 +189,7 @@ pub fn decide(f: &Facts) -> BootPlan {
             plan.kind = Kind::Trial { tries: b.tries };
             plan.status.committed = false;
             plan.status.trial = true;
-            plan.status.trial_deadline_secs = Some(f.words.trial_deadline_secs.unwrap_or(DEFAULT_TRIAL_DEADLINE_SECS));
+            plan.status.trial_deadline_secs = Some(f.words.trial_deadline.unwrap_or(DEFAULT_TRIAL_DEADLINE_SECS));
             let marker = trial_marker(booted, f.booted_version.as_deref(), f.trial.as_ref());
             if f.snapshot_for.as_deref() != Some(marker.as_str()) {
                 plan.take_snapshot = Some(marker);
@@ -619,17 +562,17 @@ fn write_system_conf(path: &Path, slots: &SlotParts, data: &DataRoot) -> anyhow:
 /// boot-prepare, all of it. `env_for` opens the boot environment in the
 /// ESP's grub folder.
 pub fn prepare<E: EnvAccess>(paths: &Paths, env_for: impl FnOnce(PathBuf) -> E) -> anyhow::Result<Prepared> {
-    let words = read_words(&paths.cmdline)?;
-    let Some(booted) = words.slot else {
+    let words = super::cmdline::read(&paths.cmdline)?;
+    let Some(booted) = words.rauc_slot else {
         return Ok(Prepared::NotInstalled);
     };
-    let Some(esp) = &words.esp_partuuid else {
+    let Some(esp) = words.esp.as_ref().map(|p| p.as_str().to_owned()) else {
         bail!(
             "{}: rauc.slot={booted} without archipelago.esp=PARTUUID=…: cannot find the boot environment",
             paths.cmdline.display()
         );
     };
-    let esp_node = mount_esp(esp, &paths.disk_dir, &paths.esp_dir, paths.mount_esp)?;
+    let esp_node = mount_esp(&esp, &paths.disk_dir, &paths.esp_dir, paths.mount_esp)?;
     let slots = SlotParts::of_disk(&disk_of(&esp_node)?)?;
     write_system_conf(&paths.system_conf, &slots, &paths.data)?;
 
@@ -691,20 +634,20 @@ mod tests {
     use super::*;
     use crate::os::records::TrialFailure;
 
-    fn words(slot: Slot) -> OsWords {
-        OsWords {
-            slot: Some(slot),
-            esp_partuuid: Some("1234-5678".into()),
-            ..OsWords::default()
+    fn words(slot: Slot) -> Cmdline {
+        Cmdline {
+            rauc_slot: Some(slot),
+            ..Cmdline::default()
         }
     }
 
-    fn env(a: (bool, bool, u8), b: (bool, bool, u8), committed: Slot) -> Option<EnvFacts> {
-        let s = |(ok, trial, tries)| EnvSlot { ok, trial, tries };
-        Some(EnvFacts {
+    fn env(a: (bool, bool, u8), b: (bool, bool, u8), committed: Slot) -> Option<BootEnv> {
+        let s = |(ok, trial, tries)| SlotBoot { ok, trial, tries };
+        Some(BootEnv {
             a: s(a),
             b: s(b),
             committed,
+            ..BootEnv::fresh()
         })
     }
 
@@ -727,7 +670,7 @@ mod tests {
         }
     }
 
-    fn facts(booted: Slot, env: Option<EnvFacts>) -> Facts {
+    fn facts(booted: Slot, env: Option<BootEnv>) -> Facts {
         let (bv, ov) = match booted {
             Slot::A => ("1.0.0", "2.0.0"),
             Slot::B => ("2.0.0", "1.0.0"),
@@ -743,25 +686,6 @@ mod tests {
             rollback: None,
             now: "2026-12-02T11:00:00Z".into(),
         }
-    }
-
-    #[test]
-    fn parses_the_os_words() {
-        let w = parse_words(
-            "boot=live rauc.slot=B archipelago.esp=PARTUUID=0A1B2C3D-0000-4000-8000-00000000000A archipelago.degraded=1 archipelago.trial_deadline=60 archipelago.test.unhealthy",
-            Path::new("/proc/cmdline"),
-        )
-        .unwrap();
-        assert_eq!(w.slot, Some(Slot::B));
-        assert_eq!(w.esp_partuuid.as_deref(), Some("0a1b2c3d-0000-4000-8000-00000000000a"));
-        assert!(w.degraded && w.test_unhealthy);
-        assert_eq!(w.trial_deadline_secs, Some(60));
-        let e = parse_words("rauc.slot=C", Path::new("/proc/cmdline"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("/proc/cmdline") && e.contains("rauc.slot"), "{e}");
-        assert!(parse_words("archipelago.esp=/dev/sda2", Path::new("/c")).is_err());
-        assert_eq!(parse_words("boot=live", Path::new("/c")).unwrap(), OsWords::default());
     }
 
     #[test]
@@ -809,7 +733,7 @@ mod tests {
         // A snapshot of an earlier trial is replaced.
         f.snapshot_for = Some("B 1.5.0 2026-01-01T00:00:00Z".into());
         assert!(decide(&f).take_snapshot.is_some());
-        f.words.trial_deadline_secs = Some(60);
+        f.words.trial_deadline = Some(60);
         assert_eq!(decide(&f).status.trial_deadline_secs, Some(60));
     }
 

@@ -3,27 +3,13 @@
 
 use anyhow::Context as _;
 
-use super::boot::{EnvAccess, EnvFacts, EnvSlot};
-use super::bootenv::{EnvStore, SlotBoot, SlotName};
-
-fn env_slot(s: &SlotBoot) -> EnvSlot {
-    EnvSlot {
-        ok: s.ok,
-        trial: s.trial,
-        tries: s.tries,
-    }
-}
+use super::boot::EnvAccess;
+use super::bootenv::{BootEnv, EnvStore, SlotName};
 
 impl EnvAccess for EnvStore {
-    fn read_env(&self) -> anyhow::Result<EnvFacts> {
-        let env = self
-            .read()
-            .with_context(|| format!("cannot read the boot environment in {}", self.dir().display()))?;
-        Ok(EnvFacts {
-            a: env_slot(env.slot(SlotName::A)),
-            b: env_slot(env.slot(SlotName::B)),
-            committed: env.committed,
-        })
+    fn read_env(&self) -> anyhow::Result<BootEnv> {
+        self.read()
+            .with_context(|| format!("cannot read the boot environment in {}", self.dir().display()))
     }
 
     /// `set_bad`, and the trial flag and tries cleared: the rollback is

@@ -209,7 +209,7 @@ async fn observe(paths: &CheckPaths) -> Observed {
 /// boot-check. Returns `Ok(true)` when the boot passes (or is not on
 /// trial), `Ok(false)` when it failed (recorded).
 pub async fn boot_check(paths: &CheckPaths, out: &mut impl std::io::Write) -> anyhow::Result<bool> {
-    let words = boot::read_words(&paths.cmdline)?;
+    let words = super::cmdline::read(&paths.cmdline)?;
     let Some(status) = BootStatus::read(&paths.boot_json)? else {
         writeln!(
             out,
@@ -229,7 +229,7 @@ pub async fn boot_check(paths: &CheckPaths, out: &mut impl std::io::Write) -> an
     let deadline = Duration::from_secs(
         status
             .trial_deadline_secs
-            .or(words.trial_deadline_secs)
+            .or(words.trial_deadline)
             .unwrap_or(boot::DEFAULT_TRIAL_DEADLINE_SECS),
     );
     let started = Instant::now();

@@ -277,7 +277,8 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use crate::os::boot::{EnvAccess, EnvFacts};
+    use crate::os::boot::EnvAccess;
+    use crate::os::bootenv::BootEnv;
     use crate::os::records::{SlotState, SlotStatus, Trial, FORMAT};
 
     fn boot_status(trial: bool) -> BootStatus {
@@ -306,7 +307,7 @@ mod tests {
     struct FakeEnv(RefCell<Vec<String>>);
 
     impl EnvAccess for FakeEnv {
-        fn read_env(&self) -> anyhow::Result<EnvFacts> {
+        fn read_env(&self) -> anyhow::Result<BootEnv> {
             anyhow::bail!("not used")
         }
         fn retire_trial(&self, slot: Slot) -> anyhow::Result<()> {

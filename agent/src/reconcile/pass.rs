@@ -407,11 +407,18 @@ impl Reconciler {
         // An app busy with an action has its files rendered by it, and is
         // not probed while it acts.
         let idle: Vec<Desired> = desired.iter().filter(|d| d.in_flight.is_none()).cloned().collect();
-        let (file_errors, dry_memory) = self.render_files(&idle, &observed, &with_files, &all.apps).await;
+        let node = self.node_facts();
+        // On an OS trial the files stay as the committed release rendered
+        // them: a new release's templates (and the restart they would
+        // bring) wait for the commit, like its other app changes.
+        let (file_errors, dry_memory) = if node.os_trial {
+            (BTreeMap::new(), None)
+        } else {
+            self.render_files(&idle, &observed, &with_files, &all.apps).await
+        };
         if !self.dry_run {
             self.probe_due(&idle, &observed).await;
         }
-        let node = self.node_facts();
         let now = Instant::now();
         let plans = plan(
             &desired,

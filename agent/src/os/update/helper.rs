@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 
 use super::handlers::{Refusal, ALLOW_DOWNGRADE_FILE, REFUSAL_FILE};
 use crate::dataroot::DataRoot;
-use crate::os::release::Release;
+use crate::os::release::{Release, Version};
 
 /// Where systemd listens for the helper.
 pub const SOCKET: &str = "/run/archipelago/os.sock";
@@ -463,13 +463,14 @@ fn install(
     }
     let manifest: Value = serde_json::from_slice(&info.stdout).context("rauc info printed no JSON")?;
     let to_version = manifest["version"].as_str().unwrap_or_default().to_owned();
-    progress(&format!(
-        "signature verified: {} version {to_version}",
-        manifest["compatible"].as_str().unwrap_or_default()
-    ));
+    let compatible = manifest["compatible"].as_str().unwrap_or_default();
+    progress(&format!("signature verified: {compatible} version {to_version}"));
+    let booted = Release::read(&cfg.booted_release)?;
+    // What the signed manifest says is checked here, before RAUC is asked
+    // to install; the pre-install handler checks release.json again.
+    check_manifest(compatible, &to_version, &booted.version, allow_downgrade).map_err(refused)?;
     let before = rauc_status(cfg)?;
     let (target, target_boot) = before.target()?;
-    let booted = Release::read(&cfg.booted_release)?;
     let healthy = healthy_apps(&cfg.control);
     progress(&format!(
         "booted slot {} holds {}; writing slot {target_boot}; apps healthy now: {}",
@@ -499,6 +500,7 @@ fn install(
         fs::write(cfg.run_dir.join(ALLOW_DOWNGRADE_FILE), b"this install only\n")
             .context("cannot write the downgrade permission")?;
     }
+    let started = std::time::SystemTime::now();
     let outcome = run_install(cfg, staged, progress);
     let after = rauc_status(cfg);
     match outcome {
@@ -550,10 +552,53 @@ fn install(
                 None if rauc_says.contains("Compatible mismatch") => {
                     refused(format!("the bundle is for another kind of node: {rauc_says}"))
                 }
-                None => anyhow!("rauc install failed: {rauc_says}").into(),
+                // RAUC says only that a handler failed: its journal says why.
+                None => anyhow!(
+                    "rauc install failed: {rauc_says}{}",
+                    rauc_journal(started)
+                        .map(|j| format!("\nRAUC's journal:\n{j}"))
+                        .unwrap_or_default()
+                )
+                .into(),
             })
         }
     }
+}
+
+/// A bundle whose signed manifest names another kind of node, or an older
+/// release without the owner's `--allow-downgrade`, is refused: the
+/// reason, said as the owner needs it.
+fn check_manifest(compatible: &str, version: &str, booted: &str, allow_downgrade: bool) -> Result<(), String> {
+    let ours = crate::os::release::rauc_compatible(crate::os::release::ARCHITECTURE);
+    if compatible != ours {
+        return Err(format!(
+            "the bundle is for {compatible:?}, and this node is {ours:?} (another architecture or kind of node): nothing was written"
+        ));
+    }
+    let new = Version::parse(version).map_err(|e| format!("the bundle's manifest version {version:?}: {e}"))?;
+    // The booted release's version was checked when release.json was read.
+    let older = Version::parse(booted).is_ok_and(|old| new < old);
+    if older && !allow_downgrade {
+        return Err(format!(
+            "the bundle holds version {version}, older than the booted {booted}; a downgrade needs --allow-downgrade: nothing was written"
+        ));
+    }
+    Ok(())
+}
+
+/// rauc.service's journal since `since` (the handlers' own words), when
+/// journalctl can give it.
+fn rauc_journal(since: std::time::SystemTime) -> Option<String> {
+    let secs = since.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let out = Command::new("journalctl")
+        .args(["--no-pager", "-o", "cat", "-n", "30", "-u", "rauc.service"])
+        .arg(format!("--since=@{secs}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }
 
 /// The useful part of RAUC's error text.
@@ -670,6 +715,19 @@ pub fn call(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signed_manifest_is_checked_before_rauc_installs() {
+        let ours = crate::os::release::rauc_compatible(crate::os::release::ARCHITECTURE);
+        assert_eq!(check_manifest(&ours, "0.2.0", "0.1.0", false), Ok(()));
+        assert_eq!(check_manifest(&ours, "0.1.0", "0.1.0", false), Ok(()));
+        let e = check_manifest(&ours, "0.0.9", "0.1.0", false).unwrap_err();
+        assert!(e.contains("older than the booted 0.1.0") && e.contains("--allow-downgrade"), "{e}");
+        assert_eq!(check_manifest(&ours, "0.0.9", "0.1.0", true), Ok(()));
+        let e = check_manifest("archipelago-riscv64", "0.2.0", "0.1.0", false).unwrap_err();
+        assert!(e.contains("archipelago-riscv64") && e.contains(&ours), "{e}");
+        assert!(check_manifest(&ours, "two", "0.1.0", true).is_err());
+    }
 
     #[test]
     fn requests_and_replies_on_the_wire() {
