@@ -32,6 +32,8 @@ use archy_agent::os::update::rauc_conf::{self, RaucConf};
 use sha2::{Digest, Sha256};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_archy-agent");
+/// The agent's path in the image, as the rootfs's RAUC wrappers name it.
+const NODE_AGENT: &str = "/usr/bin/archy-agent";
 const BOOTED_VERSION: &str = "0.2.0";
 
 fn need_tools() {
@@ -226,21 +228,33 @@ fn setup() -> Rig {
         at = rig.path("damage").display(),
     );
     fs::create_dir_all(rig.path("damage")).unwrap();
-    for (name, sub, before) in [
+    // RAUC runs the image's own wrappers (rootfs/overlay), with the agent
+    // they exec replaced by a shim that adds the test's folders: what RAUC
+    // passes them reaches the agent as on a node.
+    for (name, wrapper, before) in [
         ("pre-install.sh", "rauc-pre-install", String::new()),
         ("post-install.sh", "rauc-post-install", damage),
     ] {
-        let p = rig.path(name);
+        let shim = rig.path(&format!("{name}.agent"));
         fs::write(
-            &p,
+            &shim,
             format!(
-                "#!/bin/sh\n{before}exec {AGENT} os {sub} --run-dir {} --booted-release {}\n",
+                "#!/bin/sh\n{before}exec {AGENT} \"$@\" --run-dir {} --booted-release {}\n",
                 rig.path("run").display(),
                 rig.path("booted/release.json").display()
             ),
         )
         .unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        let image_wrapper = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../rootfs/overlay/usr/lib/archipelago")
+            .join(wrapper);
+        let text = fs::read_to_string(&image_wrapper).unwrap();
+        assert!(text.contains(NODE_AGENT), "{}: {text}", image_wrapper.display());
+        let p = rig.path(name);
+        fs::write(&p, text.replace(NODE_AGENT, &shim.display().to_string())).unwrap();
+        for f in [&p, &shim] {
+            fs::set_permissions(f, fs::Permissions::from_mode(0o755)).unwrap();
+        }
     }
     let (_, good_cert) = keypair(rig.dir.path(), "good");
     keypair(rig.dir.path(), "other");

@@ -722,7 +722,10 @@ mod tests {
         assert_eq!(check_manifest(&ours, "0.2.0", "0.1.0", false), Ok(()));
         assert_eq!(check_manifest(&ours, "0.1.0", "0.1.0", false), Ok(()));
         let e = check_manifest(&ours, "0.0.9", "0.1.0", false).unwrap_err();
-        assert!(e.contains("older than the booted 0.1.0") && e.contains("--allow-downgrade"), "{e}");
+        assert!(
+            e.contains("older than the booted 0.1.0") && e.contains("--allow-downgrade"),
+            "{e}"
+        );
         assert_eq!(check_manifest(&ours, "0.0.9", "0.1.0", true), Ok(()));
         let e = check_manifest("archipelago-riscv64", "0.2.0", "0.1.0", false).unwrap_err();
         assert!(e.contains("archipelago-riscv64") && e.contains(&ours), "{e}");
