@@ -252,7 +252,7 @@ pub fn console_text(status: &BootStatus) -> Option<String> {
     let mut lines = Vec::new();
     if let Some(r) = status.last_rollback.as_ref().filter(|r| !r.acknowledged) {
         lines.push(format!(
-            "Archipelago OS: {} (at {}). Acknowledge with: sudo archy-agent os acknowledge",
+            "Archipelago OS: {} (at {}). Acknowledge with: archy-agent os acknowledge",
             r.message(),
             r.at
         ));

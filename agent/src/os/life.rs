@@ -66,12 +66,16 @@ pub enum LifeCommand {
         #[arg(long, hide = true, default_value = BOOT_JSON)]
         boot_json: PathBuf,
     },
-    /// Acknowledge the last rollback: the console stops showing it (root).
+    /// Acknowledge the last rollback: the console stops showing it (root, or the agent's
+    /// user through the OS helper).
     Acknowledge {
         #[arg(long, hide = true, default_value = BOOT_JSON)]
         boot_json: PathBuf,
         #[arg(long, hide = true, default_value = boot::ISSUE_FILE)]
         issue: PathBuf,
+        /// The OS helper's socket, for a user other than root.
+        #[arg(long, hide = true, default_value = super::update::helper::SOCKET)]
+        helper: PathBuf,
     },
 }
 
@@ -127,7 +131,7 @@ pub fn status_text(s: &BootStatus) -> String {
                 if r.acknowledged {
                     "acknowledged"
                 } else {
-                    "not acknowledged: sudo archy-agent os acknowledge"
+                    "not acknowledged: archy-agent os acknowledge"
                 }
             )
         }
@@ -258,10 +262,23 @@ pub fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        LifeCommand::Acknowledge { boot_json, issue } => {
-            // Root only: this command does not yet go through the OS
-            // helper's `acknowledge` request for another user (the
-            // agent's user reaches it through the helper directly).
+        LifeCommand::Acknowledge {
+            boot_json,
+            issue,
+            helper,
+        } => {
+            // The records are root's: another user (the owner logged in
+            // as archipelago) asks the OS helper, which runs this as root.
+            if !rustix::process::geteuid().is_root() {
+                let done = super::update::helper::call(
+                    helper,
+                    &super::update::helper::Request::Acknowledge {},
+                    None,
+                    &mut |_| {},
+                )?;
+                writeln!(out, "{}", done["said"].as_str().unwrap_or("acknowledged"))?;
+                return Ok(ExitCode::SUCCESS);
+            }
             match acknowledge(data, boot_json, issue)? {
                 Some(r) => writeln!(out, "acknowledged: {}", r.message())?,
                 None => writeln!(out, "no rollback to acknowledge")?,

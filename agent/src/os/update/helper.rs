@@ -199,11 +199,11 @@ pub fn serve(cfg: &HelperConfig, conn: &UnixStream) -> anyhow::Result<()> {
             }
             Request::Acknowledge {} => {
                 let exe = std::env::current_exe().context("cannot find this program")?;
-                run_ok(
+                let said = run_ok(
                     Command::new(exe).args(["os", "acknowledge"]),
                     "archy-agent os acknowledge",
                 )?;
-                Ok(json!({ "acknowledged": true }))
+                Ok(json!({ "acknowledged": true, "said": said.trim() }))
             }
         }
     })();

@@ -528,6 +528,8 @@ pub(super) struct OsStatus {
     pub(super) trial: bool,
     /// The last rollback's message, when there was one.
     pub(super) rollback: Option<String>,
+    /// Whether the owner acknowledged it.
+    pub(super) acknowledged: bool,
     pub(super) json: String,
 }
 
@@ -547,6 +549,11 @@ impl OsStatus {
                 r.get("reason").and_then(Value::as_str).unwrap_or_default()
             )
         });
+        let acknowledged = b
+            .get("last_rollback")
+            .and_then(|r| r.get("acknowledged"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let booted = s(b, "booted_slot");
         ensure!(
             booted == "a" || booted == "b",
@@ -560,6 +567,7 @@ impl OsStatus {
             committed: b.get("committed").and_then(Value::as_bool).unwrap_or(false),
             trial: b.get("trial").and_then(Value::as_bool).unwrap_or(false),
             rollback,
+            acknowledged,
             json: text.trim().to_owned(),
         })
     }
@@ -821,6 +829,26 @@ pub(super) fn ovmf(
             v.v2,
             status.json
         );
+        // The owner, logged in as archipelago (no sudo), acknowledges it
+        // through the OS helper.
+        ensure!(
+            !status.acknowledged,
+            "the rollback reads as acknowledged already: {}",
+            status.json
+        );
+        let ack = host.run("archy-agent os acknowledge")?;
+        ensure!(
+            ack.ok && ack.stdout.contains("acknowledged"),
+            "`archy-agent os acknowledge` as archipelago failed: {}{}",
+            ack.stdout.trim(),
+            ack.stderr.trim()
+        );
+        let after = host.status()?;
+        ensure!(
+            after.acknowledged && after.rollback == status.rollback,
+            "after `os acknowledge` the rollback should read as acknowledged: {}",
+            after.json
+        );
         host.done()?;
         Ok(AfterTurn::Continue)
     })?;
@@ -1050,7 +1078,7 @@ mod tests {
             "last_rollback":{"format":1,"from":"0.4.0","to":"0.2.0","reason":"not healthy within 60 s","at":"x","acknowledged":false}}"#;
         let s = OsStatus::parse(json).unwrap();
         assert_eq!((s.booted.as_str(), s.a.as_str(), s.b.as_str()), ("b", "bad", "good"));
-        assert!(s.committed && !s.trial);
+        assert!(s.committed && !s.trial && !s.acknowledged);
         assert_eq!(s.booted_version, "0.2.0");
         assert_eq!(
             s.rollback.as_deref(),
