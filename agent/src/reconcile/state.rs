@@ -85,6 +85,20 @@ impl Anchor {
             Err(e) => self.instant.checked_sub(e.duration()).unwrap_or(self.instant),
         }
     }
+
+    /// A remembered event: never after now. One that reads as later comes
+    /// from a clock that went back since (a dead RTC battery, a boot
+    /// before the network set the time): it happened at the latest now.
+    fn past_of(&self, secs: u64) -> Instant {
+        self.instant_of(secs).min(self.instant)
+    }
+
+    /// A remembered next try after `failures` failures: never further
+    /// than the backoff it was set for, whatever the clock did since.
+    fn next_try_of(&self, secs: u64, failures: u32) -> Instant {
+        self.instant_of(secs)
+            .min(self.instant + super::backoff::delay(failures))
+    }
 }
 
 /// The state file's bytes read as this agent reads them.
@@ -157,15 +171,15 @@ pub fn load(data_root: &DataRoot) -> BTreeMap<AppId, AppMemory> {
                 id,
                 AppMemory {
                     failures: r.failures,
-                    next_try: r.next_try.map(|s| anchor.instant_of(s)),
-                    drift_recreates: r.drift_recreates.iter().map(|s| anchor.instant_of(*s)).collect(),
+                    next_try: r.next_try.map(|s| anchor.next_try_of(s, r.failures)),
+                    drift_recreates: r.drift_recreates.iter().map(|s| anchor.past_of(*s)).collect(),
                     drift_loop_hash: r.drift_loop_hash,
                     adopted: r.adopted,
                     config_changed: r.config_changed,
                     last_restart: r.last_restart.map(|l| Restarted {
                         reason: l.reason,
                         ok: l.ok,
-                        at: anchor.instant_of(l.at),
+                        at: anchor.past_of(l.at),
                     }),
                     ..AppMemory::default()
                 },
@@ -243,6 +257,41 @@ mod tests {
         assert!(
             left > Duration::from_secs(35) && left <= Duration::from_secs(41),
             "{left:?}"
+        );
+    }
+
+    #[test]
+    fn a_clock_that_went_back_never_stretches_a_backoff_or_moves_events_into_the_future() {
+        // Written when the clock read 200 days later than now (a node
+        // whose clock is wrong at this boot): a backoff that would wait
+        // 200 days, events that read as still to come.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = DataRoot::new(tmp.path()).agent_state();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        let later = unix(SystemTime::now()) + 200 * 86_400;
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version": 1, "apps": {{"electrs": {{"failures": 1, "next_try": {}, "drift_recreates": [{later}],
+                "drift_loop_hash": null, "adopted": null,
+                "last_restart": {{"reason": "exited 137", "ok": false, "at": {later}}}}}}}}}"#,
+                later + 10
+            ),
+        )
+        .expect("write");
+        let before = Instant::now();
+        let loaded = load(&DataRoot::new(tmp.path()));
+        let got = &loaded[&AppId::parse("electrs").expect("id")];
+        let wait = got
+            .next_try
+            .expect("next try")
+            .saturating_duration_since(Instant::now());
+        assert!(wait <= crate::reconcile::backoff::MAX, "waits {wait:?}");
+        assert!(got.drift_recreates.iter().all(|t| *t <= Instant::now()));
+        let at = got.last_restart.as_ref().expect("last restart").at;
+        assert!(
+            at >= before && at <= Instant::now(),
+            "the restart reads as now at the latest"
         );
     }
 
