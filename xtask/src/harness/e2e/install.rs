@@ -53,17 +53,55 @@ pub(super) struct Installed {
     pub(super) key: TestKey,
 }
 
+/// The last boot of the install sequence (the disk again, after the
+/// reinstall), when another sequence boots it: what that boot must show.
+pub(super) struct LastBoot {
+    second: BootReport,
+    table: Table,
+    first_key: String,
+}
+
+impl LastBoot {
+    /// The same node, the same containers, nothing installed, pulled or
+    /// imported, the host key kept across the reinstall.
+    pub(super) fn check(&self, third: &BootReport) -> anyhow::Result<()> {
+        check_second_boot(&self.second, third)?;
+        check_installed_boot(third, &self.table)?;
+        check_same_node(&self.second, third)?;
+        third.check(third.fact("pulls")? == "0", || "the agent pulled an image".into())?;
+        third.check(third.fact("host-key")? == self.first_key, || {
+            format!(
+                "the host key changed across the reinstall: {} then {}",
+                self.first_key,
+                third.fact("host-key").unwrap_or("-")
+            )
+        })
+    }
+}
+
+/// What the install sequence boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// The install alone.
+    Install,
+    /// Everything but the last boot, which the caller makes (with
+    /// [`LastBoot::check`]).
+    AllButLast,
+    /// Everything.
+    All,
+}
+
 /// The OVMF sequence: install, boot the disk under OVMF and under SeaBIOS
-/// (each logging in over SSH), reinstall, boot the disk again; with `full`
-/// false, the install alone. Right after the install, `installed` gets a
-/// copy of the fresh disk (`cp --sparse=always`) for the other sequence.
+/// (each logging in over SSH), reinstall, boot the disk again; `scope`
+/// says how much of it. Right after the install, `installed` gets a copy
+/// of the fresh disk (`cp --sparse=always`) for the other sequence.
 pub(super) fn sequence(
     work: &Path,
     iso: &Path,
     timeout: Duration,
-    full: bool,
+    scope: Scope,
     installed: impl FnOnce(Installed),
-) -> anyhow::Result<(Vec<BootReport>, Installed)> {
+) -> anyhow::Result<(Vec<BootReport>, Installed, Option<LastBoot>)> {
     let sh = Shell::new().context("creating a shell")?;
     let key = TestKey::generate(&sh, &work.join("ssh"))?;
     let target = Disk::new(work.join("node.img"), "archy-node");
@@ -99,8 +137,8 @@ pub(super) fn sequence(
         disk: copy,
         key: key.clone(),
     });
-    if !full {
-        return Ok((vec![install], Installed { disk: target, key }));
+    if scope == Scope::Install {
+        return Ok((vec![install], Installed { disk: target, key }, None));
     }
 
     // 2. The disk alone, under each firmware: a node, reached over SSH.
@@ -173,26 +211,24 @@ pub(super) fn sequence(
 
     // 4. The disk again: the same node, the same containers, nothing
     // installed, pulled or imported.
+    let last = LastBoot {
+        second,
+        table,
+        first_key,
+    };
+    let mut reports = vec![install, first, last.second.clone(), reinstall];
+    if scope == Scope::AllButLast {
+        return Ok((reports, Installed { disk: target, key }, Some(last)));
+    }
     let third = probe_boot(
         work,
         &disk_boot("disk-third", Firmware::Ovmf, "check", Some(ssh::free_port()?)),
         timeout,
         None,
     )?;
-    check_second_boot(&second, &third)?;
-    check_installed_boot(&third, &table)?;
-    check_same_node(&second, &third)?;
-    third.check(third.fact("pulls")? == "0", || "the agent pulled an image".into())?;
-    third.check(third.fact("host-key")? == first_key, || {
-        format!(
-            "the host key changed across the reinstall: {first_key} then {}",
-            third.fact("host-key").unwrap_or("-")
-        )
-    })?;
-    Ok((
-        vec![install, first, second, reinstall, third],
-        Installed { disk: target, key },
-    ))
+    last.check(&third)?;
+    reports.push(third);
+    Ok((reports, Installed { disk: target, key }, None))
 }
 
 /// A disk boot whose probe hands the turn to the host: logs in over SSH

@@ -12,13 +12,21 @@
 //!   (same container IDs, nothing installed or imported) that kills an
 //!   app's process for the agent to restart; then **refusals**
 //!   (`install.rs`): one unattended install boot shown only disks it must
-//!   refuse, none of which changes.
+//!   refuse, none of which changes; then its **update** scenarios
+//!   (`update.rs`) on a copy of the freshly installed disk: a broken
+//!   initrd rolled back after three panics, power cuts during the slot
+//!   write and right after the switch, a wrong clock.
 //! - OVMF: **install** (`install.rs`): the unattended install onto a blank
 //!   20 GiB disk with an `ARCHY-CONF` stick (fresh, empty UEFI variables),
 //!   the layout read on the host; the disk alone under OVMF, then under
 //!   SeaBIOS, each logged into over SSH with the stick's key; a reinstall
 //!   that keeps the data partition byte for byte; the disk again (same
-//!   containers, nothing pulled or imported).
+//!   containers, nothing pulled or imported), which starts its **update**
+//!   scenarios (`update.rs`): the good update v1 → v2, a release that
+//!   never becomes healthy and is rolled back, the refused bundles.
+//!
+//! The update bundles are built beside the first boots (`update::build`)
+//! and reach the guests on a read-only disk.
 //!
 //! Disks are raw sparse images on virtio with serials (`disks.rs`); SSH
 //! goes through a restricted user-mode network's port forward (`ssh.rs`).
@@ -102,8 +110,8 @@ pub enum Only {
     Refusals,
     /// Install, the disk under OVMF and SeaBIOS, reinstall, the disk again.
     Install,
-    /// The update scenarios under OVMF, after the install: refused
-    /// bundles, the good update, never healthy.
+    /// The update scenarios under OVMF, from the install sequence's last
+    /// boot: the good update, never healthy, refused bundles.
     UpdateOvmf,
     /// The update scenarios under SeaBIOS, on a copy of the installed
     /// disk: broken initrd, power cuts (with a wrong clock).
@@ -130,16 +138,10 @@ impl Only {
     }
 }
 
-/// Whether `scenario` runs. When nothing is picked (`cargo xtask test`),
-/// every scenario but the update ones: they have not yet passed a whole
-/// QEMU run (README, "End-to-end"), and a test run that fails on them
-/// would keep every other check from landing. `--only update` (or a
-/// firmware's sequence) runs them.
+/// Whether `scenario` runs: every one when nothing is picked (`cargo
+/// xtask test`), else those `--only` selects.
 fn runs(only: &[Only], scenario: Only) -> bool {
-    if only.is_empty() {
-        return !matches!(scenario, Only::UpdateOvmf | Only::UpdateSeaBios);
-    }
-    only.iter().any(|o| o.selects(scenario))
+    only.is_empty() || only.iter().any(|o| o.selects(scenario))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -298,15 +300,22 @@ pub fn check(root: &Path, vars: &BTreeMap<String, String>, args: &E2eArgs) -> an
             let mut reports = Vec::new();
             let result = (|| -> anyhow::Result<()> {
                 let install = runs(&only, Only::Install);
+                // The OVMF update scenarios start in the install
+                // sequence's last boot (one boot fewer).
+                let scope = match (install, update_ovmf) {
+                    (true, true) => install::Scope::AllButLast,
+                    (true, false) => install::Scope::All,
+                    (false, _) => install::Scope::Install,
+                };
                 if install || update_ovmf || update_seabios {
-                    let (mut r, node) = install::sequence(&work, &iso, timeout, install, |copy| {
+                    let (mut r, node, last) = install::sequence(&work, &iso, timeout, scope, |copy| {
                         // The SeaBIOS thread may not want it (then it is gone).
                         let _ = installed_tx.send(copy);
                     })?;
                     reports.append(&mut r);
                     if update_ovmf {
                         let bundles = bundles.wait()?;
-                        update::ovmf(&work, &node.disk, &node.key, &bundles, timeout, &mut reports)?;
+                        update::ovmf(&work, &node, &bundles, last.as_ref(), timeout, &mut reports)?;
                     }
                 }
                 Ok(())
@@ -700,7 +709,7 @@ mod tests {
     #[test]
     fn only_picks_scenarios_and_sequences() {
         assert!(runs(&[], Only::Live) && runs(&[], Only::Install));
-        assert!(!runs(&[], Only::UpdateSeaBios) && !runs(&[], Only::UpdateOvmf));
+        assert!(runs(&[], Only::UpdateSeaBios) && runs(&[], Only::UpdateOvmf));
         assert!(runs(&[Only::Update], Only::UpdateOvmf) && runs(&[Only::Update], Only::UpdateSeaBios));
         assert!(!runs(&[Only::Update], Only::Install) && !runs(&[Only::Update], Only::Live));
         assert!(runs(&[Only::Ovmf], Only::UpdateOvmf) && !runs(&[Only::Ovmf], Only::UpdateSeaBios));

@@ -30,7 +30,7 @@ impl Firmware {
 }
 
 /// What one boot reported: the probe's facts and the console.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct BootReport {
     pub(super) step: String,
     pub(super) facts: BTreeMap<String, String>,

@@ -13,14 +13,17 @@
 //! and refused bundles are built small here, signed by the run's release
 //! key (`pipeline::bundle::write_bundle`) or by a key made for the run.
 //!
-//! OVMF, on the installed disk after the install sequence:
-//! 1. **refusals**: one boot refuses each bad bundle with its reason; after
-//!    power-off the host reads the inactive slot (b): its bytes unchanged.
-//! 2. **good**: v2 installed with `--reboot`; the next boot runs v2 from
+//! OVMF, on the installed disk, sharing the install sequence's last boot:
+//! 1. **good**: that boot (the disk again after the reinstall, with its
+//!    own checks) installs v2 with `--reboot`; the next boot runs v2 from
 //!    slot b, commits it within the deadline with the same containers.
-//! 3. **never healthy**: installed from v2's committed boot with `--reboot`;
+//! 2. **never healthy**: installed from v2's committed boot with `--reboot`;
 //!    its own kernel words (`live/bootargs`) shorten the deadline and make
 //!    the check fail: three tries, then the boot back on v2, which says so.
+//! 3. **refusals**: that boot refuses each bad bundle with its reason;
+//!    after power-off the host reads the inactive slot (a, the failed
+//!    release): its bytes unchanged. The owner, logged in as archipelago,
+//!    acknowledges the rollback.
 //!
 //! SeaBIOS, on a copy of the installed disk taken right after the install
 //! (so both sequences run side by side), after its live boots:
@@ -44,6 +47,7 @@ use serde_json::Value;
 use xshell::{cmd, Shell};
 
 use super::disks::{self, Table, MIB};
+use super::install::{Installed, LastBoot};
 use super::qemu::{boot, AfterTurn, BootReport, Disk, Ending, Firmware, Guest, Start};
 use super::ssh::{self, Endpoint, TestKey};
 use super::{progress, STAGE};
@@ -73,8 +77,9 @@ const UPDATE_BOOT_TIMEOUT: Duration = Duration::from_secs(1800);
 const PANIC_TIMEOUT: Duration = Duration::from_secs(300);
 /// The guest's clock in the wrong-clock boot.
 const WRONG_CLOCK: &str = "2000-01-01";
-/// Slot b's partition in the installed table (docs/disk-layout.md):
-/// vda4.
+/// Slot a's and b's partitions in the installed table
+/// (docs/disk-layout.md): vda3, vda4.
+const SLOT_A: usize = 2;
 const SLOT_B: usize = 3;
 
 /// One bundle on the updates disk: its file name, and for a refused one
@@ -693,79 +698,48 @@ fn slot_head(node: &Disk, table: &Table, index: usize) -> anyhow::Result<Vec<u8>
     Ok(head)
 }
 
-/// The OVMF update sequence on the installed disk `node` (v1 on slot a,
-/// committed): refusals, the good update, never healthy.
+/// The OVMF update sequence on the installed disk (v1 on slot a,
+/// committed): the good update from the install sequence's last boot
+/// (`last` checks it as that boot, when the install sequence ran), never
+/// healthy from v2's trial boot, then the refusals in the boot that finds
+/// the rollback.
 pub(super) fn ovmf(
     work: &Path,
-    node: &Disk,
-    key: &TestKey,
+    node: &Installed,
     bundles: &Bundles,
+    last: Option<&LastBoot>,
     timeout: Duration,
     reports: &mut Vec<BootReport>,
 ) -> anyhow::Result<()> {
     let sh = Shell::new().context("creating a shell")?;
     let fw = Firmware::Ovmf;
-    let table = disks::table(&sh, &node.path)?;
+    let (disk, key) = (&node.disk, &node.key);
+    let table = disks::table(&sh, &disk.path)?;
     let v = &bundles.versions;
 
-    // 1. Refusals: each bundle refused with its reason; slot b untouched.
-    let b_before = slot_sha256(node, &table, SLOT_B)?;
-    let g = guest("upd-refusals", fw, node, bundles, "wait-host", ssh::free_port()?);
-    let mut refusals = Vec::new();
+    // 1. The good update: installed from v1, one reboot, v2 committed on
+    // slot b with the same containers.
+    let g = guest("disk-third+v2", fw, disk, bundles, "wait-host", ssh::free_port()?);
+    let mut said = None;
     let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
         let status = host.status()?;
         ensure!(
-            status.booted == "a" && status.committed,
-            "before any update the node should run slot a, committed: {}",
+            status.booted == "a" && status.committed && status.booted_version == v.v1,
+            "before any update the node should run v1 from slot a, committed: {}",
             status.json
         );
-        for bundle in REFUSED {
-            let out = host.update(bundle, false)?;
-            let said = format!("{}\n{}", out.stdout.trim(), out.stderr.trim());
-            ensure!(!out.ok, "{} was not refused: {said}", bundle.file);
-            let lower = said.to_lowercase();
-            ensure!(
-                bundle.refused_for.iter().any(|w| lower.contains(w)),
-                "{} was refused, but not for its reason (one of {:?}): {said}",
-                bundle.file,
-                bundle.refused_for
-            );
-            refusals.push(format!("{}: {}", bundle.file, said.lines().last().unwrap_or_default()));
-        }
-        let after = host.status()?;
-        ensure!(
-            after.booted == "a" && after.committed && after.b == status.b,
-            "the refusals changed the node's slots: before {}, after {}",
-            status.json,
-            after.json
-        );
-        host.done()?;
-        Ok(AfterTurn::Continue)
-    })?;
-    expect_ending(&r, Ending::PoweredOff)?;
-    let b_after = slot_sha256(node, &table, SLOT_B)?;
-    r.check(b_before == b_after, || {
-        format!("slot b's bytes changed although every bundle was refused: {b_before} then {b_after}")
-    })?;
-    for line in &refusals {
-        progress::say(STAGE, &format!("{}: refused {line}", r.step));
-    }
-    progress::say(STAGE, &format!("{}: slot b unchanged ({b_after})", r.step));
-    let v1_containers = r.containers()?;
-    reports.push(r);
-
-    // 2. The good update: installed, one reboot, v2 committed on slot b.
-    let g = guest("upd-good", fw, node, bundles, "wait-host", ssh::free_port()?);
-    let mut said = None;
-    let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
         said = Some(host.install(&GOOD, true)?);
         Ok(AfterTurn::Continue)
     })?;
+    if let Some(last) = last {
+        last.check(&r)?;
+    }
     let out = said.context("no update ran")?;
     check_updated(&r, &out, "v2")?;
+    let v1_containers = r.containers()?;
     reports.push(r);
 
-    let g = guest("v2-trial", fw, node, bundles, "wait-host", ssh::free_port()?);
+    let g = guest("v2-trial", fw, disk, bundles, "wait-host", ssh::free_port()?);
     let mut committed = None;
     let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
         let (status, waited) = host.wait_committed()?;
@@ -775,7 +749,7 @@ pub(super) fn ovmf(
             status.json
         );
         committed = Some(waited);
-        // 3. Never healthy, installed from v2's committed boot.
+        // 2. Never healthy, installed from v2's committed boot.
         host.install(&NEVER_HEALTHY, true)?;
         Ok(AfterTurn::Continue)
     })?;
@@ -808,7 +782,7 @@ pub(super) fn ovmf(
     for n in 1..=TRIES {
         let g = Guest {
             ssh_port: None,
-            ..guest(&format!("unhealthy-try-{n}"), fw, node, bundles, "idle", 0)
+            ..guest(&format!("unhealthy-try-{n}"), fw, disk, bundles, "idle", 0)
         };
         let r = boot(work, &g, timeout, None)?;
         expect_ending(&r, Ending::Rebooted)?;
@@ -823,12 +797,16 @@ pub(super) fn ovmf(
         reports.push(r);
     }
 
-    let g = guest("after-unhealthy", fw, node, bundles, "wait-host", ssh::free_port()?);
+    // Back on v2, which says so; 3. the refusals: each bundle refused
+    // with its reason, the inactive slot (a, the failed release) untouched.
+    let a_before = slot_sha256(disk, &table, SLOT_A)?;
+    let g = guest("after-unhealthy", fw, disk, bundles, "wait-host", ssh::free_port()?);
+    let mut refusals = Vec::new();
     let r = host_boot(work, &sh, key, &g, timeout, &mut |host| {
         let status = host.status()?;
         ensure!(
-            status.booted == "b" && status.booted_version == v.v2 && status.a == "bad",
-            "after three failed tries the node should be back on v2 (slot b), slot a bad: {}",
+            status.booted == "b" && status.booted_version == v.v2 && status.a == "bad" && status.committed,
+            "after three failed tries the node should be back on v2 (slot b), committed, slot a bad: {}",
             status.json
         );
         let rollback = status.rollback.clone().unwrap_or_default();
@@ -839,8 +817,28 @@ pub(super) fn ovmf(
             v.v2,
             status.json
         );
-        // The owner, logged in as archipelago (no sudo), acknowledges it
-        // through the OS helper.
+        for bundle in REFUSED {
+            let out = host.update(bundle, false)?;
+            let said = format!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+            ensure!(!out.ok, "{} was not refused: {said}", bundle.file);
+            let lower = said.to_lowercase();
+            ensure!(
+                bundle.refused_for.iter().any(|w| lower.contains(w)),
+                "{} was refused, but not for its reason (one of {:?}): {said}",
+                bundle.file,
+                bundle.refused_for
+            );
+            refusals.push(format!("{}: {}", bundle.file, said.lines().last().unwrap_or_default()));
+        }
+        let after = host.status()?;
+        ensure!(
+            after.booted == "b" && after.committed && after.a == status.a,
+            "the refusals changed the node's slots: before {}, after {}",
+            status.json,
+            after.json
+        );
+        // The owner, logged in as archipelago (no sudo), acknowledges the
+        // rollback through the OS helper.
         ensure!(
             !status.acknowledged,
             "the rollback reads as acknowledged already: {}",
@@ -853,16 +851,31 @@ pub(super) fn ovmf(
             ack.stdout.trim(),
             ack.stderr.trim()
         );
-        let after = host.status()?;
+        let acked = host.status()?;
         ensure!(
-            after.acknowledged && after.rollback == status.rollback,
+            acked.acknowledged && acked.rollback == status.rollback,
             "after `os acknowledge` the rollback should read as acknowledged: {}",
-            after.json
+            acked.json
         );
         host.done()?;
         Ok(AfterTurn::Continue)
     })?;
     check_rollback_on_console(&r)?;
+    expect_ending(&r, Ending::PoweredOff)?;
+    let a_after = slot_sha256(disk, &table, SLOT_A)?;
+    r.check(a_before == a_after, || {
+        format!("slot a's bytes changed although every bundle was refused: {a_before} then {a_after}")
+    })?;
+    for line in &refusals {
+        progress::say(STAGE, &format!("{}: refused {line}", r.step));
+    }
+    progress::say(
+        STAGE,
+        &format!(
+            "{}: slot a unchanged ({a_after}); the rollback acknowledged as archipelago",
+            r.step
+        ),
+    );
     reports.push(r);
     Ok(())
 }
