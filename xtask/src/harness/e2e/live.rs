@@ -78,11 +78,18 @@ pub(super) fn check_first_boot(r: &BootReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// archy-apps.service stopped every app at power-off, each with its grace
-/// period (it prints a line per app on the console), rather than leaving
-/// them to the user manager's SIGTERM and SIGKILL.
+/// archy-apps.service stopped every app at power-off (or at the reboot an
+/// update asked for), each with its grace period (it prints a line per app
+/// on the console), rather than leaving them to the user manager's SIGTERM
+/// and SIGKILL.
 fn check_graceful_shutdown(r: &BootReport) -> anyhow::Result<()> {
-    let after_probe = r.console.split("ARCHY-E2E done").nth(1).unwrap_or_default();
+    // After the probe finished, or, in a boot the host's turn rebooted
+    // (`os update --reboot`), after the turn began.
+    let console = &r.console;
+    let after_probe = console
+        .rfind("ARCHY-E2E done")
+        .or_else(|| console.rfind("ARCHY-E2E host-turn"))
+        .map_or("", |at| &console[at..]);
     for app in APPS {
         let line = format!("{app}: stopped {} in ", container_name(app));
         r.check(after_probe.contains(&line), || {
