@@ -213,15 +213,20 @@ pub fn check_release(release: &Release, node_arch: &str, booted: &str, allow_dow
             node: node_arch.to_owned(),
         });
     }
-    // Both versions were checked when their release.json was read
-    // (`Release::check`); one that does not parse is refused as older.
-    let older = match (Version::parse(&release.version), Version::parse(booted)) {
+    check_version(&release.version, booted, allow_downgrade)
+}
+
+/// No downgrade unless allowed: `version` (a bundle's) against the
+/// booted release's. A version that does not parse is refused as older
+/// (every doubt means no).
+pub fn check_version(version: &str, booted: &str, allow_downgrade: bool) -> Result<(), Refused> {
+    let older = match (Version::parse(version), Version::parse(booted)) {
         (Ok(new), Ok(old)) => new < old,
         _ => true,
     };
     if !allow_downgrade && older {
         return Err(Refused::Downgrade {
-            bundle: release.version.clone(),
+            bundle: version.to_owned(),
             booted: booted.to_owned(),
         });
     }

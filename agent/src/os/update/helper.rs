@@ -575,15 +575,9 @@ fn check_manifest(compatible: &str, version: &str, booted: &str, allow_downgrade
             "the bundle is for {compatible:?}, and this node is {ours:?} (another architecture or kind of node): nothing was written"
         ));
     }
-    let new = Version::parse(version).map_err(|e| format!("the bundle's manifest version {version:?}: {e}"))?;
-    // The booted release's version was checked when release.json was read.
-    let older = Version::parse(booted).is_ok_and(|old| new < old);
-    if older && !allow_downgrade {
-        return Err(format!(
-            "the bundle holds version {version}, older than the booted {booted}; a downgrade needs --allow-downgrade: nothing was written"
-        ));
-    }
-    Ok(())
+    Version::parse(version).map_err(|e| format!("the bundle's manifest version {version:?}: {e}"))?;
+    // The same rule as the pre-install handler's (`handlers::check_version`).
+    super::handlers::check_version(version, booted, allow_downgrade).map_err(|e| format!("{e}: nothing was written"))
 }
 
 /// rauc.service's journal since `since` (the handlers' own words), when
